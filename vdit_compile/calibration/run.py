@@ -1,0 +1,99 @@
+"""Turn the calibrators of a calibration run into a :class:`~vdit_compile.plans.Plan`."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+from ..masks.tile import TileMask
+from ..plans.fingerprint import model_class_name, model_fingerprint, structure_summary
+from ..plans.plan import DEFAULT_ERROR_BUDGET, TILEABLE_KINDS, Plan, SitePlan
+from .collector import SiteCalibrator
+
+#: How masks generalise to another frame count; recorded in every plan (docs/calibration.md).
+MASK_RULE = "tile-v1: per head (g, w) kept as is at any T, g clamped to T; text rows/columns always kept"
+
+
+@dataclass
+class CalibrationSettings:
+    """What a calibration run used; stored verbatim in the plan's ``calibration`` field."""
+
+    error_budget: float = DEFAULT_ERROR_BUDGET
+    max_density: float | None = None
+    candidates: list[str] | None = None  # mask names; None = the default family per site
+    num_prompts: int | None = None
+    num_inputs: int | None = None  # transformer calls observed
+    num_inference_steps: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.error_budget >= 0:
+            raise ValueError(f"error_budget must be >= 0, found {self.error_budget}")
+        if self.max_density is not None and not 0 < self.max_density <= 1:
+            raise ValueError(f"max_density must be in (0, 1], found {self.max_density}")
+
+    def candidate_masks(self) -> list[TileMask] | None:
+        return None if self.candidates is None else [TileMask.parse(c) for c in self.candidates]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mask_rule"] = MASK_RULE
+        return d
+
+
+def build_plan(
+    model,
+    calibrators: Mapping[str, SiteCalibrator] | Iterable[SiteCalibrator],
+    settings: CalibrationSettings | None = None,
+    sites: Sequence | None = None,
+) -> Plan:
+    """Choose masks from every calibrator and assemble the plan for ``model``.
+
+    ``sites`` (the detected ``AttentionSite`` list) gives kinds and keeps non-tileable sites
+    in the plan as dense with their reason; without it, every calibrator becomes a
+    ``video_self`` site.  A tileable site that was never reached during calibration is left
+    dense, with a warning.
+    """
+    settings = settings or CalibrationSettings()
+    if not isinstance(calibrators, Mapping):
+        calibrators = {c.name: c for c in calibrators}
+    if sites is None:
+        sites = [_SiteStub(c.name, "video_self", c.layout, c.num_heads, "") for c in calibrators.values()]
+    out: list[SitePlan] = []
+    for s in sites:
+        cal = calibrators.get(s.name)
+        tileable = s.kind in TILEABLE_KINDS and s.layout is not None
+        if not tileable:
+            out.append(SitePlan(s.name, s.kind, s.layout, int(s.num_heads), "dense", s.reason or f"kind {s.kind} is not tiled"))
+        elif cal is None or cal.observations == 0:
+            warnings.warn(f"site {s.name} was not reached during calibration; it stays dense", stacklevel=2)
+            out.append(SitePlan(s.name, s.kind, s.layout, int(s.num_heads), "dense", "not reached during calibration"))
+        else:
+            out.append(_site_plan(s, cal, settings))
+    calib = settings.to_dict()
+    calib["candidates"] = sorted({m.name for c in calibrators.values() for m in c.candidates},
+                                 key=lambda n: (n == "dense", n))
+    return Plan(out, model_class_name(model), model_fingerprint(model), structure_summary(model), calib)
+
+
+def _site_plan(site, cal: SiteCalibrator, settings: CalibrationSettings) -> SitePlan:
+    res = cal.result(settings.error_budget, settings.max_density)
+    all_dense = all(m.dense for m in res.masks)
+    if all_dense:
+        status, reason = "dense", f"every head needs dense attention to stay within error {settings.error_budget:g}"
+    else:
+        over = sum(not ok for ok in res.within_budget)
+        status = "tiled"
+        reason = f"calibrated on {res.observations} call(s)" + (f"; {over} head(s) over budget" if over else "")
+    cand = {m.name: res.candidate_errors[:, c].tolist() for c, m in enumerate(res.candidates)}
+    return SitePlan(site.name, site.kind, site.layout, int(site.num_heads), status, reason, res.masks, res.errors,
+                    res.densities, res.frame_mass.tolist(), cand, res.notes)
+
+
+@dataclass
+class _SiteStub:
+    name: str
+    kind: str
+    layout: object
+    num_heads: int
+    reason: str
