@@ -1,0 +1,137 @@
+"""The few-step pipeline that ships with a distillation result, and :func:`load_run`.
+
+``FewStepPipeline(prompt, num_inference_steps=S, generator=g).frames`` samples with the distilled
+student in ``S`` steps (or ``2S``, any ``S m`` the schedule allows; see
+:mod:`vdit_compile.distill.schedule` for the timestep mapping).  Guidance is *baked in*: the student was
+trained on the teacher's CFG trajectories at the run's ``guidance_scale`` and is called once per step on
+the conditional embeddings only; a different ``guidance_scale`` argument is ignored with a warning.
+
+A run directory (or a shipped copy of one, see :func:`export_run`) holds ``config.json``,
+``schedule.json``, the weights of the last finished stage and, after the masks stage, ``masks/plan.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .adapter import load_adapter
+from .config import DistillConfig
+from .schedule import FewStepSchedule, few_step_sample
+
+log = logging.getLogger(__name__)
+
+#: stage -> weights file inside a run, newest stage first (load_run takes the first that exists)
+STAGE_WEIGHTS = (("kd", "kd/weights.safetensors"), ("masks", "mlcd/weights.safetensors"), ("mlcd", "mlcd/weights.safetensors"))
+
+
+@dataclass
+class FewStepOutput:
+    frames: torch.Tensor  # (B, T, 3, H, W) in [0, 1]
+    latents: torch.Tensor
+
+
+class FewStepPipeline:
+    """Samples with a distilled student in a few steps; guidance baked in."""
+
+    def __init__(self, adapter, transformer, schedule: FewStepSchedule, guidance_scale: float, default_steps: int,
+                 stage: str = "mlcd", sparse: bool = False, autocast=None):
+        self.adapter, self.transformer, self.schedule = adapter, transformer, schedule
+        self.guidance_scale, self.default_steps, self.stage, self.sparse = guidance_scale, default_steps, stage, sparse
+        self.autocast = autocast
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def to(self, device) -> "FewStepPipeline":
+        self.transformer.to(device)
+        if hasattr(self.adapter, "to"):
+            self.adapter.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, prompt, num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 generator: torch.Generator | list | None = None, latents: torch.Tensor | None = None, **kwargs) -> FewStepOutput:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        steps = self.schedule.check_steps(num_inference_steps or self.default_steps)
+        if guidance_scale is not None and abs(float(guidance_scale) - self.guidance_scale) > 1e-6:
+            log.warning("guidance is baked into this few-step model at scale %.2f; guidance_scale=%s ignored",
+                        self.guidance_scale, guidance_scale)
+        device = self.device
+        shape = tuple(self.adapter.latent_shape())
+        if latents is None:
+            gens = generator if isinstance(generator, list) else [generator] * len(prompts)
+            if len(gens) != len(prompts):
+                raise ValueError(f"{len(gens)} generators for {len(prompts)} prompts")
+            latents = torch.stack([torch.randn(shape, generator=g, device=g.device if g is not None else "cpu") for g in gens]).to(device)
+        cond = self.adapter.encode(prompts, device)
+        self.transformer.eval()
+        x = few_step_sample(self.adapter, self.transformer, self.schedule, latents.float(), cond, steps, autocast=self.autocast)
+        return FewStepOutput(frames=self.adapter.decode(x).clamp(0, 1), latents=x)
+
+
+def _stage_weights(run_dir: Path, cfg: DistillConfig) -> tuple[str, Path]:
+    for stage, rel in STAGE_WEIGHTS:
+        if stage in cfg.stage_list() and (run_dir / rel).is_file() and (stage != "masks" or (run_dir / "masks" / "plan.json").is_file()):
+            return stage, run_dir / rel
+    raise FileNotFoundError(f"{run_dir} holds no finished stage's weights (looked for {[r for _, r in STAGE_WEIGHTS]})")
+
+
+def load_run(run_dir, device="cpu", stage: str | None = None, sparse: bool | None = None) -> FewStepPipeline:
+    """The few-step pipeline of a finished (or partly finished) run, on ``device``.
+
+    ``stage`` picks an earlier stage's result ("mlcd", "masks", "kd"); by default the last finished one.
+    After the masks stage the transformer is rewritten with the run's plan (tile-sparse attention).
+    """
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    cfg = DistillConfig.load(run_dir / "config.json")
+    schedule = FewStepSchedule.from_dict(json.loads((run_dir / "schedule.json").read_text()))
+    if stage is None:
+        stage, wpath = _stage_weights(run_dir, cfg)
+    else:
+        rel = dict(STAGE_WEIGHTS)[stage]
+        wpath = run_dir / rel
+        if not wpath.is_file():
+            raise FileNotFoundError(f"stage {stage!r} of {run_dir} has no weights at {wpath}")
+    adapter = load_adapter(cfg.model, device=device)
+    transformer = adapter.transformer
+    transformer.load_state_dict(load_file(str(wpath), device=str(device)))
+    use_sparse = stage in ("masks", "kd") if sparse is None else sparse
+    if use_sparse:
+        from .sparse import apply_plan
+
+        plan_path = run_dir / "masks" / "plan.json"
+        if not plan_path.is_file():
+            raise FileNotFoundError(f"{run_dir} has no masks/plan.json: run the masks stage or pass sparse=False")
+        transformer = apply_plan(transformer, plan_path, adapter)
+    guidance = json.loads((run_dir / "schedule.json").read_text()).get("guidance_scale", adapter.default_guidance)
+    from .trainer import autocast_factory
+
+    return FewStepPipeline(adapter, transformer, schedule, guidance, cfg.segments, stage=stage, sparse=use_sparse,
+                           autocast=autocast_factory(torch.device(device), cfg.precision))
+
+
+def export_run(run_dir, dest, stage: str | None = None) -> Path:
+    """Copy what :func:`load_run` needs (config, schedule, final weights, plan) into ``dest`` (small, shippable)."""
+    run_dir, dest = Path(run_dir), Path(dest)
+    cfg = DistillConfig.load(run_dir / "config.json")
+    stage, wpath = _stage_weights(run_dir, cfg) if stage is None else (stage, run_dir / dict(STAGE_WEIGHTS)[stage])
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel in ("config.json", "schedule.json"):
+        shutil.copy2(run_dir / rel, dest / rel)
+    (dest / wpath.parent.name).mkdir(exist_ok=True)
+    shutil.copy2(wpath, dest / wpath.relative_to(run_dir))
+    if stage in ("masks", "kd"):
+        (dest / "masks").mkdir(exist_ok=True)
+        shutil.copy2(run_dir / "masks" / "plan.json", dest / "masks" / "plan.json")
+    for extra in ("scorecard.json", "scorecard.md"):
+        if (run_dir / extra).is_file():
+            shutil.copy2(run_dir / extra, dest / extra)
+    return dest
