@@ -1,0 +1,5 @@
+"""Sequence parallelism for tile-sparse video DiTs: Ulysses and tile-ring (docs/parallel.md)."""
+from .attention import gather_tokens, parallel_tile_attention, shard_tokens
+from .config import CommStats, Parallel, frame_split
+
+__all__ = ["Parallel", "CommStats", "frame_split", "parallel_tile_attention", "shard_tokens", "gather_tokens"]

@@ -1,0 +1,182 @@
+"""Tile-ring sequence parallelism: frames stay on their rank, only needed frames move.
+
+Rank ``r`` holds text (replicated) and frames ``F_r``.  For the tile mask ``M (H, T, T)``:
+
+* *Fetched rows* (every video row except the full rows of sparse heads): the rank fetches,
+  from their owners, the key/value frames its local queries keep (global frames, window
+  neighbours; every frame for a dense head: the dense plan falls back to a full exchange)
+  and merges the partial results by log-sum-exp.
+* *Full rows* (the global frames' queries of sparse heads attend every frame): sending
+  them every key would overload their owner, so their *queries* go to every rank (they
+  are frames every rank fetches anyway), each rank attends them to its own frames, and the
+  partials return to the owner.  Text rows (replicated) are handled the same way: each rank
+  attends them to its own frames (text keys counted once, on rank 0) and all partials are
+  exchanged.
+
+Traffic is two ``all_to_all_single`` exchanges per site; the first is asynchronous and
+overlaps the attention of local queries against local keys.  Exact: partial results are
+merged with their log-sum-exp (:func:`.rect.merge`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+
+from ..masks.tile import frame_masks_from_args
+from .comm import exchange
+from .config import frame_split
+from .rect import merge, rect_attention
+
+
+@dataclass(frozen=True)
+class RingPlan:
+    split: tuple
+    mask: torch.Tensor  # (H, T, T) bool
+    mask_fetch: torch.Tensor  # rows served by fetching keys
+    mask_bcast: torch.Tensor  # full rows of sparse heads, served by broadcasting queries
+    need: tuple  # need[r][s]: frames of rank s whose k/v rank r fetches
+    bcast: tuple  # bcast[s]: full-row query frames owned by rank s
+
+    def owner_frames(self, r):
+        s, n = self.split[r]
+        return list(range(s, s + n))
+
+
+@lru_cache(maxsize=64)
+def ring_plan(num_frames: int, world_size: int, num_heads: int, global_frames: tuple, windows: tuple) -> RingPlan:
+    T = num_frames
+    split = tuple(frame_split(T, world_size))
+    M = frame_masks_from_args(list(global_frames), list(windows), T).expand(num_heads, T, T).clone()
+    sparse = torch.tensor([g != -1 for g in global_frames]).expand(num_heads)
+    full_rows = M.all(-1) & sparse[:, None]  # (H, T)
+    MB = M & full_rows[..., None]
+    MA = M & ~full_rows[..., None]
+    owner = [r for r, (_, n) in enumerate(split) for _ in range(n)]
+    need = []
+    for r, (s0, n) in enumerate(split):
+        keep = MA[:, s0 : s0 + n].any(0).any(0)  # key frames any local fetched row keeps
+        frames = [j for j in range(T) if keep[j] and not (s0 <= j < s0 + n)]
+        need.append(tuple(tuple(j for j in frames if owner[j] == s) for s in range(world_size)))
+    rows = full_rows.any(0)
+    bcast = tuple(tuple(f for f in range(s0, s0 + n) if rows[f]) for s0, n in split)
+    return RingPlan(split, M, MA, MB, tuple(need), bcast)
+
+
+def _frames(x, frames, s0, P):
+    """Rows of the given global frames from local video ``(B, H, n*P, D)``."""
+    if not frames:
+        return x[:, :, :0]
+    idx = torch.cat([torch.arange((f - s0) * P, (f - s0 + 1) * P) for f in frames]).to(x.device)
+    return x.index_select(2, idx)
+
+
+def _pack(out, lse):
+    return torch.cat([out, lse[..., None].to(out.dtype)], dim=-1)
+
+
+def _unpack(x):
+    return x[..., :-1], x[..., -1]
+
+
+def tile_ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    text_prefix: int,
+    text_suffix: int,
+    num_frames: int,
+    global_frames: Sequence[int],
+    windows: Sequence[int],
+    scale: float,
+    parallel,
+    need_lse: bool = False,
+):
+    """Local ``(B, H, pre + n_r*P + suf, D)`` in, local out (and lse when ``need_lse``)."""
+    B, H, Lloc, D = q.shape
+    Dv = v.shape[-1]
+    W, r = parallel.world_size, parallel.rank
+    pre, suf = text_prefix, text_suffix
+    plan = ring_plan(num_frames, W, H, tuple(global_frames), tuple(windows))
+    s0, n = plan.split[r]
+    video_loc = Lloc - pre - suf
+    if video_loc <= 0 or video_loc % n:
+        raise ValueError(f"tile-ring: local sequence of {Lloc} tokens does not hold {n} whole frames plus text")
+    P = video_loc // n
+    vid = slice(pre, pre + video_loc)
+    qv, kv, vv = q[:, :, vid], k[:, :, vid], v[:, :, vid]
+    local = plan.owner_frames(r)
+
+    # exchange 1 (async): k/v frames each rank needs from me, and my full-row queries
+    chunks, recv = [], []
+    for t in range(W):
+        if t == r:
+            chunks.append(q.new_empty(0))
+            recv.append(0)
+            continue
+        want = plan.need[t][r]
+        chunks.append(torch.cat([_frames(kv, want, s0, P).reshape(-1), _frames(vv, want, s0, P).reshape(-1),
+                                 _frames(qv, plan.bcast[r], s0, P).reshape(-1)]))
+        recv.append(B * H * P * (len(plan.need[r][t]) * (D + Dv) + len(plan.bcast[t]) * D))
+    pending = exchange(chunks, recv, parallel, "ring_kvq", async_op=True)
+
+    # overlapped: local queries against text + local frames; text queries against local frames
+    text_k = torch.cat([k[:, :, :pre], k[:, :, Lloc - suf :]], dim=2)
+    text_v = torch.cat([v[:, :, :pre], v[:, :, Lloc - suf :]], dim=2)
+    own = rect_attention(qv, torch.cat([text_k, kv], 2), torch.cat([text_v, vv], 2), local, pre + suf, local, plan.mask, P, scale)
+    text_q = torch.cat([q[:, :, :pre], q[:, :, Lloc - suf :]], dim=2)
+    tk = pre + suf if r == 0 else 0
+    text_own = rect_attention(text_q, torch.cat([text_k[:, :, :tk], kv], 2), torch.cat([text_v[:, :, :tk], vv], 2), None, tk, local, plan.mask, P, scale)
+
+    got = pending.wait()
+    fk, fv, fframes, remote_q = [], [], [], {}
+    for s in range(W):
+        if s == r:
+            continue
+        m, g = len(plan.need[r][s]), len(plan.bcast[s])
+        a, b = B * H * m * P * D, B * H * m * P * Dv
+        fk.append(got[s][:a].view(B, H, m * P, D))
+        fv.append(got[s][a : a + b].view(B, H, m * P, Dv))
+        fframes.extend(plan.need[r][s])
+        if g:
+            remote_q[s] = got[s][a + b :].view(B, H, g * P, D)
+    parts = [own]
+    if fframes:
+        parts.append(rect_attention(qv, torch.cat(fk, 2), torch.cat(fv, 2), local, 0, fframes, plan.mask_fetch, P, scale))
+
+    # full rows of other owners against my frames, and my text partial, go back (exchange 2)
+    back, recv = [], []
+    text_part = _pack(*text_own)
+    for t in range(W):
+        if t == r:
+            back.append(text_part.new_empty(0))
+            recv.append(0)
+            continue
+        pieces = [text_part.reshape(-1)]
+        if t in remote_q:
+            pieces.append(_pack(*rect_attention(remote_q[t], kv, vv, list(plan.bcast[t]), 0, local, plan.mask_bcast, P, scale)).reshape(-1))
+        back.append(torch.cat(pieces))
+        recv.append(B * H * (pre + suf + len(plan.bcast[r]) * P) * (Dv + 1))
+    got = exchange(back, recv, parallel, "ring_partials").wait()
+    text_parts = [text_own]
+    g = len(plan.bcast[r])
+    if g:
+        idx = torch.cat([torch.arange((f - s0) * P, (f - s0 + 1) * P) for f in plan.bcast[r]]).to(q.device)
+    for s in range(W):
+        if s == r:
+            continue
+        nt = B * H * (pre + suf) * (Dv + 1)
+        text_parts.append(_unpack(got[s][:nt].view(B, H, pre + suf, Dv + 1)))
+        if g:
+            o, l = _unpack(got[s][nt:].view(B, H, g * P, Dv + 1))
+            po = own[0].new_zeros(own[0].shape).index_copy_(2, idx, o)
+            pl = torch.full_like(own[1], float("-inf")).index_copy_(2, idx, l)
+            parts.append((po, pl))
+    out_v, lse_v = merge(parts)
+    out_t, lse_t = merge(text_parts)
+    out = torch.cat([out_t[:, :, :pre], out_v, out_t[:, :, pre:]], dim=2).to(q.dtype)
+    lse = torch.cat([lse_t[:, :, :pre], lse_v, lse_t[:, :, pre:]], dim=2)
+    lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return out, (lse if need_lse else None)
