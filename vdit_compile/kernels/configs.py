@@ -1,0 +1,80 @@
+"""Tile shapes per GPU generation and head dim: a FIXED TABLE (not ``triton.autotune``).
+
+Why a table: the visit lists depend on the block shape, so autotuning would rebuild them
+per candidate and pick a winner on whatever shape came first (often a tiny test).  The
+sm90 rows were chosen by ``python benchmarks/attention.py --tune`` on an H100 (see
+BENCHMARKS.md for the sweep and date); the sm80 rows are conservative shapes that fit the
+smaller shared memory of A100/4090-class parts (untuned: no such GPU was available).
+``VDIT_TILE_CONFIG="fwd=128,64,8,3;dkdv=64,128,8,2;dq=128,64,8,2"`` overrides any entry.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int  # query tokens per block
+    block_n: int  # key tokens per block
+    num_warps: int
+    num_stages: int
+
+    def launch(self) -> dict:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+@dataclass(frozen=True)
+class KernelConfigs:
+    fwd: TileConfig
+    dkdv: TileConfig
+    dq: TileConfig
+
+
+def _c(*a):
+    return TileConfig(*a)
+
+
+# (arch, head-dim bucket) -> configs.  Head-dim bucket: 64 (<= 64), 96 (<= 96), 128 (<= 256).
+TABLE = {
+    ("sm90", 64): KernelConfigs(fwd=_c(128, 128, 8, 3), dkdv=_c(64, 128, 8, 2), dq=_c(128, 64, 8, 2)),
+    ("sm90", 96): KernelConfigs(fwd=_c(128, 128, 8, 3), dkdv=_c(64, 128, 8, 2), dq=_c(128, 64, 8, 2)),
+    ("sm90", 128): KernelConfigs(fwd=_c(128, 128, 8, 3), dkdv=_c(64, 128, 8, 2), dq=_c(128, 64, 8, 2)),
+    ("sm80", 64): KernelConfigs(fwd=_c(128, 64, 4, 3), dkdv=_c(64, 64, 4, 2), dq=_c(64, 64, 4, 2)),
+    ("sm80", 96): KernelConfigs(fwd=_c(128, 64, 4, 2), dkdv=_c(64, 64, 4, 2), dq=_c(64, 64, 4, 2)),
+    ("sm80", 128): KernelConfigs(fwd=_c(128, 64, 8, 2), dkdv=_c(64, 64, 8, 2), dq=_c(64, 64, 8, 2)),
+}
+
+#: Small tiles for the CPU interpreter (many blocks per frame in tiny tests).
+INTERPRET = KernelConfigs(fwd=_c(16, 16, 1, 1), dkdv=_c(16, 32, 1, 1), dq=_c(32, 16, 1, 1))
+
+
+def _bucket(head_dim: int) -> int:
+    return 64 if head_dim <= 64 else 96 if head_dim <= 96 else 128
+
+
+def _parse_override(text: str, base: KernelConfigs) -> KernelConfigs:
+    parts = dict(base.__dict__)
+    for item in filter(None, (s.strip() for s in text.split(";"))):
+        name, _, vals = item.partition("=")
+        if name not in parts:
+            raise ValueError(f"VDIT_TILE_CONFIG: unknown kernel {name!r}; expected fwd, dkdv or dq")
+        nums = [int(x) for x in vals.split(",")]
+        if len(nums) != 4:
+            raise ValueError(f"VDIT_TILE_CONFIG: {item!r} needs block_m,block_n,num_warps,num_stages")
+        parts[name] = TileConfig(*nums)
+    return KernelConfigs(**parts)
+
+
+def get_configs(head_dim: int, device) -> KernelConfigs:
+    """Configs for ``head_dim`` on ``device`` (a CUDA device, or CPU under the interpreter)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        base = INTERPRET
+    else:
+        major, _ = torch.cuda.get_device_capability(dev)
+        base = TABLE[("sm90" if major >= 9 else "sm80", _bucket(head_dim))]
+    override = os.environ.get("VDIT_TILE_CONFIG")
+    return _parse_override(override, base) if override else base

@@ -1,0 +1,298 @@
+"""Python side of the Triton tile-sparse attention: launchers, autograd, op-facing entry points.
+
+* :func:`tile_sparse_attention` -- general entry: any ``(H or 1, Tq, Tk)`` bool frame mask,
+  optional different key layout (rectangular: e.g. a sequence-parallel ring step),
+  differentiable (out and lse).
+* :func:`forward` / :func:`backward` -- the CUDA implementation of
+  ``torch.ops.vdit.tile_attention`` (integer mask arguments, ``g == -1`` dense head).
+
+Inputs are ``(B, H, L, D)`` tensors with unit stride on ``D``; any other strides (e.g. a
+``(B, L, H, D)`` tensor viewed with ``.transpose(1, 2)``) are passed to the kernel as they
+are, without a copy.  Head dims 16..256; non-power-of-two dims are split into two
+power-of-two parts (96 = 64 + 32), see :mod:`._fwd`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Sequence
+
+import torch
+
+from ..layout import TokenLayout
+from ..masks.tile import frame_masks_from_args
+from .configs import KernelConfigs, get_configs
+from .visit import Side, TilePlan, tile_plan
+
+log = logging.getLogger(__name__)
+LOG2E = 1.4426950408889634
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+try:  # Triton is optional: without it the op runs its gather reference
+    import triton
+
+    from ._bwd import bwd_preprocess_kernel, tile_dkdv_kernel, tile_dq_kernel
+    from ._fwd import tile_fwd_kernel
+
+    _IMPORT_ERROR = None
+except Exception as exc:  # pragma: no cover - depends on the install
+    triton = None
+    _IMPORT_ERROR = exc
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available() -> bool:
+    """True when the kernels can run here: Triton importable and an sm80+ GPU (or the interpreter)."""
+    if triton is None:
+        return False
+    if interpreting():
+        return True
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def head_dim_parts(head_dim: int, mode: str = "split") -> tuple[int, int]:
+    """``(BD0, BD1)``: power-of-two parts the contraction is split into (``BD1 == 0``: one part).
+
+    ``split``: 96 -> (64, 32), 80 -> (64, 16), 64 -> (64, 0): no padded work when ``D`` is a
+    sum of two powers of two.  ``pad``: one part of ``next_pow2(D)`` with masked loads
+    (96 -> 128), kept only to measure what padding costs.
+    """
+    if mode == "pad":
+        return max(16, _next_pow2(head_dim)), 0
+    if mode != "split":
+        raise ValueError(f"head-dim mode must be 'split' or 'pad', found {mode!r}")
+    d0 = max(16, 1 << (head_dim.bit_length() - 1))
+    if d0 >= head_dim:
+        return d0, 0
+    return d0, max(16, _next_pow2(head_dim - d0))
+
+
+def unsupported_reason(q, k, v) -> str | None:
+    """Why the kernel cannot take these inputs (``None`` if it can)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"expected 4-D (B, H, L, D) tensors, found {q.dim()}-D/{k.dim()}-D/{v.dim()}-D"
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype}: the kernel takes one of float16, bfloat16, float32"
+    if not (16 <= q.shape[-1] <= 256) or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+        return f"head dims q{q.shape[-1]} k{k.shape[-1]} v{v.shape[-1]}: the kernel takes one equal dim in 16..256"
+    if q.device.type != "cuda" and not interpreting():
+        return f"device {q.device}: the kernel runs on CUDA (or on CPU under TRITON_INTERPRET=1)"
+    return None
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _sides(plan: TilePlan):
+    qs, ks = plan.qside, plan.kside
+    return (qs.text_prefix, qs.frame_tokens, qs.video_end, qs.num_segments,
+            ks.text_prefix, ks.frame_tokens, ks.video_end, ks.num_segments)
+
+
+def _dot_prec(dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def attention_forward(q, k, v, plan: TilePlan, scale: float, cfgs: KernelConfigs | None = None, d_mode: str = "split",
+                      out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
+    """Launch the forward: ``(out (B,H,Lq,D) contiguous, lse (B,H,Lq) float32)``.
+
+    ``out``/``lse`` may be given (tests pass NaN-poisoned buffers to prove every element is written).
+    """
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    cfg = (cfgs or get_configs(D, q.device)).fwd
+    vl = plan.visits(cfg.block_m, cfg.block_n)
+    bd0, bd1 = head_dim_parts(D, d_mode)
+    if out is None:
+        out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    if out.shape != q.shape or out.stride(-1) != 1 or lse.shape != q.shape[:3] or not lse.is_contiguous():
+        raise ValueError("attention_forward: out must be (B,H,Lq,D) with unit last stride and lse contiguous (B,H,Lq)")
+    tile_fwd_kernel[(vl.n_rows, B * H)](
+        q, k, v, out, lse,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        plan.head_pattern, vl.row_order, vl.offsets, vl.num_unmasked, vl.cols, plan.ext,
+        H, Lq, Lk, vl.n_rows, *_sides(plan), scale * LOG2E,
+        HEAD_D=D, BD0=bd0, BD1=bd1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        DOT_PREC=_dot_prec(q.dtype), **cfg.launch(),
+    )
+    return out, lse
+
+
+def attention_backward(dout, dlse, q, k, v, out, lse, plan: TilePlan, scale: float, cfgs: KernelConfigs | None = None,
+                       d_mode: str = "split", grads: tuple | None = None):
+    """Launch the backward: ``(dq, dk, dv)`` with the strides of ``q, k, v`` (or into ``grads``)."""
+    q, k, v, out, dout = (_unit_last(t) for t in (q, k, v, out, dout))
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    cfgs = cfgs or get_configs(D, q.device)
+    bd0, bd1 = head_dim_parts(D, d_mode)
+    lse = lse.float().contiguous()
+    dlse = torch.zeros_like(lse) if dlse is None else dlse.float().contiguous()
+    delta = torch.empty_like(lse)
+    pre_m = 64
+    bwd_preprocess_kernel[(triton.cdiv(Lq, pre_m), B * H)](
+        out, dout, dlse, delta, *out.stride()[:3], *dout.stride()[:3], H, Lq,
+        HEAD_D=D, BD=_next_pow2(max(D, 16)), BLOCK_M=pre_m, num_warps=4,
+    )
+    dq, dk, dv = grads if grads is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    if dq.shape != q.shape or dk.shape != k.shape or dv.shape != v.shape or min(t.stride(-1) for t in (dq, dk, dv)) != 1:
+        raise ValueError("attention_backward: grads must match q, k, v shapes with unit last stride")
+    common = (H, Lq, Lk)
+    c = cfgs.dkdv
+    vt = plan.visits(c.block_m, c.block_n, transposed=True)
+    tile_dkdv_kernel[(vt.n_rows, B * H)](
+        q, k, v, dout, lse, delta, dk, dv,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+        plan.head_pattern, vt.row_order, vt.offsets, vt.num_unmasked, vt.cols, plan.ext,
+        *common, vt.n_rows, *_sides(plan), scale * LOG2E, scale,
+        HEAD_D=D, BD0=bd0, BD1=bd1, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        DOT_PREC=_dot_prec(q.dtype), **c.launch(),
+    )
+    c = cfgs.dq
+    vq = plan.visits(c.block_m, c.block_n)
+    tile_dq_kernel[(vq.n_rows, B * H)](
+        q, k, v, dout, lse, delta, dq,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
+        plan.head_pattern, vq.row_order, vq.offsets, vq.num_unmasked, vq.cols, plan.ext,
+        *common, vq.n_rows, *_sides(plan), scale * LOG2E, scale,
+        HEAD_D=D, BD0=bd0, BD1=bd1, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        DOT_PREC=_dot_prec(q.dtype), **c.launch(),
+    )
+    return dq, dk, dv
+
+
+class _TileSparseFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, scale, cfgs, d_mode):
+        out, lse = attention_forward(q, k, v, plan, scale, cfgs, d_mode)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (plan, scale, cfgs, d_mode)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = attention_backward(dout, dlse, q, k, v, out, lse, *ctx.args)
+        return dq, dk, dv, None, None, None, None
+
+
+def _as_side(layout, length: int, what: str) -> Side:
+    if isinstance(layout, Side):
+        side = layout
+    elif isinstance(layout, TokenLayout):
+        side = Side.of(layout)
+    else:
+        raise TypeError(f"{what} layout must be a TokenLayout or Side, found {type(layout).__name__}")
+    if side.length != length:
+        raise ValueError(f"{what} layout describes {side.length} tokens but the tensor has {length}")
+    return side
+
+
+def tile_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout,
+    frame_mask: torch.Tensor,
+    scale: float | None = None,
+    *,
+    k_layout=None,
+    return_lse: bool = False,
+    configs: KernelConfigs | None = None,
+    head_dim_mode: str = "split",
+):
+    """Tile-sparse attention with an arbitrary per-head frame mask (differentiable).
+
+    Args:
+        q: ``(B, H, Lq, D)``; k, v: ``(B, H, Lk, D)``; float16/bfloat16/float32, CUDA (or CPU
+            under ``TRITON_INTERPRET=1``).  Unit stride on ``D`` avoids a copy.
+        layout: :class:`TokenLayout` (or :class:`Side`) of the queries (and keys, unless
+            ``k_layout`` is given).
+        frame_mask: bool ``(H or 1, Tq, Tk)``: query frame ``i`` sees key frame ``j``.  Text
+            rows see every key; text keys are seen by every query.
+        scale: softmax scale, default ``D ** -0.5``.
+    Returns:
+        ``out`` ``(B, H, Lq, D)`` (and ``lse`` ``(B, H, Lq)`` float32 when ``return_lse``).
+    """
+    reason = unsupported_reason(q, k, v)
+    if reason:
+        raise ValueError(f"tile_sparse_attention: {reason}")
+    if k.shape[:2] != q.shape[:2] or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}: expected equal B, H and k/v length")
+    qside = _as_side(layout, q.shape[2], "query")
+    kside = _as_side(k_layout if k_layout is not None else layout, k.shape[2], "key")
+    plan = tile_plan(qside, kside, frame_mask, q.shape[1], q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, lse = _TileSparseFunction.apply(q, k, v, plan, scale, configs, head_dim_mode)
+    return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------- op-facing API
+_WARNED: set = set()
+
+
+def _op_plan(q, text_prefix, text_suffix, num_frames, global_frames, windows) -> TilePlan:
+    from ..ops.reference import check_inputs
+
+    layout = check_inputs(q, q, q, text_prefix, text_suffix, num_frames, global_frames, windows)
+    side = Side.of(layout)
+    key = ("op", tuple(int(g) for g in global_frames), tuple(int(w) for w in windows))
+    mask: Callable[[], torch.Tensor] = lambda: frame_masks_from_args(global_frames, windows, num_frames)  # noqa: E731
+    return tile_plan(side, side, mask, q.shape[1], q.device, key=key)
+
+
+def _fallback(q, k, v, what: str) -> bool:
+    reason = unsupported_reason(q, k, v)
+    if reason and reason not in _WARNED:
+        _WARNED.add(reason)
+        log.warning("tile_attention %s: %s; using the exact gather reference", what, reason)
+    return reason is not None
+
+
+def forward(q, k, v, text_prefix: int, text_suffix: int, num_frames: int, global_frames: Sequence[int],
+            windows: Sequence[int], scale: float):
+    """CUDA implementation of ``torch.ops.vdit.tile_attention``: ``(out, lse)``."""
+    if _fallback(q, k, v, "forward"):
+        from ..ops.reference import reference_from_args
+
+        out, lse = reference_from_args(q, k, v, text_prefix, text_suffix, num_frames, global_frames, windows, scale)
+        return out.contiguous(), lse.contiguous()
+    plan = _op_plan(q, text_prefix, text_suffix, num_frames, global_frames, windows)
+    return attention_forward(q, k, v, plan, float(scale))
+
+
+def backward(dout, dlse, q, k, v, out, lse, text_prefix: int, text_suffix: int, num_frames: int,
+             global_frames: Sequence[int], windows: Sequence[int], scale: float):
+    """CUDA implementation of ``torch.ops.vdit.tile_attention_backward``: ``(dq, dk, dv)``."""
+    if _fallback(q, k, v, "backward"):
+        from ..ops.reference import reference_backward_from_args
+
+        grads = reference_backward_from_args(dout, dlse, q, k, v, out, lse, text_prefix, text_suffix, num_frames,
+                                             global_frames, windows, scale)
+        return tuple(g.contiguous() for g in grads)
+    plan = _op_plan(q, text_prefix, text_suffix, num_frames, global_frames, windows)
+    return attention_backward(dout, dlse, q, k, v, out, lse, plan, float(scale))
+
+
+def flops(plan: TilePlan, batch: int, head_dim: int) -> float:
+    """Forward FLOPs on kept entries: ``4 * B * sum_h kept_h * D`` (two matmuls)."""
+    kept = plan.kept_fraction().sum().item() * plan.qside.length * plan.kside.length
+    return 4.0 * batch * kept * head_dim
+
+
+__all__ = ["available", "forward", "backward", "tile_sparse_attention", "attention_forward", "attention_backward",
+           "head_dim_parts", "flops"]
