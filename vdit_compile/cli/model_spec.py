@@ -1,0 +1,221 @@
+"""Turn the MODEL argument of the CLI into a model or pipeline.
+
+Accepted specs (nothing is downloaded; every form loads from local files or code):
+
+* ``embedded``: the embedded default pipeline with its shipped weights;
+  ``embedded:random`` / ``embedded:tiny``: randomly initialised (tiny = 2 layers, for tests).
+* ``PATH`` to a diffusers pretrained directory: ``model_index.json`` -> ``DiffusionPipeline.from_pretrained``;
+  ``config.json`` (+ weights) -> the model class named by its ``_class_name``.
+* ``PATH/config.json`` (a file): that model class, randomly initialised from the config.
+* ``DiffusersClass:PATH/config.json``: e.g. ``WanTransformer3DModel:cfg.json``, random init from the config.
+* ``module:factory`` or ``file.py:factory``: import and call ``factory()``; it returns a model, a
+  pipeline, or ``(model, example_inputs)`` where ``example_inputs`` is a dict of forward kwargs.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SPEC_HELP = ("MODEL: 'embedded', 'embedded:random', 'embedded:tiny', a diffusers pretrained directory, a config.json, "
+             "'DiffusersClass:config.json', or 'module:factory' / 'file.py:factory'")
+
+
+class ModelSpecError(ValueError):
+    """A MODEL spec that cannot be loaded; the message says which forms are accepted."""
+
+
+def load_model(spec: str):
+    """The model or pipeline named by ``spec`` (see module doc)."""
+    return load_model_and_inputs(spec)[0]
+
+
+def load_model_and_inputs(spec: str) -> tuple[Any, dict | None]:
+    """Like :func:`load_model`, plus example forward kwargs when the spec provides them."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelSpecError(f"empty model spec; expected {SPEC_HELP}")
+    spec = spec.strip()
+    if spec == "embedded" or spec.startswith("embedded:"):
+        return _embedded(spec), None
+    path = Path(spec)
+    if path.exists():
+        return _from_path(path), None
+    if ":" in spec:
+        left, right = spec.rsplit(":", 1)
+        if right.endswith(".json") or Path(right).exists():
+            return _diffusers_class_from_config(left, Path(right)), None
+        return _factory(left, right)
+    raise ModelSpecError(f"cannot interpret model spec {spec!r}: no such file or directory, and not of the form "
+                         f"'module:factory'. Expected {SPEC_HELP}")
+
+
+def _embedded(spec: str):
+    try:
+        from ..models.embedded import load_pipeline
+    except ImportError as exc:
+        raise ModelSpecError(f"the embedded model is not available in this installation ({exc})") from exc
+    variant = spec.partition(":")[2]
+    if variant == "":
+        return load_pipeline()
+    if variant == "random":
+        return load_pipeline(weights=None)
+    if variant == "tiny":
+        return load_pipeline(weights=None, tiny=True)
+    raise ModelSpecError(f"unknown embedded variant {variant!r}: expected 'embedded', 'embedded:random' or 'embedded:tiny'")
+
+
+def _diffusers_class(name: str):
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ModelSpecError(f"diffusers has no class {name!r} (diffusers {diffusers.__version__})")
+    return cls
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelSpecError(f"cannot read model config {path}: {exc}") from exc
+
+
+def _diffusers_class_from_config(class_name: str, config: Path):
+    if not config.is_file():
+        raise ModelSpecError(f"config file {config} (from spec '{class_name}:{config}') does not exist")
+    cls = _diffusers_class(class_name)
+    cfg = _read_config(config)
+    if not hasattr(cls, "from_config"):
+        raise ModelSpecError(f"diffusers.{class_name} cannot be built from a config (no from_config)")
+    return cls.from_config(cfg).eval()
+
+
+def _from_path(path: Path):
+    if path.is_file():
+        if path.suffix != ".json":
+            raise ModelSpecError(f"{path} is a file but not a config JSON; expected {SPEC_HELP}")
+        name = _read_config(path).get("_class_name")
+        if not name:
+            raise ModelSpecError(f"{path} has no '_class_name'; use 'DiffusersClass:{path}' to say which class it configures")
+        return _diffusers_class_from_config(name, path)
+    if (path / "model_index.json").is_file():
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+    if (path / "config.json").is_file():
+        name = _read_config(path / "config.json").get("_class_name")
+        if not name:
+            raise ModelSpecError(f"{path}/config.json has no '_class_name'; expected a diffusers model directory")
+        cls = _diffusers_class(name)
+        has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+        if not has_weights:
+            raise ModelSpecError(f"{path} has a config.json but no weights (*.safetensors / *.bin); "
+                                 f"for a random init from the config use '{name}:{path / 'config.json'}'")
+        return cls.from_pretrained(str(path), local_files_only=True).eval()
+    raise ModelSpecError(f"directory {path} has neither model_index.json (pipeline) nor config.json (model)")
+
+
+def _import(module: str):
+    if module.endswith(".py"):
+        file = Path(module)
+        if not file.is_file():
+            raise ModelSpecError(f"factory file {file} does not exist")
+        spec = importlib.util.spec_from_file_location(f"_vdit_model_spec_{file.stem}", file)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ModelSpecError(f"cannot import module {module!r} for spec '{module}:...': {exc}") from exc
+
+
+def _factory(module: str, attr: str) -> tuple[Any, dict | None]:
+    mod = _import(module)
+    fn = getattr(mod, attr, None)
+    if fn is None or not callable(fn):
+        raise ModelSpecError(f"module {module!r} has no callable {attr!r}")
+    obj = fn()
+    example = None
+    if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[1], dict):
+        obj, example = obj
+    if not isinstance(obj, torch.nn.Module) and not isinstance(getattr(obj, "transformer", None), torch.nn.Module):
+        raise ModelSpecError(f"{module}:{attr}() returned {type(obj).__name__}; expected an nn.Module, a pipeline "
+                             "with a .transformer, or (module, example_inputs dict)")
+    if isinstance(obj, torch.nn.Module):
+        obj.eval()
+    return obj, example
+
+
+def load_example_inputs(path) -> dict:
+    """The first forward-kwargs dict of an ``--inputs`` file (see :func:`load_input_list`)."""
+    return load_input_list(path)[0]
+
+
+def load_input_list(path) -> list[dict]:
+    """A list of forward-kwargs dicts (``torch.save``'d dict or list of dicts): bare-module calibration data."""
+    if not Path(path).is_file():
+        raise ModelSpecError(f"inputs file {path} does not exist")
+    obj = torch.load(Path(path), map_location="cpu", weights_only=False)
+    items = [obj] if isinstance(obj, dict) else obj
+    if not isinstance(items, list) or not items or not all(isinstance(o, dict) for o in items):
+        raise ModelSpecError(f"inputs file {path} must hold a dict of forward kwargs or a non-empty list of them")
+    return items
+
+
+# ---------------------------------------------------------------- shared by the inspect/calibrate commands
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def add_model_arguments(parser) -> None:
+    """MODEL plus the options every model-loading command takes."""
+    parser.add_argument("model", metavar="MODEL", help=SPEC_HELP)
+    parser.add_argument("--inputs", metavar="FILE",
+                        help="torch.save'd forward kwargs (a dict, or a list of dicts) for a bare transformer module")
+    parser.add_argument("--pipe-kwargs", metavar="JSON", default="{}",
+                        help='extra pipeline call arguments as JSON, e.g. \'{"num_frames": 5, "height": 64, "width": 64}\'')
+    parser.add_argument("--device", default="cpu", help="device to run on (default: cpu)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast the transformer to this dtype")
+
+
+def parse_pipe_kwargs(text: str) -> dict:
+    try:
+        kw = json.loads(text or "{}")
+    except json.JSONDecodeError as exc:
+        raise ModelSpecError(f"--pipe-kwargs must be a JSON object, found {text!r}: {exc}") from exc
+    if not isinstance(kw, dict):
+        raise ModelSpecError(f"--pipe-kwargs must be a JSON object, found {type(kw).__name__}")
+    return kw
+
+
+def is_pipeline(obj) -> bool:
+    return not isinstance(obj, torch.nn.Module) and isinstance(getattr(obj, "transformer", None), torch.nn.Module)
+
+
+def load_for_cli(args) -> tuple[Any, dict | None]:
+    """Load MODEL, move it to ``--device``/``--dtype``; example kwargs from ``--inputs`` or the factory."""
+    obj, example = load_model_and_inputs(args.model)
+    if args.inputs:
+        example = load_example_inputs(args.inputs)
+    if hasattr(obj, "to"):
+        obj = obj.to(args.device) or obj
+    if args.dtype:
+        target = obj.transformer if is_pipeline(obj) else obj
+        target.to(DTYPES[args.dtype])
+    return obj, example
+
+
+def move_inputs(obj: Any, device, dtype=None) -> Any:
+    """Recursively move tensors to ``device``; floating tensors also to ``dtype`` when given."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device=device, dtype=dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
+    if isinstance(obj, dict):
+        return {k: move_inputs(v, device, dtype) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(move_inputs(v, device, dtype) for v in obj)
+    return obj
