@@ -115,8 +115,28 @@ def _from_path(path: Path):
         if not has_weights:
             raise ModelSpecError(f"{path} has a config.json but no weights (*.safetensors / *.bin); "
                                  f"for a random init from the config use '{name}:{path / 'config.json'}'")
-        return cls.from_pretrained(str(path), local_files_only=True).eval()
+        try:
+            return cls.from_pretrained(str(path), local_files_only=True).eval()
+        except ValueError as exc:  # e.g. Wan's fp32-kept modules need `accelerate` for from_pretrained
+            if "low_cpu_mem_usage" not in str(exc):
+                raise
+            return _from_config_and_safetensors(cls, path)
     raise ModelSpecError(f"directory {path} has neither model_index.json (pipeline) nor config.json (model)")
+
+
+def _from_config_and_safetensors(cls, path: Path):
+    """Build ``cls`` from ``path/config.json`` and load every ``*.safetensors`` shard strictly."""
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelSpecError(f"{path}: cannot load without `accelerate` unless the weights are *.safetensors files")
+    model = cls.from_config(_read_config(path / "config.json"))
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    model.load_state_dict(state, strict=True)
+    return model.eval()
 
 
 def _import(module: str):
