@@ -1,0 +1,81 @@
+"""Which plan an export uses and what it says per site (the only place export reads the core's plan/sites).
+
+A plan may be given as a :class:`~vdit_compile.plans.Plan`, a plan JSON path, a
+:class:`~vdit_compile.masks.TileMask` or a mask name (``"g1w0"``: the same mask on every tileable
+site, found by the core's ``inspect_model``), or be carried by a model that ``vdit_compile.optimize``
+rewrote.  Without any of these export refuses: exporting a dense model through this tool is not
+what anyone means, and the plan is what the file's metadata records.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Mapping
+
+from ..masks.tile import TileMask
+from ..plans import Plan, unwrap_model
+from .errors import ExportError
+from .graph import SiteSpec
+
+_MASK_NAME = re.compile(r"dense|g\d+w\d+")
+
+
+def _inspect(model, example_inputs: Mapping):
+    try:
+        from .. import inspect_model
+    except ImportError:
+        inspect_model = None
+    if inspect_model is None:
+        return None
+    return inspect_model(model, dict(example_inputs))
+
+
+def attached_plan(model) -> Plan | None:
+    """The plan a model rewritten by ``vdit_compile.optimize`` carries, if any."""
+    for obj in (model, getattr(model, "transformer", None), unwrap_model(model) if model is not None else None):
+        for attr in ("vdit_plan", "_vdit_plan"):
+            plan = getattr(obj, attr, None)
+            if isinstance(plan, Plan):
+                return plan
+        state = getattr(obj, "_vdit_state", None) or getattr(obj, "_vdit_compile", None)
+        plan = getattr(state, "plan", None)
+        if isinstance(plan, Plan):
+            return plan
+    return None
+
+
+def resolve_plan(model, example_inputs: Mapping, plan) -> Plan:
+    """A checked :class:`Plan` for ``model`` at ``example_inputs`` (see module doc); raises ExportError."""
+    module = unwrap_model(model)
+    if plan is None:
+        plan = attached_plan(model)
+        if plan is None:
+            raise ExportError(
+                "no plan: export needs the plan that says which attention sites are tiled. Pass --plan plan.json "
+                "(from `vdit-compile calibrate`), a uniform mask such as --plan g1w0, or a model returned by "
+                "vdit_compile.optimize(..., plan=...)"
+            )
+    if isinstance(plan, (str, Path)) and _MASK_NAME.fullmatch(str(plan)) and not Path(plan).exists():
+        plan = TileMask.parse(str(plan))
+    if isinstance(plan, (str, Path)):
+        if not Path(plan).is_file():
+            raise ExportError(f"plan file {plan} not found (expected a JSON plan from `vdit-compile calibrate` or a mask name like g1w0)")
+        plan = Plan.load(plan)
+    sites = None
+    if isinstance(plan, TileMask):
+        sites = _inspect(model, example_inputs)
+        if sites is None:
+            raise ExportError("a uniform mask plan needs vdit_compile.inspect_model (the core) to find the sites")
+        plan = Plan.uniform(sites, plan, module)
+    if not isinstance(plan, Plan):
+        raise ExportError(f"plan must be a Plan, a JSON path or a TileMask, found {type(plan).__name__}")
+    if sites is None:
+        sites = _inspect(model, example_inputs)
+    plan.check_compatible(module, sites)
+    if not plan.tiled_sites():
+        raise ExportError("the plan tiles no attention site: nothing for vdit-compile to export beyond the dense model")
+    return plan
+
+
+def site_specs(plan: Plan) -> list[SiteSpec]:
+    return [SiteSpec(s.name, s.layout, tuple(s.masks)) for s in plan.tiled_sites()]
