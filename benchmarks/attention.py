@@ -1,0 +1,325 @@
+"""Tile-sparse attention benchmark: cuDNN / flash SDPA dense, FlexAttention and ours, same masks.
+
+Run on a CUDA GPU (one call does everything; JSON lines are written as they come)::
+
+    python benchmarks/attention.py --out $OUT            # all shapes, all masks
+    python benchmarks/attention.py --tune --out $OUT     # sweep the kernels' tile table
+    python benchmarks/attention.py --shapes osp-29f-720p --masks g1w0 --no-flex
+
+Timings: ``triton.testing.do_bench`` medians (ms).  TFLOP/s on kept entries:
+``4 * H * L^2 * D * density / t`` forward, and 3.5x that for forward+backward (the usual
+FlashAttention accounting: the backward does 2.5x the forward's matmul work).  Density is
+the exact kept fraction of ``L x L`` (text rows/columns included).  FlexAttention gets the
+same element mask (a segment-table ``mask_mod``), its BlockMask built once (timed
+separately, first build includes its compile) with ``_compile=True``.  "ours" goes through
+``torch.ops.vdit.tile_attention`` (the path a rewritten model takes); our mask build is the
+cached visit-list build (forward lists; ``build_bwd_ms`` adds the two backward lists).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vdit_compile import TileMask, TokenLayout  # noqa: E402
+from vdit_compile.masks.tile import mask_density  # noqa: E402
+
+# name: (frames, (height, width) per frame, text tokens, where, heads, head dim)
+SHAPES = {
+    "osp-29f-720p": (8, (45, 80), 0, None, 24, 96),
+    "osp-93f-720p": (24, (45, 80), 0, None, 24, 96),
+    "cogvideox5b-49f": (13, (30, 45), 226, "prefix", 48, 64),
+    "wan14b-81f-720p": (21, (45, 80), 0, None, 40, 128),
+    "hunyuan-129f-720p": (33, (45, 80), 256, "suffix", 24, 128),
+}
+MASKS = ["dense", "g0w0", "g1w0", "g2w0", "g1w1"]
+
+
+def layout_of(name: str) -> TokenLayout:
+    T, (hh, ww), txt, where, _, _ = SHAPES[name]
+    return TokenLayout(T, hh, ww, txt if where == "prefix" else 0, txt if where == "suffix" else 0)
+
+
+def bench(fn, warmup=25, rep=100) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def fwd_bwd(fn, inputs, dout):
+    def run():
+        out = fn()
+        torch.autograd.grad(out, inputs, dout)
+    return run
+
+
+def time_build(layout: TokenLayout, mask: TileMask, heads: int, head_dim: int, repeats: int = 5):
+    """Median ms to build our visit lists from scratch: forward lists, and forward + both backward lists."""
+    from vdit_compile.kernels.configs import get_configs
+    from vdit_compile.kernels.visit import Side, clear_cache, tile_plan
+
+    cfg = get_configs(head_dim, "cuda")
+    side = Side.of(layout)
+    fm = mask.frame_mask(layout.num_frames)[None]
+    fwd, allb = [], []
+    for _ in range(repeats + 1):
+        clear_cache()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        plan = tile_plan(side, side, fm, heads, "cuda")
+        plan.visits(cfg.fwd.block_m, cfg.fwd.block_n)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        plan.visits(cfg.dq.block_m, cfg.dq.block_n)
+        plan.visits(cfg.dkdv.block_m, cfg.dkdv.block_n, transposed=True)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        fwd.append((t1 - t0) * 1e3)
+        allb.append((t2 - t0) * 1e3)
+    clear_cache()
+    return statistics.median(fwd[1:]), statistics.median(allb[1:])
+
+
+class FlexRunner:
+    """FlexAttention with our segment-table mask; one mask_mod per shape so masks do not recompile."""
+
+    def __init__(self, layout: TokenLayout):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        self.create_block_mask = create_block_mask
+        self.flex = torch.compile(flex_attention, dynamic=False)
+        T, P, pre = layout.num_frames, layout.frame_tokens, layout.text_prefix
+        vend = pre + T * P
+        self.L = layout.seq_len
+        self.table = torch.ones(T + 2, T + 2, dtype=torch.bool, device="cuda")
+        table = self.table
+
+        def seg(i):
+            f = (i - pre) // P + 1
+            f = torch.where(i < pre, 0, f)
+            return torch.where(i >= vend, T + 1, f)
+
+        def mask_mod(b, h, qi, ki):
+            return table[seg(qi), seg(ki)]
+
+        self.mask_mod = mask_mod
+
+    def block_mask(self, mask: TileMask, T: int):
+        self.table[1:-1, 1:-1] = mask.frame_mask(T, device="cuda")
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        bm = self.create_block_mask(self.mask_mod, None, None, self.L, self.L, device="cuda", _compile=True)
+        torch.cuda.synchronize()
+        return bm, time.perf_counter() - t0
+
+
+def run_shape(name: str, masks: list[str], args, sink) -> list[dict]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    T, _, _, _, H, D = SHAPES[name]
+    layout = layout_of(name)
+    L = layout.seq_len
+    scale = D ** -0.5
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(3))
+    do = torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    full_flops = 4.0 * H * L * L * D
+    rows = []
+    base = dict(shape=name, L=L, H=H, D=D, T=T, P=layout.frame_tokens)
+    dense = dict(base, mask="(dense baselines)")
+    for label, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        try:
+            with sdpa_kernel([be]):
+                sd = lambda: F.scaled_dot_product_attention(q, k, v, scale=scale)  # noqa: E731
+                dense[f"{label}_fwd_ms"] = bench(sd)
+                if not args.fwd_only:
+                    dense[f"{label}_fwdbwd_ms"] = bench(fwd_bwd(sd, (q, k, v), do), warmup=10, rep=args.rep)
+            dense[f"{label}_fwd_tflops"] = full_flops / dense[f"{label}_fwd_ms"] / 1e9
+        except Exception as exc:  # noqa: BLE001 - record and go on
+            dense[f"{label}_error"] = repr(exc)[:200]
+    sink(dense)
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        ref_dense = F.scaled_dot_product_attention(q, k, v, scale=scale).float()
+    flex = FlexRunner(layout) if args.flex else None
+    for mname in masks:
+        mask = TileMask.parse(mname)
+        gs, ws = mask.op_args()
+        dens = mask_density(mask.frame_mask(T), layout)
+        row = dict(base, mask=mname, density=dens, cudnn_fwd_ms=dense.get("cudnn_fwd_ms"),
+                   cudnn_fwdbwd_ms=dense.get("cudnn_fwdbwd_ms"))
+        row["build_ms"], row["build_bwd_ms"] = time_build(layout, mask, H, D)
+        ours = lambda: torch.ops.vdit.tile_attention(q, k, v, layout.text_prefix, layout.text_suffix, T, [gs], [ws], scale)[0]  # noqa: E731
+        out = ours()
+        row["ours_fwd_ms"] = bench(ours)
+        if not args.fwd_only:
+            row["ours_fwdbwd_ms"] = bench(fwd_bwd(ours, (q, k, v), do), warmup=10, rep=args.rep)
+        if mask.dense:
+            row["ours_vs_cudnn_relerr"] = ((out.float() - ref_dense).norm() / ref_dense.norm()).item()
+        if flex is not None:
+            try:
+                if mask.dense:
+                    bm, row["flex_build_first_s"] = None, 0.0
+                else:
+                    bm, row["flex_build_first_s"] = flex.block_mask(mask, T)
+                    bm, row["flex_build_again_s"] = flex.block_mask(mask, T)
+                fx = lambda: flex.flex(q, k, v, block_mask=bm, scale=scale)  # noqa: E731
+                fo = fx()
+                row["ours_vs_flex_relerr"] = ((out.float() - fo.float()).norm() / fo.float().norm()).item()
+                row["flex_fwd_ms"] = bench(fx)
+                if not args.fwd_only:
+                    row["flex_fwdbwd_ms"] = bench(fwd_bwd(fx, (q, k, v), do), warmup=10, rep=args.rep)
+                del bm, fo
+            except Exception as exc:  # noqa: BLE001
+                row["flex_error"] = repr(exc)[:300]
+        kept = full_flops * dens
+        row["ours_fwd_tflops_kept"] = kept / row["ours_fwd_ms"] / 1e9
+        if row.get("cudnn_fwd_ms"):
+            row["cudnn_fwd_tflops"] = full_flops / row["cudnn_fwd_ms"] / 1e9
+            row["x_vs_cudnn_fwd"] = row["cudnn_fwd_ms"] / row["ours_fwd_ms"]
+            row["tflops_kept_over_cudnn"] = row["ours_fwd_tflops_kept"] / row["cudnn_fwd_tflops"]
+        if row.get("flex_fwd_ms"):
+            row["flex_fwd_tflops_kept"] = kept / row["flex_fwd_ms"] / 1e9
+            row["x_vs_flex_fwd"] = row["flex_fwd_ms"] / row["ours_fwd_ms"]
+        if row.get("ours_fwdbwd_ms"):
+            row["ours_fwdbwd_tflops_kept"] = 3.5 * kept / row["ours_fwdbwd_ms"] / 1e9
+            if row.get("cudnn_fwdbwd_ms"):
+                row["x_vs_cudnn_fwdbwd"] = row["cudnn_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
+            if row.get("flex_fwdbwd_ms"):
+                row["x_vs_flex_fwdbwd"] = row["flex_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
+        sink(row)
+        rows.append(row)
+        del out
+    del q, k, v, do, ref_dense
+    torch.cuda.empty_cache()
+    return rows
+
+
+def tune(names: list[str], sink, mask_name: str = "g1w0") -> None:
+    """Sweep tile shapes of the three kernels at one mask per shape (results -> configs.TABLE)."""
+    from vdit_compile.kernels.configs import KernelConfigs, TileConfig, get_configs
+    from vdit_compile.kernels.tile_attention_triton import attention_backward, attention_forward
+    from vdit_compile.kernels.visit import Side, tile_plan
+
+    results = []
+
+    def keep(row):
+        results.append(row)
+        sink(row)
+
+    fwd_cands = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 2),
+                 (64, 64, 4, 3), (128, 128, 4, 3), (128, 64, 8, 4), (64, 128, 4, 3)]
+    dkdv_cands = [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2), (32, 64, 4, 3), (64, 128, 8, 3)]
+    dq_cands = [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 8, 2), (128, 64, 4, 2), (128, 128, 8, 2)]
+    for name in names:
+        T, _, _, _, H, D = SHAPES[name]
+        layout = layout_of(name)
+        L = layout.seq_len
+        side = Side.of(layout)
+        plan = tile_plan(side, side, TileMask.parse(mask_name).frame_mask(T)[None], H, "cuda")
+        q, k, v, do = (torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        base = get_configs(D, "cuda")
+        out, lse = attention_forward(q, k, v, plan, D ** -0.5, base)
+        for kind, cands in (("fwd", fwd_cands), ("dkdv", dkdv_cands), ("dq", dq_cands)):
+            for c in cands:
+                cfgs = KernelConfigs(**{**base.__dict__, kind: TileConfig(*c)})
+                row = dict(tune=kind, shape=name, mask=mask_name, D=D, config=c)
+                try:
+                    if kind == "fwd":
+                        fn = lambda: attention_forward(q, k, v, plan, D ** -0.5, cfgs)  # noqa: E731
+                    else:
+                        fn = lambda: attention_backward(do, None, q, k, v, out, lse, plan, D ** -0.5, cfgs)  # noqa: E731
+                    fn()
+                    row["ms"] = bench(fn, warmup=10, rep=60)
+                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
+                    row["error"] = type(exc).__name__ + ": " + str(exc)[:120]
+                keep(row)
+        if D == 96:
+            for mode in ("split", "pad"):
+                fn = lambda: attention_forward(q, k, v, plan, D ** -0.5, base, d_mode=mode)  # noqa: E731
+                fn()
+                sink(dict(tune="d_mode", shape=name, mask=mask_name, D=D, mode=mode, ms=bench(fn, warmup=10, rep=60)))
+                fb = lambda: attention_backward(do, None, q, k, v, out, lse, plan, D ** -0.5, base, d_mode=mode)  # noqa: E731
+                fb()
+                sink(dict(tune="d_mode_bwd", shape=name, mask=mask_name, D=D, mode=mode, ms=bench(fb, warmup=10, rep=60)))
+        del q, k, v, do, out, lse
+        torch.cuda.empty_cache()
+    for r in results:
+        if "ms" in r:
+            best = min((x for x in results if x["tune"] == r["tune"] and x["shape"] == r["shape"] and "ms" in x), key=lambda x: x["ms"])
+            if best is r:
+                print(f"BEST {r['tune']:6s} {r['shape']:18s} D={r['D']} {r.get('config') or r.get('mode')} {r['ms']:.3f} ms", flush=True)
+
+
+def print_table(rows: list[dict]) -> None:
+    def f(x, nd=2):
+        return "-" if x is None else f"{x:.{nd}f}"
+
+    hdr = ("shape", "mask", "dens", "cuDNN", "flex", "ours", "xcuDNN", "xflex", "TF/s", "%cuDNN",
+           "| fb cuDNN", "fb flex", "fb ours", "fb xflex", "build")
+    print(" ".join(f"{h:>10}" for h in hdr))
+    for r in rows:
+        vals = (r["shape"][:10], r["mask"], f(r.get("density"), 3), f(r.get("cudnn_fwd_ms")), f(r.get("flex_fwd_ms")),
+                f(r.get("ours_fwd_ms")), f(r.get("x_vs_cudnn_fwd")), f(r.get("x_vs_flex_fwd")),
+                f(r.get("ours_fwd_tflops_kept"), 0), f(100 * r["tflops_kept_over_cudnn"], 0) if r.get("tflops_kept_over_cudnn") else "-",
+                f(r.get("cudnn_fwdbwd_ms")), f(r.get("flex_fwdbwd_ms")), f(r.get("ours_fwdbwd_ms")),
+                f(r.get("x_vs_flex_fwdbwd")), f(r.get("build_ms")))
+        print(" ".join(f"{v:>10}" for v in vals))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--masks", nargs="*", default=MASKS)
+    ap.add_argument("--no-flex", dest="flex", action="store_false")
+    ap.add_argument("--fwd-only", action="store_true")
+    ap.add_argument("--tune", action="store_true", help="sweep tile configs instead of benchmarking")
+    ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms) for forward+backward")
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/attention.py needs a CUDA GPU")
+        return 2
+    import triton
+
+    import vdit_compile.ops  # noqa: F401 - registers torch.ops.vdit
+
+    torch._dynamo.config.recompile_limit = 256
+    torch._dynamo.config.cache_size_limit = 256
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), argv=sys.argv)
+    print(json.dumps(meta), flush=True)
+    path = out_dir / ("attention_tune.jsonl" if args.tune else "attention.jsonl")
+    fh = open(path, "a")
+    fh.write(json.dumps(meta) + "\n")
+
+    def sink(row):
+        line = json.dumps(row)
+        print(line, flush=True)
+        fh.write(line + "\n")
+        fh.flush()
+
+    if args.tune:
+        tune(args.shapes, sink)
+        return 0
+    rows = []
+    for name in args.shapes:
+        rows += run_shape(name, args.masks, args, sink)
+        print_table(rows)
+    (out_dir / "attention.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
