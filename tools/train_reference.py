@@ -100,7 +100,7 @@ def make_batch(args, tokenizer, step, device):
     captions = ["" if rng.random() < args.cfg_drop else c for c in captions]
     ids, mask = tokenizer(captions, device=device)
     if args.unk_prob > 0:
-        unk = (torch.rand(ids.shape, generator=g_cpu) < args.unk_prob).to(device) & mask
+        unk = (torch.rand(ids.shape, generator=g_dev, device=device) < args.unk_prob) & mask
         ids = ids.masked_fill(unk, tokenizer.unk_id)
     x0 = videos.permute(0, 2, 1, 3, 4) * 2 - 1  # (B, 3, T, H, W) in [-1, 1]
     noise = torch.randn(x0.shape, generator=g_dev, device=device)

@@ -278,38 +278,44 @@ def render(attrs_list: Sequence[dict], device="cpu", num_frames: int = NUM_FRAME
     if B == 0:
         raise ValueError("render needs at least one attributes dict, got an empty list")
     device = torch.device(device)
-    tex = torch.stack([_texture_field(TEXTURES[0], H, W, device), _texture_field(TEXTURES[1], H, W, device),
-                       _texture_field(TEXTURES[2], H, W, device)])
-    tex_id = torch.tensor([TEXTURES.index(a["texture"]) for a in attrs_list], device=device)
-    bg = torch.tensor([BACKGROUNDS[a["background"]] for a in attrs_list], device=device)  # (B, 3)
+    # All per-clip numbers go to the device in ONE pinned, non-blocking copy: a pageable copy per tensor would
+    # make the host wait for the GPU's queued work (the training step) every batch.
+    n_layers = 2 if any(a.get("second") is not None for a in attrs_list) else 1
+    empty = [(0.0, 0.0, 0.0, 0.0)] * T
+    rows = []
+    for a in attrs_list:
+        row = list(BACKGROUNDS[a["background"]]) + [float(TEXTURES.index(a["texture"]))]
+        for layer in range(n_layers):
+            o = a if layer == 0 else a.get("second")
+            traj = empty if o is None else _trajectory(o, a.get("lane", 0) if layer == 0 else o.get("lane", 1), T, H, W)
+            row += [float(SHAPES.index(o["shape"])) if o else 0.0] + list(COLOURS[o["colour"]] if o else (0, 0, 0))
+            row += [v for frame in traj for v in frame]
+        rows.append(row)
+    packed = torch.tensor(rows, dtype=torch.float32)
+    if device.type == "cuda":
+        packed = packed.pin_memory().to(device, non_blocking=True)
+    else:
+        packed = packed.to(device)
+    bg, tex_id = packed[:, :3], packed[:, 3].long()
+    tex = torch.stack([_texture_field(name, H, W, device) for name in TEXTURES])
     video = (bg[:, None, :, None, None] * tex[tex_id][:, None, None]).expand(B, T, 3, H, W).clone()
 
     # Up to two object layers; a missing second object gets radius 0 (and so alpha 0).
     yy, xx = torch.meshgrid(torch.arange(H, device=device, dtype=torch.float32) + 0.5,
                             torch.arange(W, device=device, dtype=torch.float32) + 0.5, indexing="ij")
-    for layer in range(2):
-        traj, shape_id, colour = [], [], []
-        for a in attrs_list:
-            o = a if layer == 0 else a.get("second")
-            if o is None:
-                traj.append([(0.0, 0.0, 0.0, 0.0)] * T)
-                shape_id.append(0)
-                colour.append((0.0, 0.0, 0.0))
-                continue
-            traj.append(_trajectory(o, a.get("lane", 0) if layer == 0 else o.get("lane", 1), T, H, W))
-            shape_id.append(SHAPES.index(o["shape"]))
-            colour.append(COLOURS[o["colour"]])
-        if layer == 1 and all(a.get("second") is None for a in attrs_list):
-            break
-        p = torch.tensor(traj, device=device, dtype=torch.float32)  # (B, T, 4)
+    per_layer = 4 + 4 * T
+    for layer in range(n_layers):
+        block = packed[:, 4 + layer * per_layer: 4 + (layer + 1) * per_layer]
+        shape_id, col = block[:, 0].long(), block[:, 1:4]
+        p = block[:, 4:].reshape(B, T, 4)
         cx, cy, r, ang = (p[..., i][..., None, None] for i in range(4))
         dx, dy = xx - cx, yy - cy  # (B, T, H, W)
         c, s = torch.cos(ang), torch.sin(ang)
         px, py = c * dx + s * dy, -s * dx + c * dy
-        sid = torch.tensor(shape_id, device=device)[:, None, None, None].expand_as(px)
+        sid = shape_id[:, None, None, None].expand_as(px)
         sdf = _shape_sdf(sid, px, py, r)
         alpha = (0.5 - sdf).clamp(0.0, 1.0) * (r > 0)  # one-pixel anti-aliased edge
-        col = torch.tensor(colour, device=device)[:, None, :, None, None]
+        col = col[:, None, :, None, None]
         video = video * (1 - alpha[:, :, None]) + col * alpha[:, :, None]
     return video.clamp_(0.0, 1.0)
 

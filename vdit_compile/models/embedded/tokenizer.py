@@ -67,7 +67,10 @@ class CaptionTokenizer:
             row = self.encode(c, unknown)
             if row:
                 ids[i, : len(row)] = torch.tensor(row)
-        ids = ids.to(device) if device is not None else ids
+        if device is not None and torch.device(device).type == "cuda":
+            ids = ids.pin_memory().to(device, non_blocking=True)  # no host wait on queued GPU work
+        elif device is not None:
+            ids = ids.to(device)
         return ids, ids != self.pad_id
 
     def decode(self, ids) -> str:
