@@ -111,6 +111,10 @@ class TinyAdapter(ModelAdapter):
         self.default_guidance = 3.0
         self._shape = (channels, frames, size, size)
 
+    def to(self, device):
+        self.transformer.to(device)
+        return self
+
     def encode(self, prompts, device):
         return self.text(list(prompts)).to(device)
 
@@ -138,17 +142,17 @@ def register_adapter(name: str, factory: Callable[..., ModelAdapter]) -> None:
     _ADAPTERS[name] = factory
 
 
-def load_adapter(spec: str, device="cpu") -> ModelAdapter:
-    """Build the adapter for ``spec``: ``tiny``, ``embedded`` or a ``vdit_compile.cli.model_spec`` spec."""
+def load_adapter(spec: str, device="cpu", latent_shape=None) -> ModelAdapter:
+    """Build the adapter for ``spec``: ``tiny``, ``embedded[:random|:tiny]`` or a ``vdit_compile.cli.model_spec`` spec."""
     if spec in _ADAPTERS:
         adapter = _ADAPTERS[spec]()
-    elif spec == "embedded":
+    elif spec == "embedded" or spec.startswith("embedded:"):
         from .adapter_embedded import EmbeddedAdapter
 
-        adapter = EmbeddedAdapter(device=device)
+        adapter = EmbeddedAdapter(device=device, spec=spec)
     else:
         from .adapter_embedded import adapter_from_spec
 
-        adapter = adapter_from_spec(spec, device=device)
+        adapter = adapter_from_spec(spec, device=device, latent_shape=latent_shape)
     adapter.transformer.to(device)
     return adapter

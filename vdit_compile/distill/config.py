@@ -68,6 +68,15 @@ class DistillConfig:
     eval_teacher_steps: int = 50
     extra: dict = field(default_factory=dict)  # free-form notes recorded in config.json
 
+    @classmethod
+    def smoke(cls, out, **overrides) -> "DistillConfig":
+        """A seconds-long run on the tiny random model (tests, trying the tool out on a CPU)."""
+        base = dict(model="tiny", out=str(out), teacher_steps=8, segments=2, pool_size=8, batch_size=4, mlcd_steps=12,
+                    kd_steps=8, lr=1e-3, kd_lr=1e-3, warmup_steps=1, ckpt_every=4, log_every=1, calib_prompts=2,
+                    eval=False, device="cpu", precision="fp32")
+        base.update(overrides)
+        return cls(**base)
+
     # ---------------------------------------------------------------------------------------------
     def stage_list(self) -> list[str]:
         got = [s.strip() for s in self.stages.split(",") if s.strip()]

@@ -100,7 +100,7 @@ def load_run(run_dir, device="cpu", stage: str | None = None, sparse: bool | Non
         wpath = run_dir / rel
         if not wpath.is_file():
             raise FileNotFoundError(f"stage {stage!r} of {run_dir} has no weights at {wpath}")
-    adapter = load_adapter(cfg.model, device=device)
+    adapter = load_adapter(cfg.model, device=device, latent_shape=cfg.extra.get("latent_shape"))
     transformer = adapter.transformer
     transformer.load_state_dict(load_file(str(wpath), device=str(device)))
     use_sparse = stage in ("masks", "kd") if sparse is None else sparse

@@ -72,7 +72,7 @@ def preflight(cfg: DistillConfig, run_dir: Path, resuming: bool, device) -> tupl
             if (run_dir / stage / "done.json").is_file() and stage != "masks" and not w.is_file():
                 raise CheckpointError(f"{run_dir}: stage {stage} is marked done but {w} is missing")
     try:
-        adapter = load_adapter(cfg.model, device=device)
+        adapter = load_adapter(cfg.model, device=device, latent_shape=cfg.extra.get("latent_shape"))
     except DistillConfigError:
         raise
     except Exception as exc:
