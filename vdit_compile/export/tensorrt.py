@@ -1,0 +1,90 @@
+"""``to_tensorrt``: a TensorRT engine of the plan-rewritten transformer through torch-tensorrt's dynamo path.
+
+Choice for the tile op: **decomposition**, not a plugin.  Before conversion every
+``vdit::tile_attention`` is replaced by :func:`~.decompose.band_tile_attention` (index, cat, matmul,
+logsumexp, exp), which torch-tensorrt's converters handle and which is exact and never builds an
+``L x L`` tensor for a sparse head group.  Why not the auto-generated plugin from the
+``torch.library`` op + Triton kernel (``torch_tensorrt.dynamo.conversion.plugins``): it needs a
+Triton kernel per precision and an AOT-compiled plugin per GPU architecture, and was not runnable
+anywhere here (TensorRT is not installed on the CPU or the GPU machine), whereas the decomposition
+is the same algorithm the ONNX path runs and is tested on CPU (``tests/test_export_tensorrt.py``).
+
+The engine is written as TensorRT's serialized bytes to ``path``; the plan, fingerprint, precision
+and input contract go next to it in ``<path>.json`` (an engine has no metadata field of its own).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .. import __version__
+from ..plans import model_class_name, model_fingerprint, unwrap_model
+from .adapters import export_adapters
+from .decompose import decompose_tile_attention
+from .errors import ExportError, MissingDependencyError
+from .graph import export_program, rewrite_sites
+from .plan_sites import resolve_plan, site_specs
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def require_torch_tensorrt():
+    """Import torch_tensorrt or raise :class:`MissingDependencyError` naming ``vdit-compile[trt]``."""
+    try:
+        import torch_tensorrt  # noqa: WPS433
+    except Exception as exc:  # ImportError, or a broken TensorRT install raising at import
+        raise MissingDependencyError("TensorRT export (torch-tensorrt and tensorrt)", "trt", exc) from exc
+    return torch_tensorrt
+
+
+def prepare_for_tensorrt(model, example_inputs: Mapping[str, Any], plan=None):
+    """The rewritten, tile-op-decomposed ExportedProgram TensorRT converts, with the plan and site facts.
+
+    Runs without TensorRT (tests check it on CPU against the rewritten model).
+    """
+    module = unwrap_model(model)
+    plan = resolve_plan(model, example_inputs, plan)
+    with export_adapters(module, example_inputs):
+        ep = export_program(module, example_inputs)
+        facts = rewrite_sites(ep, site_specs(plan))
+    return decompose_tile_attention(ep), plan, facts
+
+
+def to_tensorrt(model, example_inputs: Mapping[str, Any], path, plan=None, *, precision: str = "fp16",
+                overwrite: bool = False, device: str = "cuda", workspace_size: int = 0) -> Path:
+    """Build and save a TensorRT engine (see module doc); returns the engine path."""
+    trt = require_torch_tensorrt()
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {sorted(PRECISIONS)}, found {precision!r}")
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ExportError(f"output {path} already exists; pass --overwrite (overwrite=True) to replace it")
+    module = unwrap_model(model).to(device).eval()
+    dtype = PRECISIONS[precision]
+    inputs = {k: v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
+              else (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in example_inputs.items()}
+    module.to(dtype)
+    ep, plan, facts = prepare_for_tensorrt(module, inputs, plan)
+    convert = trt.dynamo.convert_exported_program_to_serialized_trt_engine
+    # the module is already cast to `dtype`: explicit typing (newer releases) keeps it; older ones take
+    # enabled_precisions.  Only pass what this torch-tensorrt version accepts.
+    options = {"arg_inputs": (), "kwarg_inputs": inputs, "enabled_precisions": {dtype}, "use_explicit_typing": True,
+               "workspace_size": workspace_size}
+    params = inspect.signature(convert).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        options = {k: v for k, v in options.items() if k in params}
+    if "use_explicit_typing" in options:
+        options.pop("enabled_precisions", None)
+    engine = convert(ep, **options)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(engine))
+    meta = {"version": __version__, "model_class": model_class_name(module), "fingerprint": model_fingerprint(module),
+            "precision": precision, "plan": plan.to_dict(), "sites": facts,
+            "inputs": {k: [list(v.shape), str(v.dtype)] for k, v in inputs.items() if isinstance(v, torch.Tensor)},
+            "tile_attention": "decomposed (band gather + matmul + logsumexp)"}
+    Path(str(path) + ".json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    return path
