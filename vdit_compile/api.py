@@ -1,0 +1,218 @@
+"""Public entry points: :func:`optimize`, :func:`restore`, :func:`inspect_model`.
+
+``optimize`` finds the transformer (``pipe.transformer`` or the module itself) and routes its
+forward through ``torch.compile`` with the vdit backend (:mod:`vdit_compile.capture`):
+
+1. calibrate mode: the transformer runs on the calibration inputs (captured from the pipeline
+   on ``calib_prompts``, or ``calib_inputs`` for a bare module); every 3D attention site feeds
+   its ``SiteCalibrator``; a :class:`~vdit_compile.plans.Plan` is built from them;
+2. apply mode: the graphs are recompiled with each tileable site rewritten to
+   ``torch.ops.vdit.tile_attention`` with the plan's per-head masks.
+
+With ``plan=`` (a path, a ``Plan``, or a ``TileMask`` for a uniform plan) calibration is
+skipped.  ``restore`` puts the original forward back; nothing global is patched besides
+raising Dynamo's recompile limits.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from .capture.install import install, state_of, uninstall
+from .config import OptimizeConfig
+from .masks.tile import TileMask
+from .runtime.state import OptimizeState
+
+
+class NoAttentionFoundError(ValueError):
+    """The model has no 3D (video self / joint) attention site that could be tiled."""
+
+    def __init__(self, sites: Iterable, model_name: str = "model"):
+        sites = list(sites)
+        self.sites = sites
+        if sites:
+            found = "\n  ".join(s.describe() for s in sites)
+            msg = (f"{model_name}: expected at least one 3D full attention site (video self-attention or joint "
+                   f"video+text attention with a known token layout); found {len(sites)} attention site(s), none tileable:\n  {found}")
+        else:
+            msg = f"{model_name}: expected at least one 3D full attention site; found no attention at all in the captured graphs"
+        super().__init__(msg)
+
+
+def _split(model_or_pipe) -> tuple[object | None, torch.nn.Module]:
+    if isinstance(model_or_pipe, torch.nn.Module):
+        return None, model_or_pipe
+    module = getattr(model_or_pipe, "transformer", None)
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(
+            "expected a video transformer (nn.Module) or a pipeline with a .transformer module; "
+            f"found {type(model_or_pipe).__name__}"
+        )
+    return model_or_pipe, module
+
+
+def _call(module: torch.nn.Module, inputs) -> object:
+    if isinstance(inputs, dict):
+        return module(**inputs)
+    if isinstance(inputs, (tuple, list)) and len(inputs) == 2 and isinstance(inputs[1], dict):
+        return module(*inputs[0], **inputs[1])
+    raise TypeError(f"calibration/example inputs must be forward kwargs (dict) or (args, kwargs); found {type(inputs).__name__}")
+
+
+def _run_all(module, inputs, desc: str, progress: bool) -> None:
+    with torch.no_grad():
+        for inp in tqdm(inputs, desc=desc, disable=not progress or len(inputs) < 2):
+            _call(module, inp)
+
+
+def inspect_model(model_or_pipe, example_inputs) -> list:
+    """Run the transformer once on ``example_inputs`` (forward kwargs) and list its attention sites.
+
+    Returns :class:`~vdit_compile.passes.detect.AttentionSite` objects in call order, each with
+    its kind, layout (or ``None``) and reason.  The model is left as it was.
+    """
+    _, module = _split(model_or_pipe)
+    previous = state_of(module)
+    if previous is not None:
+        uninstall(module)
+    state = OptimizeState(module, OptimizeConfig(progress=False))
+    try:
+        install(module, state)
+        _run_all(module, [example_inputs], "inspect", False)
+        return state.site_list()
+    finally:
+        uninstall(module)
+        state.close()
+        if previous is not None:
+            install(module, previous)
+
+
+def _load_plan(plan):
+    from .plans import Plan
+
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, (str, os.PathLike)):
+        return Plan.load(plan)
+    raise TypeError(f"plan must be a path, a Plan or a TileMask; found {type(plan).__name__}")
+
+
+def _calibration_inputs(pipe, module, calib_prompts, calib_inputs, cfg: OptimizeConfig) -> list:
+    if calib_inputs is not None:
+        inputs = list(calib_inputs)
+        if not inputs:
+            raise ValueError("calib_inputs is empty: expected at least one dict of transformer forward kwargs")
+        return inputs
+    if calib_prompts is None:
+        raise ValueError("optimize needs calib_prompts (with a pipeline), calib_inputs (transformer forward kwargs) "
+                         "or plan=...; found none of them")
+    if pipe is None:
+        raise ValueError("calib_prompts need a pipeline (an object with .transformer); for a bare transformer "
+                         "pass calib_inputs=[forward kwargs, ...] instead")
+    from .calibration.inputs import capture_transformer_inputs
+
+    return capture_transformer_inputs(pipe, calib_prompts, num_inference_steps=cfg.calib_steps, every=cfg.calib_every,
+                                      max_calls=cfg.calib_max_calls, device=None, progress=cfg.progress,
+                                      **cfg.calib_kwargs)
+
+
+def _check_parallel(parallel):
+    if parallel is None:
+        return None
+    try:
+        from . import parallel as _par  # noqa: F401
+    except ImportError as exc:
+        raise ValueError(f"parallel={parallel!r} needs vdit_compile.parallel, which cannot be imported ({exc})") from exc
+    return parallel
+
+
+def optimize(model_or_pipe, calib_prompts=None, calib_inputs=None, plan=None, config: OptimizeConfig | None = None,
+             parallel=None, **config_overrides):
+    """Rewrite the transformer's 3D attention to tile-sparse attention; returns ``model_or_pipe``.
+
+    Args:
+        model_or_pipe: a video transformer module or a pipeline with ``.transformer``.
+        calib_prompts: prompts to run the pipeline on for calibration.
+        calib_inputs: transformer forward kwargs (list of dicts) for calibration, or to check a
+            given plan against the model up front.
+        plan: skip calibration: a plan JSON path, a ``Plan``, or a ``TileMask`` applied to every
+            tileable site on every head (``TileMask(dense=True)`` routes them through the op densely).
+        config: an :class:`OptimizeConfig`; ``config_overrides`` replace its fields.
+        parallel: a ``vdit_compile.parallel.Parallel`` config, stored for the parallel pass.
+    Raises:
+        NoAttentionFoundError: no tileable 3D attention site (the error lists what was found).
+        PlanMismatchError: the plan does not fit this model (says what differs).
+    """
+    cfg = OptimizeConfig.build(config, **config_overrides)
+    pipe, module = _split(model_or_pipe)
+    if state_of(module) is not None:
+        restore(module)
+    state = OptimizeState(module, cfg, _check_parallel(parallel))
+    name = type(module).__name__
+    try:
+        if plan is None:
+            inputs = _calibration_inputs(pipe, module, calib_prompts, calib_inputs, cfg)
+            state.mode = "calibrate"
+            install(module, state)
+            _run_all(module, inputs, "calibrating attention", cfg.progress)
+            sites = state.site_list()
+            if not any(s.tileable for s in sites):
+                raise NoAttentionFoundError(sites, name)
+            from .calibration.run import CalibrationSettings, build_plan
+
+            settings = CalibrationSettings(cfg.error_budget, cfg.max_density,
+                                           list(cfg.candidates) if cfg.candidates is not None else None,
+                                           num_prompts=len(calib_prompts) if calib_prompts is not None and calib_inputs is None else None,
+                                           num_inputs=len(inputs),
+                                           num_inference_steps=cfg.calib_steps if calib_inputs is None else None)
+            state.plan = build_plan(module, state.calibrators, settings, sites)
+            state.calibrators = {}
+        else:
+            if isinstance(plan, TileMask):
+                state.uniform_mask = plan
+            else:
+                state.plan = _load_plan(plan)
+                state.plan.check_compatible(module)
+            if calib_inputs is not None:
+                sites = inspect_model(module, list(calib_inputs)[0])
+                if not any(s.tileable for s in sites):
+                    raise NoAttentionFoundError(sites, name)
+                if state.plan is not None:
+                    state.plan.check_compatible(module, sites)
+                else:
+                    from .plans import Plan
+
+                    state.plan = Plan.uniform(sites, plan, model=module)
+        state.mode = "apply"
+        install(module, state)
+    except BaseException:
+        uninstall(module)
+        state.close()
+        raise
+    return model_or_pipe
+
+
+def restore(model_or_pipe):
+    """Undo :func:`optimize`: the transformer's original forward is back; returns ``model_or_pipe``."""
+    _, module = _split(model_or_pipe)
+    state = uninstall(module)
+    if state is not None:
+        state.close()
+    return model_or_pipe
+
+
+def plan_of(model_or_pipe):
+    """The :class:`~vdit_compile.plans.Plan` an optimized model runs with (``None`` if not optimized)."""
+    _, module = _split(model_or_pipe)
+    state = state_of(module)
+    return state.plan if state is not None else None
+
+
+def sites_of(model_or_pipe) -> list:
+    """Attention sites an optimized model has met so far (call order)."""
+    _, module = _split(model_or_pipe)
+    state = state_of(module)
+    return state.site_list() if state is not None else []

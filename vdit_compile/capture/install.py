@@ -1,0 +1,69 @@
+"""Route one module instance's ``forward`` through ``torch.compile`` with the vdit backend.
+
+The compiled wrapper is stored as an instance attribute (``module.forward``), so other instances
+of the class and the class itself are untouched; :func:`uninstall` deletes it and the original
+bound method is back.  The wrapper records the call's arguments (the backend reads the token
+grid from them) and turns a compiler failure caused by our own passes back into its original
+exception (e.g. ``PlanMismatchError``).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..runtime.state import OptimizeState
+from .backend import make_backend
+
+_ATTR = "_vdit_state"
+#: Dynamo's per-code-object recompile limit is raised to at least this (mode switches and
+#: many model instances of one class each compile the same ``forward``).
+MIN_RECOMPILE_LIMIT = 256
+
+
+#: Value-dependent shapes (Mochi/Framepack trim padded text with ``nonzero``) are captured as
+#: symbolic sizes instead of breaking the graph, so the detection pass sees those sites and can
+#: report them (left dense) instead of never seeing them.
+_DYNAMO_OPTIONS = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
+
+
+def _raise_limits() -> None:
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < MIN_RECOMPILE_LIMIT:
+            setattr(cfg, name, MIN_RECOMPILE_LIMIT)
+    if hasattr(cfg, "accumulated_recompile_limit") and cfg.accumulated_recompile_limit < 4 * MIN_RECOMPILE_LIMIT:
+        cfg.accumulated_recompile_limit = 4 * MIN_RECOMPILE_LIMIT
+
+
+def state_of(module: torch.nn.Module) -> OptimizeState | None:
+    return module.__dict__.get(_ATTR)
+
+
+def install(module: torch.nn.Module, state: OptimizeState) -> None:
+    """(Re)compile ``module.forward`` for ``state``'s current mode."""
+    _raise_limits()
+    original = type(module).forward.__get__(module)
+    compiled = torch.compile(original, backend=make_backend(state), dynamic=False)
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        state.call = (args, kwargs)
+        state.pending_error = None
+        try:
+            with torch._dynamo.config.patch(**_DYNAMO_OPTIONS):
+                return compiled(*args, **kwargs)
+        except Exception as exc:
+            inner = state.pending_error
+            if inner is not None and exc is not inner:
+                state.pending_error = None
+                raise inner.with_traceback(inner.__traceback__) from None
+            raise
+
+    module.__dict__["forward"] = forward
+    module.__dict__[_ATTR] = state
+
+
+def uninstall(module: torch.nn.Module) -> OptimizeState | None:
+    module.__dict__.pop("forward", None)
+    return module.__dict__.pop(_ATTR, None)

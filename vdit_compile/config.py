@@ -1,0 +1,72 @@
+"""``OptimizeConfig``: every knob of :func:`vdit_compile.optimize` in one dataclass."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field, fields
+from typing import Callable, Sequence
+
+from .masks.tile import TileMask
+from .plans.plan import DEFAULT_ERROR_BUDGET
+
+
+@dataclass
+class OptimizeConfig:
+    """Settings of one ``optimize`` call.
+
+    Attributes:
+        error_budget: per-head relative L2 error of the attention output allowed by a mask
+            (see ``vdit_compile.plans.DEFAULT_ERROR_BUDGET`` for the default and why).
+        max_density: optional upper bound on the chosen masks' density (sparser if possible).
+        candidates: mask names to search (``["g1w0", "g2w1", ...]``); ``None`` = default family.
+        calib_steps: denoising steps per calibration prompt when calibrating a pipeline.
+        calib_every / calib_max_calls: subsample the recorded transformer calls.
+        calib_kwargs: extra pipeline arguments for calibration runs (``num_frames``, ``height``...).
+        backend: ``"auto"`` (inductor on CUDA, eager on CPU), ``"inductor"`` or ``"eager"``.
+        sites: site filter: glob patterns of site names to tile (``["blocks.*.attn1"]``) or a
+            callable ``name -> bool``; other sites stay dense.
+        progress: show progress bars.
+    """
+
+    error_budget: float = DEFAULT_ERROR_BUDGET
+    max_density: float | None = None
+    candidates: Sequence[str] | None = None
+    calib_steps: int = 4
+    calib_every: int = 1
+    calib_max_calls: int | None = None
+    calib_kwargs: dict = field(default_factory=dict)
+    backend: str = "auto"
+    sites: Sequence[str] | Callable[[str], bool] | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.backend not in ("auto", "inductor", "eager"):
+            raise ValueError(f"backend must be 'auto', 'inductor' or 'eager', found {self.backend!r}")
+        if not self.error_budget >= 0:
+            raise ValueError(f"error_budget must be >= 0, found {self.error_budget}")
+        if self.max_density is not None and not 0 < self.max_density <= 1:
+            raise ValueError(f"max_density must be in (0, 1], found {self.max_density}")
+        if self.calib_steps < 1:
+            raise ValueError(f"calib_steps must be >= 1, found {self.calib_steps}")
+        if self.candidates is not None:
+            self.candidate_masks()  # validates the names
+
+    def candidate_masks(self) -> list[TileMask] | None:
+        return None if self.candidates is None else [TileMask.parse(c) for c in self.candidates]
+
+    def site_allowed(self, name: str) -> bool:
+        if self.sites is None:
+            return True
+        if callable(self.sites):
+            return bool(self.sites(name))
+        return any(fnmatch.fnmatchcase(name, pat) for pat in self.sites)
+
+    @classmethod
+    def build(cls, config: "OptimizeConfig | None" = None, **overrides) -> "OptimizeConfig":
+        """``config`` (or the defaults) with keyword overrides; unknown keys are an error."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown optimize option(s) {unknown}; valid options: {sorted(names)}")
+        base = {f.name: getattr(config, f.name) for f in fields(cls)} if config is not None else {}
+        base.update(overrides)
+        return cls(**base)

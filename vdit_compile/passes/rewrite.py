@@ -1,0 +1,112 @@
+"""Rewrite pass: observers in calibrate/inspect mode, ``vdit::tile_attention`` in apply mode.
+
+* ``inspect`` / ``calibrate``: before every attention site a call to
+  :func:`vdit_compile.runtime.hooks.observe_site` is inserted; it records the site (resolving
+  shared graphs to the module instance that runs them) and, when calibrating, feeds
+  ``(q, k, v, scale)`` to the site's ``SiteCalibrator``.  The original attention still computes
+  the output, so calibration sees the dense model.
+* ``apply``: each tileable site with masks in the plan becomes
+  ``torch.ops.vdit.tile_attention(q, k, v, text_prefix, text_suffix, T, g[], w[], scale)[0]``
+  with the plan's per-head masks as integer constants (a dense head is ``g = -1``).  Sites in a
+  graph shared by several blocks call :func:`~vdit_compile.runtime.hooks.apply_shared`, which
+  looks the instance's masks up at run time.  Everything else is left as it was.
+"""
+from __future__ import annotations
+
+import operator
+
+import networkx as nx
+import torch
+import torch.fx
+
+from ..masks.tile import op_mask_args
+from ..runtime import hooks
+from .detect import dataflow_graph
+from .registry import register_pass
+
+
+def _scale(t) -> float:
+    return float(t.match.scale) if t.match.scale is not None else float(t.site.head_dim) ** -0.5
+
+
+def _erase_dead(graph: torch.fx.Graph, start: list, inside: set) -> None:
+    """Erase now-unused nodes of the replaced attention (scores, softmax), nothing outside it."""
+    todo = list(start)
+    while todo:
+        n = todo.pop()
+        if n in inside and n.op in ("call_function", "call_method") and not n.users:
+            inputs = list(n.all_input_nodes)
+            graph.erase_node(n)
+            inside.discard(n)
+            todo.extend(inputs)
+
+
+def _insert_observer(gm, t, tid, ctx) -> None:
+    m = t.match
+    with gm.graph.inserting_before(m.out):
+        gm.graph.call_function(hooks.observe_site, (m.q, m.k, m.v, t.anchor, ctx.state.id, tid, _scale(t)))
+
+
+def _replace_with_op(gm, t, masks, dfg) -> None:
+    m, lay = t.match, t.site.layout
+    gs, ws = op_mask_args(masks)
+    g = gm.graph
+    with g.inserting_before(m.out):
+        q, k, v = m.q, m.k, m.v
+        if t.merged_heads:
+            q, k, v = (g.call_method("unsqueeze", (x, 1)) for x in (q, k, v))
+        op = g.call_function(torch.ops.vdit.tile_attention.default,
+                             (q, k, v, lay.text_prefix, lay.text_suffix, lay.num_frames, gs, ws, _scale(t)))
+        out = g.call_function(operator.getitem, (op, 0))
+        if t.merged_heads:
+            out = g.call_method("squeeze", (out, 1))
+    out.meta.update({k: v for k, v in m.out.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value")})
+    op.meta["nn_module_stack"] = m.out.meta.get("nn_module_stack", {})
+    old = m.out
+    old.replace_all_uses_with(out)
+    inside = set()
+    if m.form != "sdpa":
+        src = {m.q, m.k}
+        inside = {n for n in nx.descendants(dfg, m.q) | nx.descendants(dfg, m.k) if n in nx.ancestors(dfg, old)} | {old}
+        inside -= src | {m.v}
+    g.erase_node(old)
+    _erase_dead(g, [a for a in old.all_input_nodes], inside)
+
+
+def _replace_shared(gm, t, tid, ctx) -> None:
+    m = t.match
+    with gm.graph.inserting_before(m.out):
+        out = gm.graph.call_function(hooks.apply_shared, (m.q, m.k, m.v, t.anchor, ctx.state.id, tid, _scale(t)))
+    out.meta.update({k: v for k, v in m.out.meta.items() if k in ("nn_module_stack", "example_value")})
+    m.out.replace_all_uses_with(out)
+    gm.graph.erase_node(m.out)
+    ctx.needs_eager = True
+
+
+@register_pass("rewrite", 200)
+def rewrite_pass(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
+    state = ctx.state
+    dfg = dataflow_graph(gm) if state.mode == "apply" else None
+    changed = False
+    for t in ctx.templates:
+        tid = state.add_template(t)
+        if state.mode in ("inspect", "calibrate"):
+            _insert_observer(gm, t, tid, ctx)
+            changed = True
+            continue
+        if not t.site.tileable:
+            continue
+        if t.shared:
+            _replace_shared(gm, t, tid, ctx)
+            changed = True
+            continue
+        masks = state.masks_for(t.site)
+        if masks is None:
+            continue
+        _replace_with_op(gm, t, masks, dfg)
+        ctx.rewritten.append(t.site.name)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return gm

@@ -1,0 +1,52 @@
+"""Python functions that rewritten graphs call at run time.
+
+``observe_site`` (inspect/calibrate mode) records which site ran and feeds calibrators;
+``apply_shared`` (apply mode, graphs shared by several blocks) looks up the masks of the block
+that is running and calls ``torch.ops.vdit.tile_attention`` (or dense SDPA when the plan leaves
+that block dense).  Both receive the ids of their :class:`~.state.OptimizeState` and template.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..masks.tile import op_mask_args
+from .state import OptimizeState
+
+
+def _as_bhld(t, x):
+    return x.unsqueeze(1) if t.merged_heads else x
+
+
+def observe_site(q, k, v, anchor, state_id: int, template_id: int, scale: float) -> None:
+    state = OptimizeState.get(state_id)
+    t = state.templates[template_id]
+    site = state.resolve(t, anchor)
+    state.record_site(site)
+    if state.mode != "calibrate" or not site.tileable or not state.site_filter_allows(site.name):
+        return None
+    cal = state.calibrators.get(site.name)
+    if cal is None:
+        from ..calibration.collector import SiteCalibrator
+
+        cands = state.config.candidate_masks() if hasattr(state.config, "candidate_masks") else None
+        cal = state.calibrators[site.name] = SiteCalibrator(site.name, site.layout, site.num_heads, cands)
+    cal.observe(_as_bhld(t, q.detach()), _as_bhld(t, k.detach()), _as_bhld(t, v.detach()), scale)
+    return None
+
+
+def apply_shared(q, k, v, anchor, state_id: int, template_id: int, scale: float):
+    state = OptimizeState.get(state_id)
+    t = state.templates[template_id]
+    site = state.resolve(t, anchor)
+    state.record_site(site)
+    masks = state.masks_for(site)
+    if masks is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale) if not t.merged_heads else (
+            torch.softmax((q @ k.transpose(-1, -2)) * scale, -1) @ v)
+    state.rewritten.add(site.name)
+    lay = site.layout
+    gs, ws = op_mask_args(masks)
+    out = torch.ops.vdit.tile_attention(_as_bhld(t, q), _as_bhld(t, k), _as_bhld(t, v), lay.text_prefix,
+                                        lay.text_suffix, lay.num_frames, gs, ws, float(scale))[0]
+    return out.squeeze(1) if t.merged_heads else out

@@ -1,0 +1,110 @@
+"""Per-model runtime state shared by the capture backend, the passes and the rewritten graphs.
+
+Rewritten graphs call back into Python (calibration observers, shared-graph dispatch) with
+the integer id of an :class:`OptimizeState` and of a :class:`SiteTemplate`; this module keeps
+those objects reachable by id.  Nothing here patches torch or diffusers globally: a state is
+registered by :func:`vdit_compile.optimize` and dropped by :func:`vdit_compile.restore`.
+"""
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import torch
+
+from ..masks.tile import TileMask
+from ..passes.naming import RootNames, join
+
+_STATES: dict[int, "OptimizeState"] = {}
+_IDS = itertools.count(1)
+
+
+class OptimizeState:
+    """Mode (``inspect`` | ``calibrate`` | ``apply``), plan, calibrators and discovered sites of one model."""
+
+    def __init__(self, root: torch.nn.Module, config, parallel=None):
+        self.id = next(_IDS)
+        self.root, self.config, self.parallel = root, config, parallel
+        self.mode = "inspect"
+        self.plan = None
+        self.uniform_mask: TileMask | None = None
+        self.sites: dict[str, object] = {}  # name -> AttentionSite, in discovery order
+        self.calibrators: dict[str, object] = {}
+        self.templates: list = []
+        self.call: tuple[tuple, dict] = ((), {})
+        self.graphs = 0
+        self.rewritten: set[str] = set()  # sites running through vdit::tile_attention
+        self.pending_error: BaseException | None = None
+        self._root_names: RootNames | None = None
+        self._warned: set[str] = set()
+        _STATES[self.id] = self
+
+    # ------------------------------------------------------------------ registry
+    @staticmethod
+    def get(state_id: int) -> "OptimizeState":
+        try:
+            return _STATES[state_id]
+        except KeyError:
+            raise RuntimeError(f"vdit-compile state {state_id} is gone: the model was restored; optimize it again") from None
+
+    def close(self) -> None:
+        _STATES.pop(self.id, None)
+
+    @property
+    def root_names(self) -> RootNames:
+        if self._root_names is None:
+            self._root_names = RootNames(self.root)
+        return self._root_names
+
+    def add_template(self, template) -> int:
+        self.templates.append(template)
+        return len(self.templates) - 1
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
+
+    # ------------------------------------------------------------------ sites
+    def record_site(self, site) -> None:
+        if site.name not in self.sites:
+            self.sites[site.name] = site
+
+    def site_list(self) -> list:
+        return list(self.sites.values())
+
+    def resolve(self, template, anchor: torch.Tensor | None):
+        """The concrete site a template stands for on this call (shared graphs: by the anchor parameter)."""
+        if not template.shared:
+            return template.site
+        pre = self.root_names.frame_prefix(anchor, template.anchor_local) if anchor is not None else None
+        if pre is None:
+            raise RuntimeError(f"vdit-compile: cannot tell which module ran the shared attention graph {template.local_path}")
+        from dataclasses import replace
+
+        return replace(template.site, name=join(pre, template.local_path))
+
+    # ------------------------------------------------------------------ masks
+    def site_filter_allows(self, name: str) -> bool:
+        filt = getattr(self.config, "site_allowed", None)
+        return filt(name) if callable(filt) else True
+
+    def masks_for(self, site) -> list[TileMask] | None:
+        """Per-head masks to apply at ``site`` now, or ``None`` to leave it dense."""
+        if not site.tileable or not self.site_filter_allows(site.name):
+            return None
+        if self.uniform_mask is not None:
+            return [self.uniform_mask] * site.num_heads
+        if self.plan is None:
+            return None
+        from ..plans import PlanMismatchError
+
+        sp = self.plan.site(site.name)
+        if sp is None:
+            raise PlanMismatchError([f"tileable site {site.name} ({site.layout.describe()}) is not in the plan"])
+        if not sp.tiled:
+            return None
+        masks = sp.masks_for(site.layout)
+        if len(masks) != site.num_heads:
+            raise PlanMismatchError([f"site {site.name}: {len(masks)} head masks in the plan, {site.num_heads} heads now"])
+        return masks
