@@ -8,7 +8,7 @@ WAN_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_di
                   qk_norm="rms_norm_across_heads", eps=1e-6)
 
 
-def wan_inputs(frames: int = 4, size: int = 8, text: int = 8, batch: int = 1, seed: int = 1) -> dict:
+def wan_inputs(frames: int = 5, size: int = 8, text: int = 8, batch: int = 1, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {
         "hidden_states": torch.randn(batch, 4, frames, size, size, generator=g),
@@ -27,7 +27,7 @@ def tiny_wan_module():
 
 
 def tiny_wan():
-    """(model, example forward kwargs): 4 latent frames of 8x8 (4x4x4 tokens after 2x2 patches), 8 text tokens."""
+    """(model, example forward kwargs): 5 latent frames of 8x8 (5x4x4 tokens after 2x2 patches), 8 text tokens."""
     return tiny_wan_module(), wan_inputs()
 
 

@@ -47,11 +47,12 @@ def format_table(plan: Plan) -> str:
         out.append(f"fingerprint {plan.fingerprint[:23]}...")
     cal = plan.calibration or {}
     if "error_budget" in cal:
-        out.append(
-            f"calibration: error budget {cal['error_budget']:g}, max density {cal.get('max_density')}, "
-            f"{cal.get('num_prompts')} prompt(s), {cal.get('num_inference_steps')} step(s), "
-            f"{cal.get('num_inputs')} transformer call(s); candidates {', '.join(cal.get('candidates') or [])}"
-        )
+        parts = [f"error budget {cal['error_budget']:g}"]
+        for key, fmt in (("max_density", "max density {:g}"), ("num_prompts", "{} prompt(s)"),
+                         ("num_inference_steps", "{} step(s)"), ("num_inputs", "{} transformer call(s)")):
+            if cal.get(key) is not None:
+                parts.append(fmt.format(cal[key]))
+        out.append("calibration: " + ", ".join(parts) + f"; candidates {', '.join(cal.get('candidates') or [])}")
     elif "uniform" in cal:
         out.append(f"uniform plan: {cal['uniform']} on every tileable site (not calibrated)")
     tiled = plan.tiled_sites()

@@ -1,0 +1,92 @@
+"""``vdit-compile calibrate MODEL --prompts FILE -o plan.json``: measure attention, choose masks, save the plan.
+
+A pipeline is run on the prompts for a few denoising steps while the transformer's inputs are
+recorded; a bare transformer module is calibrated on ``--inputs`` (or its factory's example
+inputs).  Every tileable attention site then feeds its q/k/v to a SiteCalibrator and the per-head
+masks within ``--budget`` are written to the plan (see docs/calibration.md).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .model_spec import ModelSpecError, add_model_arguments, is_pipeline, load_for_cli, load_input_list, move_inputs, parse_pipe_kwargs
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    from ..plans import DEFAULT_ERROR_BUDGET
+
+    p = subparsers.add_parser("calibrate", help="calibrate per-head tile masks and write a plan",
+                              description="Run MODEL on calibration prompts (or inputs), measure every 3D attention "
+                                          "site and head, and write the sparsest masks within the error budget to a "
+                                          "plan JSON.")
+    add_model_arguments(p)
+    p.add_argument("--prompts", metavar="FILE", help="calibration prompts, one per line (pipelines)")
+    p.add_argument("-o", "--output", required=True, metavar="PLAN", help="where to write the plan JSON")
+    p.add_argument("--steps", type=int, default=4, help="denoising steps per prompt (default: 4)")
+    p.add_argument("--every", type=int, default=1, help="keep every K-th transformer call (default: 1)")
+    p.add_argument("--max-calls", type=int, default=None, help="stop after this many transformer calls")
+    p.add_argument("--budget", type=float, default=DEFAULT_ERROR_BUDGET,
+                   help=f"per-head relative L2 error budget on the attention output (default: {DEFAULT_ERROR_BUDGET})")
+    p.add_argument("--max-density", type=float, default=None, help="also require density <= this (0..1]")
+    p.add_argument("--candidates", default=None,
+                   help="comma-separated masks to search, e.g. g0w0,g1w0,g1w1,dense (default: g0..4 x w0..2 + dense)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pipeline's noise (prompt i uses seed + i)")
+    p.add_argument("--heatmaps", metavar="DIR", help="also write the attention heatmaps of each site into DIR")
+    p.set_defaults(func=run)
+    return p
+
+
+def _settings(args):
+    from ..calibration import CalibrationSettings
+
+    cands = [c.strip() for c in args.candidates.split(",") if c.strip()] if args.candidates else None
+    settings = CalibrationSettings(error_budget=args.budget, max_density=args.max_density, candidates=cands)
+    settings.candidate_masks()  # validates the names
+    return settings
+
+
+def collect_inputs(obj, example, args, settings) -> list[dict]:
+    """The transformer's forward kwargs to calibrate on; fills the settings' bookkeeping fields."""
+    from ..calibration.inputs import capture_transformer_inputs, read_prompts
+
+    if is_pipeline(obj):
+        if not args.prompts:
+            raise ModelSpecError(f"{args.model} is a pipeline: pass --prompts FILE (one prompt per line)")
+        prompts = read_prompts(args.prompts)
+        inputs = capture_transformer_inputs(obj, prompts, num_inference_steps=args.steps, every=args.every,
+                                            max_calls=args.max_calls, device=None, seed=args.seed,
+                                            **parse_pipe_kwargs(args.pipe_kwargs))
+        settings.num_prompts, settings.num_inference_steps = len(prompts), args.steps
+    else:
+        if args.prompts:
+            raise ModelSpecError(f"{args.model} is a bare module, not a pipeline: prompts cannot be run; pass "
+                                 "--inputs FILE with its forward kwargs instead")
+        inputs = load_input_list(args.inputs) if args.inputs else ([example] if example is not None else None)
+        if not inputs:
+            raise ModelSpecError(f"{args.model} is a bare module: pass --inputs FILE (torch.save'd forward kwargs, "
+                                 "a dict or a list of dicts) or use a 'module:factory' returning (model, inputs)")
+        inputs = [move_inputs(i, args.device) for i in inputs[:: args.every]][: args.max_calls]
+    settings.num_inputs = len(inputs)
+    return inputs
+
+
+def run(args) -> int:
+    from ..calibration.run import calibrate_model
+    from ..plans.show import format_table, write_heatmaps
+
+    try:
+        settings = _settings(args)
+        obj, example = load_for_cli(args)
+        inputs = collect_inputs(obj, example, args, settings)
+    except (ModelSpecError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    plan = calibrate_model(obj, inputs, settings)
+    path = plan.save(args.output)
+    sys.stdout.write(format_table(plan))
+    print(f"\nplan written to {path}")
+    if args.heatmaps:
+        written = write_heatmaps(plan, args.heatmaps)
+        print(f"wrote {len(written)} heatmap(s) to {args.heatmaps}")
+    return 0
