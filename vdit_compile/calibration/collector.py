@@ -28,8 +28,9 @@ import torch
 from ..layout import TokenLayout
 from ..masks.tile import TileMask, mask_density
 
-#: Score-block budget of one observe step (bytes of fp32 scores); bounds memory to O(L x block).
-DEFAULT_BLOCK_BYTES = 64 * 2**20
+#: Working-memory budget of one row block of ``observe`` (bytes); bounds memory to O(L x block).
+#: Larger on CUDA, where small blocks would leave the GPU idle.
+DEFAULT_BLOCK_BYTES = {"cpu": 64 * 2**20, "cuda": 1024 * 2**20}
 
 
 def default_candidates(num_frames: int) -> list[TileMask]:
@@ -59,6 +60,33 @@ def dedupe_candidates(candidates: Sequence[TileMask], num_frames: int) -> list[T
         seen.add(key)
         out.append(m)
     return out
+
+
+def _group_partials(qb, k_vid, v_vid, k_txt, v_txt, scale: float, T: int, P: int):
+    """Per key group (``T`` frames, then text) of a row block: max score ``m``, normaliser ``l``
+    (both ``(B, H, r, T+1)``) and unnormalised partial output ``o`` ``(B, H, r, T+1, D)``.
+
+    An empty text group has ``m = -inf``, ``l = 0``, ``o = 0`` so merges ignore it.
+    """
+    B, H, r, _ = qb.shape
+    G = T + 1
+    m = torch.full((B, H, r, G), float("-inf"), dtype=qb.dtype, device=qb.device)
+    l = torch.zeros(B, H, r, G, dtype=qb.dtype, device=qb.device)
+    o = torch.zeros(B, H, r, G, v_vid.shape[-1], dtype=qb.dtype, device=qb.device)
+    qb = qb * scale
+    s = (qb @ k_vid.transpose(-1, -2)).view(B, H, r, T, P)
+    m[..., :T] = s.amax(-1)
+    e = s.sub_(m[..., :T, None]).exp_()
+    l[..., :T] = e.sum(-1)
+    o[:, :, :, :T] = (e.transpose(2, 3) @ v_vid).transpose(2, 3)  # (B,H,T,r,P) @ (B,H,T,P,D)
+    if k_txt.shape[2]:
+        st = qb @ k_txt.transpose(-1, -2)
+        mt = st.amax(-1, keepdim=True)
+        et = st.sub_(mt).exp_()
+        m[..., T] = mt[..., 0]
+        l[..., T] = et.sum(-1)
+        o[:, :, :, T] = et @ v_txt
+    return m, l, o
 
 
 @dataclass
@@ -97,7 +125,7 @@ class SiteCalibrator:
         layout: TokenLayout,
         num_heads: int,
         candidates: Sequence[TileMask] | None = None,
-        block_bytes: int = DEFAULT_BLOCK_BYTES,
+        block_bytes: int | None = None,
     ):
         if layout is None:
             raise ValueError(f"site {name!r}: a SiteCalibrator needs a TokenLayout, found None")
@@ -106,7 +134,7 @@ class SiteCalibrator:
         self.name, self.layout, self.num_heads = name, layout, int(num_heads)
         T = layout.num_frames
         self.candidates = dedupe_candidates(candidates, T) if candidates is not None else default_candidates(T)
-        self.block_bytes = int(block_bytes)
+        self.block_bytes = block_bytes  # None: DEFAULT_BLOCK_BYTES of the inputs' device type
         G = T + 1
         self._mass_sum = torch.zeros(num_heads, G, G, dtype=torch.float64)
         self._mass_count = torch.zeros(G, dtype=torch.float64)
@@ -147,31 +175,17 @@ class SiteCalibrator:
         keep = self._keep.to(device=dev, dtype=acc)
         qgroup = self._qgroup.to(dev)
         C, G = len(self.candidates), T + 1
-        per_row = B * H * (L + 2 * G * D + C * (D + 2 * G)) * 4  # scores, partials, candidate outputs
-        rows_per_block = max(1, min(L, self.block_bytes // per_row))
+        budget = self.block_bytes or DEFAULT_BLOCK_BYTES.get(dev.type, DEFAULT_BLOCK_BYTES["cuda"])
+        # scores + exp (+ a temporary), per-group partials, candidate outputs and their differences
+        per_row = B * H * (3 * L + 2 * G * D + C * (2 * D + 2 * G)) * torch.finfo(acc).bits // 8
+        rows_per_block = max(1, min(L, budget // per_row))
         err = torch.zeros(H, len(self.candidates), dtype=torch.float64, device=dev)
         norm = torch.zeros(H, dtype=torch.float64, device=dev)
         mass = torch.zeros(H, T + 1, T + 1, dtype=torch.float64, device=dev)
         for start in range(0, L, rows_per_block):
             stop = min(L, start + rows_per_block)
             qb = q[:, :, start:stop].to(acc)
-            # per key group: running max m (B,H,r,G), normaliser l (B,H,r,G), partial out o (B,H,r,G,D)
-            s_vid = ((qb @ k_vid.transpose(-1, -2)) * scale).reshape(B, H, stop - start, T, P)
-            m_vid = s_vid.amax(-1)
-            e_vid = torch.exp(s_vid - m_vid[..., None])
-            l_vid = e_vid.sum(-1)
-            o_vid = torch.einsum("bhrtp,bhtpd->bhrtd", e_vid, v_vid)
-            if text_idx.numel():
-                s_txt = (qb @ k_txt.transpose(-1, -2)) * scale
-                m_txt = s_txt.amax(-1, keepdim=True)
-                e_txt = torch.exp(s_txt - m_txt)
-                l_txt, o_txt = e_txt.sum(-1, keepdim=True), (e_txt @ v_txt)[:, :, :, None]
-            else:
-                m_txt = torch.full_like(m_vid[..., :1], float("-inf"))
-                l_txt, o_txt = torch.zeros_like(l_vid[..., :1]), torch.zeros_like(o_vid[:, :, :, :1])
-            m = torch.cat([m_vid, m_txt], -1)
-            l = torch.cat([l_vid, l_txt], -1)
-            o = torch.cat([o_vid, o_txt], -2)
+            m, l, o = _group_partials(qb, k_vid, v_vid, k_txt, v_txt, scale, T, P)
             qg = qgroup[start:stop]
             # dense: merge all groups
             m_all = m.amax(-1, keepdim=True)
@@ -180,13 +194,13 @@ class SiteCalibrator:
             group_mass = w_all * l / z_all[..., None]
             out_dense = torch.einsum("bhrg,bhrgd->bhrd", w_all, o) / z_all[..., None]
             mass.index_add_(1, qg, group_mass.sum(0).to(torch.float64))
-            norm += out_dense.pow(2).sum((0, 2, 3)).to(torch.float64)
+            norm += out_dense.square().sum((0, 2, 3)).to(torch.float64)
             # candidates: keep table rows of each query's group -> (C, r, G)
             kr = keep[:, qg]
             wk = w_all[:, :, None] * kr[None, None]  # (B,H,C,r,G), relative to the dense max (exact merge)
             z_c = (wk * l[:, :, None]).sum(-1)
-            out_c = torch.einsum("bhcrg,bhrgd->bhcrd", wk, o) / z_c[..., None]
-            err += (out_c - out_dense[:, :, None]).pow(2).sum((0, 3, 4)).to(torch.float64)
+            out_c = torch.einsum("bhcrg,bhrgd->bhcrd", wk, o).div_(z_c[..., None]).sub_(out_dense[:, :, None])
+            err += out_c.square_().sum((0, 3, 4)).to(torch.float64)
         self._mass_sum += mass.cpu()
         self._mass_count += torch.bincount(self._qgroup, minlength=T + 1).double() * B
         self._err_sq += err.cpu()

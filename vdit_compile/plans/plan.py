@@ -89,7 +89,7 @@ class SitePlan:
         diffs = layout_differences(self.layout, layout)
         if diffs:
             raise PlanMismatchError([f"site {self.name}: layout differs: " + "; ".join(diffs)])
-        return list(self.masks)
+        return list(self.masks) * self.num_heads if len(self.masks) == 1 else list(self.masks)
 
     def to_dict(self) -> dict:
         d = {
