@@ -6,6 +6,9 @@ through ``.data`` (which ``torch.export`` cannot lift).  The table depends only 
 the export we compute it once for the example input's shape and install it as the module's buffer
 with matching ``sample_*``: the traced computation is identical, the frame count becomes fixed.
 Everything is restored on exit; no class or global is patched.
+
+A model rewritten by ``vdit_compile.optimize`` has a compiled ``forward`` on the instance; export
+traces the class's own ``forward`` instead (the rewrite is re-applied on the exported graph).
 """
 from __future__ import annotations
 
@@ -24,7 +27,26 @@ def _pos_embed_modules(model: torch.nn.Module):
 
 
 @contextlib.contextmanager
+def original_forward(model: torch.nn.Module):
+    """Trace the class's own ``forward`` even when ``vdit_compile.optimize`` installed a compiled one
+    on the instance (``torch.export`` cannot trace ``torch.compile``); the installed one is put back."""
+    installed = model.__dict__.pop("forward", None)
+    try:
+        yield
+    finally:
+        if installed is not None:
+            model.__dict__["forward"] = installed
+
+
+@contextlib.contextmanager
 def export_adapters(model: torch.nn.Module, example_inputs: Mapping):
+    """Both adjustments of this module (see module doc), undone on exit."""
+    with original_forward(model), _pos_embed_tables(model, example_inputs):
+        yield
+
+
+@contextlib.contextmanager
+def _pos_embed_tables(model: torch.nn.Module, example_inputs: Mapping):
     mods = list(_pos_embed_modules(model))
     if not mods:
         yield

@@ -32,6 +32,14 @@ def _inspect(model, example_inputs: Mapping):
 
 def attached_plan(model) -> Plan | None:
     """The plan a model rewritten by ``vdit_compile.optimize`` carries, if any."""
+    try:
+        from .. import plan_of
+
+        plan = plan_of(model)
+        if isinstance(plan, Plan):
+            return plan
+    except (ImportError, TypeError):
+        pass
     for obj in (model, getattr(model, "transformer", None), unwrap_model(model) if model is not None else None):
         for attr in ("vdit_plan", "_vdit_plan"):
             plan = getattr(obj, attr, None)

@@ -57,3 +57,40 @@ def temporal_patch(model: torch.nn.Module) -> int:
     if isinstance(ps, (tuple, list)) and len(ps) == 3:
         return int(ps[0])
     return 1
+
+
+def spatial_axes(model: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[int, int]:
+    """Height and width axes of 5-D ``hidden_states``."""
+    channels_last = any(k in type(model).__name__ for k in _CHANNELS_LAST)
+    return (2, 3) if channels_last else (3, 4)
+
+
+def resize_inputs(model: torch.nn.Module, inputs: dict, frames: int | None = None, height: int | None = None,
+                  width: int | None = None, seed: int = 0) -> dict:
+    """Inputs with ``hidden_states`` of another frame count / height / width (fresh random values).
+
+    Sizes are in the transformer's input units (latent frames and latent pixels for a latent
+    model, pixels for the embedded pixel-space model).  Other inputs are kept; a model whose
+    other inputs depend on the size (precomputed RoPE tables, ``num_frames`` kwargs) then fails
+    to trace and says so.
+    """
+    if frames is None and height is None and width is None:
+        return inputs
+    hs = inputs.get("hidden_states")
+    if not isinstance(hs, torch.Tensor):
+        raise ExportError("--frames/--height/--width resize the 'hidden_states' input, which this model's inputs lack")
+    if hs.dim() != 5:
+        raise ExportError(
+            f"hidden_states of shape {tuple(hs.shape)} has no frame/height/width axes (pre-patchified tokens): "
+            "pass --inputs with forward kwargs of the size you want instead of --frames/--height/--width"
+        )
+    shape = list(hs.shape)
+    t_axis = frames_axis(model, hs)
+    h_axis, w_axis = spatial_axes(model, hs)
+    for axis, value, what in ((t_axis, frames, "--frames"), (h_axis, height, "--height"), (w_axis, width, "--width")):
+        if value is not None:
+            if value < 1:
+                raise ExportError(f"{what} must be >= 1, found {value}")
+            shape[axis] = value
+    g = torch.Generator().manual_seed(seed)
+    return {**inputs, "hidden_states": torch.randn(shape, generator=g, dtype=hs.dtype).to(hs.device)}
