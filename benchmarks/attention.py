@@ -203,7 +203,7 @@ def run_shape(name: str, masks: list[str], args, sink) -> list[dict]:
     return rows
 
 
-def tune(names: list[str], sink, mask_name: str = "g1w0") -> None:
+def tune(names: list[str], sink, mask_name: str = "g1w0", table_path: str | None = None) -> None:
     """Sweep tile shapes of the three kernels at one mask per shape (results -> configs.TABLE)."""
     from vdit_compile.kernels.configs import KernelConfigs, TileConfig, get_configs
     from vdit_compile.kernels.tile_attention_triton import attention_backward, attention_forward
@@ -215,9 +215,10 @@ def tune(names: list[str], sink, mask_name: str = "g1w0") -> None:
         results.append(row)
         sink(row)
 
-    fwd_cands = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 128, 4, 3)]
-    dkdv_cands = [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2)]
-    dq_cands = [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 2)]
+    fwd_cands = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 32, 4, 4), (256, 64, 8, 3), (256, 64, 8, 2), (128, 128, 8, 2),
+                 (64, 64, 4, 4)]
+    dkdv_cands = [(64, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (32, 128, 4, 2)]
+    dq_cands = [(64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 4), (128, 32, 4, 3)]
     for name in names:
         T, _, _, _, H, D = SHAPES[name]
         layout = layout_of(name)
@@ -241,21 +242,35 @@ def tune(names: list[str], sink, mask_name: str = "g1w0") -> None:
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
                     row["error"] = type(exc).__name__ + ": " + str(exc)[:120]
                 keep(row)
-        if D == 96:
+        if D == 96:  # split 64 + 32 (the default) vs one 128-wide part with masked loads
             for mode in ("split", "pad"):
-                fn = lambda: attention_forward(q, k, v, plan, D ** -0.5, base, d_mode=mode)  # noqa: E731
-                fn()
-                sink(dict(tune="d_mode", shape=name, mask=mask_name, D=D, mode=mode, ms=bench(fn, warmup=10, rep=60)))
-                fb = lambda: attention_backward(do, None, q, k, v, out, lse, plan, D ** -0.5, base, d_mode=mode)  # noqa: E731
-                fb()
-                sink(dict(tune="d_mode_bwd", shape=name, mask=mask_name, D=D, mode=mode, ms=bench(fb, warmup=10, rep=60)))
+                for kind in ("fwd", "bwd"):
+                    row = dict(tune=f"d_mode_{kind}", shape=name, mask=mask_name, D=D, mode=mode)
+                    try:
+                        if kind == "fwd":
+                            fn = lambda: attention_forward(q, k, v, plan, D ** -0.5, base, d_mode=mode)  # noqa: E731
+                        else:
+                            fn = lambda: attention_backward(do, None, q, k, v, out, lse, plan, D ** -0.5, base, d_mode=mode)  # noqa: E731
+                        fn()
+                        row["ms"] = bench(fn, warmup=10, rep=60)
+                    except Exception as exc:  # noqa: BLE001
+                        row["error"] = type(exc).__name__ + ": " + str(exc)[:120]
+                    keep(row)
         del q, k, v, do, out, lse
         torch.cuda.empty_cache()
+    table = {}
     for r in results:
         if "ms" in r:
             best = min((x for x in results if x["tune"] == r["tune"] and x["shape"] == r["shape"] and "ms" in x), key=lambda x: x["ms"])
             if best is r:
                 print(f"BEST {r['tune']:6s} {r['shape']:18s} D={r['D']} {r.get('config') or r.get('mode')} {r['ms']:.3f} ms", flush=True)
+                if r["tune"] in ("fwd", "dkdv", "dq"):
+                    bucket = 64 if r["D"] <= 64 else 96 if r["D"] <= 96 else 128
+                    table.setdefault(str(bucket), {})[r["tune"]] = list(r["config"])
+    if table_path:
+        full = {b: t for b, t in table.items() if len(t) == 3}
+        Path(table_path).write_text(json.dumps(full, indent=1))
+        print("tile table ->", table_path, json.dumps(full), flush=True)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -281,6 +296,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-flex", dest="flex", action="store_false")
     ap.add_argument("--fwd-only", action="store_true")
     ap.add_argument("--tune", action="store_true", help="sweep tile configs instead of benchmarking")
+    ap.add_argument("--write-table", default=None, help="with --tune: write the best configs as a VDIT_TILE_TABLE json")
     ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms) for forward+backward")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = ap.parse_args(argv)
@@ -309,7 +325,7 @@ def main(argv=None) -> int:
         fh.flush()
 
     if args.tune:
-        tune(args.shapes, sink)
+        tune(args.shapes, sink, table_path=args.write_table)
         return 0
     rows = []
     for name in args.shapes:

@@ -5,12 +5,16 @@ per candidate and pick a winner on whatever shape came first (often a tiny test)
 sm90 rows were chosen by ``python benchmarks/attention.py --tune`` on an H100 (see
 BENCHMARKS.md for the sweep and date); the sm80 rows are conservative shapes that fit the
 smaller shared memory of A100/4090-class parts (untuned: no such GPU was available).
-``VDIT_TILE_CONFIG="fwd=128,64,8,3;dkdv=64,128,8,2;dq=128,64,8,2"`` overrides any entry.
+``VDIT_TILE_CONFIG="fwd=128,64,4,3;dkdv=64,64,4,3;dq=64,64,4,3"`` overrides every head dim;
+``VDIT_TILE_TABLE=table.json`` (written by the ``--tune`` sweep: ``{"96": {"fwd": [..4 ints..],
+...}}``) replaces rows of the current GPU's generation.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 
 
 @dataclass(frozen=True)
@@ -37,12 +41,15 @@ def _c(*a):
 
 # (arch, head-dim bucket) -> configs.  Head-dim bucket: 64 (<= 64), 96 (<= 96), 128 (<= 256).
 TABLE = {
-    ("sm90", 64): KernelConfigs(fwd=_c(128, 128, 8, 3), dkdv=_c(64, 128, 8, 2), dq=_c(128, 64, 8, 2)),
-    ("sm90", 96): KernelConfigs(fwd=_c(128, 128, 8, 3), dkdv=_c(64, 128, 8, 2), dq=_c(128, 64, 8, 2)),
-    ("sm90", 128): KernelConfigs(fwd=_c(128, 128, 8, 3), dkdv=_c(64, 128, 8, 2), dq=_c(128, 64, 8, 2)),
-    ("sm80", 64): KernelConfigs(fwd=_c(128, 64, 4, 3), dkdv=_c(64, 64, 4, 2), dq=_c(64, 64, 4, 2)),
+    # H100, 2026-11-25: osp-29f g1 sweep (D=96): fwd 128x64/4w/3st 6.85 ms vs 128x128/8w/3st 7.99 ms;
+    # backward 64x64/4w/3st for both passes (22.0 ms vs 25.6 ms).  D=64/128 rows: see BENCHMARKS.md.
+    ("sm90", 64): KernelConfigs(fwd=_c(128, 64, 4, 3), dkdv=_c(64, 64, 4, 3), dq=_c(64, 64, 4, 3)),
+    ("sm90", 96): KernelConfigs(fwd=_c(128, 64, 4, 3), dkdv=_c(64, 64, 4, 3), dq=_c(64, 64, 4, 3)),
+    ("sm90", 128): KernelConfigs(fwd=_c(128, 64, 4, 3), dkdv=_c(64, 64, 4, 3), dq=_c(64, 64, 4, 3)),
+    # sm80 (A100 164 KB / 4090 100 KB shared memory): untuned, sized to fit 100 KB.
+    ("sm80", 64): KernelConfigs(fwd=_c(128, 64, 4, 2), dkdv=_c(64, 64, 4, 2), dq=_c(64, 64, 4, 2)),
     ("sm80", 96): KernelConfigs(fwd=_c(128, 64, 4, 2), dkdv=_c(64, 64, 4, 2), dq=_c(64, 64, 4, 2)),
-    ("sm80", 128): KernelConfigs(fwd=_c(128, 64, 8, 2), dkdv=_c(64, 64, 8, 2), dq=_c(64, 64, 8, 2)),
+    ("sm80", 128): KernelConfigs(fwd=_c(64, 64, 4, 2), dkdv=_c(64, 64, 4, 2), dq=_c(64, 64, 4, 2)),
 }
 
 #: Small tiles for the CPU interpreter (many blocks per frame in tiny tests).
@@ -66,6 +73,13 @@ def _parse_override(text: str, base: KernelConfigs) -> KernelConfigs:
     return KernelConfigs(**parts)
 
 
+@lru_cache(maxsize=4)
+def _table_file(path: str) -> dict:
+    with open(path) as fh:
+        raw = json.load(fh)
+    return {int(b): KernelConfigs(**{k: TileConfig(*v) for k, v in kinds.items()}) for b, kinds in raw.items()}
+
+
 def get_configs(head_dim: int, device) -> KernelConfigs:
     """Configs for ``head_dim`` on ``device`` (a CUDA device, or CPU under the interpreter)."""
     import torch
@@ -76,5 +90,8 @@ def get_configs(head_dim: int, device) -> KernelConfigs:
     else:
         major, _ = torch.cuda.get_device_capability(dev)
         base = TABLE[("sm90" if major >= 9 else "sm80", _bucket(head_dim))]
+        table_path = os.environ.get("VDIT_TILE_TABLE")
+        if table_path:
+            base = _table_file(table_path).get(_bucket(head_dim), base)
     override = os.environ.get("VDIT_TILE_CONFIG")
     return _parse_override(override, base) if override else base

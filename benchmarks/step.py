@@ -1,0 +1,181 @@
+"""One denoising step of an Open-Sora-Plan-1.2-shaped diffusers Wan transformer, three ways.
+
+Dense (diffusers' default SDPA, cuDNN on H100), FlexAttention with the tile plan swapped in
+for the 3D self-attention (the way ``../shared/gpu/e2e_probe.py`` did it), and
+``vdit_compile.optimize(transformer, plan=TileMask(g, 0))`` (our Triton kernel behind the
+custom op).  Random bf16 weights (config of e2e_probe.py: 32 layers, 24 heads x 96, ffn
+9216, 512 text tokens of width 4096), B = 1, 720p latents (8 x 90 x 160 -> 45 x 80 tokens per frame).
+
+Reports ms per step (``do_bench`` median), speed-up over dense, and the attention share of
+the step: the time of the 32 self-attention calls alone (same shapes, same kernel) over the step.
+
+    python benchmarks/step.py --out $OUT                 # 29 and 93 frames (T = 8, 24), g = 1, 2
+    python benchmarks/step.py --tiny --device cpu        # smoke test of the script on CPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+OSP_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=24, attention_head_dim=96, in_channels=8, out_channels=8,
+                  text_dim=4096, freq_dim=256, ffn_dim=9216, num_layers=32, rope_max_seq_len=1024)
+TINY_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                   text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64)
+
+
+def timer(device: str):
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn, rep=5: float(do_bench(fn, warmup=1, rep=rep, return_mode="median"))
+
+    def cpu_time(fn, rep=1):
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    return cpu_time
+
+
+class FlexSwap:
+    """Route 3D self-attention SDPA calls (q and k of the video length) to compiled FlexAttention."""
+
+    def __init__(self, L: int, P: int, T: int, g: int, device: str):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        from vdit_compile import TileMask
+
+        fm = TileMask(g, 0).frame_mask(T, device=device)
+
+        def mask_mod(b, h, qi, ki):
+            return fm[qi // P, ki // P]
+
+        self.bm = create_block_mask(mask_mod, None, None, L, L, device=device, _compile=device == "cuda")
+        self.flex = torch.compile(flex_attention, dynamic=False) if device == "cuda" else flex_attention
+        self.L = L
+        self.orig = F.scaled_dot_product_attention
+
+    def __call__(self, *args, **kw):
+        q = kw.pop("query") if "query" in kw else args[0]
+        k = kw.pop("key") if "key" in kw else args[1]
+        v = kw.pop("value") if "value" in kw else args[2]
+        args = args[3:] if len(args) >= 3 else ()
+        if q.shape[-2] == k.shape[-2] == self.L and not args and kw.get("attn_mask") is None:
+            return self.flex(q, k, v, block_mask=self.bm, scale=kw.get("scale"))
+        return self.orig(q, k, v, *args, **kw)
+
+    def __enter__(self):
+        F.scaled_dot_product_attention = self
+        return self
+
+    def __exit__(self, *exc):
+        F.scaled_dot_product_attention = self.orig
+
+
+def attention_ms(fn_attn, H: int, L: int, D: int, layers: int, device: str, bench) -> float:
+    q, k, v = (torch.randn(1, H, L, D, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32) for _ in range(3))
+    return layers * bench(lambda: fn_attn(q, k, v), rep=50 if device == "cuda" else 1)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--frames", nargs="*", type=int, default=[8, 24], help="latent frames (8 = 29 video frames, 24 = 93)")
+    ap.add_argument("--globals", nargs="*", type=int, default=[1, 2], help="tile masks g (w = 0)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true", help="tiny config and resolution (script smoke test)")
+    ap.add_argument("--no-flex", dest="flex", action="store_false")
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    args = ap.parse_args(argv)
+
+    import diffusers
+    from diffusers import WanTransformer3DModel
+
+    import vdit_compile
+    from vdit_compile import TileMask
+
+    dev = args.device
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    cfg = TINY_CONFIG if args.tiny else OSP_CONFIG
+    hh, ww = (4, 6) if args.tiny else (90, 160)
+    text_len, text_dim = (8, cfg["text_dim"]) if args.tiny else (512, 4096)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = WanTransformer3DModel(**cfg).to(dtype).eval()
+    H, D, layers = cfg["num_attention_heads"], cfg["attention_head_dim"], cfg["num_layers"]
+    bench = timer(dev)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", torch=torch.__version__,
+                diffusers=diffusers.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), argv=sys.argv,
+                params_billion=sum(p.numel() for p in model.parameters()) / 1e9)
+    print(json.dumps(meta), flush=True)
+    fh = open(out_dir / "step.jsonl", "a")
+    fh.write(json.dumps(meta) + "\n")
+
+    def sink(row):
+        print(json.dumps(row), flush=True)
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+
+    for T in args.frames:
+        x = torch.randn(1, cfg["in_channels"], T, hh, ww, device=dev, dtype=dtype)
+        enc = torch.randn(1, text_len, text_dim, device=dev, dtype=dtype)
+        t = torch.tensor([500], device=dev)
+        P = (hh // 2) * (ww // 2)
+        L = T * P
+        kwargs = dict(hidden_states=x, encoder_hidden_states=enc, timestep=t, return_dict=False)
+
+        def step():
+            with torch.no_grad():
+                return model(**kwargs)[0]
+
+        ref = step().float()
+        dense_ms = bench(step)
+        attn_dense = attention_ms(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), H, L, D, layers, dev, bench)
+        sink(dict(frames=T, tokens=L, way="dense", step_ms=dense_ms, attn_ms=attn_dense, attn_share=attn_dense / dense_ms))
+        for g in args.globals:
+            mask = TileMask(g, 0)
+            if args.flex:
+                try:
+                    with FlexSwap(L, P, T, g, dev) as fs:
+                        flex_out = step().float()
+                        ms = bench(step)
+                        attn = attention_ms(lambda q, k, v: fs.flex(q, k, v, block_mask=fs.bm), H, L, D, layers, dev, bench)
+                    sink(dict(frames=T, tokens=L, way=f"flex g{g}", step_ms=ms, speedup=dense_ms / ms, attn_ms=attn,
+                              attn_share=attn / ms))
+                except Exception as exc:  # noqa: BLE001 - record and go on
+                    sink(dict(frames=T, way=f"flex g{g}", error=repr(exc)[:300]))
+                    flex_out = None
+            vdit_compile.optimize(model, plan=mask, backend="eager", progress=False)
+            try:
+                ours_out = step().float()
+                sites = [s for s in vdit_compile.sites_of(model) if s.tileable]
+                ms = bench(step)
+                gs, ws = mask.op_args()
+                attn = attention_ms(lambda q, k, v: torch.ops.vdit.tile_attention(q, k, v, 0, 0, T, [gs], [ws], D ** -0.5)[0],
+                                    H, L, D, layers, dev, bench)
+                row = dict(frames=T, tokens=L, way=f"ours g{g}", step_ms=ms, speedup=dense_ms / ms, attn_ms=attn,
+                           attn_share=attn / ms, tiled_sites=len(sites),
+                           rel_diff_vs_dense=((ours_out - ref).norm() / ref.norm()).item())
+                if args.flex and flex_out is not None:
+                    row["rel_diff_vs_flex"] = ((ours_out - flex_out).norm() / flex_out.norm()).item()
+                sink(row)
+            finally:
+                vdit_compile.restore(model)
+        del x, enc
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
