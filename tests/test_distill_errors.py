@@ -51,8 +51,8 @@ def test_plan_for_another_model_is_refused(tmp_path, capsys):
     from vdit_compile.masks import TileMask
     from vdit_compile.plans import Plan
 
-    other = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                                  out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=3)
+    other = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=3,
+                                  out_channels=3, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=3)
     plan = tmp_path / "other.json"
     Plan.uniform([], TileMask(1, 0), model=other).save(plan)
     err = _main_err(capsys, [*SMOKE, "--stages", "mlcd,masks", "--plan", str(plan), "--out", str(tmp_path / "r")])

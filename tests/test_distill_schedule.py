@@ -68,8 +68,8 @@ def test_few_step_sampler_walks_the_mapping_exactly(steps):
     """With the exact velocity every Euler-shaped jump lands on the data: S and 2S both reach c exactly,
     and the sampler calls the model at exactly the documented timesteps."""
     sch = _schedule(12, 3)
-    c = torch.full((1, 4, 2, 4, 4), 0.25)
+    c = torch.full((1, 3, 2, 4, 4), 0.25)
     oracle = _Oracle(c)
-    x = few_step_sample(ModelAdapter(), oracle, sch, torch.randn(1, 4, 2, 4, 4), None, steps)
+    x = few_step_sample(ModelAdapter(), oracle, sch, torch.randn(1, 3, 2, 4, 4), None, steps)
     torch.testing.assert_close(x, c, rtol=0, atol=1e-5)
     assert oracle.seen == pytest.approx([p[0] for p in sch.plan(steps)])

@@ -98,7 +98,7 @@ class TinyAdapter(ModelAdapter):
     name = "tiny"
     WORDS = ("red", "green", "blue", "circle", "square", "left", "right", "up", "down", "small", "large")
 
-    def __init__(self, seed: int = 0, frames: int = 4, size: int = 8, channels: int = 4):
+    def __init__(self, seed: int = 0, frames: int = 4, size: int = 8, channels: int = 3):
         from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
         torch.manual_seed(seed)

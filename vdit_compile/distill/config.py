@@ -52,6 +52,7 @@ class DistillConfig:
     calib_prompts: int = 8                  # prompts whose few-step sampling feeds the calibration
     error_budget: Optional[float] = None    # None: the core's DEFAULT_ERROR_BUDGET
     max_density: Optional[float] = None
+    kd_backend: str = "eager"               # optimize() backend for the KD student ("eager": no inductor compile in training)
     # --- engineering ------------------------------------------------------------------------------
     device: str = "auto"                    # auto: cuda if available else cpu
     precision: str = "auto"                 # auto: bf16 autocast on cuda, fp32 on cpu; or "fp32" / "bf16"
@@ -66,6 +67,7 @@ class DistillConfig:
     eval: bool = True                       # run the scorecard at the end (needs the EVAL helper's module)
     eval_prompts: int = 32
     eval_teacher_steps: int = 50
+    eval_batch_size: int = 16               # videos per sampler call in the scorecard (seconds/video is amortised over it)
     extra: dict = field(default_factory=dict)  # free-form notes recorded in config.json
 
     @classmethod
@@ -73,7 +75,7 @@ class DistillConfig:
         """A seconds-long run on the tiny random model (tests, trying the tool out on a CPU)."""
         base = dict(model="tiny", out=str(out), teacher_steps=8, segments=2, pool_size=8, batch_size=4, mlcd_steps=12,
                     kd_steps=8, lr=1e-3, kd_lr=1e-3, warmup_steps=1, ckpt_every=4, log_every=1, calib_prompts=2,
-                    eval=False, device="cpu", precision="fp32")
+                    error_budget=0.5, eval=False, device="cpu", precision="fp32")
         base.update(overrides)
         return cls(**base)
 
@@ -111,6 +113,8 @@ class DistillConfig:
                 )
         if self.loss not in ("pseudo_huber", "mse"):
             raise DistillConfigError(f"--loss must be 'pseudo_huber' or 'mse', found {self.loss!r}")
+        if self.kd_backend not in ("eager", "inductor", "auto"):
+            raise DistillConfigError(f"--kd-backend must be eager, inductor or auto, found {self.kd_backend!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise DistillConfigError(f"--precision must be auto, fp32 or bf16, found {self.precision!r}")
         for name in ("batch_size", "pool_size", "ckpt_every", "skip", "calib_prompts", "keep_checkpoints"):

@@ -82,11 +82,14 @@ def _stage_weights(run_dir: Path, cfg: DistillConfig) -> tuple[str, Path]:
     raise FileNotFoundError(f"{run_dir} holds no finished stage's weights (looked for {[r for _, r in STAGE_WEIGHTS]})")
 
 
-def load_run(run_dir, device="cpu", stage: str | None = None, sparse: bool | None = None) -> FewStepPipeline:
+def load_run(run_dir, device="cpu", stage: str | None = None, sparse: bool | None = None,
+             precision: str = "fp32") -> FewStepPipeline:
     """The few-step pipeline of a finished (or partly finished) run, on ``device``.
 
     ``stage`` picks an earlier stage's result ("mlcd", "masks", "kd"); by default the last finished one.
     After the masks stage the transformer is rewritten with the run's plan (tile-sparse attention).
+    ``precision``: "fp32" (default, the same as the teacher pipeline, so timings compare like for like)
+    or "bf16" (autocast on CUDA).
     """
     from safetensors.torch import load_file
 
@@ -115,7 +118,7 @@ def load_run(run_dir, device="cpu", stage: str | None = None, sparse: bool | Non
     from .trainer import autocast_factory
 
     return FewStepPipeline(adapter, transformer, schedule, guidance, cfg.segments, stage=stage, sparse=use_sparse,
-                           autocast=autocast_factory(torch.device(device), cfg.precision))
+                           autocast=autocast_factory(torch.device(device), precision))
 
 
 def export_run(run_dir, dest, stage: str | None = None) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ def plot_losses(run_dir) -> Path | None:
         for key in ("loss", "consistency", "anchor", "rel_err"):
             if key in rows[0]:
                 ax.plot(steps, [r[key] for r in rows], label=key)
-        ax.set_yscale("log")
+        if all(r["loss"] > 0 for r in rows):
+            ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_title(f"{stage} loss")
         ax.legend()
@@ -44,31 +46,114 @@ def plot_losses(run_dir) -> Path | None:
     return out
 
 
-def final_scorecard(run_dir, adapter, device) -> dict | None:
-    """Scorecard of the result against the dense many-step teacher (EVAL's ``vdit_compile.eval.scorecard``).
+STAGE_LABELS = {"mlcd": "MLCD dense", "masks": "MLCD + masks (before KD)", "kd": "final (MLCD + masks + KD)"}
 
-    Rows: teacher dense at ``eval_teacher_steps``; the result at every ``sample_steps`` count.  Written to
-    ``RUN/scorecard.json`` and ``RUN/scorecard.md``.
-    """
+
+def _sync(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def latency(pipe, steps: int, prompt: str, repeats: int = 5, **kw) -> float:
+    """Median seconds for one video (batch 1) after one warm-up call."""
+    import statistics
+
+    import torch
+
+    times = []
+    for i in range(repeats + 1):
+        g = torch.Generator("cpu").manual_seed(i)
+        _sync(getattr(pipe, "device", "cpu"))
+        t0 = time.perf_counter()
+        pipe([prompt], num_inference_steps=steps, generator=[g], progress=False, **kw)
+        _sync(getattr(pipe, "device", "cpu"))
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def score_runs(run_dirs, device="cpu", prompts: int | None = None, out: Path | None = None, progress: bool = True) -> list[dict]:
+    """Scorecards: dense teacher at ``eval_teacher_steps`` (the reference), plain teacher Euler at the few-step
+    counts, and every finished stage of every run at its step counts; plus batch-1 latency of the teacher and
+    of each run's final model.  Writes ``scorecard.json`` / ``scorecard.md`` into ``out`` when given."""
+    from vdit_compile.eval.scorecard import render_table, scorecard, to_json
+
+    from .adapter import load_adapter
     from .config import DistillConfig
     from .pipeline import load_run
 
-    run_dir = Path(run_dir)
-    cfg = DistillConfig.load(run_dir / "config.json")
+    run_dirs = [Path(r) for r in run_dirs]
+    cfg0 = DistillConfig.load(run_dirs[0] / "config.json")
+    n = prompts or cfg0.eval_prompts
+    bs = cfg0.eval_batch_size
+    teacher = load_adapter(cfg0.model, device=device).pipe
+    if teacher is None:
+        raise ValueError(f"model {cfg0.model!r} has no pipeline to act as the dense teacher")
+    t_steps = cfg0.eval_teacher_steps
+    card, clips, _ = scorecard(teacher, n, steps=t_steps, batch_size=bs, name=f"teacher dense", progress=progress,
+                               return_clips=True)
+    cards = [card]
+    lat = {f"teacher dense {t_steps}": latency(teacher, t_steps, "a small red circle moving left over a black background")}
+    steps_all = sorted({s for r in run_dirs for s in DistillConfig.load(r / "config.json").steps_list()})
+    for steps in steps_all:
+        cards.append(scorecard(teacher, n, steps=steps, reference=clips, batch_size=bs, name="teacher Euler (plain)",
+                               progress=progress))
+    for r in run_dirs:
+        cfg = DistillConfig.load(r / "config.json")
+        for stage in ("mlcd", "masks", "kd"):
+            if stage not in cfg.stage_list() or not (r / stage / "done.json").is_file():
+                continue
+            pipe = load_run(r, device=device, stage=stage)
+            for steps in cfg.steps_list():
+                c = scorecard(pipe, n, steps=steps, reference=clips, batch_size=bs,
+                              name=f"S={cfg.segments} {STAGE_LABELS[stage]}", progress=progress,
+                              settings={"run": r.name, "stage": stage, "segments": cfg.segments})
+                cards.append(c)
+            if stage == cfg.stage_list()[-1]:
+                for steps in cfg.steps_list():
+                    lat[f"S={cfg.segments} {STAGE_LABELS[stage]} {steps}"] = latency(pipe, steps, "a small red circle moving left over a black background")
+            del pipe
+    result = {"cards": cards, "latency_batch1_seconds": lat}
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        to_json(result, out / "scorecard.json")
+        base = lat[f"teacher dense {t_steps}"]
+        lines = [render_table(cards), "", "| sampler (batch 1) | seconds / video | speed-up vs teacher |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.4f} | {base / v:.1f}x |" for k, v in lat.items()]
+        (out / "scorecard.md").write_text("\n".join(lines) + "\n")
+    return result
+
+
+def final_scorecard(run_dir, adapter, device) -> dict | None:
+    """The scorecard at the end of a run (``RUN/scorecard.json`` and ``.md``); skipped with a warning when the
+    model has no pipeline (the tiny test model) or the EVAL module is missing."""
     try:
-        from vdit_compile.eval import scorecard
+        import vdit_compile.eval.scorecard  # noqa: F401
     except ImportError as exc:
         log.warning("scorecard skipped: vdit_compile.eval.scorecard is not importable (%s)", exc)
         return None
     if adapter.pipe is None:
-        log.warning("scorecard skipped: model %r has no pipeline to serve as the teacher", cfg.model)
+        log.warning("scorecard skipped: model %r has no pipeline to serve as the teacher", adapter.name)
         return None
-    pipe = load_run(run_dir, device=device)
-    prompts = adapter.sample_prompts(cfg.eval_prompts, cfg.seed + 12345)
-    seeds = list(range(len(prompts)))
-    rows = {}
-    for steps in cfg.steps_list():
-        rows[f"result {steps} steps"] = scorecard(pipe, prompts, seeds, steps, reference=adapter.pipe)
-    out = {"rows": rows, "teacher_steps": cfg.eval_teacher_steps}
-    (run_dir / "scorecard.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
-    return out
+    return score_runs([run_dir], device=device, out=run_dir)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Scorecards of finished distillation runs against the dense teacher.")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    p.add_argument("--prompts", type=int, default=None)
+    a = p.parse_args(argv)
+    res = score_runs(a.runs, device=a.device, prompts=a.prompts, out=Path(a.out))
+    print((Path(a.out) / "scorecard.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

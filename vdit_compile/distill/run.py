@@ -133,7 +133,8 @@ def run(cfg: DistillConfig, resuming: bool = False, overwrite: bool = False, pro
 
     def make_pool():
         t0 = time.perf_counter()
-        pool = build_pool(adapter, prompts, schedule, guidance, cfg.seed, device, batch=cfg.batch_size, autocast=autocast,
+        # the teacher runs in fp32, as its own pipeline does: the pool is the exact reference trajectory
+        pool = build_pool(adapter, prompts, schedule, guidance, cfg.seed, device, batch=cfg.batch_size, autocast=None,
                           progress=progress and rank == 0)
         ctx.timings["pool"] = {"seconds": time.perf_counter() - t0, "trajectories": len(pool), "bytes": pool.nbytes()}
         return pool

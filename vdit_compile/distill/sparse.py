@@ -32,23 +32,18 @@ def _optimize():
 
 def _plan_of(module):
     """The Plan the core attached to an optimized module."""
-    for attr in ("vdit_plan", "_vdit_plan"):
-        plan = getattr(module, attr, None)
-        if plan is not None:
-            return plan
-    try:
-        from vdit_compile.api import get_plan
+    from vdit_compile import plan_of
 
-        return get_plan(module)
-    except ImportError:
-        pass
-    raise RuntimeError(f"cannot find the plan vdit_compile.optimize attached to {type(module).__name__}")
+    plan = plan_of(module)
+    if plan is None:
+        raise RuntimeError(f"vdit_compile.optimize left no plan on {type(module).__name__}")
+    return plan
 
 
 def calibrate_plan(module: torch.nn.Module, calib_inputs: list[dict], cfg, plan_path: Path):
     """Run the core's calibration on ``calib_inputs`` (the few-step model's own inputs); save the plan."""
     optimize = _optimize()
-    overrides = {}
+    overrides = {"backend": "eager"}
     if cfg.error_budget is not None:
         overrides["error_budget"] = cfg.error_budget
     if cfg.max_density is not None:
@@ -68,10 +63,14 @@ def check_plan(plan_path, adapter) -> None:
     plan.check_compatible(adapter.transformer)
 
 
-def apply_plan(module: torch.nn.Module, plan_path, adapter=None) -> torch.nn.Module:
-    """Rewrite ``module`` with the saved plan (masks fixed); parameters stay the module's own."""
+def apply_plan(module: torch.nn.Module, plan_path, adapter=None, backend: str = "auto", progress: bool = False) -> torch.nn.Module:
+    """Rewrite ``module`` with the saved plan (masks fixed); parameters stay the module's own.
+
+    ``backend="eager"`` (KD training) runs the rewritten graph without inductor; ``"auto"`` (sampling)
+    lets the core pick (inductor on CUDA).
+    """
     optimize = _optimize()
-    return optimize(module, plan=str(plan_path))
+    return optimize(module, plan=str(plan_path), backend=backend, progress=progress)
 
 
 @torch.no_grad()

@@ -145,7 +145,7 @@ def stage_masks(ctx: RunContext, dense: torch.nn.Module):
     plan_path = ctx.run_dir / "masks" / "plan.json"
     sparse = copy.deepcopy(dense)
     if ctx.done("masks"):
-        return apply_plan(sparse, plan_path, ctx.adapter)
+        return apply_plan(sparse, plan_path, ctx.adapter, backend=cfg.kd_backend)
     t0 = time.perf_counter()
     records = record_calibration_inputs(ctx, dense)
     if ctx.rank == 0:
@@ -158,7 +158,7 @@ def stage_masks(ctx: RunContext, dense: torch.nn.Module):
             calibrate_plan(copy.deepcopy(dense), records, cfg, plan_path)
     if ctx.world > 1:
         torch.distributed.barrier()
-    sparse = apply_plan(sparse, plan_path, ctx.adapter)
+    sparse = apply_plan(sparse, plan_path, ctx.adapter, backend=cfg.kd_backend)
     err = relative_error(ctx.adapter, dense, sparse, records, ctx.autocast)
     info = {"stage_seconds": time.perf_counter() - t0, "calib_inputs": len(records), "rel_err_velocity": err}
     info.update(_plan_summary(plan_path))
