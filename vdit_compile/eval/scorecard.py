@@ -81,6 +81,10 @@ def score_clips(
     """Score already generated clips ``(N, T, 3, H, W)`` for ``prompts`` (see module doc)."""
     if clips.dim() != 5 or clips.shape[0] != len(prompts):
         raise ValueError(f"clips must be (N, T, 3, H, W) with N = {len(prompts)} prompts, found {tuple(clips.shape)}")
+    if reference is not None and tuple(reference.shape) != tuple(clips.shape):
+        raise ValueError(
+            f"reference clips must match the generated clips' shape {tuple(clips.shape)}, found {tuple(reference.shape)}"
+        )
     clf = classifier or load_classifier()
     card: dict = {"clips": len(prompts)}
     per_clip = [{"prompt": p, "seed": s} for p, s in zip(prompts.prompts, prompts.seeds)]
@@ -107,10 +111,6 @@ def score_clips(
         card["real_flicker"] = mean(metrics.flicker(real_clips))
     if reference is not None:
         reference = reference.float().cpu()
-        if reference.shape != clips.shape:
-            raise ValueError(
-                f"reference clips must match the generated clips' shape {tuple(clips.shape)}, found {tuple(reference.shape)}"
-            )
         ps, ss = metrics.psnr(clips, reference), metrics.ssim(clips, reference)
         card["psnr"], card["ssim"] = _finite_mean(ps), mean(ss)
         for i, row in enumerate(per_clip):
@@ -124,6 +124,16 @@ def _device_name(pipe) -> str:
     if dev is not None and torch.device(dev).type == "cuda":
         return torch.cuda.get_device_name(torch.device(dev))
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def card_header(pipe, name: str, steps: int, guidance, prompts: int, batch_size: int, settings: Optional[dict] = None) -> dict:
+    """The card's identity: sampler name, settings, device and date."""
+    return {
+        "name": name,
+        "settings": {"steps": steps, "guidance": guidance, "prompts": prompts, "batch_size": batch_size, **(settings or {})},
+        "device": _device_name(pipe),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }
 
 
 def scorecard(
@@ -153,12 +163,7 @@ def scorecard(
     elif reference is not None:
         ref_clips = reference
     samples: Samples = sample(pipe, ps.prompts, ps.seeds, steps, guidance, batch_size, progress, desc=f"{name or 'sampler'} ({steps} steps)")
-    card = {
-        "name": name or type(pipe).__name__,
-        "settings": {"steps": steps, "guidance": guidance, "prompts": len(ps), "batch_size": batch_size, **(settings or {})},
-        "device": _device_name(pipe),
-        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-    }
+    card = card_header(pipe, name or type(pipe).__name__, steps, guidance, len(ps), batch_size, settings)
     card.update(score_clips(samples.clips, ps, ref_clips, classifier))
     card["seconds_per_video"] = samples.seconds_per_video
     card["first_batch_seconds"] = samples.first_batch_seconds

@@ -1,0 +1,241 @@
+"""The demo (``vdit-compile demo``): calibrate the embedded model, show what changed, price it.
+
+Steps, each reported as it runs (nothing is faked: a step whose building block is missing is
+reported as missing, with the import error, and skipped):
+
+1. load the embedded pipeline (shipped weights; ``tiny=True``: a random 2-layer model, for tests);
+2. sample the held-out prompts densely (timed);
+3. ``vdit_compile.optimize(pipe, calib_prompts=...)``: calibrate tile masks on *other* prompts, rewrite;
+4. print the attention sites and the chosen masks with densities (the plan table), save plan.json
+   and the attention heatmaps;
+5. sample the same prompts and seeds with the optimised pipeline (timed);
+6. scorecard of both (classifier accuracy, temporal consistency, flicker; PSNR/SSIM of optimised vs
+   dense on the same seeds) and a side-by-side GIF (dense left, optimised right);
+7. ``fast=True``: the same for the distilled few-step weights, when shipped.
+
+Defaults are sized for a 2-core CPU in under 3 minutes (see docs/eval/DEMO.md for the measurement).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .classifier import load_classifier
+from .prompts import prompt_set
+from .sampling import Samples, sample
+from .scorecard import card_header, render_table, score_clips, to_json
+
+#: Offset of the calibration prompts among the held-out prompts (disjoint from the scored ones).
+CALIB_OFFSET = 500
+
+
+@dataclass
+class DemoOptions:
+    out: Path = Path("vdit-demo")
+    prompts: int = 2
+    steps: int = 10
+    calib_prompts: int = 2
+    calib_steps: int = 4
+    error_budget: Optional[float] = None
+    fast: bool = False
+    fast_steps: Optional[int] = None
+    tiny: bool = False
+    device: str = "cpu"
+    gif: bool = True
+    progress: bool = True
+
+
+@dataclass
+class DemoReport:
+    """What the demo did; ``missing`` lists every step that could not run and why."""
+
+    steps_done: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    cards: list[dict] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    plan_table: str = ""
+    latency: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _say(msg: str, echo: Callable[[str], None]) -> None:
+    echo(msg)
+
+
+def fast_run_dir() -> Optional[Path]:
+    """Directory of the shipped few-step (distilled) embedded model, or None.
+
+    Looked up as ``vdit_compile.distill.SHIPPED_RUN`` (a path) or ``vdit_compile.distill.shipped_run()``
+    when the distill package defines them, else ``vdit_compile/distill/shipped/``.
+    """
+    try:
+        from .. import distill
+    except ImportError:
+        return None
+    candidates = []
+    if callable(getattr(distill, "shipped_run", None)):
+        try:
+            candidates.append(distill.shipped_run())
+        except FileNotFoundError:
+            pass
+    if getattr(distill, "SHIPPED_RUN", None):
+        candidates.append(distill.SHIPPED_RUN)
+    candidates.append(Path(distill.__file__).resolve().parent / "shipped")
+    for c in candidates:
+        if c is not None and (Path(c) / "schedule.json").is_file() and (Path(c) / "config.json").is_file():
+            return Path(c)
+    return None
+
+
+def _load(opts: DemoOptions, report: DemoReport, echo):
+    from ..models.embedded import load_pipeline, weights_available
+
+    if opts.tiny:
+        _say("model: embedded, tiny random weights (test mode: quality figures are meaningless)", echo)
+        return load_pipeline(device=opts.device, weights=None, tiny=True)
+    if not weights_available():
+        raise FileNotFoundError(
+            "the embedded model's trained weights are not shipped in this installation "
+            "(vdit_compile/models/embedded/weights/); run tools/train_reference.py --ship, or use --tiny"
+        )
+    _say("model: embedded (shipped weights)", echo)
+    return load_pipeline(device=opts.device)
+
+
+def _timing(s: Samples) -> dict:
+    return {"seconds_per_video": s.seconds_per_video, "first_call_seconds": s.first_batch_seconds}
+
+
+def _optimize(pipe, opts: DemoOptions, report: DemoReport, echo) -> bool:
+    try:
+        from .. import optimize, plan_of
+    except ImportError as exc:
+        report.missing.append(f"calibration + rewrite: vdit_compile.optimize is not available ({exc})")
+        _say(f"MISSING: vdit_compile.optimize cannot be imported ({exc}); no optimised pipeline to show", echo)
+        return False
+    calib = prompt_set(opts.calib_prompts, CALIB_OFFSET).prompts
+    _say(f"calibrating tile masks on {len(calib)} other prompt(s), {opts.calib_steps} step(s) each ...", echo)
+    kw = {"calib_steps": opts.calib_steps, "progress": opts.progress}
+    if opts.error_budget is not None:
+        kw["error_budget"] = opts.error_budget
+    t0 = time.perf_counter()
+    optimize(pipe, calib_prompts=calib, **kw)
+    report.latency["calibration_seconds"] = time.perf_counter() - t0
+    plan = plan_of(pipe)
+    plan_path = opts.out / "plan.json"
+    plan.save(plan_path)
+    report.files.append(str(plan_path))
+    try:
+        from ..plans.show import format_table, write_heatmaps
+    except ImportError as exc:
+        report.missing.append(f"plan table / heatmaps: vdit_compile.plans.show not available ({exc})")
+        report.plan_table = json.dumps(plan.to_dict(), indent=1)[:4000]
+    else:
+        report.plan_table = format_table(plan)
+        report.files += [str(p) for p in write_heatmaps(plan, opts.out / "heatmaps")]
+    _say("attention sites and chosen masks:\n" + report.plan_table, echo)
+    report.steps_done.append("calibrate + rewrite")
+    return True
+
+
+def plan_of_pipe(pipe):
+    from .. import plan_of
+
+    return plan_of(pipe)
+
+
+def _gif(dense: torch.Tensor, other: torch.Tensor, path: Path) -> str:
+    """Side by side: dense clip i in column 0, the other sampler's clip i in column 1."""
+    from ..models.embedded import save_gif
+
+    pairs = torch.stack([dense, other], dim=1).flatten(0, 1)  # (2N, T, 3, H, W): d0, o0, d1, o1, ...
+    return save_gif(pairs, path, columns=2, scale=6)
+
+
+def _fast(opts: DemoOptions, ps, dense: Samples, clf, report: DemoReport, echo) -> None:
+    run_dir = fast_run_dir()
+    if run_dir is None:
+        msg = ("--fast: the distilled few-step weights are not shipped in this installation (expected a run exported "
+               "by tools/distill.py into vdit_compile/distill/shipped/); skipped")
+        report.missing.append(msg)
+        _say("MISSING: " + msg, echo)
+        return
+    from ..distill import load_run
+
+    fast = load_run(run_dir, device=opts.device)
+    steps = opts.fast_steps or getattr(fast, "default_steps", 4)
+    s = sample(fast, ps.prompts, ps.seeds, steps, None, 1, opts.progress, desc=f"few-step ({steps} steps)")
+    card = card_header(fast, f"distilled {steps}-step", steps, None, len(ps), 1, {"run": str(run_dir)})
+    card.update(score_clips(s.clips, ps, dense.clips, clf, real=False))
+    card.update(_timing(s))
+    report.cards.append(card)
+    report.latency[f"distilled_{steps}_step_seconds_per_video"] = s.seconds_per_video
+    if opts.gif:
+        report.files.append(_gif(dense.clips, s.clips, opts.out / "dense_vs_fast.gif"))
+    report.steps_done.append("distilled few-step sampling")
+
+
+def run_demo(opts: DemoOptions, echo: Callable[[str], None] = print) -> DemoReport:
+    """Run the demo (see module doc); writes into ``opts.out`` and returns the report."""
+    t_start = time.perf_counter()
+    opts.out = Path(opts.out)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    report = DemoReport()
+    pipe = _load(opts, report, echo)
+    clf = load_classifier()
+    ps = prompt_set(opts.prompts)
+    _say(f"prompts ({opts.steps} sampling steps each):\n" + "\n".join(f"  [{s}] {p}" for p, s in zip(ps.prompts, ps.seeds)), echo)
+
+    dense = sample(pipe, ps.prompts, ps.seeds, opts.steps, None, 1, opts.progress, desc="dense sampling")
+    dense_card = card_header(pipe, "dense (reference)", opts.steps, None, len(ps), 1)
+    dense_card.update(score_clips(dense.clips, ps, None, clf))
+    dense_card.update(_timing(dense))
+    report.cards.append(dense_card)
+    report.latency["dense_seconds_per_video"] = dense.seconds_per_video
+    report.steps_done.append("dense sampling")
+
+    if _optimize(pipe, opts, report, echo):
+        opt = sample(pipe, ps.prompts, ps.seeds, opts.steps, None, 1, opts.progress, desc="optimised sampling")
+        card = card_header(pipe, "tile-sparse", opts.steps, None, len(ps), 1, {"plan": str(opts.out / "plan.json")})
+        card.update(score_clips(opt.clips, ps, dense.clips, clf, real=False))
+        card.update(_timing(opt))
+        report.cards.append(card)
+        report.latency["optimised_seconds_per_video"] = opt.seconds_per_video
+        report.latency["optimised_first_call_seconds"] = opt.first_batch_seconds
+        report.latency["speedup"] = dense.seconds_per_video / opt.seconds_per_video
+        report.latency["tiled_sites"] = len(plan_of_pipe(pipe).tiled_sites())
+        report.steps_done.append("optimised sampling")
+        if opts.gif:
+            report.files.append(_gif(dense.clips, opt.clips, opts.out / "dense_vs_optimised.gif"))
+        from .. import restore
+
+        restore(pipe)
+    if opts.fast:
+        _fast(opts, ps, dense, clf, report, echo)
+
+    lat = report.latency
+    lines = [f"dense: {lat['dense_seconds_per_video']:.2f} s/video"]
+    if "optimised_seconds_per_video" in lat:
+        lines.append(f"tile-sparse: {lat['optimised_seconds_per_video']:.2f} s/video (first call incl. compile "
+                     f"{lat['optimised_first_call_seconds']:.2f} s), speed-up x{lat['speedup']:.2f}; "
+                     f"calibration {lat['calibration_seconds']:.1f} s")
+        if not lat["tiled_sites"]:
+            lines.append("no site was tiled (every head needed dense attention within the error budget): the optimised "
+                         "pipeline computes dense attention, so any latency difference is measurement noise")
+    _say("latency (" + dense_card["device"] + "):\n  " + "\n  ".join(lines), echo)
+    _say("scorecard (PSNR/SSIM against the dense clips on the same prompts and seeds):\n" + render_table(report.cards), echo)
+    report.seconds = time.perf_counter() - t_start
+    summary = {**{k: v for k, v in asdict(report).items() if k != "cards"}, "cards": report.cards, "options": {
+        k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()}}
+    to_json(summary, opts.out / "summary.json")
+    report.files.append(str(opts.out / "summary.json"))
+    _say("wrote:\n  " + "\n  ".join(report.files), echo)
+    if report.missing:
+        _say("not shown (missing):\n  " + "\n  ".join(report.missing), echo)
+    _say(f"demo finished in {report.seconds:.1f} s", echo)
+    return report
