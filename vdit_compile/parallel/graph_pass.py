@@ -150,12 +150,12 @@ class _Walker:
             return self.set(node, self.shard[node.args[0]])
         if name in _VIEW or name == "expand":
             return self.view(node, s, name)
-        if name in _PERMUTE:
-            x = node.args[0]
-            ndim = len(self.gshape(x))
+        if name in _PERMUTE or name in ("squeeze", "unsqueeze"):
+            if node.args[0] is not ins[0]:
+                raise Unshardable(f"{node.name} ({name}) with a sharded argument other than its input")
             fn = (lambda t: getattr(t, name)(*node.args[1:], **node.kwargs)) if node.op == "call_method" else (
                 lambda t: node.target(t, *node.args[1:], **node.kwargs))
-            return self.set(node, map_permute(self.shard[x], ndim, fn))
+            return self.set(node, map_permute(s, self.gshape(node.args[0]), fn))
         if name == "getitem":
             new_idx, out = map_getitem(s, node.args[1], len(self.gshape(node.args[0])), self.T, self.n)
             node.args = (node.args[0], new_idx)
@@ -238,8 +238,16 @@ class _Walker:
         if self.shard.get(x) is None:
             raise Unshardable(f"{node.name}: writes frame-sharded values into an unsharded tensor")
         new_idx, out = map_getitem(s, idx, len(self.gshape(x)), self.T, self.n)
-        if out is None or out.pre != s.pre or out.suf != s.suf:
-            raise Unshardable(f"{node.name}: partial write along the frame-sharded dim")
+        vs = self.shard.get(val) if isinstance(val, torch.fx.Node) else None
+        vv = _val(val) if isinstance(val, torch.fx.Node) else None
+        if out is None:
+            if vs is not None:
+                raise Unshardable(f"{node.name}: writes frame-sharded values into text positions")
+        elif vs is None:
+            if isinstance(vv, torch.Tensor) and vv.dim() > 0:
+                raise Unshardable(f"{node.name}: writes replicated values into frame-sharded positions")
+        elif vs.pre != out.pre or vs.suf != out.suf or vs.unit != out.unit:
+            raise Unshardable(f"{node.name}: writes values sharded differently from the positions they fill")
         node.args = (x, new_idx, val)
         self.shard[node] = None
 
@@ -421,3 +429,22 @@ def _shard(gm, parallel, sites, example_inputs):
     new.graph.lint()
     new.recompile()
     return new
+
+
+def sequence_parallel_pass(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
+    """The registered pass (order 300, after the tile rewrite): shard applied graphs for ``ctx.parallel``."""
+    par = getattr(ctx, "parallel", None)
+    if par is None or par.world_size == 1 or getattr(ctx, "mode", "apply") != "apply":
+        return gm
+    new = shard_graph(gm, par, sites=getattr(ctx, "sites", None), example_inputs=getattr(ctx, "example_inputs", None))
+    if new is not gm and hasattr(ctx, "needs_eager"):
+        ctx.needs_eager = True  # the parallel attention calls collectives inductor does not trace
+    return new
+
+
+try:  # the core's pass registry (absent in stripped-down installs)
+    from ..passes.registry import register_pass
+except ImportError:  # pragma: no cover
+    pass
+else:
+    register_pass("sequence_parallel", 300)(sequence_parallel_pass)

@@ -72,11 +72,18 @@ def map_view(s: Shard, gin: tuple, gout: tuple, T: int, n: int) -> tuple[Shard, 
     return out, local
 
 
-def map_permute(s: Shard, ndim: int, fn) -> Shard:
-    """Where dim ``s.dim`` goes under a permutation-like op, found on a meta tensor of distinct sizes."""
-    primes = [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53][:ndim]
-    shape = fn(torch.empty(primes, device="meta")).shape
-    return s.at(list(shape).index(primes[s.dim]))
+def map_permute(s: Shard, gshape: tuple, fn) -> Shard:
+    """Where dim ``s.dim`` goes under a shape-only op (permute, transpose, squeeze, ...).
+
+    The op runs on a meta tensor of the global shape whose sharded dim is a marker size.
+    """
+    marker = 9973
+    shape = list(gshape)
+    shape[s.dim] = marker
+    out = list(fn(torch.empty(shape, device="meta")).shape)
+    if out.count(marker) != 1:
+        raise Unshardable(f"cannot follow the frame-sharded dim through a shape op ({tuple(gshape)} -> {tuple(out)})")
+    return s.at(out.index(marker))
 
 
 def normalize_index(idx, ndim: int) -> list:
