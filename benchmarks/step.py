@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,17 +34,28 @@ TINY_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_d
 
 
 def timer(device: str):
-    if device == "cuda":
-        from triton.testing import do_bench
+    """``bench(fn, rep)``: median ms of ``rep`` timed calls after one warm-up call (CUDA events on GPU).
 
-        return lambda fn, rep=5: float(do_bench(fn, warmup=1, rep=rep, return_mode="median"))
-
-    def cpu_time(fn, rep=1):
+    Steps take seconds, so a few timed calls suffice (``do_bench`` would run each 8+ times).
+    """
+    def bench(fn, rep=3):
         fn()
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    return cpu_time
+        times = []
+        for _ in range(rep):
+            if device == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                a.record()
+                fn()
+                b.record()
+                torch.cuda.synchronize()
+                times.append(a.elapsed_time(b))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    return bench
 
 
 class FlexSwap:
@@ -83,12 +95,12 @@ class FlexSwap:
 
 def attention_ms(fn_attn, H: int, L: int, D: int, layers: int, device: str, bench) -> float:
     q, k, v = (torch.randn(1, H, L, D, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32) for _ in range(3))
-    return layers * bench(lambda: fn_attn(q, k, v), rep=50 if device == "cuda" else 1)
+    return layers * bench(lambda: fn_attn(q, k, v), rep=10 if device == "cuda" else 1)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--frames", nargs="*", type=int, default=[8, 24], help="latent frames (8 = 29 video frames, 24 = 93)")
+    ap.add_argument("--frames", nargs="*", type=int, default=[24, 8], help="latent frames (24 = 93 video frames, 8 = 29)")
     ap.add_argument("--globals", nargs="*", type=int, default=[1, 2], help="tile masks g (w = 0)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="tiny config and resolution (script smoke test)")
@@ -139,7 +151,7 @@ def main(argv=None) -> int:
                 return model(**kwargs)[0]
 
         ref = step().float()
-        dense_ms = bench(step)
+        dense_ms = bench(step, rep=2)
         attn_dense = attention_ms(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), H, L, D, layers, dev, bench)
         sink(dict(frames=T, tokens=L, way="dense", step_ms=dense_ms, attn_ms=attn_dense, attn_share=attn_dense / dense_ms))
         for g in args.globals:
@@ -148,7 +160,7 @@ def main(argv=None) -> int:
                 try:
                     with FlexSwap(L, P, T, g, dev) as fs:
                         flex_out = step().float()
-                        ms = bench(step)
+                        ms = bench(step, rep=2)
                         attn = attention_ms(lambda q, k, v: fs.flex(q, k, v, block_mask=fs.bm), H, L, D, layers, dev, bench)
                     sink(dict(frames=T, tokens=L, way=f"flex g{g}", step_ms=ms, speedup=dense_ms / ms, attn_ms=attn,
                               attn_share=attn / ms))
@@ -159,7 +171,7 @@ def main(argv=None) -> int:
             try:
                 ours_out = step().float()
                 sites = [s for s in vdit_compile.sites_of(model) if s.tileable]
-                ms = bench(step)
+                ms = bench(step, rep=2)
                 gs, ws = mask.op_args()
                 attn = attention_ms(lambda q, k, v: torch.ops.vdit.tile_attention(q, k, v, 0, 0, T, [gs], [ws], D ** -0.5)[0],
                                     H, L, D, layers, dev, bench)
