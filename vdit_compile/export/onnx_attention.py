@@ -237,19 +237,51 @@ def tile_attention_onnx(q, k, v, text_prefix, text_suffix, num_frames, global_fr
     return out, lse
 
 
+def custom_schema():
+    """The ``vdit::TileAttention`` (version 1) operator schema, registered once with onnx.
+
+    The exporter builds nodes from schemas; registering one for our own domain only adds an entry
+    (no existing operator changes) so that the custom node is typed and checkable.
+    """
+    import onnx
+
+    if onnx.defs.has(CUSTOM_OP, 1, CUSTOM_DOMAIN) if hasattr(onnx.defs, "has") else False:
+        return onnx.defs.get_schema(CUSTOM_OP, 1, CUSTOM_DOMAIN)
+    S = onnx.defs.OpSchema
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
+    schema = S(
+        CUSTOM_OP, CUSTOM_DOMAIN, 1,
+        doc="Tile attention (vdit-compile): see docs/export.md",
+        inputs=[S.FormalParameter("q", "T"), S.FormalParameter("k", "T"), S.FormalParameter("v", "T"),
+                S.FormalParameter("num_frames", "tensor(int64)")],
+        outputs=[S.FormalParameter("out", "T"), S.FormalParameter("lse", "L")],
+        type_constraints=[("T", floats, "q/k/v/out"), ("L", ["tensor(float)", "tensor(double)"], "lse")],
+        attributes=[S.Attribute("text_prefix", S.AttrType.INT, "text tokens before the video tokens"),
+                    S.Attribute("text_suffix", S.AttrType.INT, "text tokens after the video tokens"),
+                    S.Attribute("global_frames", S.AttrType.INTS, "per head g (-1: dense head)"),
+                    S.Attribute("windows", S.AttrType.INTS, "per head w"),
+                    S.Attribute("scale", S.AttrType.FLOAT, "softmax scale")],
+    )
+    onnx.defs.register_schema(schema)
+    return schema
+
+
 def tile_attention_custom_node(q, k, v, text_prefix, text_suffix, num_frames, global_frames, windows, scale):
     """Translation emitting one ``vdit.TileAttention`` node (custom domain, for fused-kernel runtimes).
 
     Inputs ``q, k, v`` ``(B, H, L, D)`` and ``num_frames`` (int64, shape ``(1,)``, so it may be
     dynamic); attributes ``text_prefix``, ``text_suffix``, ``global_frames``, ``windows`` (ints, one
-    per head or one for all; ``-1`` = dense head) and ``scale``; outputs ``out`` and ``lse`` (float32).
+    per head or one for all; ``-1`` = dense head) and ``scale``; outputs ``out`` and ``lse``
+    (float32, float64 for float64 inputs).
     """
     from onnxscript import values
 
+    custom_schema()
     vdit = values.Opset(CUSTOM_DOMAIN, 1)
-    return vdit.TileAttention(
+    out, lse = vdit.TileAttention(
         q, k, v, _dim(num_frames),
         text_prefix=_static(text_prefix, "text_prefix"), text_suffix=_static(text_suffix, "text_suffix"),
         global_frames=[_static(g, "global_frames") for g in global_frames],
-        windows=[_static(w, "windows") for w in windows], scale=float(scale), _outputs=2,
+        windows=[_static(w, "windows") for w in windows], scale=float(scale),
     )
+    return out, lse

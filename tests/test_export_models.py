@@ -1,0 +1,123 @@
+"""Whole transformers exported to ONNX with sparse plans, run under ONNX Runtime against PyTorch.
+
+The PyTorch side is the core's rewrite (``vdit_compile.optimize(model, plan=...)``), so the test
+also cross-checks the export's own rewrite of the exported graph against the core's.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+from vdit_compile import TileMask, inspect_model  # noqa: E402
+from vdit_compile.export.check import check_export  # noqa: E402
+from vdit_compile.export.errors import ShapeError  # noqa: E402
+from vdit_compile.export.onnx import read_metadata, to_onnx  # noqa: E402
+from vdit_compile.export.runner import OnnxRunner  # noqa: E402
+from vdit_compile.plans import Plan, model_fingerprint  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from core_models import build_tiny  # noqa: E402
+from test_export_translation import square_values  # noqa: E402
+
+MIXED = [TileMask(1, 0), TileMask(0, 1)]  # two heads, two different masks
+
+
+def _mixed_plan(model, inputs) -> Plan:
+    plan = Plan.uniform(inspect_model(model, inputs), TileMask(1, 0), model)
+    for site in plan.tiled_sites():
+        site.masks = list(MIXED[: site.num_heads]) + [MIXED[0]] * max(0, site.num_heads - len(MIXED))
+    return plan
+
+
+def _embedded():
+    from vdit_compile.models.embedded import load_pipeline
+
+    pipe = load_pipeline(weights=None, tiny=True)
+    cfg = pipe.transformer.config
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, cfg.in_channels, 4, 16, 16, generator=g), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, 8, cfg.text_dim, generator=g))
+    return pipe, inputs
+
+
+def _assert_exported(res, plan, model, inputs, tmp_path):
+    report = check_export(res.path, model, inputs, plan, program=res.program, repeats=1)
+    assert report.ok, report.summary()
+    assert "optimize" in report.reference  # compared with the core's rewrite, not with our own graph
+    for name, fact in res.sites.items():
+        lay = fact["layout"]
+        if isinstance(lay["num_frames"], int):
+            L = lay["text_prefix"] + lay["num_frames"] * lay["height"] * lay["width"] + lay["text_suffix"]
+            assert square_values(str(res.path), L) == [], f"{name}: an L x L value in the graph"
+    meta = read_metadata(res.path)
+    assert meta["fingerprint"] == model_fingerprint(model) and meta["plan"]["sites"]
+    assert [s["name"] for s in meta["inputs"]][:1] == ["hidden_states"] and res.outputs == ["sample"]
+    return report
+
+
+def test_embedded_model_exports_and_matches(tmp_path):
+    pipe, inputs = _embedded()
+    plan = _mixed_plan(pipe.transformer, inputs)
+    res = to_onnx(pipe, inputs, tmp_path / "embedded.onnx", plan)  # a pipeline: its transformer is exported
+    assert len(res.sites) == pipe.transformer.config.num_layers
+    _assert_exported(res, plan, pipe.transformer, inputs, tmp_path)
+
+
+def test_cogvideox_joint_text_attention(tmp_path):
+    model, inputs = build_tiny("cogvideox")
+    plan = _mixed_plan(model, inputs)
+    res = to_onnx(model, inputs, tmp_path / "cog.onnx", plan)
+    assert all(f["layout"]["text_prefix"] == 8 for f in res.sites.values())
+    _assert_exported(res, plan, model, inputs, tmp_path)
+    # CogVideoX rebuilds its position table from the frame count: the export says frames are fixed
+    bad = dict(inputs, hidden_states=torch.randn(1, 5, *inputs["hidden_states"].shape[2:]))
+    with pytest.raises(ShapeError, match="dimension 1 is fixed at 4"):
+        OnnxRunner(res.path)(**bad)
+
+
+@pytest.fixture(scope="module")
+def wan():
+    model, inputs = build_tiny("wan")
+    return model, inputs, _mixed_plan(model, inputs)
+
+
+def test_wan_dynamic_frames(tmp_path, wan):
+    model, inputs, plan = wan
+    res = to_onnx(model, inputs, tmp_path / "wan.onnx", plan, dynamic_frames=True, max_frames=16)
+    frames = res.inputs[0]["shape"][2]
+    assert isinstance(frames, dict) and (frames["min"], frames["max"]) == (2, 16)  # g = 1 -> at least 2 frames
+    for n in (inputs["hidden_states"].shape[2], 7):
+        report = check_export(res.path, model, inputs, plan, program=res.program, repeats=1, frames=(2, n))
+        assert report.ok, report.summary()
+    with pytest.raises(ShapeError, match="dimension 2 \\(frames\\) must be in 2"):
+        OnnxRunner(res.path)(**dict(inputs, hidden_states=torch.randn(1, 6, 1, 8, 8)))
+    with pytest.raises(ShapeError, match="dimension 3 is fixed at 8"):
+        OnnxRunner(res.path)(**dict(inputs, hidden_states=torch.randn(1, 6, 4, 10, 8)))
+
+
+def test_custom_op_export_and_overwrite(tmp_path, wan):
+    from vdit_compile.export.errors import ExportError
+
+    model, inputs, plan = wan
+    path = tmp_path / "wan_custom.onnx"
+    res = to_onnx(model, inputs, path, plan, attention="custom")
+    import onnx
+
+    nodes = [n for n in onnx.load(str(res.path)).graph.node if n.domain == "vdit"]
+    assert len(nodes) == len(res.sites)
+    with pytest.raises(ExportError, match="already exists"):
+        to_onnx(model, inputs, path, plan)
+    with pytest.raises(ExportError, match="no plan"):
+        to_onnx(model, inputs, tmp_path / "other.onnx")
+
+
+def test_frame_bound_suggestion_is_parsed():
+    from vdit_compile.export.graph import suggested_range
+
+    msg = "Suggested fixes:\n  latent_frames = Dim('latent_frames', max=32)"
+    assert suggested_range(msg, "latent_frames") == (None, 32)
+    assert suggested_range("Suggested fixes: latent_frames = Dim('latent_frames', min=3, max=9)", "latent_frames") == (3, 9)
+    assert suggested_range("nothing", "latent_frames") is None
