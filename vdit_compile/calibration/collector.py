@@ -161,7 +161,12 @@ class SiteCalibrator:
         B, H, L, D = q.shape
         if H != self.num_heads:
             raise ValueError(f"site {self.name!r}: calibrator was built for {self.num_heads} heads, observed {H}")
-        self.layout.check_seq_len(L, f"site {self.name!r}: observed sequence")
+        if L != self.layout.seq_len:
+            raise ValueError(
+                f"site {self.name!r}: observed a sequence of {L} tokens but calibration started with the layout "
+                f"{self.layout.describe()} ({self.layout.seq_len} tokens); calibrate at one frame count and "
+                "resolution (a plan made at T frames applies at other frame counts, see docs/calibration.md)"
+            )
         scale = float(scale) if scale is not None else D ** -0.5
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         dev = q.device
