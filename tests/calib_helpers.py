@@ -40,3 +40,40 @@ def tiny_pipeline():
 
 def not_a_model():
     return 42
+
+
+class FrameLocalDiT(torch.nn.Module):
+    """A video DiT whose attention stays inside each frame by construction.
+
+    Tokens carry a strong per-frame embedding, orthogonal between frames within every head, and
+    q = k = the tokens: a query's scores to other frames are ~``strength**2 * scale`` lower, so
+    dropping every other frame (mask ``g0w0``) changes the output by ~exp(-16). Calibration at
+    the default budget must find that; attention over random data would not.
+    """
+
+    def __init__(self, channels: int = 4, heads: int = 2, head_dim: int = 16, max_frames: int = 8,
+                 strength: float = 8.0):
+        super().__init__()
+        dim = heads * head_dim
+        self.heads = heads
+        self.patch_embed = torch.nn.Conv3d(channels, dim, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+        fe = torch.zeros(max_frames, heads, head_dim)
+        fe[torch.arange(max_frames), :, torch.arange(max_frames)] = strength
+        self.register_buffer("frame_embed", fe.reshape(max_frames, dim))
+        self.v_proj = torch.nn.Linear(dim, dim)
+        self.proj_out = torch.nn.Linear(dim, channels * 4)
+
+    def forward(self, hidden_states):
+        b, c, t, h, w = hidden_states.shape
+        x = self.patch_embed(hidden_states).flatten(2).transpose(1, 2)
+        x = 0.05 * x + self.frame_embed[:t].repeat_interleave((h // 2) * (w // 2), 0)
+        qk = x.view(b, -1, self.heads, x.shape[-1] // self.heads).transpose(1, 2)
+        v = self.v_proj(x).view_as(qk.transpose(1, 2)).transpose(1, 2)
+        o = torch.nn.functional.scaled_dot_product_attention(qk, qk, v, scale=0.25)
+        return self.proj_out(o.transpose(1, 2).reshape(b, -1, x.shape[-1]))
+
+
+def frame_local_dit():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    return FrameLocalDiT().eval(), {"hidden_states": torch.randn(1, 4, 5, 8, 8, generator=g)}

@@ -127,3 +127,26 @@ def test_calibrate_pipeline_and_errors(tmp_path, capsys):
     assert "bare module, not a pipeline" in capsys.readouterr().err
     assert cli(["calibrate", f"{HELPERS}:tiny_wan", "--candidates", "g1x2", "-o", str(out)]) == 1
     assert "unknown tile mask name 'g1x2'" in capsys.readouterr().err
+
+
+def test_frame_local_model_gets_sparse_masks_at_the_default_budget(tmp_path, capsys):
+    """End to end: capture -> calibrate -> plan -> apply, on a model whose attention is frame-local."""
+    from calib_helpers import frame_local_dit
+    import vdit_compile
+
+    out = tmp_path / "plan.json"
+    assert cli(["calibrate", f"{HELPERS}:frame_local_dit", "-o", str(out)]) == 0
+    plan = Plan.load(out)
+    (site,) = plan.tiled_sites()
+    assert [m.name for m in site.masks] == ["g0w0", "g0w0"] and max(site.errors) < 1e-4
+    assert site.density == pytest.approx(1 / 5)
+    fm = torch.tensor(site.frame_mass)
+    assert torch.diagonal(fm[:, :5, :5], dim1=1, dim2=2).min() > 0.999
+    model, inputs = frame_local_dit()
+    ref = model(**inputs)
+    vdit_compile.optimize(model, plan=str(out), config=vdit_compile.config.OptimizeConfig(progress=False))
+    with torch.profiler.profile() as prof:
+        got = model(**inputs)
+    vdit_compile.restore(model)
+    assert any("tile_attention" in e.name for e in prof.events())
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-4

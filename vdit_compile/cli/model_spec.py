@@ -139,15 +139,33 @@ def _from_config_and_safetensors(cls, path: Path):
     return model.eval()
 
 
+def _import_file(file: Path):
+    """Import ``file`` under its own stem (so classes keep the module name a normal import gives them:
+    plans record the model class), reusing an already imported module of the same file."""
+    import sys
+
+    if not file.is_file():
+        raise ModelSpecError(f"factory file {file} does not exist")
+    name = file.stem
+    existing = sys.modules.get(name)
+    if existing is not None:
+        if Path(getattr(existing, "__file__", "") or "").resolve() == file.resolve():
+            return existing
+        name = f"_vdit_model_spec_{name}"
+    spec = importlib.util.spec_from_file_location(name, file)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return mod
+
+
 def _import(module: str):
     if module.endswith(".py"):
-        file = Path(module)
-        if not file.is_file():
-            raise ModelSpecError(f"factory file {file} does not exist")
-        spec = importlib.util.spec_from_file_location(f"_vdit_model_spec_{file.stem}", file)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
+        return _import_file(Path(module))
     try:
         return importlib.import_module(module)
     except ImportError as exc:

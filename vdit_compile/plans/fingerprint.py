@@ -52,12 +52,16 @@ def structure_summary(model_or_pipe) -> dict:
 
 
 def model_fingerprint(model_or_pipe) -> str:
-    """``sha256:<hex>`` of the module tree (names, types) and parameter names and shapes."""
+    """``sha256:<hex>`` of the module tree (names, class names) and parameter names and shapes.
+
+    Class names without their module path: the structure is the same wherever the code lives
+    (the plan's ``model_class`` records the full path separately).
+    """
     model = unwrap_model(model_or_pipe)
     h = hashlib.sha256()
     for name, mod in model.named_modules():
         cls = type(mod)
-        h.update(f"M {_clean(name)} {cls.__module__}.{cls.__qualname__}\n".encode())
+        h.update(f"M {_clean(name)} {cls.__qualname__}\n".encode())
     for name, p in model.named_parameters():
         h.update(f"P {_clean(name)} {tuple(p.shape)}\n".encode())
     return "sha256:" + h.hexdigest()
