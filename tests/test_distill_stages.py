@@ -29,8 +29,8 @@ def _fixed(B):
     return lambda gen, b: (idx, n)
 
 
-def _train(tmp_path, name, model, companions, loss_fn, after, cfg, steps=12):
-    tr = StageTrainer(name, tmp_path, model, companions, loss_fn, _fixed(cfg.batch_size), after, steps, cfg.lr, cfg,
+def _train(tmp_path, name, model, companions, loss_fn, after, cfg, steps=12, lr=None):
+    tr = StageTrainer(name, tmp_path, model, companions, loss_fn, _fixed(cfg.batch_size), after, steps, lr or cfg.lr, cfg,
                       torch.device("cpu"))
     tr.run(progress=False)
     return [h["loss"] for h in tr.history]
@@ -89,7 +89,7 @@ def test_kd_loss_decreases_on_a_fixed_batch(setup, tmp_path):
     sparse = _sparse_copy(adapter.transformer).train().requires_grad_(True)
     auto = autocast_factory(torch.device("cpu"), "fp32")
     losses = _train(tmp_path, "kd", sparse, {}, lambda m, i, n: kd_loss(adapter, m, dense, pool, sch, i, n, cfg, auto),
-                    lambda s: None, cfg)
+                    lambda s: None, cfg, lr=3e-4)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[0] > 0 and losses[-1] < 0.7 * losses[0], losses
 

@@ -42,10 +42,12 @@ class DistillConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup_steps: int = 50
+    mlcd_max_minutes: float = 0.0           # >0: end the stage early after this much training time (recorded)
+    kd_max_minutes: float = 0.0
     loss: str = "pseudo_huber"              # "pseudo_huber" (robust, iCT-style) or "mse"
     huber_c: float = 0.03                   # pseudo-Huber knee, in RMS velocity units
     skip: int = 1                           # consistency target: teacher steps taken before the EMA target jumps
-    anchor_weight: float = 0.5              # weight of the direct regression onto the teacher's segment end
+    anchor_weight: float = 1.0              # weight of the direct regression onto the teacher's segment end
     target_decay: float = 0.9               # EMA decay of the consistency target network
     ema_decay: float = 0.99                 # EMA decay of the exported weights
     # --- masks stage ------------------------------------------------------------------------------

@@ -25,6 +25,9 @@ from .schedule import FewStepSchedule, few_step_sample
 
 log = logging.getLogger(__name__)
 
+#: shipped results (``export_run`` copies of the GPU runs on the embedded model): ``weights/embedded-s<S>/``
+SHIPPED_DIR = Path(__file__).parent / "weights"
+
 #: stage -> weights file inside a run, newest stage first (load_run takes the first that exists)
 STAGE_WEIGHTS = (("kd", "kd/weights.safetensors"), ("masks", "mlcd/weights.safetensors"), ("mlcd", "mlcd/weights.safetensors"))
 
@@ -83,13 +86,14 @@ def _stage_weights(run_dir: Path, cfg: DistillConfig) -> tuple[str, Path]:
 
 
 def load_run(run_dir, device="cpu", stage: str | None = None, sparse: bool | None = None,
-             precision: str = "fp32") -> FewStepPipeline:
+             precision: str = "fp32", backend: str = "auto") -> FewStepPipeline:
     """The few-step pipeline of a finished (or partly finished) run, on ``device``.
 
     ``stage`` picks an earlier stage's result ("mlcd", "masks", "kd"); by default the last finished one.
     After the masks stage the transformer is rewritten with the run's plan (tile-sparse attention).
     ``precision``: "fp32" (default, the same as the teacher pipeline, so timings compare like for like)
-    or "bf16" (autocast on CUDA).
+    or "bf16" (autocast on CUDA).  ``backend``: the core's backend for the rewritten graph ("auto": inductor
+    on CUDA; "eager": the graph runs as captured, the tile op on its Triton kernel).
     """
     from safetensors.torch import load_file
 
@@ -113,7 +117,7 @@ def load_run(run_dir, device="cpu", stage: str | None = None, sparse: bool | Non
         plan_path = run_dir / "masks" / "plan.json"
         if not plan_path.is_file():
             raise FileNotFoundError(f"{run_dir} has no masks/plan.json: run the masks stage or pass sparse=False")
-        transformer = apply_plan(transformer, plan_path, adapter)
+        transformer = apply_plan(transformer, plan_path, adapter, backend=backend)
     guidance = json.loads((run_dir / "schedule.json").read_text()).get("guidance_scale", adapter.default_guidance)
     from .trainer import autocast_factory
 
@@ -138,3 +142,32 @@ def export_run(run_dir, dest, stage: str | None = None) -> Path:
         if (run_dir / extra).is_file():
             shutil.copy2(run_dir / extra, dest / extra)
     return dest
+
+
+def shipped_runs() -> dict[int, Path]:
+    """Segment count -> directory of the few-step models shipped in the package (may be empty)."""
+    out = {}
+    for d in sorted(SHIPPED_DIR.glob("embedded-s*")):
+        if (d / "config.json").is_file() and d.name[len("embedded-s"):].isdigit():
+            out[int(d.name[len("embedded-s"):])] = d
+    return out
+
+
+#: the shipped model ``vdit-compile demo --fast`` uses when several are shipped
+DEFAULT_SHIPPED_SEGMENTS = 4
+
+
+def shipped_run(segments: int | None = None) -> Path:
+    """Directory of a shipped few-step model (default: ``DEFAULT_SHIPPED_SEGMENTS``, else the only one)."""
+    runs = shipped_runs()
+    if segments is None:
+        segments = DEFAULT_SHIPPED_SEGMENTS if DEFAULT_SHIPPED_SEGMENTS in runs else (min(runs) if runs else None)
+    if segments not in runs:
+        raise FileNotFoundError(f"no shipped few-step model with {segments} segments in {SHIPPED_DIR} "
+                                f"(shipped: {sorted(runs) or 'none'}); distil one with tools/distill.py")
+    return runs[segments]
+
+
+def load_shipped(segments: int | None = None, device="cpu", **kw) -> FewStepPipeline:
+    """The shipped few-step model of the embedded default with ``segments`` steps (``vdit-compile demo --fast``)."""
+    return load_run(shipped_run(segments), device=device, **kw)

@@ -74,10 +74,13 @@ def latency(pipe, steps: int, prompt: str, repeats: int = 5, **kw) -> float:
     return statistics.median(times)
 
 
-def score_runs(run_dirs, device="cpu", prompts: int | None = None, out: Path | None = None, progress: bool = True) -> list[dict]:
+def score_runs(run_dirs, device="cpu", prompts: int | None = None, out: Path | None = None, progress: bool = True,
+               backend: str = "eager") -> dict:
     """Scorecards: dense teacher at ``eval_teacher_steps`` (the reference), plain teacher Euler at the few-step
     counts, and every finished stage of every run at its step counts; plus batch-1 latency of the teacher and
-    of each run's final model.  Writes ``scorecard.json`` / ``scorecard.md`` into ``out`` when given."""
+    of each run's final model.  Writes ``scorecard.json`` / ``scorecard.md`` into ``out`` when given.
+    ``backend="eager"``: the rewritten graphs run uncompiled, like the (uncompiled) teacher pipeline, so the
+    timings compare like for like and no inductor compile is paid per model."""
     from vdit_compile.eval.scorecard import render_table, scorecard, to_json
 
     from .adapter import load_adapter
@@ -105,7 +108,7 @@ def score_runs(run_dirs, device="cpu", prompts: int | None = None, out: Path | N
         for stage in ("mlcd", "masks", "kd"):
             if stage not in cfg.stage_list() or not (r / stage / "done.json").is_file():
                 continue
-            pipe = load_run(r, device=device, stage=stage)
+            pipe = load_run(r, device=device, stage=stage, backend=backend)
             for steps in cfg.steps_list():
                 c = scorecard(pipe, n, steps=steps, reference=clips, batch_size=bs,
                               name=f"S={cfg.segments} {STAGE_LABELS[stage]}", progress=progress,

@@ -105,7 +105,8 @@ def stage_mlcd(ctx: RunContext) -> torch.nn.Module:
         ema_update(ema, student, cfg.ema_decay)
 
     tr = StageTrainer("mlcd", ctx.run_dir, student, {"target": target, "ema": ema}, loss_fn, _draw(ctx.schedule, len(pool)),
-                      after, cfg.mlcd_steps, cfg.lr, cfg, ctx.device, compile=cfg.compile)
+                      after, cfg.mlcd_steps, cfg.lr, cfg, ctx.device, compile=cfg.compile,
+                      max_seconds=60 * cfg.mlcd_max_minutes)
     ck = ctx.resume_point("mlcd")
     if ck is not None:
         tr.restore(ck)
@@ -113,6 +114,7 @@ def stage_mlcd(ctx: RunContext) -> torch.nn.Module:
     if ctx.rank == 0:
         save_weights(out, ema, {"stage": "mlcd", "steps": tr.step})
     ctx.mark_done("mlcd", {"train_seconds": tr.train_seconds, "stage_seconds": time.perf_counter() - t0, "steps": tr.step,
+                           "stopped_early_by_time_budget": tr.stopped_early,
                            "final_loss": tr.history[-1]["loss"] if tr.history else None})
     return ema.requires_grad_(False).eval()
 
@@ -193,7 +195,7 @@ def stage_kd(ctx: RunContext, dense: torch.nn.Module, sparse: torch.nn.Module) -
         ema_update(ema, sparse, cfg.ema_decay)
 
     tr = StageTrainer("kd", ctx.run_dir, sparse, {"ema": ema}, loss_fn, _draw(ctx.schedule, len(pool)), after,
-                      cfg.kd_steps, cfg.kd_lr, cfg, ctx.device)
+                      cfg.kd_steps, cfg.kd_lr, cfg, ctx.device, max_seconds=60 * cfg.kd_max_minutes)
     ck = ctx.resume_point("kd")
     if ck is not None:
         tr.restore(ck)
@@ -201,6 +203,7 @@ def stage_kd(ctx: RunContext, dense: torch.nn.Module, sparse: torch.nn.Module) -
     if ctx.rank == 0:
         save_weights(out, ema, {"stage": "kd", "steps": tr.step})
     ctx.mark_done("kd", {"train_seconds": tr.train_seconds, "stage_seconds": time.perf_counter() - t0, "steps": tr.step,
+                         "stopped_early_by_time_budget": tr.stopped_early,
                          "final_loss": tr.history[-1]["loss"] if tr.history else None})
     with torch.no_grad():
         for ps, pe in zip(sparse.parameters(), ema.parameters()):

@@ -91,7 +91,7 @@ class StageTrainer:
 
     def __init__(self, stage: str, run_dir: Path, model: torch.nn.Module, companions: dict, loss_fn, draw, after_step,
                  total: int, lr: float, cfg, device: torch.device, save_module: torch.nn.Module | None = None,
-                 compile: bool = False):
+                 compile: bool = False, max_seconds: float = 0.0):
         self.stage, self.run_dir, self.model, self.companions = stage, Path(run_dir), model, companions
         self.loss_fn, self.draw, self.after_step = loss_fn, draw, after_step
         self.total, self.cfg, self.device = total, cfg, device
@@ -102,6 +102,8 @@ class StageTrainer:
         warm = max(1, cfg.warmup_steps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: min(1.0, (i + 1) / warm))
         self.gen = torch.Generator().manual_seed(cfg.seed * 7919 + zlib.crc32(stage.encode()) % 7919)
+        self.max_seconds = float(max_seconds)
+        self.stopped_early = False
         self.history: list[dict] = []
         self.step = 0
         self.train_seconds = 0.0
@@ -152,12 +154,14 @@ class StageTrainer:
         atomic_write_bytes(self.run_dir / self.stage / "loss.csv", buf.getvalue().encode())
 
     # ---- loop -----------------------------------------------------------------------------------
-    def _stop_agreed(self, flag: SignalFlag) -> int:
+    def _stop_agreed(self, flag: SignalFlag) -> tuple[int, bool]:
+        """(signal to stop on, time budget spent), agreed by all ranks (MAX over ranks)."""
+        over = bool(self.max_seconds) and self.train_seconds > self.max_seconds
         if self.world == 1:
-            return flag.signum
-        t = torch.tensor([flag.signum], dtype=torch.long, device=self.device if self.device.type == "cuda" else "cpu")
+            return flag.signum, over
+        t = torch.tensor([flag.signum, int(over)], dtype=torch.long, device=self.device if self.device.type == "cuda" else "cpu")
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
+        return int(t[0].item()), bool(t[1].item())
 
     def run(self, progress: bool = True) -> list[dict]:
         cfg = self.cfg
@@ -197,7 +201,11 @@ class StageTrainer:
                                          "grad_norm": float(gnorm), "seconds": round(self.train_seconds, 4), **parts})
                 bar.set_postfix(loss=f"{lval:.4f}", refresh=False)
                 bar.update(1)
-                signum = self._stop_agreed(flag)
+                signum, over = self._stop_agreed(flag)
+                if over and self.step < self.total:
+                    # time budget spent: the stage ends here (recorded in done.json), like a shorter run
+                    self.stopped_early, self.total = True, self.step
+                    break
                 if signum:
                     path = self.checkpoint()
                     bar.close()
