@@ -8,9 +8,10 @@ what the detection pass must find: the number of tileable sites, their kind and 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 B, C, T, HH, WW, TEXT = 1, 6, 4, 8, 8, 8
 HEADS, HEAD_DIM = 2, 16
@@ -69,6 +70,7 @@ class _ManualBlock(nn.Module):
     def __init__(self, dim, heads, form):
         super().__init__()
         self.heads, self.form = heads, form
+        self.attn_override = None
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
@@ -78,7 +80,9 @@ class _ManualBlock(nn.Module):
         q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
         q, k, v = (t.view(b, n, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
         scale = (d // self.heads) ** -0.5
-        if self.form == "matmul":
+        if self.attn_override is not None:  # tests: an independent (masked) attention for this block
+            o = self.attn_override(q, k, v, scale)
+        elif self.form == "matmul":
             attn = torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * scale, dim=-1)
             o = torch.matmul(attn, v)
         else:
@@ -306,10 +310,56 @@ BUILDERS = {
 NAMES = list(BUILDERS)
 
 
+@dataclass(frozen=True)
+class Expect:
+    """What detection must report for a tiny model.
+
+    ``tiled``: number of tileable sites, all of ``kind`` with token layout ``layout``
+    ``(T, H, W, text_prefix, text_suffix)``.  ``dense3d``: 3D sites detected but left dense,
+    each with a reason containing ``reason``.  ``kinds``: other kinds that must be present.
+    """
+
+    tiled: int
+    kind: str | None = None
+    layout: tuple | None = None
+    dense3d: int = 0
+    reason: str = ""
+    kinds: tuple = ()
+
+
+_GRID = (T, HH // 2, WW // 2)
+EXPECTED = {
+    "cogvideox": Expect(2, "joint_text_prefix", (*_GRID, TEXT, 0)),
+    "cogvideox15": Expect(2, "joint_text_prefix", (*_GRID, TEXT, 0)),
+    "consisid": Expect(2, "joint_text_prefix", (*_GRID, TEXT, 0)),
+    "easyanimate": Expect(2, "joint_text_prefix", (*_GRID, TEXT, 0)),
+    "wan": Expect(2, "video_self", (*_GRID, 0, 0), kinds=("cross",)),
+    "wanvace": Expect(3, "video_self", (*_GRID, 0, 0), kinds=("cross",)),
+    "skyreels_v2": Expect(2, "video_self", (*_GRID, 0, 0), kinds=("cross",)),
+    "allegro": Expect(2, "video_self", (*_GRID, 0, 0), kinds=("cross",)),
+    "ltx": Expect(2, "video_self", (*_GRID, 0, 0), kinds=("cross",)),
+    "ltx2": Expect(2, "video_self", (*_GRID, 0, 0), kinds=("cross", "other")),
+    "mochi": Expect(0, dense3d=2, reason="symbolic sequence length"),
+    "hunyuan": Expect(2, "joint_text_suffix", (*_GRID, 0, TEXT), kinds=("other",)),
+    "hunyuan15": Expect(0, dense3d=2, reason="symbolic sequence length"),
+    "framepack": Expect(0, dense3d=2, reason="symbolic sequence length"),
+    "motif": Expect(2, "joint_text_suffix", (*_GRID, 0, TEXT)),
+    "kandinsky5": Expect(2, "video_self", (*_GRID, 0, 0), kinds=("cross", "other")),
+    "cosmos": Expect(2, "video_self", (*_GRID, 0, 0), kinds=("cross",)),
+    "manual": Expect(2, "joint_text_prefix", (*_GRID, TEXT, 0)),
+    "latte": Expect(0, kinds=("spatial", "temporal")),
+    "temporal": Expect(0, kinds=("temporal",)),
+}
+
+
 def build_tiny(name: str):
     """``(model, example_kwargs)`` for one of :data:`NAMES`: fp32, eval mode, seeded weights."""
     if name not in BUILDERS:
         raise KeyError(f"unknown tiny model {name!r}; expected one of {NAMES}")
     torch.manual_seed(0)
     model, kwargs = BUILDERS[name]()
+    with torch.no_grad():  # zero-initialised gates/outputs (adaLN-zero) would hide the attention
+        for p in model.parameters():
+            if p.dtype.is_floating_point and not p.any():
+                p.copy_(0.05 * torch.randn(p.shape, generator=_g(p.numel())))
     return model.eval().float(), kwargs

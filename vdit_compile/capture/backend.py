@@ -52,6 +52,15 @@ class PassContext:
         return self.state.root_names
 
 
+def is_dense_3d(site) -> bool:
+    """A 3D (video self / joint) attention site that cannot be tiled: the user is warned."""
+    from ..passes.detect import TILEABLE_KINDS
+
+    if site.layout is not None:
+        return False
+    return site.kind in TILEABLE_KINDS or site.reason.startswith(("3D attention", "joint attention"))
+
+
 def resolve_backend(name: str, device_type: str) -> str:
     if name == "auto":
         return "inductor" if device_type == "cuda" else "eager"
@@ -84,6 +93,8 @@ def make_backend(state: OptimizeState):
         for s in ctx.sites:
             if not any(t.shared for t in ctx.templates if t.site is s):
                 state.record_site(s)
+            if is_dense_3d(s):
+                state.warn_once(s.name, f"vdit-compile: 3D attention site left dense: {s.describe()}")
         backend = resolve_backend(getattr(state.config, "backend", "auto"), _device_type(example_inputs))
         if state.mode != "apply" or backend == "eager" or ctx.needs_eager:
             return gm.forward

@@ -102,6 +102,12 @@ def trace_sequence_split(dfg: nx.DiGraph, q: torch.fx.Node, seq_len: int, video:
     return None, f"{seq_len} tokens = {video} video + {seq_len - video} others, but no concatenation building them was found"
 
 
+def is_key_padding_mask(mask, seq_len: int) -> bool:
+    """A ``(B|1, 1, 1, L)`` mask (text padding): honoured at run time (see ``hooks.apply_key_masked``)."""
+    ms = example_shape(mask)
+    return ms is not None and len(ms) == 4 and ms[1] == 1 and ms[2] == 1 and ms[3] == seq_len
+
+
 def classify(m: AttnMatch, grid: GridInfo | None, grid_reason: str, dfg: nx.DiGraph):
     """``(kind, layout, reason, heads, head_dim, merged)`` of one match."""
     qs, ks = example_shape(m.q), example_shape(m.k)
@@ -135,9 +141,9 @@ def classify(m: AttnMatch, grid: GridInfo | None, grid_reason: str, dfg: nx.DiGr
     if split is None:
         return "other", None, "joint attention, token layout unknown: " + why, heads, head_dim, merged
     problems = list(m.problems)
-    if m.mask is not None:
+    if m.mask is not None and not is_key_padding_mask(m.mask, lk):
         ms = example_shape(m.mask)
-        problems.append(f"attention mask {ms} cannot be honoured by the tile op")
+        problems.append(f"attention mask {ms} (not a key-padding mask) cannot be honoured by the tile op")
     if problems:
         return kind, None, "; ".join(problems) + ": left dense", heads, head_dim, merged
     layout = TokenLayout(T, grid.height, grid.width, split[0], split[1], "THW")

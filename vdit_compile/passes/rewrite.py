@@ -9,7 +9,9 @@
   ``torch.ops.vdit.tile_attention(q, k, v, text_prefix, text_suffix, T, g[], w[], scale)[0]``
   with the plan's per-head masks as integer constants (a dense head is ``g = -1``).  Sites in a
   graph shared by several blocks call :func:`~vdit_compile.runtime.hooks.apply_shared`, which
-  looks the instance's masks up at run time.  Everything else is left as it was.
+  looks the instance's masks up at run time; so do sites with a key-padding mask (HunyuanVideo's
+  text padding), which use the op when nothing is padded and dense masked SDPA (with a warning)
+  otherwise.  Graphs with such sites run eagerly.  Everything else is left as it was.
 """
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ def _replace_with_op(gm, t, masks, dfg) -> None:
 def _replace_shared(gm, t, tid, ctx) -> None:
     m = t.match
     with gm.graph.inserting_before(m.out):
-        out = gm.graph.call_function(hooks.apply_shared, (m.q, m.k, m.v, t.anchor, ctx.state.id, tid, _scale(t)))
+        out = gm.graph.call_function(hooks.apply_shared, (m.q, m.k, m.v, t.anchor, ctx.state.id, tid, _scale(t), m.mask))
     out.meta.update({k: v for k, v in m.out.meta.items() if k in ("nn_module_stack", "example_value")})
     m.out.replace_all_uses_with(out)
     gm.graph.erase_node(m.out)
@@ -96,7 +98,9 @@ def rewrite_pass(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             continue
         if not t.site.tileable:
             continue
-        if t.shared:
+        if t.shared or t.match.mask is not None:
+            if state.masks_for(t.site) is None and not t.shared:
+                continue
             _replace_shared(gm, t, tid, ctx)
             changed = True
             continue

@@ -35,15 +35,34 @@ def observe_site(q, k, v, anchor, state_id: int, template_id: int, scale: float)
     return None
 
 
-def apply_shared(q, k, v, anchor, state_id: int, template_id: int, scale: float):
+def _nothing_masked(mask) -> bool:
+    if mask is None:
+        return True
+    return bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
+
+
+def _dense(t, q, k, v, scale, mask):
+    if t.merged_heads:
+        s = (q @ k.transpose(-1, -2)) * scale
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+        return torch.softmax(s, -1) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def apply_shared(q, k, v, anchor, state_id: int, template_id: int, scale: float, mask=None):
+    """Tile attention for the module instance running a shared graph, or with a key-padding mask."""
     state = OptimizeState.get(state_id)
     t = state.templates[template_id]
     site = state.resolve(t, anchor)
     state.record_site(site)
     masks = state.masks_for(site)
     if masks is None:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale) if not t.merged_heads else (
-            torch.softmax((q @ k.transpose(-1, -2)) * scale, -1) @ v)
+        return _dense(t, q, k, v, scale, mask)
+    if not _nothing_masked(mask):
+        state.warn_once(f"padding:{site.name}", f"vdit-compile: site {site.name} got padded (masked) keys, which the "
+                        "tile op cannot honour; this call runs dense masked attention")
+        return _dense(t, q, k, v, scale, mask)
     state.rewritten.add(site.name)
     lay = site.layout
     gs, ws = op_mask_args(masks)

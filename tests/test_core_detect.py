@@ -1,0 +1,83 @@
+"""Detection of hand-written attention forms and of the token grid (issue 3, part 3)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vdit_compile.passes.attention import find_attention
+from vdit_compile.passes.grid import infer_grid
+
+from core_models import build_tiny
+
+Q = torch.randn(2, 3, 10, 8)
+K = torch.randn(2, 3, 10, 8)
+V = torch.randn(2, 3, 10, 8)
+
+
+def _graph(fn, *args):
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    assert len(graphs) == 1
+    return graphs[0]
+
+
+FORMS = {
+    "matmul": (lambda q, k, v: torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * 0.5, dim=-1) @ v, 0.5),
+    "div": (lambda q, k, v: (q @ k.transpose(2, 3) / 4.0).softmax(-1) @ v, 0.25),
+    "einsum": (lambda q, k, v: torch.einsum("bhij,bhjd->bhid", torch.einsum("bhid,bhjd->bhij", q, k).mul(0.3).softmax(-1), v), 0.3),
+    "bmm": (lambda q, k, v: torch.bmm(F.softmax(torch.bmm(q.flatten(0, 1), k.flatten(0, 1).permute(0, 2, 1)) * 0.2, dim=-1),
+                                      v.flatten(0, 1)), 0.2),
+    "baddbmm": (lambda q, k, v: torch.bmm(torch.baddbmm(torch.zeros(6, 10, 10), q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2),
+                                                        beta=0, alpha=0.7).float().softmax(-1), v.flatten(0, 1)), 0.7),
+    "sdpa": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=0.4), 0.4),
+}
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_attention_forms_found_with_scale(form):
+    fn, scale = FORMS[form]
+    gm = _graph(fn, Q, K, V)
+    matches = find_attention(gm)
+    assert len(matches) == 1
+    m = matches[0]
+    assert m.scale == pytest.approx(scale) and not m.problems
+    assert m.mask is None
+    # the matched q/k/v feed the output node
+    assert m.out in m.v.users or any(m.out in u.users for u in m.v.users) or m.out.args[1] is m.v
+
+
+def test_problems_are_reported():
+    gm = _graph(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), Q, K, V)
+    assert find_attention(gm)[0].problems == ["causal attention"]
+    gm = _graph(lambda q, k, v: F.scaled_dot_product_attention(q, k[:, :1], v[:, :1], enable_gqa=True), Q, K, V)
+    assert "grouped-query" in find_attention(gm)[0].problems[0]
+
+
+def test_softmax_that_is_not_attention_is_ignored():
+    gm = _graph(lambda q, k, v: torch.softmax(q * 2, -1) @ v.transpose(-1, -2), Q, K, V)
+    assert find_attention(gm) == []
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("wan", (4, 4, 4, "BCTHW")), ("cogvideox", (4, 4, 4, "BTCHW")), ("kandinsky5", (4, 4, 4, "BTHWC")),
+    ("ltx", (4, 4, 4, "BNC")), ("cogvideox15", (4, 4, 4, "BTCHW")), ("temporal", (4, 8, 8, "(BT)CHW")),
+])
+def test_token_grid_from_inputs_and_config(name, expected):
+    model, kw = build_tiny(name)
+    grid, why = infer_grid(model, (), kw)
+    assert grid is not None, why
+    assert (grid.frames, grid.height, grid.width) == expected[:3] and expected[3] in grid.source
+
+
+def test_ambiguous_channel_axis_is_not_guessed():
+    model, kw = build_tiny("wan")
+    c = model.config.in_channels
+    x = torch.randn(1, c, c, 8, 8)  # channels == frames: BCTHW or BTCHW?
+    grid, why = infer_grid(model, (), dict(kw, hidden_states=x))
+    assert grid is None and "channel axis" in why
