@@ -69,8 +69,13 @@ def test_embedded_model_exports_and_matches(tmp_path):
 def test_cogvideox_joint_text_attention(tmp_path):
     model, inputs = build_tiny("cogvideox")
     plan = _mixed_plan(model, inputs)
-    res = to_onnx(model, inputs, tmp_path / "cog.onnx", plan)
+    res = to_onnx(model, inputs, tmp_path / "cog.onnx", plan, external_data=True)
     assert all(f["layout"]["text_prefix"] == 8 for f in res.sites.values())
+    import onnx
+
+    graph = onnx.load(str(res.path), load_external_data=False).graph  # weights beside the graph, as for > 2 GB models
+    external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert res.external_data and len(external) > 10 and (tmp_path / "cog.onnx.data").stat().st_size > 100_000
     _assert_exported(res, plan, model, inputs, tmp_path)
     # CogVideoX rebuilds its position table from the frame count: the export says frames are fixed
     bad = dict(inputs, hidden_states=torch.randn(1, 5, *inputs["hidden_states"].shape[2:]))
