@@ -30,6 +30,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ..layout import TokenLayout
 from .attention import gather_tokens, parallel_tile_attention, shard_tokens
+from .ulysses import check_heads
 from .shard_rules import Shard, Unshardable, map_getitem, map_permute, map_view
 
 _VIEW = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"}
@@ -324,6 +325,8 @@ class _Walker:
                 raise Unshardable(f"{node.name}: self-attention with a mask, dropout, causal or GQA")
             scale = kw.get("scale") or self.gshape(q)[-1] ** -0.5
             gs, ws = [-1], [0]
+        if self.par.mode == "ulysses":
+            check_heads(self.gshape(q)[1], self.par.world_size)  # a clear error, not a silent fallback
         need_lse = any(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 1 for u in node.users) if tile else False
         fn = _site_fn(self.par, need_lse, tile)
         node.target, node.op = fn, "call_function"
