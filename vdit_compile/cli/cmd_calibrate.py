@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .model_spec import ModelSpecError, add_model_arguments, is_pipeline, load_for_cli, load_input_list, move_inputs, parse_pipe_kwargs
+from .model_spec import (ModelSpecError, add_model_arguments, input_dtype, is_pipeline, load_for_cli, load_input_list,
+                         move_inputs, parse_pipe_kwargs)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -66,7 +67,7 @@ def collect_inputs(obj, example, args, settings) -> list[dict]:
         if not inputs:
             raise ModelSpecError(f"{args.model} is a bare module: pass --inputs FILE (torch.save'd forward kwargs, "
                                  "a dict or a list of dicts) or use a 'module:factory' returning (model, inputs)")
-        inputs = [move_inputs(i, args.device) for i in inputs[:: args.every]][: args.max_calls]
+        inputs = [move_inputs(i, args.device, input_dtype(args)) for i in inputs[:: args.every]][: args.max_calls]
     settings.num_inputs = len(inputs)
     return inputs
 

@@ -9,7 +9,8 @@ import argparse
 import json
 import sys
 
-from .model_spec import ModelSpecError, add_model_arguments, is_pipeline, load_for_cli, move_inputs, parse_pipe_kwargs
+from .model_spec import (ModelSpecError, add_model_arguments, input_dtype, is_pipeline, load_for_cli, move_inputs,
+                         parse_pipe_kwargs)
 
 DEFAULT_PROMPT = "a red circle moving left"
 
@@ -29,7 +30,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 def example_inputs_for(obj, example, args) -> dict:
     """Forward kwargs to trace with: given ones, or one captured pipeline step (1 inference step)."""
     if example is not None:
-        return move_inputs(example, args.device)
+        return move_inputs(example, args.device, input_dtype(args))
     if is_pipeline(obj):
         from ..calibration.inputs import capture_transformer_inputs
 

@@ -231,6 +231,11 @@ def parse_pipe_kwargs(text: str) -> dict:
     return kw
 
 
+def input_dtype(args):
+    """The dtype ``--dtype`` asks for (``None``: leave inputs as they are)."""
+    return DTYPES[args.dtype] if getattr(args, "dtype", None) else None
+
+
 def is_pipeline(obj) -> bool:
     return not isinstance(obj, torch.nn.Module) and isinstance(getattr(obj, "transformer", None), torch.nn.Module)
 
@@ -248,12 +253,14 @@ def load_for_cli(args) -> tuple[Any, dict | None]:
     return obj, example
 
 
-def move_inputs(obj: Any, device, dtype=None) -> Any:
-    """Recursively move tensors to ``device``; floating tensors also to ``dtype`` when given."""
+def move_inputs(obj: Any, device, dtype=None, _key: str = "") -> Any:
+    """Recursively move tensors to ``device``; floating tensors also to ``dtype`` when given,
+    except timesteps (kept in full precision: the models embed them themselves)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device=device, dtype=dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
+        cast = dtype is not None and obj.is_floating_point() and "timestep" not in _key
+        return obj.to(device=device, dtype=dtype) if cast else obj.to(device)
     if isinstance(obj, dict):
-        return {k: move_inputs(v, device, dtype) for k, v in obj.items()}
+        return {k: move_inputs(v, device, dtype, str(k)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(move_inputs(v, device, dtype) for v in obj)
+        return type(obj)(move_inputs(v, device, dtype, _key) for v in obj)
     return obj

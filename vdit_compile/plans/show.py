@@ -92,7 +92,7 @@ def write_heatmaps(plan: Plan, directory) -> list[Path]:
         fm = s.frame_mass
         H, G = len(fm), len(fm[0])
         T = G - 1
-        cols = min(H, 4)
+        cols = min(H, 4 if H <= 16 else 8)
         rows = (H + cols - 1) // cols
         fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows + 0.6), squeeze=False)
         labels = [str(f) for f in range(T)] + ["txt"]
