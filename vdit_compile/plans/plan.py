@@ -140,7 +140,7 @@ def _num(x):
     if x is None:
         return None
     x = float(x)
-    return None if math.isnan(x) else round(x, 6)
+    return None if math.isnan(x) else float(f"{x:.6g}")
 
 
 def _round_nested(x):

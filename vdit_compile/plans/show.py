@@ -73,7 +73,8 @@ def _safe(name: str) -> str:
 def write_heatmaps(plan: Plan, directory) -> list[Path]:
     """One PNG per site with calibrated ``frame_mass``: a panel per head, kept tiles outlined.
 
-    Rows are query frames, columns key frames, the last row/column is text; colour is the mean
+    Rows are query frames, columns key frames, the last row/column is text (when the site has
+    text tokens); colour is the mean
     share of a query token's attention falling on that key group.  Sites without data (dense by
     kind, uniform plans) get no picture.
     """
@@ -90,12 +91,15 @@ def write_heatmaps(plan: Plan, directory) -> list[Path]:
         if s.frame_mass is None:
             continue
         fm = s.frame_mass
-        H, G = len(fm), len(fm[0])
-        T = G - 1
+        H, T = len(fm), len(fm[0]) - 1
+        has_text = s.layout is None or (s.layout.text_prefix + s.layout.text_suffix) > 0
+        if not has_text:  # the text row/column is empty: draw frames only
+            fm = [[row[:T] for row in head[:T]] for head in fm]
+        G = len(fm[0])
         cols = min(H, 4 if H <= 16 else 8)
         rows = (H + cols - 1) // cols
         fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows + 0.6), squeeze=False)
-        labels = [str(f) for f in range(T)] + ["txt"]
+        labels = [str(f) for f in range(T)] + ["txt"] * has_text
         vmax = max(max(max(r) for r in head) for head in fm) or 1.0
         for h in range(rows * cols):
             ax = axes[h // cols][h % cols]
@@ -113,7 +117,7 @@ def write_heatmaps(plan: Plan, directory) -> list[Path]:
             err = s.errors[h] if h < len(s.errors) else None
             title = f"head {h}: {mask.name if mask else 'dense'}"
             if err is not None:
-                title += f" (err {err:.3f})"
+                title += f" (err {err:.3g})"
             ax.set_title(title, fontsize=8)
             step = max(1, G // 8)
             ax.set_xticks(range(0, G, step), [labels[i] for i in range(0, G, step)], fontsize=6)
