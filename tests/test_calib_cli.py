@@ -150,3 +150,15 @@ def test_frame_local_model_gets_sparse_masks_at_the_default_budget(tmp_path, cap
     vdit_compile.restore(model)
     assert any("tile_attention" in e.name for e in prof.events())
     assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+
+
+def test_inspect_gets_pipeline_inputs_from_one_step():
+    from argparse import Namespace
+    from vdit_compile.cli.cmd_inspect import example_inputs_for
+
+    pipe = _Pipe()
+    args = Namespace(model="toy", prompt="abcd", pipe_kwargs='{"scale": 3.0}', device="cpu", dtype=None)
+    kw = example_inputs_for(pipe, None, args)
+    assert kw["flag"] == 3.0 and kw["encoder_hidden_states"].tolist() == [4.0, 4.0] and kw["timestep"].item() == 0
+    given = {"hidden_states": torch.ones(2)}
+    assert example_inputs_for(pipe, given, Namespace(**{**vars(args), "dtype": "bf16"}))["hidden_states"].dtype == torch.bfloat16
