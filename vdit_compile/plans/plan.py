@@ -151,6 +151,26 @@ def _round_nested(x):
     return round(float(x), 6)
 
 
+def _dumps(d: dict) -> str:
+    """JSON with one key per line, but every list of numbers/strings on one line (heatmaps stay compact)."""
+    compact: list[str] = []
+
+    def squash(x):
+        if isinstance(x, dict):
+            return {k: squash(v) for k, v in x.items()}
+        if isinstance(x, list) and x and all(not isinstance(v, dict) for v in x):
+            compact.append(json.dumps(x, separators=(",", ":")))
+            return f"\x00{len(compact) - 1}\x00"
+        if isinstance(x, list):
+            return [squash(v) for v in x]
+        return x
+
+    text = json.dumps(squash(d), indent=1)
+    for i, c in enumerate(compact):
+        text = text.replace(f'"\\u0000{i}\\u0000"', c, 1)
+    return text
+
+
 @dataclass
 class Plan:
     """Per-site, per-head mask assignment for one model (see module doc)."""
@@ -277,7 +297,7 @@ class Plan:
     def save(self, path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        path.write_text(_dumps(self.to_dict()) + "\n", encoding="utf-8")
         return path
 
     @classmethod
