@@ -137,3 +137,22 @@ def test_bad_inputs_are_explained():
         cal.result(0.05)
     with pytest.raises(ValueError, match="TokenLayout"):
         SiteCalibrator("x", None, 2)
+
+
+def test_masks_keeping_only_far_lower_scores_stay_exact():
+    """A query whose own-frame scores are ~200 below another frame's: g0w0's output is still exact."""
+    layout = TokenLayout(3, 1, 2)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 1, 6, 4, generator=g)
+    k = torch.randn(1, 1, 6, 4, generator=g)
+    v = torch.randn(1, 1, 6, 4, generator=g)
+    q[..., 2:4, :] = torch.tensor([10.0, 0, 0, 0])
+    k[..., 0:2, :] = torch.tensor([20.0, 0, 0, 0])  # frame 1's queries score ~200 on frame 0's keys
+    cal = SiteCalibrator("s", layout, 1)
+    cal.observe(q, k, v, 1.0)
+    errs = cal.candidate_errors()
+    assert torch.isfinite(errs).all()
+    dense = dense_masked_attention(q.double(), k.double(), v.double(), layout, torch.ones(1, 3, 3, dtype=torch.bool), 1.0)
+    g0w0 = dense_masked_attention(q.double(), k.double(), v.double(), layout, TileMask(0, 0).frame_mask(3)[None], 1.0)
+    want = ((g0w0 - dense).norm() / dense.norm()).item()
+    assert errs[0, cal.candidates.index(TileMask(0, 0))].item() == pytest.approx(want, rel=1e-5)

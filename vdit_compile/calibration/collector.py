@@ -201,8 +201,11 @@ class SiteCalibrator:
             mass.index_add_(1, qg, group_mass.sum(0).to(torch.float64))
             norm += out_dense.square().sum((0, 2, 3)).to(torch.float64)
             # candidates: keep table rows of each query's group -> (C, r, G)
-            kr = keep[:, qg]
-            wk = w_all[:, :, None] * kr[None, None]  # (B,H,C,r,G), relative to the dense max (exact merge)
+            # merged relative to each candidate's own max over the groups it keeps, so a mask whose
+            # kept scores are far below the dropped ones (exp underflow against the dense max) stays exact
+            kr = keep[:, qg].bool()
+            mk = torch.where(kr[None, None], m[:, :, None], float("-inf"))  # (B,H,C,r,G)
+            wk = torch.exp(mk - mk.amax(-1, keepdim=True))  # own frame is always kept: the max is finite
             z_c = (wk * l[:, :, None]).sum(-1)
             out_c = torch.einsum("bhcrg,bhrgd->bhcrd", wk, o).div_(z_c[..., None]).sub_(out_dense[:, :, None])
             err += out_c.square_().sum((0, 3, 4)).to(torch.float64)
