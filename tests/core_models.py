@@ -46,9 +46,9 @@ class ManualDiT(nn.Module):
     hand-written forms the detection pass recognises.
     """
 
-    def __init__(self, in_channels=C, dim=DIM, heads=HEADS, text_dim=24, layers=2, patch=(1, 2, 2)):
+    def __init__(self, in_channels=C, dim=DIM, heads=HEADS, text_dim=24, layers=2, patch=(1, 2, 2), order="THW"):
         super().__init__()
-        self.patch = patch
+        self.patch, self.order = patch, order
         self.heads = heads
         self.patch_embed = nn.Conv3d(in_channels, dim, kernel_size=patch, stride=patch)
         self.text_proj = nn.Linear(text_dim, dim)
@@ -57,7 +57,10 @@ class ManualDiT(nn.Module):
 
     def forward(self, hidden_states, encoder_hidden_states):
         b, c, t, h, w = hidden_states.shape
-        x = self.patch_embed(hidden_states).flatten(2).transpose(1, 2)
+        x = self.patch_embed(hidden_states)
+        if self.order == "HWT":  # not frame-major: detection must notice and leave it dense
+            x = x.permute(0, 1, 3, 4, 2)
+        x = x.flatten(2).transpose(1, 2)
         txt = self.text_proj(encoder_hidden_states)
         n = txt.shape[1]
         x = torch.cat([txt, x], dim=1)

@@ -81,3 +81,17 @@ def test_ambiguous_channel_axis_is_not_guessed():
     x = torch.randn(1, c, c, 8, 8)  # channels == frames: BCTHW or BTCHW?
     grid, why = infer_grid(model, (), dict(kw, hidden_states=x))
     assert grid is None and "channel axis" in why
+
+
+def test_token_order_probe_rejects_non_frame_major():
+    """Same shapes, same cat, but tokens ordered H, W, T: the probe notices; the site stays dense."""
+    from core_models import ManualDiT
+    import vdit_compile as vc
+
+    _, kw = build_tiny("manual")
+    torch.manual_seed(0)
+    sites = vc.inspect_model(ManualDiT(order="HWT").eval(), kw)
+    assert len(sites) == 2 and not any(s.tileable for s in sites)
+    assert all("token-order probe" in s.reason and "not frame-major" in s.reason for s in sites)
+    torch.manual_seed(0)
+    assert all(s.tileable for s in vc.inspect_model(ManualDiT().eval(), kw))

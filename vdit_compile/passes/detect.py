@@ -26,6 +26,7 @@ import torch.fx
 from ..layout import TokenLayout
 from .attention import AttnMatch, example_shape, find_attention, static_shape
 from .grid import GridInfo
+from .probe import probe_layout
 from .naming import RootNames, join, local_module_path, param_placeholders
 from .registry import register_pass
 
@@ -211,5 +212,14 @@ def detect_sites(gm: torch.fx.GraphModule, example_inputs, grid: GridInfo | None
 @register_pass("detect", 100)
 def detect_pass(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     ctx.templates = detect_sites(gm, ctx.example_inputs, ctx.grid, ctx.grid_reason, ctx.root_names)
+    first = next((t for t in ctx.templates if t.site.tileable), None)
+    if first is not None and getattr(ctx.config, "probe", True):
+        problem = probe_layout(gm, ctx.example_inputs, first, ctx.grid)
+        same = [t for t in ctx.templates if t.site.layout == first.site.layout]
+        for t in same:
+            if problem:
+                t.site.layout, t.site.reason = None, problem
+            elif problem == "":
+                t.notes.append("token order confirmed by probe")
     ctx.sites = [t.site for t in ctx.templates]
     return gm

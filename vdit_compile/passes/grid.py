@@ -17,7 +17,7 @@ ambiguous or a size is not divisible by the patch, no grid is returned and the r
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +31,9 @@ class GridInfo:
     height: int
     width: int
     source: str
+    key: str = ""  # the call argument holding the video
+    axes: str = ""  # its layout: BCTHW, BTCHW, BTHWC, BNC, (BT)CHW
+    tensor: object = field(default=None, repr=False, compare=False)  # the video input itself (probe)
 
     @property
     def video_tokens(self) -> int:
@@ -129,4 +132,4 @@ def infer_grid(model, args: tuple, kwargs: dict) -> tuple[GridInfo | None, str]:
         return None, f"unsupported video input {key}{shape} (expected 5-D video, or (B, N, C) with num_frames/height/width)"
     if t % pt or h % ph or w % pw:
         return None, f"video {t}x{h}x{w} is not divisible by the patch {pt}x{ph}x{pw}"
-    return GridInfo(int(b), t // pt, h // ph, w // pw, f"{key} {src}, patch {pt}x{ph}x{pw}"), ""
+    return GridInfo(int(b), t // pt, h // ph, w // pw, f"{key} {src}, patch {pt}x{ph}x{pw}", key, src.split("+")[0], x), ""
