@@ -59,7 +59,7 @@ def test_missing_tensorrt_message():
 @pytest.mark.skipif(not _trt_available(), reason="needs torch_tensorrt, TensorRT and a CUDA device")
 def test_tensorrt_engine_fp16(tmp_path):  # pragma: no cover - not runnable on the machines of this project
     import tensorrt as trt
-    from vdit_compile.export.tensorrt import to_tensorrt
+    from vdit_compile.export.tensorrt import check_tensorrt, to_tensorrt
 
     model, inputs = build_tiny("wan")
     plan = _plan(model, inputs)
@@ -68,3 +68,6 @@ def test_tensorrt_engine_fp16(tmp_path):  # pragma: no cover - not runnable on t
     assert meta["precision"] == "fp16" and meta["fingerprint"].startswith("sha256:") and meta["plan"]["sites"]
     engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
     assert engine is not None and engine.num_io_tensors >= len(meta["inputs"]) + 1
+    err, ok = check_tensorrt(path, model, inputs, plan)  # engine vs the fp32 core rewrite on fresh inputs
+    assert ok, err
+    assert next(model.parameters()).dtype == torch.float32  # the caller's model is left as it was

@@ -37,7 +37,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    "(automatic above 2 GB)")
     p.add_argument("--check", action="store_true",
                    help="ONNX: run ONNX Runtime (CPU) on fresh random inputs, compare with the PyTorch rewritten model "
-                        "(fp32 relative error < 1e-4) and report latencies")
+                        "(fp32 relative error < 1e-4) and report latencies; TensorRT: run the engine and compare")
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true", help="TensorRT: fp16 engine")
     prec.add_argument("--bf16", action="store_true", help="TensorRT: bf16 engine")
@@ -59,7 +59,7 @@ def _preflight(args):
     for out in (args.onnx, args.trt):
         if out and Path(out).exists() and not args.overwrite:
             return f"output {out} already exists; pass --overwrite to replace it"
-    if args.check and args.custom_op:
+    if args.check and args.custom_op and not args.trt:
         return "--check runs ONNX Runtime, which has no kernel for vdit.TileAttention: drop --custom-op or --check"
     if args.trt:
         from ..export.tensorrt import require_torch_tensorrt
@@ -93,6 +93,14 @@ def run(args) -> int:
             precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
             path = to_tensorrt(obj, inputs, args.trt, args.plan, precision=precision, overwrite=args.overwrite)
             print(f"wrote {path} ({precision}) and {path}.json (plan, fingerprint, inputs)")
+            if args.check:
+                from ..export.tensorrt import TRT_TOLERANCE, check_tensorrt
+
+                err, ok = check_tensorrt(path, obj, inputs, args.plan)
+                print(f"TensorRT check {'OK' if ok else 'FAILED'}: relative L2 error {err:.2e} vs the fp32 PyTorch "
+                      f"rewritten model (bound {TRT_TOLERANCE[precision]:.0e} for {precision})")
+                if not ok:
+                    return _fail("TensorRT output differs from PyTorch beyond the bound")
     except (ExportError, ModelSpecError, PlanError, PlanMismatchError, FileNotFoundError) as exc:
         return _fail(str(exc))
     return 0
