@@ -109,3 +109,30 @@ def test_mlcd_run_writes_its_outputs_and_loads_as_a_few_step_pipeline(tmp_path):
         frames = pipe(["red circle left", "blue square up"], num_inference_steps=steps, generator=g).frames
         assert frames.shape == (2, 4, 3, 8, 8) and torch.isfinite(frames).all()
         assert 0 <= float(frames.min()) and float(frames.max()) <= 1
+
+
+def test_time_budget_ends_a_stage_early_and_says_so(setup, tmp_path):
+    adapter, cfg, sch, pool = setup
+    student = copy.deepcopy(adapter.transformer).train()
+    auto = autocast_factory(torch.device("cpu"), "fp32")
+    tr = StageTrainer("mlcd", tmp_path, student, {}, lambda m, i, n: mlcd_loss(adapter, m, student, pool, sch, i, n, cfg, auto),
+                      _fixed(cfg.batch_size), lambda s: None, 50, cfg.lr, cfg, torch.device("cpu"), max_seconds=1e-9)
+    tr.run(progress=False)
+    assert tr.stopped_early and tr.step == 1 and tr.total == 1
+
+
+def test_embedded_adapter_pieces():
+    from vdit_compile.distill.adapter import load_adapter
+    from vdit_compile.models.embedded import data
+
+    a = load_adapter("embedded:tiny")
+    prompts = a.sample_prompts(3, seed=5)
+    assert all(data.parse_caption(p) for p in prompts)  # captions of the training distribution
+    cond, neg = a.encode(prompts, "cpu"), a.negative(3, "cpu")
+    assert cond.shape == neg.shape and cond.shape[0] == 3 and float(neg.abs().max()) == 0.0
+    assert a.latent_shape() == (3, data.NUM_FRAMES, data.HEIGHT, data.WIDTH)
+    x = torch.randn(2, *a.latent_shape())
+    frames = a.decode(x)
+    assert frames.shape == (2, data.NUM_FRAMES, 3, data.HEIGHT, data.WIDTH) and 0 <= frames.min() and frames.max() <= 1
+    t, s = a.teacher_schedule(8)
+    assert t.shape == (8,) and s.shape == (9,) and s[0] == 1.0 and s[-1] == 0.0

@@ -84,7 +84,10 @@ def main(argv=None) -> int:
         from .report import score_runs
 
         try:
-            score_runs(finished, device="cuda", prompts=a.prompts, out=work / "score")
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            score_runs(finished, device=device, prompts=a.prompts, out=work / "score")
             print((work / "score" / "scorecard.md").read_text(), flush=True)
         except Exception as exc:  # report what was trained even if scoring fails
             import traceback
