@@ -53,6 +53,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -197,6 +198,7 @@ def save_weights(path: Path, module: torch.nn.Module, metadata: dict | None = No
     os.close(fd)
     try:
         save_file(state_dict_cpu(module), tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

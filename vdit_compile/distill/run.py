@@ -172,10 +172,19 @@ def _write_timings(run_dir: Path, timings: dict) -> None:
     atomic_write_text(path, json.dumps(old, indent=2) + "\n")
 
 
+def _raise_interrupted(signum, frame):
+    """Outside the training loops (pool, calibration, scoring) a signal stops the run at once: no step is lost."""
+    raise Interrupted(signum, "(no training step in progress; nothing to save)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_arg_parser()
     args = parser.parse_args(argv)
+    cfg = None
+    old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if args.resume:
             given = [a for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--") and a not in ("--resume",)]
@@ -191,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distill: error: {exc}", file=sys.stderr)
         return 2
     except Interrupted as exc:
-        print(f"distill: {exc}; continue with --resume {cfg.out}", file=sys.stderr)
+        where = cfg.out if cfg is not None else "RUN_DIR"
+        print(f"distill: {exc}; continue with --resume {where}", file=sys.stderr)
         return 128 + exc.signum
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
     return 0
