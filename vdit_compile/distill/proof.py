@@ -7,7 +7,8 @@ far too small to fill an H100 alone), stops them with SIGTERM (they checkpoint) 
 its share of the time, then scores every finished stage *sequentially* (so wall times are not
 disturbed by the other run) with :func:`vdit_compile.distill.report.score_runs`, and packs each run
 into ``OUT/s<S>.tgz`` (everything but checkpoints and the MLCD weights) plus ``OUT/s<S>-mlcd.safetensors``
-so a later call can continue from the finished MLCD stage (``--resume``).
+so a later call can continue from the finished MLCD stage: carry those files in a git-ignored folder and
+pass ``--restore FOLDER``.
 """
 from __future__ import annotations
 
@@ -34,6 +35,21 @@ def _pack(run: Path, out: Path) -> None:
         shutil.copy2(w, out / f"{run.name}-mlcd.safetensors")
 
 
+def _restore(src: Path, work: Path, segments) -> None:
+    """Inverse of :func:`_pack`: a previous call's runs, minus checkpoints, ready for ``--resume``."""
+    for S in segments:
+        tgz = src / f"s{S}.tgz"
+        if not tgz.is_file():
+            continue
+        with tarfile.open(tgz) as tar:
+            tar.extractall(work, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(work)
+        w = src / f"s{S}-mlcd.safetensors"
+        if w.is_file():
+            (work / f"s{S}" / "mlcd").mkdir(parents=True, exist_ok=True)
+            shutil.copy2(w, work / f"s{S}" / "mlcd" / "weights.safetensors")
+        print(f"restored s{S} from {src}", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -43,6 +59,8 @@ def main(argv=None) -> int:
     p.add_argument("--score-minutes", type=float, default=2.5)
     p.add_argument("--prompts", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue runs already in --work")
+    p.add_argument("--restore", help="a folder holding a previous call's s<S>.tgz and s<S>-mlcd.safetensors: unpack "
+                                     "them into --work and continue those runs (implies --resume)")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="-- then options for tools/distill.py")
     a = p.parse_args(argv)
     t0 = time.time()
@@ -50,6 +68,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     extra = [x for x in a.rest if x != "--"]
+    if a.restore:
+        _restore(Path(a.restore), work, [int(s) for s in a.segments.split(",")])
+        a.resume = True
     procs = {}
     for S in [int(s) for s in a.segments.split(",")]:
         run = work / f"s{S}"
