@@ -48,7 +48,11 @@ class CheckReport:
 
 
 def fresh_inputs(example: Mapping, seed: int, frames: tuple[int, int] | None = None) -> dict:
-    """Random tensors shaped like ``example`` (ints in [0, 1000)); ``frames=(axis, n)`` resizes hidden_states."""
+    """Random float tensors shaped like ``example``; ``frames=(axis, n)`` resizes hidden_states.
+
+    Integer and bool tensors (timesteps, position indices, masks) are kept: random values there
+    would be out-of-range indices, not fresh data.
+    """
     g = torch.Generator().manual_seed(seed)
 
     def rand(x):
@@ -56,9 +60,7 @@ def fresh_inputs(example: Mapping, seed: int, frames: tuple[int, int] | None = N
             return x
         if x.is_floating_point():
             return torch.randn(x.shape, generator=g, dtype=x.dtype)
-        if x.dtype == torch.bool:
-            return x.clone()
-        return torch.randint(0, 1000, x.shape, generator=g, dtype=x.dtype)
+        return x.clone()
 
     out = {k: pytree.tree_map(rand, v) for k, v in example.items()}
     if frames is not None:
