@@ -44,6 +44,10 @@ def _attention_cases():
             o, l = parallel_tile_attention(sh(q), sh(k), sh(v), *args, par, need_lse=True)
             out[(mode, name)] = dict(op=rel_err(o, sh(ref_o)), oracle=rel_err(o, sh(oracle)), lse=rel_err(l, sh(ref_l)),
                                      bytes=par.stats.total)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh_par = Parallel(init_device_mesh("cpu", (torch.distributed.get_world_size(),)), mode="tile-ring")
+    out["mesh"] = (mesh_par.rank, mesh_par.world_size, torch.distributed.get_rank())
     try:
         parallel_tile_attention(*(torch.zeros(1, 3, 8, 4),) * 3, 0, 0, 4, [0], [0], 1.0, Parallel(None, "ulysses"))
         out["ulysses_heads_error"] = None
@@ -128,7 +132,7 @@ def test_attention_forms_match_the_op_and_dense_oracle(results):
     W, per_rank = results
     for rank, res in enumerate(per_rank):
         for key, r in res["attention"].items():
-            if key == "ulysses_heads_error":
+            if key in ("ulysses_heads_error", "mesh"):
                 continue
             assert r["op"] < 1e-12 and r["oracle"] < 1e-12 and r["lse"] < 1e-12, (W, rank, key, r)
 
@@ -138,6 +142,11 @@ def test_tile_ring_moves_less_than_dense_for_sparse_masks(results):
     total = lambda name: sum(res["attention"][("tile-ring", name)]["bytes"] for res in per_rank)  # noqa: E731
     assert total("no text,own frame") == 0  # own frame only: nothing to fetch
     assert 0 < total("prefix,T=7,windows") < total("suffix,dense plan") * 4
+
+
+def test_parallel_from_a_device_mesh(results):
+    W, per_rank = results
+    assert [res["attention"]["mesh"] for res in per_rank] == [(r, W, r) for r in range(W)]
 
 
 def test_ulysses_needs_divisible_heads(results):

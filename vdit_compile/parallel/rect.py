@@ -85,10 +85,12 @@ def rect_attention(
             idx = torch.cat([text_idx, (k_text + sel[:, None] * P + tok[None, :]).flatten()])
             if idx.numel() == 0:
                 continue
-            hs = torch.tensor(heads, device=q.device)
-            full = idx.numel() == Lk
-            ks = k[:, hs] if full else k[:, hs][:, :, idx.to(q.device)]
-            vs = v[:, hs] if full else v[:, hs][:, :, idx.to(q.device)]
+            # all heads share the pattern (the usual case): slice, never copy the whole of k/v per frame
+            hs = slice(None) if len(heads) == H else torch.tensor(heads, device=q.device)
+            ks, vs = (k, v) if len(heads) == H else (k.index_select(1, hs), v.index_select(1, hs))
+            if idx.numel() != Lk:
+                idx = idx.to(q.device)
+                ks, vs = ks.index_select(2, idx), vs.index_select(2, idx)
             o, l = _attend(q[:, hs, rows], ks, vs, scale)
             out[:, hs, rows], lse[:, hs, rows] = o, l
     return out, lse
