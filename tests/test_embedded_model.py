@@ -75,8 +75,8 @@ def test_save_load_round_trip_and_gif(tmp_path):
         load_pipeline(weights=tmp_path / "missing")
 
 
-@pytest.mark.skipif(not weights_available(), reason="embedded weights not shipped yet")
 def test_shipped_weights_load():
+    assert weights_available(), "the embedded weights must ship in vdit_compile/models/embedded/weights/"
     import os
 
     from vdit_compile.models.embedded import WEIGHTS_DIR

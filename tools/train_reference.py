@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vdit_compile.models.embedded import (TEXT_ENCODER_CONFIG, TINY_TEXT_ENCODER_CONFIG,  # noqa: E402
+from vdit_compile.models.embedded import (SCHEDULER_CONFIG, TEXT_ENCODER_CONFIG, TINY_TEXT_ENCODER_CONFIG,  # noqa: E402
                                           TINY_TRANSFORMER_CONFIG, TRANSFORMER_CONFIG, WEIGHTS_DIR, CaptionTokenizer,
                                           build_text_encoder, build_transformer, data, load_pipeline, save_embedded,
                                           save_gif)
@@ -69,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped weights")
     p.add_argument("--cfg-drop", type=float, default=0.1, help="caption dropout (null prompt) for CFG")
     p.add_argument("--unk-prob", type=float, default=0.02, help="words replaced by <unk> in training")
+    p.add_argument("--shift", type=float, default=SCHEDULER_CONFIG["shift"],
+                   help="timestep shift (training distribution and the shipped scheduler); > 1 trains more at high "
+                        "noise, where motion direction is decided")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", dest="compile", action="store_true", default=None)
@@ -104,7 +107,8 @@ def make_batch(args, tokenizer, step, device):
         ids = ids.masked_fill(unk, tokenizer.unk_id)
     x0 = videos.permute(0, 2, 1, 3, 4) * 2 - 1  # (B, 3, T, H, W) in [-1, 1]
     noise = torch.randn(x0.shape, generator=g_dev, device=device)
-    t = torch.sigmoid(torch.randn(args.batch, generator=g_dev, device=device))  # logit-normal timesteps
+    u = torch.sigmoid(torch.randn(args.batch, generator=g_dev, device=device))  # logit-normal timesteps
+    t = args.shift * u / (1 + (args.shift - 1) * u)  # shifted towards noise, as the sampler's schedule is
     return x0, noise, t, ids, mask
 
 
@@ -302,12 +306,13 @@ def main(argv=None) -> int:
     final_loss = sum(float(r["loss"]) for r in rows[-8:]) / max(1, len(rows[-8:])) if rows else float("nan")
     guidance_default = next((g for g in args.guidance if g > 1), 1.0)
     summary = {"steps": step, "planned_steps": args.steps, "stopped_by": stopped_by, "train_minutes": train_s / 60,
-               "batch": args.batch, "lr": args.lr, "ema": args.ema, "seed": args.seed, "compile": use_compile,
+               "batch": args.batch, "lr": args.lr, "shift": args.shift, "ema": args.ema, "seed": args.seed, "compile": use_compile,
                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "final_loss_last_logs": final_loss, "dit_params": n_dit,
                "text_encoder_params": n_te, "command": " ".join(sys.argv)}
     save_embedded(out / "weights", ema_modules["transformer"], ema_modules["text_encoder"], tokenizer,
-                  extra={"training": summary}, guidance_scale=guidance_default)
+                  extra={"training": summary}, guidance_scale=guidance_default,
+                  scheduler={**SCHEDULER_CONFIG, "shift": args.shift})
 
     if args.sample_steps > 0:
         pipe = load_pipeline(device=device, weights=out / "weights")

@@ -22,7 +22,8 @@ CONFIG_FILE = "config.json"
 
 
 def save_embedded(out_dir, transformer, text_encoder, tokenizer: CaptionTokenizer, extra: dict | None = None,
-                  dtype: torch.dtype = torch.float16, guidance_scale: float | None = None) -> Path:
+                  dtype: torch.dtype = torch.float16, guidance_scale: float | None = None,
+                  scheduler: dict | None = None) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -35,7 +36,7 @@ def save_embedded(out_dir, transformer, text_encoder, tokenizer: CaptionTokenize
     ecfg = {k: v for k, v in text_encoder.config.items() if not k.startswith("_") and k not in ("vocab_size",
                                                                                                    "max_length")}
     cfg = {"format": FORMAT, "transformer": tcfg, "text_encoder": ecfg, "tokenizer": tokenizer.to_dict(),
-           "scheduler": dict(SCHEDULER_CONFIG),
+           "scheduler": dict(SCHEDULER_CONFIG if scheduler is None else scheduler),
            "video": {"num_frames": data.NUM_FRAMES, "height": data.HEIGHT, "width": data.WIDTH},
            "storage_dtype": str(dtype).replace("torch.", "")}
     if guidance_scale is not None:
