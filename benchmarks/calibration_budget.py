@@ -24,9 +24,9 @@ CALIB = ["a red circle moving left", "a large blue square bouncing", "a small ye
 EVAL = ["a cyan cross growing", "a magenta circle moving right slowly", "a dark gray square shrinking"]
 
 
-def generate(pipe, steps: int, seed: int = 0) -> torch.Tensor:
+def generate(pipe, steps: int, prompts, seed: int = 0) -> torch.Tensor:
     outs = []
-    for i, p in enumerate(EVAL):
+    for i, p in enumerate(prompts):
         g = torch.Generator().manual_seed(seed + i)
         outs.append(pipe(p, num_inference_steps=steps, generator=g, progress=False).frames.float().cpu())
     return torch.cat(outs)
@@ -44,29 +44,33 @@ def main() -> None:
     ap.add_argument("--calib-steps", type=int, default=4)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--num-calib", type=int, default=len(CALIB), help="calibration prompts used")
+    ap.add_argument("--num-eval", type=int, default=len(EVAL), help="evaluation prompts used")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     pipe = load_model(args.model).to(args.device)
     t = time.perf_counter()
-    dense = generate(pipe, args.steps)
+    calib, evals = CALIB[: args.num_calib], EVAL[: args.num_eval]
+    dense = generate(pipe, args.steps, evals)
     dense_s = time.perf_counter() - t
-    inputs = capture_transformer_inputs(pipe, CALIB, num_inference_steps=args.calib_steps, device=None)
+    inputs = capture_transformer_inputs(pipe, calib, num_inference_steps=args.calib_steps, device=None)
     rows = []
     for b in (float(x) for x in args.budgets.split(",")):
-        plan = calibrate_model(pipe, inputs, CalibrationSettings(error_budget=b, num_prompts=len(CALIB),
+        plan = calibrate_model(pipe, inputs, CalibrationSettings(error_budget=b, num_prompts=len(calib),
                                                                  num_inference_steps=args.calib_steps))
         tiled = plan.tiled_sites()
         heads = [d for s in plan.sites if s.kind in ("video_self", "joint_text_prefix", "joint_text_suffix")
                  for d in (s.densities or [1.0] * s.num_heads)]
         vdit_compile.optimize(pipe, plan=plan, progress=False)
-        sparse = generate(pipe, args.steps)
+        sparse = generate(pipe, args.steps, evals)
         vdit_compile.restore(pipe)
         rows.append({"budget": b, "tiled_sites": len(tiled), "sites": len(plan.sites),
                      "mean_head_density": round(sum(heads) / len(heads), 4),
                      "psnr_db_vs_dense": round(psnr(sparse, dense), 2),
                      "rel_l2_vs_dense": round(float((sparse - dense).norm() / dense.norm()), 5)})
         print(json.dumps(rows[-1]), flush=True)
-    print(f"model {args.model} on {args.device}; dense generation of {len(EVAL)} videos took {dense_s:.1f} s")
+    print(f"model {args.model} on {args.device}; {len(calib)} calibration prompts x {args.calib_steps} steps; "
+          f"{len(evals)} evaluation videos x {args.steps} steps (dense: {dense_s:.1f} s)")
     if args.json:
         with open(args.json, "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
