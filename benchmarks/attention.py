@@ -90,34 +90,40 @@ def time_build(layout: TokenLayout, mask: TileMask, heads: int, head_dim: int, r
 
 
 class FlexRunner:
-    """FlexAttention with our segment-table mask; one mask_mod per shape so masks do not recompile."""
+    """FlexAttention with the TileMask rule as plain index arithmetic (as ``flex_bwd_probe.py`` did).
+
+    One ``mask_mod`` closure per mask (``g``, ``w`` baked in as constants), so each mask compiles
+    its own kernels (hence the raised recompile limit).  The 2026-11-25 runs used a different
+    ``mask_mod`` -- a lookup in a captured (T+2) x (T+2) table -- and FlexAttention ran 1.3-2.7x
+    slower with it than with arithmetic for the same mask (see BENCHMARKS.md); this is the fix.
+    """
 
     def __init__(self, layout: TokenLayout):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         self.create_block_mask = create_block_mask
         self.flex = torch.compile(flex_attention, dynamic=False)
-        T, P, pre = layout.num_frames, layout.frame_tokens, layout.text_prefix
-        vend = pre + T * P
+        self.layout = layout
         self.L = layout.seq_len
-        self.table = torch.ones(T + 2, T + 2, dtype=torch.bool, device="cuda")
-        table = self.table
 
-        def seg(i):
-            f = (i - pre) // P + 1
-            f = torch.where(i < pre, 0, f)
-            return torch.where(i >= vend, T + 1, f)
+    def mask_mod(self, mask: TileMask):
+        T, P, pre = self.layout.num_frames, self.layout.frame_tokens, self.layout.text_prefix
+        vend = pre + T * P
+        g, w = min(mask.global_frames, T), mask.window
 
         def mask_mod(b, h, qi, ki):
-            return table[seg(qi), seg(ki)]
+            text = (qi < pre) | (qi >= vend) | (ki < pre) | (ki >= vend)
+            fq = (qi - pre) // P
+            fk = (ki - pre) // P
+            return text | ((fq - fk).abs() <= w) | (fk < g) | (fq < g)
 
-        self.mask_mod = mask_mod
+        return mask_mod
 
     def block_mask(self, mask: TileMask, T: int):
-        self.table[1:-1, 1:-1] = mask.frame_mask(T, device="cuda")
+        mod = self.mask_mod(mask)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        bm = self.create_block_mask(self.mask_mod, None, None, self.L, self.L, device="cuda", _compile=True)
+        bm = self.create_block_mask(mod, None, None, self.L, self.L, device="cuda", _compile=True)
         torch.cuda.synchronize()
         return bm, time.perf_counter() - t0
 
@@ -170,7 +176,7 @@ def run_shape(name: str, masks: list[str], args, sink) -> list[dict]:
                     bm, row["flex_build_first_s"] = None, 0.0
                 else:
                     bm, row["flex_build_first_s"] = flex.block_mask(mask, T)
-                    bm, row["flex_build_again_s"] = flex.block_mask(mask, T)
+                    bm, row["flex_build_again_s"] = flex.block_mask(mask, T)  # a new closure: may compile again
                 fx = lambda: flex.flex(q, k, v, block_mask=bm, scale=scale)  # noqa: E731
                 fo = fx()
                 row["ours_vs_flex_relerr"] = ((out.float() - fo.float()).norm() / fo.float().norm()).item()

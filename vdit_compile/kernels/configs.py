@@ -42,7 +42,9 @@ def _c(*a):
 # (arch, head-dim bucket) -> configs.  Head-dim bucket: 64 (<= 64), 96 (<= 96), 128 (<= 256).
 TABLE = {
     # H100, 2026-11-25: osp-29f g1 sweep (D=96): fwd 128x64/4w/3st 6.85 ms vs 128x128/8w/3st 7.99 ms;
-    # backward 64x64/4w/3st for both passes (22.0 ms vs 25.6 ms).  D=64/128 rows: see BENCHMARKS.md.
+    # backward 64x64/4w/3st for both passes (22.0 ms vs 25.6 ms).  The D=64 and D=128 rows copy D=96's
+    # winners UNSWEPT: at D=128 they reach only 264-323 TFLOP/s and spill (BENCHMARKS.md); run
+    # `benchmarks/attention.py --tune --write-table` for D=128/64 and replace them.
     ("sm90", 64): KernelConfigs(fwd=_c(128, 64, 4, 3), dkdv=_c(64, 64, 4, 3), dq=_c(64, 64, 4, 3)),
     ("sm90", 96): KernelConfigs(fwd=_c(128, 64, 4, 3), dkdv=_c(64, 64, 4, 3), dq=_c(64, 64, 4, 3)),
     ("sm90", 128): KernelConfigs(fwd=_c(128, 64, 4, 3), dkdv=_c(64, 64, 4, 3), dq=_c(64, 64, 4, 3)),
