@@ -121,4 +121,6 @@ def test_build_is_fast_on_cpu_for_a_large_shape():
     vl = plan.visits(128, 128)
     elapsed = time.perf_counter() - t0
     assert vl.num_visits > 0 and vl.n_rows == -(-layout.seq_len // 128)
-    assert elapsed < 2.0, f"visit-list build took {elapsed:.2f}s on CPU"
+    # ~1 s on an idle 2-core CPU; the bound only catches a non-vectorised build (minutes).
+    # The millisecond target is checked on the GPU (tests/test_kernel_gpu.py, BENCHMARKS.md).
+    assert elapsed < 10.0, f"visit-list build took {elapsed:.2f}s on CPU"
