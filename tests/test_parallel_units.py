@@ -152,3 +152,20 @@ def test_pass_leaves_frame_mixing_graphs_whole_with_a_warning():
     gm, warned = _captured(mix=True)
     assert warned and "cumsum" in warned[0] and "reduces over the frame-sharded dim" in warned[0]
     assert "vdit_parallel_attention" not in gm.code
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (memory-efficient SDPA blocks)")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+def test_rect_attention_cuda_blocks_match_cpu_float64(dtype, tol):
+    P, T = 64, 6
+    fmask = frame_masks([TileMask(1, 0), TileMask(dense=True), TileMask(0, 1), TileMask(2, 0)], T)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 2 * P, 64, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, 4, 5 + 4 * P, 64, generator=g, dtype=torch.float64) for _ in range(2))
+    args = ([2, 3], 5, [0, 1, 3, 5], fmask, P, 0.125)
+    ref_o, ref_l = rect_attention(q, k, v, *args)
+    with torch.no_grad():
+        out, lse = rect_attention(*(t.to("cuda", dtype) for t in (q, k, v)), *args)
+    assert float((out.double().cpu() - ref_o).norm() / ref_o.norm()) < tol
+    torch.testing.assert_close(lse.double().cpu(), ref_l, rtol=tol, atol=tol)

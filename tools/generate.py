@@ -43,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--out", default="video.gif", help="output .gif/.mp4 (rank 0), plus a .json with timings")
+    p.add_argument("--save-tensor", default=None, help="also save the frames as a torch .pt file (rank 0)")
     return p.parse_args(argv)
 
 
@@ -121,6 +122,8 @@ def main(argv=None) -> int:
         out_path = Path(args.out)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         _save(out.frames, out_path)
+        if args.save_tensor:
+            torch.save(out.frames, args.save_tensor)
         out_path.with_suffix(".json").write_text(json.dumps(report, indent=1))
         print(f"wrote {out_path}: {total:.2f} s total, {report['bytes_per_step'] / 2**20:.2f} MiB sent per step by rank 0")
     if par:
