@@ -46,26 +46,31 @@ class ManualDiT(nn.Module):
     hand-written forms the detection pass recognises.
     """
 
-    def __init__(self, in_channels=C, dim=DIM, heads=HEADS, text_dim=24, layers=2, patch=(1, 2, 2), order="THW"):
+    def __init__(self, in_channels=C, dim=DIM, heads=HEADS, text_dim=24, layers=2, patch=(1, 2, 2), order="THW",
+                 graph_break=False):
         super().__init__()
-        self.patch, self.order = patch, order
+        self.patch, self.order, self.graph_break = patch, order, graph_break
         self.heads = heads
         self.patch_embed = nn.Conv3d(in_channels, dim, kernel_size=patch, stride=patch)
         self.text_proj = nn.Linear(text_dim, dim)
         self.blocks = nn.ModuleList(_ManualBlock(dim, heads, form="matmul" if i % 2 == 0 else "einsum") for i in range(layers))
         self.proj_out = nn.Linear(dim, in_channels * patch[0] * patch[1] * patch[2])
 
-    def forward(self, hidden_states, encoder_hidden_states):
+    def forward(self, hidden_states, encoder_hidden_states=None):
         b, c, t, h, w = hidden_states.shape
         x = self.patch_embed(hidden_states)
         if self.order == "HWT":  # not frame-major: detection must notice and leave it dense
             x = x.permute(0, 1, 3, 4, 2)
         x = x.flatten(2).transpose(1, 2)
-        txt = self.text_proj(encoder_hidden_states)
-        n = txt.shape[1]
-        x = torch.cat([txt, x], dim=1)
+        n = 0
+        if encoder_hidden_states is not None:  # joint attention over text + video; else video self-attention
+            txt = self.text_proj(encoder_hidden_states)
+            n = txt.shape[1]
+            x = torch.cat([txt, x], dim=1)
         for blk in self.blocks:
             x = blk(x)
+            if self.graph_break:  # Dynamo then compiles each block's frame: one graph shared by all blocks
+                torch._dynamo.graph_break()
         return self.proj_out(x[:, n:])
 
 

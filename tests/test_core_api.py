@@ -153,3 +153,51 @@ def test_registered_pass_runs_after_rewrite():
         assert seen == [2]
     finally:
         unregister_pass("test_after_rewrite")
+
+
+def test_instance_forward_hooks_are_kept_and_restored():
+    """An instance-level forward (as accelerate's offload hooks install) is wrapped, then put back."""
+    model, kw = build_tiny("manual")
+    calls = []
+    cls_forward = type(model).forward.__get__(model)
+
+    def hooked(*args, **kwargs):
+        calls.append(1)
+        return cls_forward(*args, **kwargs)
+
+    model.forward = hooked
+    vc.optimize(model, plan=TileMask(1, 0))
+    with torch.no_grad():
+        model(**kw)
+    assert calls and state_of(model).rewritten
+    vc.restore(model)
+    assert model.__dict__["forward"] is hooked
+
+
+def test_graph_shared_by_blocks_gets_each_blocks_masks():
+    """A graph break in the block loop makes Dynamo compile one graph per block *class*, shared by
+    every block; the rewrite resolves the running block at run time and applies its own masks."""
+    from core_models import ManualDiT
+    from vdit_compile.plans import Plan
+
+    _, kw = build_tiny("manual")
+    kw = {"hidden_states": kw["hidden_states"]}  # no text: video self-attention
+    torch.manual_seed(0)
+    full = ManualDiT(layers=4).eval()
+    torch.manual_seed(0)
+    broken = ManualDiT(layers=4, graph_break=True).eval()  # blocks 0, 2 (matmul) and 1, 3 (einsum) share graphs
+    sites = vc.inspect_model(full, kw)
+    plan = Plan.uniform(sites, TileMask(1, 0))
+    plan.sites[2].masks = [TileMask(0, 0), TileMask(dense=True)]  # block 2 differs from block 0, same graph
+    vc.optimize(full, plan=plan)
+    vc.optimize(broken, plan=plan)
+    with torch.no_grad():
+        a, b = full(**kw), broken(**kw)
+    st = state_of(broken)
+    assert all(t.shared for t in st.templates) and len(st.templates) == 2
+    assert st.rewritten == {f"blocks.{i}" for i in range(4)} == state_of(full).rewritten
+    assert torch.allclose(a, b, atol=1e-6, rtol=0)
+    plan.sites[2].masks = [TileMask(1, 0)] * 2
+    vc.optimize(full, plan=plan)
+    with torch.no_grad():
+        assert not torch.allclose(full(**kw), b, atol=1e-4, rtol=0)  # the per-block masks mattered

@@ -91,8 +91,8 @@ def make_backend(state: OptimizeState):
         state.graphs += 1
         state.rewritten.update(ctx.rewritten)
         for s in ctx.sites:
-            if not any(t.shared for t in ctx.templates if t.site is s):
-                state.record_site(s)
+            if not any(t.shared and s.tileable for t in ctx.templates if t.site is s):
+                state.record_site(s)  # tileable sites of shared graphs are recorded per instance at run time
             if is_dense_3d(s):
                 state.warn_once(s.name, f"vdit-compile: 3D attention site left dense: {s.describe()}")
         backend = resolve_backend(getattr(state.config, "backend", "auto"), _device_type(example_inputs))

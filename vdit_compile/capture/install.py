@@ -16,6 +16,7 @@ from ..runtime.state import OptimizeState
 from .backend import make_backend
 
 _ATTR = "_vdit_state"
+_PREV = "_vdit_previous_forward"
 #: Dynamo's per-code-object recompile limit is raised to at least this (mode switches and
 #: many model instances of one class each compile the same ``forward``).
 MIN_RECOMPILE_LIMIT = 256
@@ -43,7 +44,11 @@ def state_of(module: torch.nn.Module) -> OptimizeState | None:
 def install(module: torch.nn.Module, state: OptimizeState) -> None:
     """(Re)compile ``module.forward`` for ``state``'s current mode."""
     _raise_limits()
-    original = type(module).forward.__get__(module)
+    if _ATTR in module.__dict__:  # re-install (mode switch): keep what was there before the first install
+        previous = module.__dict__.get(_PREV)
+    else:  # an instance-level forward (e.g. accelerate offload hooks) is wrapped, and restored later
+        previous = module.__dict__.get("forward")
+    original = previous if previous is not None else type(module).forward.__get__(module)
     compiled = torch.compile(original, backend=make_backend(state), dynamic=False)
 
     @functools.wraps(original)
@@ -62,8 +67,15 @@ def install(module: torch.nn.Module, state: OptimizeState) -> None:
 
     module.__dict__["forward"] = forward
     module.__dict__[_ATTR] = state
+    module.__dict__[_PREV] = previous
 
 
 def uninstall(module: torch.nn.Module) -> OptimizeState | None:
+    """Put back the forward the module had before :func:`install`; returns the state (or None)."""
+    if _ATTR not in module.__dict__:
+        return None
+    previous = module.__dict__.pop(_PREV, None)
     module.__dict__.pop("forward", None)
+    if previous is not None:
+        module.__dict__["forward"] = previous
     return module.__dict__.pop(_ATTR, None)

@@ -27,7 +27,7 @@ from ..layout import TokenLayout
 from .attention import AttnMatch, example_shape, find_attention, static_shape
 from .grid import GridInfo
 from .probe import probe_layout
-from .naming import RootNames, join, local_module_path, param_placeholders
+from .naming import RootNames, local_module_path, param_placeholders, rebase, strip_self
 from .registry import register_pass
 
 TILEABLE_KINDS = ("video_self", "joint_text_prefix", "joint_text_suffix")
@@ -66,6 +66,7 @@ class SiteTemplate:
     anchor_local: str | None = None
     shared: bool = False
     merged_heads: bool = False  # q is (B*H, L, D): viewed as (B*H, 1, L, D)
+    alias: str = "self"  # how the compiled frame names the module whose root path prefixes the site
     notes: list[str] = field(default_factory=list)
 
 
@@ -151,19 +152,29 @@ def classify(m: AttnMatch, grid: GridInfo | None, grid_reason: str, dfg: nx.DiGr
     return kind, layout, "", heads, head_dim, merged
 
 
-def _frame_prefix(gm, example_inputs, root_names: RootNames | None) -> tuple[str | None, dict]:
-    """Root path of the compiled frame's ``self`` ('' for the root), and the param placeholders."""
+def _aliases(gm, example_inputs, root_names: RootNames | None) -> tuple[list, dict]:
+    """``[(alias, root_prefix)]`` of the graph's parameter inputs (longest alias first), and those inputs."""
     params = param_placeholders(gm)
-    if root_names is None or not params:
-        return "", params
+    if root_names is None:
+        return [], params
     index = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    pairs = set()
     for node, local in params.items():
         i = index[node]
         if i < len(example_inputs):
-            pre = root_names.frame_prefix(example_inputs[i], local)
-            if pre is not None:
-                return pre, params
-    return None, params
+            pair = root_names.alias(example_inputs[i], local)
+            if pair is not None:
+                pairs.add(pair)
+    return sorted(pairs, key=lambda p: -len(p[0])), params
+
+
+def _site_name(local: str, aliases: list) -> tuple[str | None, str, str]:
+    """``(root name, alias, root_prefix)`` of a frame-relative module path."""
+    for alias, prefix in aliases:
+        name = rebase(local, alias, prefix)
+        if name is not None:
+            return name, alias, prefix
+    return None, "", ""
 
 
 def _anchor_for(m: AttnMatch, local_path: str, params: dict, dfg: nx.DiGraph):
@@ -187,17 +198,19 @@ def detect_sites(gm: torch.fx.GraphModule, example_inputs, grid: GridInfo | None
     if not matches:
         return []
     dfg = dataflow_graph(gm)
-    prefix, params = _frame_prefix(gm, example_inputs, root_names)
-    shared = bool(prefix)
+    aliases, params = _aliases(gm, example_inputs, root_names)
     out, seen = [], {}
     for m in matches:
-        local = local_module_path(m.out) or f"self.{m.out.name}"
+        local = local_module_path(m.out) or "self"  # no module stack: the frame's own module
         kind, layout, reason, heads, hd, merged = classify(m, grid, grid_reason, dfg)
         anchor, anchor_local = _anchor_for(m, local, params, dfg)
-        name = join(prefix or "", local)
-        if prefix is None:
-            name, reason = name, (reason + "; " if reason else "") + "frame of the graph not found in the model"
-            layout = None
+        name, alias, prefix = _site_name(local, aliases)
+        shared = bool(prefix)  # a block's own frame: the same graph may serve every block of its class
+        if name is None:
+            name = strip_self(local)
+            if layout is not None:
+                layout, reason = None, "the module running this attention was not found in the model"
+        name = name or "<root>"
         k = seen.get(name, 0)
         seen[name] = k + 1
         if k:
@@ -205,7 +218,7 @@ def detect_sites(gm: torch.fx.GraphModule, example_inputs, grid: GridInfo | None
         if shared and anchor is None and layout is not None:
             layout, reason = None, "graph shared by several modules and no parameter identifies the instance"
         site = AttentionSite(name, kind, layout, heads, hd, reason, m.form)
-        out.append(SiteTemplate(site, m, local, anchor, anchor_local, shared, merged))
+        out.append(SiteTemplate(site, m, local, anchor, anchor_local, shared, merged, alias=alias))
     return out
 
 

@@ -80,8 +80,8 @@ def _in_channels(model) -> int | None:
 
 def bind_call(model, args: tuple, kwargs: dict) -> dict:
     """The call's arguments by parameter name (positional ones bound to ``forward``'s signature)."""
-    try:
-        sig = inspect.signature(model.forward)
+    try:  # the class's forward: an instance-level wrapper (offload hooks, ours) has a (*args, **kwargs) signature
+        sig = inspect.signature(type(model).forward.__get__(model))
         return dict(sig.bind_partial(*args, **kwargs).arguments)
     except (TypeError, ValueError):
         return {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}

@@ -44,23 +44,34 @@ def local_module_path(node: torch.fx.Node) -> str | None:
     return normalize_source(path if isinstance(path, str) else str(path))
 
 
+def _source_name(node) -> str | None:
+    src = getattr(node.meta.get("grapharg"), "source", None)
+    if src is None:
+        return None
+    name = src.name() if callable(getattr(src, "name", None)) else getattr(src, "name", None)
+    return name if isinstance(name, str) else None
+
+
 def param_placeholders(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, str]:
-    """Placeholders that are parameters/buffers, with their frame-relative names (``self.x.weight``)."""
+    """Placeholders that are parameters/buffers, with their normalised source names (``self.x.weight``)."""
     out = {}
     for n in gm.graph.nodes:
-        if n.op != "placeholder":
-            continue
-        ga = n.meta.get("grapharg")
-        src = getattr(ga, "source", None)
-        name = src.name if src is not None and isinstance(getattr(src, "name", None), str) else (
-            src.name() if src is not None and callable(getattr(src, "name", None)) else None)
-        if name and name.startswith("L['self']") and ("_parameters" in name or "_buffers" in name):
+        name = _source_name(n) if n.op == "placeholder" else None
+        if name and ("_parameters" in name or "_buffers" in name):
             out[n] = normalize_source(name)
     return out
 
 
 def strip_self(path: str) -> str:
     return path[len("self."):] if path.startswith("self.") else ("" if path == "self" else path)
+
+
+def rebase(local: str, alias: str, prefix: str) -> str | None:
+    """``local`` with its leading ``alias`` (the frame's name for a module) replaced by its root path."""
+    comps, a = local.split("."), (alias.split(".") if alias else [])
+    if comps[: len(a)] != a:
+        return None
+    return ".".join(([prefix] if prefix else []) + comps[len(a):])
 
 
 class RootNames:
@@ -73,15 +84,19 @@ class RootNames:
         for name, b in root.named_buffers(remove_duplicate=False):
             self.by_id.setdefault(id(b), name)
 
-    def frame_prefix(self, tensor, local_name: str) -> str | None:
-        """Root path of the frame's ``self``: global name minus the frame-relative suffix."""
+    def alias(self, tensor, local_name: str) -> tuple[str, str] | None:
+        """``(alias, root_prefix)``: how the frame names the module that is ``root_prefix`` in the root.
+
+        ``self.attn.to_q.weight`` in a block's frame that is ``blocks.3.attn.to_q.weight`` in the root
+        gives ``("self", "blocks.3")``; in the root's own frame ``("self", "")``.
+        """
         g = self.by_id.get(id(tensor))
-        suffix = strip_self(local_name)
-        if g is None or not g.endswith(suffix):
+        if g is None:
             return None
-        return g[: len(g) - len(suffix)].rstrip(".")
-
-
-def join(prefix: str, local: str) -> str:
-    rel = strip_self(local)
-    return ".".join(p for p in (prefix, rel) if p)
+        lp, gp = local_name.split("."), g.split(".")
+        n = 0
+        while n < min(len(lp), len(gp)) and lp[-1 - n] == gp[-1 - n]:
+            n += 1
+        if n == 0:
+            return None
+        return ".".join(lp[: len(lp) - n]), ".".join(gp[: len(gp) - n])

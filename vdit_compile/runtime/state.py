@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from ..masks.tile import TileMask
-from ..passes.naming import RootNames, join
+from ..passes.naming import RootNames, rebase
 
 _STATES: dict[int, "OptimizeState"] = {}
 _IDS = itertools.count(1)
@@ -77,12 +77,13 @@ class OptimizeState:
         """The concrete site a template stands for on this call (shared graphs: by the anchor parameter)."""
         if not template.shared:
             return template.site
-        pre = self.root_names.frame_prefix(anchor, template.anchor_local) if anchor is not None else None
-        if pre is None:
+        pair = self.root_names.alias(anchor, template.anchor_local) if anchor is not None else None
+        name = rebase(template.local_path, pair[0], pair[1]) if pair is not None else None
+        if name is None:
             raise RuntimeError(f"vdit-compile: cannot tell which module ran the shared attention graph {template.local_path}")
         from dataclasses import replace
 
-        return replace(template.site, name=join(pre, template.local_path))
+        return replace(template.site, name=name)
 
     # ------------------------------------------------------------------ masks
     def site_filter_allows(self, name: str) -> bool:
