@@ -13,12 +13,13 @@ Algorithm ("band" form, exact, never an ``L x L`` tensor for a sparse head group
 * every other query frame ``f`` (``g <= f < T``) attends to the text keys, the ``g*P`` global keys
   and a gathered band of ``2w+1`` frames ``f-w .. f+w``; band frames outside ``[g, T)`` (outside the
   clip, or already counted as global) get a ``-inf`` bias.  Scores ``P x (text + g*P + (2w+1)*P)``
-  per query frame.
+  per query frame.  The three column blocks (text, global, band) share one softmax without being
+  concatenated: common row maximum, summed exponentials, one division at the end.
 
 The band indices and bias depend only on ``T``, so with a static frame count they are constants,
 and with a dynamic one (``num_frames`` arrives as a symbolic value) they are computed in-graph from
-``Range`` and the rule stays exact for every ``T > g``.  Softmax is written as
-``exp(s - lse)`` with a max-shifted log-sum-exp, so the op's second output (``lse``) is exact too.
+``Range`` and the rule stays exact for every ``T > g``.  The log-sum-exp is max-shifted and
+returned, so the op's second output (``lse``) is exact too.
 
 :func:`tile_attention_custom_node` instead emits one ``vdit.TileAttention`` node (custom domain) for
 runtimes that provide a fused kernel; see docs/export.md for its contract.
@@ -149,28 +150,31 @@ def _sparse_group(q, k, v, pre: int, suf: int, T, P, g: int, w: int, scale: floa
     keys = [op.Reshape(op.Gather(kv, idx, axis=2), _cat_dims(0, 0, 0, -1, D))]  # (B, h, T-g, (2w+1)P, D)
     vals = [op.Reshape(op.Gather(vv, idx, axis=2), _cat_dims(0, 0, 0, -1, Dv))]
     bias = op.Reshape(op.Expand(op.Unsqueeze(bias, _ints([2])), _cat_dims(1, 1, P)), _cat_dims(0, 1, -1))
-    widths = [None]
     if g:  # global keys, shared by every band row: (B, h, 1, g*P, D)
         glob = lambda x, d: op.Unsqueeze(_slice(op.Reshape(x, _cat_dims(0, 0, -1, d)), 0, gp, 2), _ints([2]))
         keys.insert(0, glob(kv, D))
         vals.insert(0, glob(vv, Dv))
-        widths.insert(0, gp)
     if pre or suf:  # text keys, shared by every band row: (B, h, 1, pre+suf, D)
         keys.insert(0, op.Unsqueeze(_text(k, pre, suf), _ints([2])))
         vals.insert(0, op.Unsqueeze(_text(v, pre, suf), _ints([2])))
-        widths.insert(0, pre + suf)
-    s = [op.MatMul(q_rest, op.Transpose(kk, perm=[0, 1, 2, 4, 3])) for kk in keys]
-    s = op.Concat(*s, axis=-1) if len(s) > 1 else s[0]
-    if len(keys) > 1:  # the bias masks band columns only
-        other = _cat_dims(_shape_of(bias, 0), 1, _add(pre + suf, gp))
-        bias = op.Concat(op.ConstantOfShape(other, value=ir.tensor(np.zeros(1, dtype=np_dtype))), bias, axis=-1)
-    p, lse = _attend(q_rest, None, s, scale, bias)
-    out, start = None, 0
-    for vals_i, width in zip(vals, widths):
-        end = _INT_MAX if width is None else _add(start, width)
-        part = op.MatMul(_slice(p, start, end, 4), vals_i)
-        out = part if out is None else op.Add(out, part)
-        start = end
+    # one softmax over the column blocks [text | global | band] without concatenating them: shared
+    # row max, summed exponentials, one division at the end (exact; avoids copying the score blocks)
+    sc = None
+    blocks = []
+    for i, kk in enumerate(keys):
+        s = op.MatMul(q_rest, op.Transpose(kk, perm=[0, 1, 2, 4, 3]))
+        if sc is None:
+            sc = op.CastLike(op.Constant(value_float=float(scale)), s)
+        s = op.Mul(s, sc)
+        blocks.append(op.Add(s, bias) if i == len(keys) - 1 else s)
+    maxima = [op.ReduceMax(b, _ints([-1]), keepdims=1) for b in blocks]
+    m = op.Max(*maxima) if len(maxima) > 1 else maxima[0]
+    exps = [op.Exp(op.Sub(b, m)) for b in blocks]
+    sums = [op.ReduceSum(e, _ints([-1]), keepdims=1) for e in exps]
+    total = op.Sum(*sums) if len(sums) > 1 else sums[0]
+    lse = op.Add(op.Log(total), m)
+    parts = [op.MatMul(e, vals_i) for e, vals_i in zip(exps, vals)]
+    out = op.Div(op.Sum(*parts) if len(parts) > 1 else parts[0], total)
     outs = [_slice(full_out, 0, head, 2), op.Reshape(out, _cat_dims(0, 0, -1, Dv))]
     lses = [_slice(full_lse, 0, head, 2), op.Reshape(lse, _cat_dims(0, 0, -1))]
     if suf:
