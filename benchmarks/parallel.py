@@ -49,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="eager", choices=["eager", "inductor", "auto"])
     p.add_argument("--out", default="benchmarks/results/parallel.jsonl")
     p.add_argument("--report", default=None, help="print the table of a results file and exit")
+    p.add_argument("--predict", action="store_true", help="print the bytes each rank would send per step and exit")
     return p.parse_args(argv)
 
 
@@ -150,10 +151,36 @@ def report(path) -> str:
     return "\n".join(lines)
 
 
+def predict(args) -> str:
+    """Bytes each rank would send per step, from vdit_compile.parallel.volume (no GPU, no model run)."""
+    from vdit_compile import TileMask
+    from vdit_compile.parallel.volume import attention_bytes
+
+    H, D, C = OSP["num_attention_heads"], OSP["attention_head_dim"], OSP["out_channels"]
+    P = (args.height // 2) * (args.width // 2)
+    lines = ["| video frames | plan | mode | GPUs | predicted MiB sent per rank per step (max over ranks) |", "|---|---|---|---|---|"]
+    for T in args.frames:
+        for plan in args.plans:
+            g, w = TileMask.parse(plan).op_args()
+            for mode in args.modes:
+                for W in (2, 4, 8):
+                    if mode == "ulysses" and H % W:
+                        continue
+                    gather = max(n for _, n in __import__("vdit_compile.parallel", fromlist=["frame_split"]).frame_split(T, W))
+                    gather_bytes = gather * C * args.height * args.width * 2 * (W - 1)
+                    per = max(attention_bytes(mode, T, P, 0, 0, H, D, W, r, [g], [w]) for r in range(W))
+                    total = per * args.layers + gather_bytes
+                    lines.append(f"| {VIDEO_FRAMES.get(T, T)} | {plan} | {mode} | {W} | {total / 2**20:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report:
         print(report(args.report))
+        return 0
+    if args.predict:
+        print(predict(args))
         return 0
     run(args)
     if int(os.environ.get("RANK", "0")) == 0:

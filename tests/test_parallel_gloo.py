@@ -17,6 +17,7 @@ from vdit_compile.masks.tile import frame_masks, op_mask_args
 from vdit_compile.ops import dense_masked_attention
 from vdit_compile.parallel import Parallel, parallel_tile_attention, shard_tokens
 from vdit_compile.parallel.testing import rel_err, run_on_gloo
+from vdit_compile.parallel.volume import attention_bytes
 
 ATTN_CASES = {
     "prefix+suffix,mixed heads": (TokenLayout(5, 2, 3, 3, 2), ["g1w0", "dense", "g0w1", "g2w0"]),
@@ -42,8 +43,12 @@ def _attention_cases():
             sh = lambda x: shard_tokens(x, 2, lay.text_prefix, lay.text_suffix, lay.num_frames, par)  # noqa: E731
             par.stats.reset()
             o, l = parallel_tile_attention(sh(q), sh(k), sh(v), *args, par, need_lse=True)
+            predicted = attention_bytes(mode, lay.num_frames, lay.frame_tokens, lay.text_prefix, lay.text_suffix, 4, 8,
+                                        par.world_size, par.rank, gs, ws, batch=2, itemsize=8, acc_itemsize=8)
+            par.stats.reset()
+            parallel_tile_attention(sh(q), sh(k), sh(v), *args, par)  # as the graph pass calls it (no lse)
             out[(mode, name)] = dict(op=rel_err(o, sh(ref_o)), oracle=rel_err(o, sh(oracle)), lse=rel_err(l, sh(ref_l)),
-                                     bytes=par.stats.total)
+                                     bytes=par.stats.total, predicted=predicted)
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh_par = Parallel(init_device_mesh("cpu", (torch.distributed.get_world_size(),)), mode="tile-ring")
@@ -142,6 +147,14 @@ def test_tile_ring_moves_less_than_dense_for_sparse_masks(results):
     total = lambda name: sum(res["attention"][("tile-ring", name)]["bytes"] for res in per_rank)  # noqa: E731
     assert total("no text,own frame") == 0  # own frame only: nothing to fetch
     assert 0 < total("prefix,T=7,windows") < total("suffix,dense plan") * 4
+
+
+def test_byte_counts_match_the_volume_formula(results):
+    W, per_rank = results
+    for rank, res in enumerate(per_rank):
+        for key, r in res["attention"].items():
+            if key not in ("ulysses_heads_error", "mesh"):
+                assert r["bytes"] == r["predicted"], (W, rank, key, r)
 
 
 def test_parallel_from_a_device_mesh(results):

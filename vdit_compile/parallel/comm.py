@@ -1,4 +1,4 @@
-"""The only transport sequence parallelism uses: ``torch.distributed.all_to_all_single``.
+"""The transport of sequence parallelism: ``torch.distributed.all_to_all_single`` (and ``broadcast``).
 
 One primitive, :func:`exchange`, sends a (possibly empty) flat chunk to every rank and
 receives one from every rank, with uneven sizes, optionally asynchronously so computation
@@ -41,6 +41,15 @@ def exchange(chunks: Sequence[torch.Tensor], recv_sizes: Sequence[int], parallel
         recv, send, [int(s) for s in recv_sizes], [f.numel() for f in flat], group=parallel.group, async_op=async_op
     )
     return Pending(work if async_op else None, recv, recv_sizes)
+
+
+def broadcast(x: torch.Tensor, src: int, parallel, kind: str, async_op: bool = False):
+    """``torch.distributed.broadcast`` from group rank ``src``; counted once, at the source (its payload)."""
+    if parallel.rank == src:
+        parallel.stats.add(kind, x.numel() * x.element_size())
+    src_global = dist.get_global_rank(parallel.group, src) if parallel.group is not dist.group.WORLD else src
+    work = dist.broadcast(x, src_global, group=parallel.group, async_op=async_op)
+    return work if async_op else None
 
 
 def gather_dim(x: torch.Tensor, dim: int, local_sizes: Sequence[int], parallel, kind: str = "gather_output") -> list[torch.Tensor]:

@@ -13,8 +13,10 @@ Rank ``r`` holds text (replicated) and frames ``F_r``.  For the tile mask ``M (H
   attends them to its own frames (text keys counted once, on rank 0) and all partials are
   exchanged.
 
-Traffic is two ``all_to_all_single`` exchanges per site; the first is asynchronous and
-overlaps the attention of local queries against local keys.  Exact: partial results are
+Traffic per site: an ``all_to_all_single`` of the neighbour frames plus one broadcast per
+owner of global frames (their k/v/q, which every rank needs: sent once, not ``W-1`` times),
+both asynchronous and overlapping the attention of local queries against local keys; then
+an ``all_to_all_single`` returning the partial results.  Exact: partial results are
 merged with their log-sum-exp (:func:`.rect.merge`).
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Sequence
 import torch
 
 from ..masks.tile import frame_masks_from_args
-from .comm import exchange
+from .comm import broadcast, exchange
 from .config import frame_split
 from .rect import merge, rect_attention
 
@@ -109,18 +111,23 @@ def tile_ring_attention(
     qv, kv, vv = q[:, :, vid], k[:, :, vid], v[:, :, vid]
     local = plan.owner_frames(r)
 
-    # exchange 1 (async): k/v frames each rank needs from me, and my full-row queries
+    # exchange 1 (async): the k/v frames each rank needs from me (all-to-all), and my global frames
+    # (k, v and their full-row queries, needed by every rank) broadcast once instead of sent W-1 times
     chunks, recv = [], []
     for t in range(W):
-        if t == r:
-            chunks.append(q.new_empty(0))
-            recv.append(0)
-            continue
-        want = plan.need[t][r]
-        chunks.append(torch.cat([_frames(kv, want, s0, P).reshape(-1), _frames(vv, want, s0, P).reshape(-1),
-                                 _frames(qv, plan.bcast[r], s0, P).reshape(-1)]))
-        recv.append(B * H * P * (len(plan.need[r][t]) * (D + Dv) + len(plan.bcast[t]) * D))
-    pending = exchange(chunks, recv, parallel, "ring_kvq", async_op=True)
+        want = [f for f in plan.need[t][r] if f not in plan.bcast[r]] if t != r else []
+        chunks.append(torch.cat([_frames(kv, want, s0, P).reshape(-1), _frames(vv, want, s0, P).reshape(-1)]))
+        recv.append(B * H * P * len([f for f in plan.need[r][t] if f not in plan.bcast[t]]) * (D + Dv) if t != r else 0)
+    pending = exchange(chunks, recv, parallel, "ring_kv", async_op=True)
+    shared = {}
+    for src in range(W):
+        if plan.bcast[src]:
+            fr = plan.bcast[src]
+            if src == r:
+                payload = torch.cat([_frames(x, fr, s0, P).reshape(-1) for x in (kv, vv, qv)])
+            else:
+                payload = q.new_empty(B * H * P * len(fr) * (D + Dv + D))
+            shared[src] = (broadcast(payload, src, parallel, "ring_global", async_op=True), payload)
 
     # overlapped: local queries against text + local frames; text queries against local frames
     text_k = torch.cat([k[:, :, :pre], k[:, :, Lloc - suf :]], dim=2)
@@ -135,13 +142,23 @@ def tile_ring_attention(
     for s in range(W):
         if s == r:
             continue
-        m, g = len(plan.need[r][s]), len(plan.bcast[s])
-        a, b = B * H * m * P * D, B * H * m * P * Dv
+        frames = [f for f in plan.need[r][s] if f not in plan.bcast[s]]
+        m = len(frames)
+        a = B * H * m * P * D
         fk.append(got[s][:a].view(B, H, m * P, D))
-        fv.append(got[s][a : a + b].view(B, H, m * P, Dv))
-        fframes.extend(plan.need[r][s])
-        if g:
-            remote_q[s] = got[s][a + b :].view(B, H, g * P, D)
+        fv.append(got[s][a:].view(B, H, m * P, Dv))
+        fframes.extend(frames)
+        if s in shared:
+            work, buf = shared[s]
+            work.wait()
+            g = len(plan.bcast[s])
+            a, b = B * H * g * P * D, B * H * g * P * Dv
+            fk.append(buf[:a].view(B, H, g * P, D))
+            fv.append(buf[a : a + b].view(B, H, g * P, Dv))
+            fframes.extend(plan.bcast[s])  # the mask keeps only what local rows need
+            remote_q[s] = buf[a + b :].view(B, H, g * P, D)
+    if r in shared:
+        shared[r][0].wait()
     parts = [own]
     if fframes:
         parts.append(rect_attention(qv, torch.cat(fk, 2), torch.cat(fv, 2), local, 0, fframes, plan.mask_fetch, P, scale))
