@@ -125,7 +125,6 @@ def run(args) -> list[dict]:
                 if rank == 0:
                     print(json.dumps({k: row[k] for k in ("video_frames", "plan", "mode", "world_size", "step_ms",
                                                           "max_bytes_sent_per_rank_per_step", "error")}), flush=True)
-        del x, enc
     if rank == 0:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

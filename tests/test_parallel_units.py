@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from vdit_compile import TileMask, TokenLayout
+from vdit_compile import TileMask
 from vdit_compile.masks.tile import frame_masks
 from vdit_compile.parallel import Parallel, frame_split, shard_graph
 from vdit_compile.parallel.rect import merge, rect_attention

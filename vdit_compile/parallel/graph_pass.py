@@ -20,7 +20,6 @@ the graph unchanged with a warning.  Shapes are tracked with fake tensors.
 """
 from __future__ import annotations
 
-import math
 import operator
 import warnings
 
@@ -43,7 +42,6 @@ _POINTWISE = {
     "add_", "mul_", "sub_", "div_", "clamp_", "copy_", "requires_grad_", "maximum", "minimum", "fill_", "zero_",
 }
 _LIKE = {"empty_like", "zeros_like", "ones_like", "full_like", "randn_like", "new_zeros", "new_empty", "new_ones"}
-_LASTDIM = {"linear", "layer_norm", "rms_norm", "group_norm_lastdim", "softmax", "log_softmax", "normalize"}
 _REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "norm", "var", "std", "prod", "logsumexp"}
 _SPLIT = {"chunk", "split", "unbind", "tensor_split", "split_with_sizes"}
 
