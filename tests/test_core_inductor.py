@@ -38,3 +38,4 @@ def test_inductor_backend_matches_eager(device):
     tol = 1e-5 if device == "cpu" else 2e-3  # CUDA: TF32 matmuls / Triton kernel accumulation order
     assert ((out - eager).norm() / eager.norm()).item() < tol
     vc.restore(model)
+

@@ -30,6 +30,7 @@ class PassContext:
     sites: list = field(default_factory=list)
     rewritten: list = field(default_factory=list)
     needs_eager: bool = False
+    backend: str = "eager"  # what the graph is handed to after the passes: "eager" or "inductor"
 
     @property
     def plan(self):
@@ -82,7 +83,10 @@ def make_backend(state: OptimizeState):
     def vdit_backend(gm: torch.fx.GraphModule, example_inputs):
         args, kwargs = state.call
         grid, why = infer_grid(state.root, args, kwargs)
-        ctx = PassContext(gm, list(example_inputs), state, grid, why)
+        backend = resolve_backend(getattr(state.config, "backend", "auto"), _device_type(example_inputs))
+        if state.mode != "apply":
+            backend = "eager"
+        ctx = PassContext(gm, list(example_inputs), state, grid, why, backend=backend)
         try:
             gm = registry.run_passes(gm, ctx)
         except Exception as exc:  # surfaced by the wrapper with its own type, not as a compiler failure
@@ -95,8 +99,7 @@ def make_backend(state: OptimizeState):
                 state.record_site(s)  # tileable sites of shared graphs are recorded per instance at run time
             if is_dense_3d(s):
                 state.warn_once(s.name, f"vdit-compile: 3D attention site left dense: {s.describe()}")
-        backend = resolve_backend(getattr(state.config, "backend", "auto"), _device_type(example_inputs))
-        if state.mode != "apply" or backend == "eager" or ctx.needs_eager:
+        if backend == "eager" or ctx.needs_eager:
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
 

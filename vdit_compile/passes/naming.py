@@ -78,11 +78,11 @@ class RootNames:
     """Identity map from the root model's parameters to their names."""
 
     def __init__(self, root: torch.nn.Module):
-        self.by_id = {}
-        for name, p in root.named_parameters(remove_duplicate=False):
+        self.by_id, self.by_ptr = {}, {}
+        for name, p in list(root.named_parameters(remove_duplicate=False)) + list(root.named_buffers(remove_duplicate=False)):
             self.by_id.setdefault(id(p), name)
-        for name, b in root.named_buffers(remove_duplicate=False):
-            self.by_id.setdefault(id(b), name)
+            if p.numel():  # compiled code may hand over another tensor object on the same storage
+                self.by_ptr.setdefault((p.data_ptr(), tuple(p.shape)), name)
 
     def alias(self, tensor, local_name: str) -> tuple[str, str] | None:
         """``(alias, root_prefix)``: how the frame names the module that is ``root_prefix`` in the root.
@@ -91,6 +91,8 @@ class RootNames:
         gives ``("self", "blocks.3")``; in the root's own frame ``("self", "")``.
         """
         g = self.by_id.get(id(tensor))
+        if g is None and isinstance(tensor, torch.Tensor) and tensor.numel():
+            g = self.by_ptr.get((tensor.data_ptr(), tuple(tensor.shape)))
         if g is None:
             return None
         lp, gp = local_name.split("."), g.split(".")

@@ -11,7 +11,8 @@
   graph shared by several blocks call :func:`~vdit_compile.runtime.hooks.apply_shared`, which
   looks the instance's masks up at run time; so do sites with a key-padding mask (HunyuanVideo's
   text padding), which use the op when nothing is padded and dense masked SDPA (with a warning)
-  otherwise.  Graphs with such sites run eagerly.  Everything else is left as it was.
+  otherwise.  Graphs with such sites run eagerly (the op inside still uses its CUDA kernel).
+  Everything else is left as it was.
 """
 from __future__ import annotations
 
@@ -77,12 +78,13 @@ def _replace_with_op(gm, t, masks, dfg) -> None:
 
 def _replace_shared(gm, t, tid, ctx) -> None:
     m = t.match
+    args = (m.q, m.k, m.v, t.anchor, ctx.state.id, tid, _scale(t), m.mask)
     with gm.graph.inserting_before(m.out):
-        out = gm.graph.call_function(hooks.apply_shared, (m.q, m.k, m.v, t.anchor, ctx.state.id, tid, _scale(t), m.mask))
+        out = gm.graph.call_function(hooks.apply_shared, args)
     out.meta.update({k: v for k, v in m.out.meta.items() if k in ("nn_module_stack", "example_value")})
     m.out.replace_all_uses_with(out)
     gm.graph.erase_node(m.out)
-    ctx.needs_eager = True
+    ctx.needs_eager = True  # a Python call inductor would trace into
 
 
 @register_pass("rewrite", 200)
