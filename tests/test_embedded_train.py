@@ -19,7 +19,7 @@ def _script():
 
 
 def _args(out, steps):
-    return ["--tiny", "--device", "cpu", "--no-compile", "--out", str(out), "--steps", str(steps), "--batch", "2",
+    return ["--tiny", "--device", "cpu", "--no-compile", "--out", str(out), "--steps", str(steps), "--batch", "1",
             "--log-every", "1", "--sample-steps", "0", "--warmup", "1"]
 
 
