@@ -46,10 +46,9 @@ class ManualDiT(nn.Module):
     hand-written forms the detection pass recognises.
     """
 
-    def __init__(self, in_channels=C, dim=DIM, heads=HEADS, text_dim=24, layers=2, patch=(1, 2, 2), order="THW",
-                 graph_break=False):
+    def __init__(self, in_channels=C, dim=DIM, heads=HEADS, text_dim=24, layers=2, patch=(1, 2, 2), order="THW"):
         super().__init__()
-        self.patch, self.order, self.graph_break = patch, order, graph_break
+        self.patch, self.order = patch, order
         self.heads = heads
         self.patch_embed = nn.Conv3d(in_channels, dim, kernel_size=patch, stride=patch)
         self.text_proj = nn.Linear(text_dim, dim)
@@ -67,11 +66,25 @@ class ManualDiT(nn.Module):
             txt = self.text_proj(encoder_hidden_states)
             n = txt.shape[1]
             x = torch.cat([txt, x], dim=1)
+        x = self.run_blocks(x)
+        return self.proj_out(x[:, n:])
+
+    def run_blocks(self, x):
         for blk in self.blocks:
             x = blk(x)
-            if self.graph_break:  # Dynamo then compiles each block's frame: one graph shared by all blocks
-                torch._dynamo.graph_break()
-        return self.proj_out(x[:, n:])
+        return x
+
+
+class ManualDiTGraphBreak(ManualDiT):
+    """ManualDiT with a graph break in its block loop: Dynamo gives up on the loop's frame and
+    compiles each block's own frame, one graph shared by all blocks of a form (its own class, so
+    the skip Dynamo records for this code object does not affect :class:`ManualDiT`)."""
+
+    def run_blocks(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+            torch._dynamo.graph_break()
+        return x
 
 
 class _ManualBlock(nn.Module):

@@ -177,7 +177,7 @@ def test_instance_forward_hooks_are_kept_and_restored():
 def test_graph_shared_by_blocks_gets_each_blocks_masks():
     """A graph break in the block loop makes Dynamo compile one graph per block *class*, shared by
     every block; the rewrite resolves the running block at run time and applies its own masks."""
-    from core_models import ManualDiT
+    from core_models import ManualDiT, ManualDiTGraphBreak
     from vdit_compile.plans import Plan
 
     _, kw = build_tiny("manual")
@@ -185,7 +185,7 @@ def test_graph_shared_by_blocks_gets_each_blocks_masks():
     torch.manual_seed(0)
     full = ManualDiT(layers=4).eval()
     torch.manual_seed(0)
-    broken = ManualDiT(layers=4, graph_break=True).eval()  # blocks 0, 2 (matmul) and 1, 3 (einsum) share graphs
+    broken = ManualDiTGraphBreak(layers=4).eval()  # blocks 0, 2 (matmul) and 1, 3 (einsum) share graphs
     sites = vc.inspect_model(full, kw)
     plan = Plan.uniform(sites, TileMask(1, 0))
     plan.sites[2].masks = [TileMask(0, 0), TileMask(dense=True)]  # block 2 differs from block 0, same graph
