@@ -10,7 +10,19 @@ from .config import OptimizeConfig
 from .passes.detect import AttentionSite
 from .api import NoAttentionFoundError, inspect_model, optimize, plan_of, restore, sites_of
 
+
+
+def __getattr__(name):
+    # Parallel is imported lazily: importing vdit_compile.parallel registers its graph pass and pulls in
+    # torch.distributed, which most users of optimize() never need.
+    if name == "Parallel":
+        from .parallel import Parallel
+
+        return Parallel
+    raise AttributeError(f"module 'vdit_compile' has no attribute {name!r}")
+
+
 __all__ = [
     "TokenLayout", "TileMask", "ops", "__version__", "OptimizeConfig", "AttentionSite", "NoAttentionFoundError",
-    "optimize", "restore", "inspect_model", "plan_of", "sites_of",
+    "optimize", "restore", "inspect_model", "plan_of", "sites_of", "Parallel",
 ]
