@@ -17,7 +17,7 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("vdit-demo"), help="output directory (default ./vdit-demo)")
     p.add_argument("--prompts", type=int, default=2, help="held-out prompts to sample and score (default 2)")
     p.add_argument("--steps", type=int, default=10, help="sampling steps of the dense and optimised runs (default 10)")
-    p.add_argument("--calib-prompts", type=int, default=2, help="calibration prompts (default 2)")
+    p.add_argument("--calib-prompts", type=int, default=1, help="calibration prompts (default 1)")
     p.add_argument("--calib-steps", type=int, default=4, help="denoising steps per calibration prompt (default 4)")
     p.add_argument("--error-budget", type=float, default=None, help="per-head attention error budget (default: the core's)")
     p.add_argument("--fast", action="store_true", help="also sample with the distilled few-step weights")

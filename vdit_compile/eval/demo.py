@@ -39,7 +39,7 @@ class DemoOptions:
     out: Path = Path("vdit-demo")
     prompts: int = 2
     steps: int = 10
-    calib_prompts: int = 2
+    calib_prompts: int = 1
     calib_steps: int = 4
     error_budget: Optional[float] = None
     fast: bool = False
