@@ -80,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-minutes", type=float, default=2.0)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt if it exists")
+    p.add_argument("--init-from", default=None, metavar="WEIGHTS_DIR",
+                   help="fine-tune: start the model and its EMA from these weights ('default' = the shipped ones; "
+                        "a fresh optimizer, the LR schedule restarts)")
     p.add_argument("--ship", action="store_true", help="copy the final weights into the package")
     p.add_argument("--sample-steps", type=int, default=50, help="sampling steps for the prompt grid (0: none)")
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0],
@@ -182,6 +185,26 @@ def plot_loss(csv_path: Path, png_path: Path):
     plt.close(fig)
 
 
+def init_weights(source, tokenizer, modules, ema_modules, tcfg, ecfg, device):
+    """Copy weights from a save_embedded directory into the model and its EMA (fine-tuning).
+
+    Why: a second training stage (e.g. with shifted timesteps) continues from weights that already render
+    shapes and colours instead of spending the call relearning them. The architecture must match.
+    """
+    src = load_pipeline(device="cpu", weights=WEIGHTS_DIR if source == "default" else Path(source))
+    loaded = {"transformer": src.transformer, "text_encoder": src.text_encoder}
+    for n in modules:
+        state = loaded[n].state_dict()
+        own = modules[n].state_dict()
+        bad = [k for k in own if k not in state or state[k].shape != own[k].shape]
+        if bad:
+            raise SystemExit(f"--init-from {source}: its {n} does not match this model's config "
+                             f"(first mismatching tensors: {bad[:3]}); expected weights of the same architecture")
+        modules[n].load_state_dict(state)
+        ema_modules[n].load_state_dict(state)
+    print(f"initialised from {source}", flush=True)
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -213,6 +236,9 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.99),
                             fused=device.type == "cuda")
+
+    if args.init_from and not (args.resume and (out / "ckpt" / "state.pt").is_file()):
+        init_weights(args.init_from, tokenizer, modules, ema_modules, tcfg, ecfg, device)
 
     step, elapsed_before = 0, 0.0
     csv_path = out / "loss.csv"
@@ -309,7 +335,7 @@ def main(argv=None) -> int:
                "batch": args.batch, "lr": args.lr, "shift": args.shift, "ema": args.ema, "seed": args.seed, "compile": use_compile,
                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "final_loss_last_logs": final_loss, "dit_params": n_dit,
-               "text_encoder_params": n_te, "command": " ".join(sys.argv)}
+               "text_encoder_params": n_te, "init_from": args.init_from, "command": " ".join(sys.argv)}
     save_embedded(out / "weights", ema_modules["transformer"], ema_modules["text_encoder"], tokenizer,
                   extra={"training": summary}, guidance_scale=guidance_default,
                   scheduler={**SCHEDULER_CONFIG, "shift": args.shift})

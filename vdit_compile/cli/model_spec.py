@@ -2,7 +2,8 @@
 
 Accepted specs (nothing is downloaded; every form loads from local files or code):
 
-* ``embedded``: the embedded default pipeline with its shipped weights;
+* ``embedded``: the embedded default pipeline with its shipped weights; ``embedded:DIR``: the same model with
+  the weights in DIR (a ``tools/train_reference.py`` run's ``weights/``, to score a run before shipping it);
   ``embedded:random`` / ``embedded:tiny``: randomly initialised (tiny = 2 layers, for tests).
 * ``PATH`` to a diffusers pretrained directory: ``model_index.json`` -> ``DiffusionPipeline.from_pretrained``;
   ``config.json`` (+ weights) -> the model class named by its ``_class_name``.
@@ -65,7 +66,13 @@ def _embedded(spec: str):
         return load_pipeline(weights=None)
     if variant == "tiny":
         return load_pipeline(weights=None, tiny=True)
-    raise ModelSpecError(f"unknown embedded variant {variant!r}: expected 'embedded', 'embedded:random' or 'embedded:tiny'")
+    if Path(variant).is_dir():  # a weights directory written by save_embedded (e.g. a training run's weights/)
+        if not (Path(variant) / "config.json").is_file():
+            raise ModelSpecError(f"embedded weights directory {variant!r} has no config.json: expected the "
+                                 f"weights/ folder written by tools/train_reference.py")
+        return load_pipeline(weights=Path(variant))
+    raise ModelSpecError(f"unknown embedded variant {variant!r}: expected 'embedded', 'embedded:random', "
+                         f"'embedded:tiny' or 'embedded:WEIGHTS_DIR' (an existing directory)")
 
 
 def _diffusers_class(name: str):
