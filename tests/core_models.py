@@ -336,8 +336,9 @@ class Expect:
     """What detection must report for a tiny model.
 
     ``tiled``: number of tileable sites, all of ``kind`` with token layout ``layout``
-    ``(T, H, W, text_prefix, text_suffix)``.  ``dense3d``: 3D sites detected but left dense,
-    each with a reason containing ``reason``.  ``kinds``: other kinds that must be present.
+    ``(T, H, W, text_prefix, text_suffix)`` (a per-call text side, ``dynamic``, counts 0 there).
+    ``dense3d``: 3D sites detected but left dense, each with a reason containing ``reason``.
+    ``kinds``: other kinds that must be present.
     """
 
     tiled: int
@@ -346,6 +347,7 @@ class Expect:
     dense3d: int = 0
     reason: str = ""
     kinds: tuple = ()
+    dynamic: str = ""  # the text side whose length is trimmed by value (known per call only)
 
 
 _GRID = (T, HH // 2, WW // 2)
@@ -360,10 +362,11 @@ EXPECTED = {
     "allegro": Expect(2, "video_self", (*_GRID, 0, 0), kinds=("cross",)),
     "ltx": Expect(2, "video_self", (*_GRID, 0, 0), kinds=("cross",)),
     "ltx2": Expect(2, "video_self", (*_GRID, 0, 0), kinds=("cross", "other")),
-    "mochi": Expect(0, dense3d=2, reason="symbolic sequence length"),
+    "mochi": Expect(2, "joint_text_suffix", (*_GRID, 0, 0), dynamic="suffix", kinds=("other",)),
     "hunyuan": Expect(2, "joint_text_suffix", (*_GRID, 0, TEXT), kinds=("other",)),
-    "hunyuan15": Expect(0, dense3d=2, reason="symbolic sequence length"),
-    "framepack": Expect(0, dense3d=2, reason="symbolic sequence length"),
+    "hunyuan15": Expect(2, "joint_text_suffix", (*_GRID, 0, 0), dynamic="suffix", kinds=("other",)),
+    # history (1 + 4 tokens) and clean-latent (16) tokens are packed before the video: a fixed prefix
+    "framepack": Expect(2, "joint_text_suffix", (*_GRID, 21, 0), dynamic="suffix", kinds=("other",)),
     "motif": Expect(2, "joint_text_suffix", (*_GRID, 0, TEXT)),
     "kandinsky5": Expect(2, "video_self", (*_GRID, 0, 0), kinds=("cross", "other")),
     "cosmos": Expect(2, "video_self", (*_GRID, 0, 0), kinds=("cross",)),

@@ -54,7 +54,8 @@ class _MaskedSDPA(TorchFunctionMode):
                 assert a.get("attn_mask") is None or bool(a["attn_mask"].all()), "oracle expects no padding"
                 scale = a.get("scale") or q.shape[-1] ** -0.5
                 fm = self.mask.frame_mask(site.layout.num_frames)
-                return dense_masked_attention(q, k, v, site.layout, fm, scale)
+                lay = site.layout.resolve(q.shape[-2]) if site.layout.is_dynamic else site.layout  # this call's text
+                return dense_masked_attention(q, k, v, lay, fm, scale)
         return func(*args, **kwargs)
 
 
@@ -120,6 +121,7 @@ def test_sites_and_kinds(case):
         lay = s.layout
         assert s.kind == expect.kind, s.describe()
         assert (lay.num_frames, lay.height, lay.width, lay.text_prefix, lay.text_suffix) == expect.layout, s.describe()
+        assert lay.dynamic_text == expect.dynamic, s.describe()
         assert s.num_heads == 2 and s.head_dim == 16
     dense3d = [s for s in sites if not s.tileable and expect.reason and expect.reason in s.reason]
     assert len(dense3d) == expect.dense3d, [s.describe() for s in sites]

@@ -4,6 +4,13 @@ Every other part of vdit-compile (masks, the op, the Triton kernel, calibration,
 sequence parallelism) speaks in terms of this object, so it is deliberately tiny and
 serialisable.  Video tokens must be frame-major (all tokens of frame 0, then frame 1, ...);
 a site whose tokens are not frame-major cannot be tiled and is left dense by the passes.
+
+Some models trim padded text by value (Mochi, HunyuanVideo 1.5, Framepack), so the number of
+text tokens changes from call to call while the video grid does not.  Their sites carry a
+*symbolic* layout: ``dynamic_text`` names the side (``"prefix"`` or ``"suffix"``) whose length
+is only known per call, and that side's count is stored as 0.  Plans keep the symbolic layout
+(a plan must not depend on a prompt's length); :meth:`TokenLayout.resolve` gives the concrete
+layout of one call from its sequence length.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ class TokenLayout:
     text_prefix: int = 0
     text_suffix: int = 0
     order: str = "THW"
+    dynamic_text: str = ""  # "" | "prefix" | "suffix": that side's text length is known per call only
 
     def __post_init__(self):
         for name in ("num_frames", "height", "width"):
@@ -30,6 +38,33 @@ class TokenLayout:
                 raise ValueError(f"TokenLayout.{name} must be >= 0, found {getattr(self, name)}")
         if self.order not in ("THW", "TWH"):
             raise ValueError(f"TokenLayout.order must be frame-major 'THW' or 'TWH', found {self.order!r}")
+        if self.dynamic_text not in ("", "prefix", "suffix"):
+            raise ValueError(f"TokenLayout.dynamic_text must be '', 'prefix' or 'suffix', found {self.dynamic_text!r}")
+        if self.dynamic_text and getattr(self, "text_" + self.dynamic_text) != 0:
+            raise ValueError(f"TokenLayout: the dynamic text {self.dynamic_text} is stored as 0 tokens, found "
+                             f"{getattr(self, 'text_' + self.dynamic_text)}")
+
+    @property
+    def is_dynamic(self) -> bool:
+        """True when one side's text length is only known per call (see :meth:`resolve`)."""
+        return bool(self.dynamic_text)
+
+    @property
+    def static_tokens(self) -> int:
+        """Tokens that do not depend on the call: video plus the fixed text side(s)."""
+        return self.text_prefix + self.video_tokens + self.text_suffix
+
+    def resolve(self, seq_len: int) -> "TokenLayout":
+        """The concrete layout of a call with ``seq_len`` tokens (``self`` when not dynamic)."""
+        if not self.dynamic_text:
+            self.check_seq_len(seq_len)
+            return self
+        n = int(seq_len) - self.static_tokens
+        if n < 0:
+            raise ValueError(f"sequence length {seq_len} is shorter than the {self.static_tokens} fixed tokens of "
+                             f"the layout {self.describe()}")
+        pre, suf = (self.text_prefix + n, self.text_suffix) if self.dynamic_text == "prefix" else (self.text_prefix, self.text_suffix + n)
+        return TokenLayout(self.num_frames, self.height, self.width, pre, suf, self.order)
 
     @property
     def frame_tokens(self) -> int:
@@ -42,19 +77,27 @@ class TokenLayout:
 
     @property
     def seq_len(self) -> int:
-        return self.text_prefix + self.video_tokens + self.text_suffix
+        """Sequence length; for a dynamic layout only its fixed tokens (densities are then over those)."""
+        return self.static_tokens
+
+    def _concrete(self, what: str) -> None:
+        if self.dynamic_text:
+            raise ValueError(f"{what}: layout {self.describe()} has a per-call text length; resolve(seq_len) it first")
 
     def with_frames(self, num_frames: int) -> "TokenLayout":
-        return TokenLayout(num_frames, self.height, self.width, self.text_prefix, self.text_suffix, self.order)
+        return TokenLayout(num_frames, self.height, self.width, self.text_prefix, self.text_suffix, self.order,
+                           self.dynamic_text)
 
     def frame_ids(self, device=None) -> torch.Tensor:
         """Frame index of every token (``-1`` for text tokens), shape ``(L,)``."""
+        self._concrete("frame_ids")
         ids = torch.full((self.seq_len,), -1, dtype=torch.long, device=device)
         vid = torch.arange(self.num_frames, device=device).repeat_interleave(self.frame_tokens)
         ids[self.text_prefix : self.text_prefix + self.video_tokens] = vid
         return ids
 
     def check_seq_len(self, seq_len: int, what: str = "sequence") -> None:
+        self._concrete("check_seq_len")
         if seq_len != self.seq_len:
             raise ValueError(
                 f"{what} length {seq_len} does not match the layout {self.describe()} "
@@ -63,15 +106,19 @@ class TokenLayout:
 
     def describe(self) -> str:
         parts = []
-        if self.text_prefix:
-            parts.append(f"text[{self.text_prefix}]+")
+        dyn = self.dynamic_text  # its side is shown as text[*]: the length is known per call
+        if self.text_prefix or dyn == "prefix":
+            parts.append(f"text[{'*' if dyn == 'prefix' else self.text_prefix}]+")
         parts.append(f"{self.num_frames}x{self.height}x{self.width}({self.order})")
-        if self.text_suffix:
-            parts.append(f"+text[{self.text_suffix}]")
+        if self.text_suffix or dyn == "suffix":
+            parts.append(f"+text[{'*' if dyn == 'suffix' else self.text_suffix}]")
         return "".join(parts)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["dynamic_text"]:  # plans of fixed-text models keep their format
+            del d["dynamic_text"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TokenLayout":

@@ -17,6 +17,11 @@ Both come out of one blockwise pass over the query rows: a block of ``r`` rows c
 the groups it keeps, so all candidates cost one dense pass plus a small ``einsum``.  Peak memory
 is ``O(B * H * r * L)``, never ``L x L``; ``r`` is picked to keep the score block under
 ``block_bytes``.
+
+Sites whose text is trimmed by value (Mochi, HunyuanVideo 1.5, Framepack) have a layout with a
+per-call text length (``TokenLayout.dynamic_text``): each call is split with its own text length,
+the text group simply holds more or fewer tokens, and densities are reported at the mean
+observed text length.
 """
 from __future__ import annotations
 
@@ -146,8 +151,13 @@ class SiteCalibrator:
         for c, m in enumerate(self.candidates):
             keep[c, :T, :T] = m.frame_mask(T).float()
         self._keep = keep
-        self._qgroup = torch.cat([torch.full((layout.text_prefix,), T), torch.arange(T).repeat_interleave(layout.frame_tokens),
-                                  torch.full((layout.text_suffix,), T)])
+        self._text_tokens: list[int] = []  # text tokens of every observed call (varies for dynamic layouts)
+
+    @staticmethod
+    def _query_groups(lay: TokenLayout) -> torch.Tensor:
+        T = lay.num_frames
+        return torch.cat([torch.full((lay.text_prefix,), T), torch.arange(T).repeat_interleave(lay.frame_tokens),
+                          torch.full((lay.text_suffix,), T)])
 
     # ------------------------------------------------------------------ observe
     @torch.no_grad()
@@ -161,7 +171,7 @@ class SiteCalibrator:
         B, H, L, D = q.shape
         if H != self.num_heads:
             raise ValueError(f"site {self.name!r}: calibrator was built for {self.num_heads} heads, observed {H}")
-        if L != self.layout.seq_len:
+        if (L < self.layout.static_tokens) if self.layout.is_dynamic else (L != self.layout.seq_len):
             raise ValueError(
                 f"site {self.name!r}: observed a sequence of {L} tokens but calibration started with the layout "
                 f"{self.layout.describe()} ({self.layout.seq_len} tokens); calibrate at one frame count and "
@@ -170,7 +180,8 @@ class SiteCalibrator:
         scale = float(scale) if scale is not None else D ** -0.5
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         dev = q.device
-        lay = self.layout
+        lay = self.layout.resolve(L) if self.layout.is_dynamic else self.layout  # text trimmed per call: this call's
+        qgroup_cpu = self._query_groups(lay)
         T, P, pre, suf = lay.num_frames, lay.frame_tokens, lay.text_prefix, lay.text_suffix
         kf, vf = k.to(acc), v.to(acc)
         k_vid = kf[:, :, pre : pre + T * P]
@@ -178,7 +189,7 @@ class SiteCalibrator:
         text_idx = torch.cat([torch.arange(pre), torch.arange(L - suf, L)]).to(dev)
         k_txt, v_txt = kf[:, :, text_idx], vf[:, :, text_idx]
         keep = self._keep.to(device=dev, dtype=acc)
-        qgroup = self._qgroup.to(dev)
+        qgroup = qgroup_cpu.to(dev)
         C, G = len(self.candidates), T + 1
         budget = self.block_bytes or DEFAULT_BLOCK_BYTES.get(dev.type, DEFAULT_BLOCK_BYTES["cuda"])
         # scores + exp (+ a temporary), per-group partials, candidate outputs and their differences
@@ -210,7 +221,8 @@ class SiteCalibrator:
             out_c = torch.einsum("bhcrg,bhrgd->bhcrd", wk, o).div_(z_c[..., None]).sub_(out_dense[:, :, None])
             err += out_c.square_().sum((0, 3, 4)).to(torch.float64)
         self._mass_sum += mass.cpu()
-        self._mass_count += torch.bincount(self._qgroup, minlength=T + 1).double() * B
+        self._mass_count += torch.bincount(qgroup_cpu, minlength=T + 1).double() * B
+        self._text_tokens.append(lay.text_prefix + lay.text_suffix)
         self._err_sq += err.cpu()
         self._norm_sq += norm.cpu()
         self.observations += 1
@@ -225,9 +237,17 @@ class SiteCalibrator:
         """Relative L2 error ``(H, C)`` of every candidate against dense over all observed data."""
         return (self._err_sq / self._norm_sq.clamp(min=1e-300)[:, None]).sqrt()
 
+    def density_layout(self) -> TokenLayout:
+        """The layout densities are reported for: for a per-call text length, the mean observed one."""
+        if not self.layout.is_dynamic:
+            return self.layout
+        n = round(sum(self._text_tokens) / len(self._text_tokens)) if self._text_tokens else 0
+        return self.layout.resolve(self.layout.static_tokens + n)
+
     def candidate_densities(self) -> list[float]:
         T = self.layout.num_frames
-        return [mask_density(m.frame_mask(T), self.layout) for m in self.candidates]
+        lay = self.density_layout()
+        return [mask_density(m.frame_mask(T), lay) for m in self.candidates]
 
     def result(self, error_budget: float, max_density: float | None = None) -> SiteResult:
         """Choose per head the sparsest candidate with error <= ``error_budget`` (and density <= ``max_density``).

@@ -6,14 +6,18 @@ Classification uses the token grid of the call (:mod:`.grid`) and the q/k shapes
 * ``joint_text_prefix`` / ``joint_text_suffix``: video plus other tokens; where those sit is
   read from the dataflow graph, never guessed: walking back from ``q`` (networkx over the FX
   nodes) to the ``cat`` that builds the sequence, the piece holding exactly the video tokens
-  splits it into a prefix (CogVideoX) and a suffix (HunyuanVideo);
+  splits it into a prefix (CogVideoX) and a suffix (HunyuanVideo) (:mod:`.split`).  Models that
+  trim padded text by value (Mochi, HunyuanVideo 1.5, Framepack) have a symbolic sequence
+  length: the same trace gives a fixed video piece and a symbolic text side, which becomes the
+  layout's ``dynamic_text`` (the op reads its length from the sequence at each call);
 * ``cross``: queries and keys of different lengths (video queries on text keys);
 * ``spatial`` / ``temporal``: one frame's ``H'*W'`` tokens per batch row, or ``T'`` tokens
   per pixel (Latte, ``TransformerTemporalModel``): not 3D, left alone;
 * ``other``: anything else (text refiners, audio, pooling).
 
 A 3D site whose layout cannot be established (unknown grid, untraceable split, attention
-mask, dropout, GQA, symbolic lengths) gets ``layout=None`` and a reason: it stays dense.
+mask other than text padding, dropout, GQA, symbolic text on both sides) gets ``layout=None``
+and a reason: it stays dense.
 """
 from __future__ import annotations
 
@@ -24,14 +28,14 @@ import torch
 import torch.fx
 
 from ..layout import TokenLayout
-from .attention import AttnMatch, example_shape, find_attention, static_shape
+from .attention import AttnMatch, example_shape, find_attention
 from .grid import GridInfo
 from .probe import probe_layout
 from .naming import RootNames, local_module_path, param_placeholders, rebase, strip_self
 from .registry import register_pass
+from .split import known_equal, static_int, trace_sequence_split
 
 TILEABLE_KINDS = ("video_self", "joint_text_prefix", "joint_text_suffix")
-_CAT = {torch.cat, torch.concat, torch.concatenate}
 
 
 @dataclass
@@ -79,61 +83,80 @@ def dataflow_graph(gm: torch.fx.GraphModule) -> nx.DiGraph:
     return g
 
 
-def _cat_parts(node: torch.fx.Node):
-    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    return tensors, dim
+def is_padding_mask(mask, seq_len) -> bool:
+    """A ``(B|1, 1, 1|L, L)`` boolean/additive mask: text padding, checked and honoured at run time.
 
-
-def trace_sequence_split(dfg: nx.DiGraph, q: torch.fx.Node, seq_len: int, video: int) -> tuple[tuple[int, int] | None, str]:
-    """``((prefix, suffix), "")`` from the nearest ``cat`` building the ``seq_len`` sequence of ``q``."""
-    for node in nx.bfs_tree(dfg.reverse(copy=False), q, depth_limit=64):
-        if node.op != "call_function" or node.target not in _CAT:
-            continue
-        tensors, dim = _cat_parts(node)
-        out = example_shape(node)
-        if not static_shape(out) or not isinstance(dim, int) or out[dim % len(out)] != seq_len:
-            continue
-        sizes = [example_shape(t)[dim % len(out)] if example_shape(t) else None for t in tensors]
-        hits = [i for i, s in enumerate(sizes) if s == video]
-        if len(hits) != 1 or None in sizes:
-            return None, (f"the {seq_len}-token sequence is a concatenation of pieces {sizes}; "
-                          f"none is exactly the {video} video tokens, so the extra tokens' positions are unknown")
-        i = hits[0]
-        return (sum(sizes[:i]), sum(sizes[i + 1:])), ""
-    return None, f"{seq_len} tokens = {video} video + {seq_len - video} others, but no concatenation building them was found"
-
-
-def is_key_padding_mask(mask, seq_len: int) -> bool:
-    """A ``(B|1, 1, 1, L)`` mask (text padding): honoured at run time (see ``hooks.apply_key_masked``)."""
+    HunyuanVideo's ``(B,1,1,L)`` key-padding mask and HunyuanVideo 1.5's ``(B,1,L,L)`` outer
+    product of the valid-token mask; ``hooks.apply_shared`` runs the op when the mask keeps every
+    token and dense masked attention (with a warning) otherwise.
+    """
     ms = example_shape(mask)
-    return ms is not None and len(ms) == 4 and ms[1] == 1 and ms[2] == 1 and ms[3] == seq_len
+    return (ms is not None and len(ms) == 4 and known_equal(ms[1], 1) and known_equal(ms[3], seq_len)
+            and (known_equal(ms[2], 1) or known_equal(ms[2], seq_len)))
+
+
+is_key_padding_mask = is_padding_mask  # the earlier name
+
+
+def _dynamic_layout(grid: GridInfo, split) -> tuple[TokenLayout | None, str]:
+    """Token layout from a split whose sides may be symbolic: a fixed side stays an int, a symbolic one
+    becomes the layout's ``dynamic_text`` (its length is read from the sequence at each call)."""
+    pre, suf = (static_int(x) for x in split)
+    if pre is None and suf is None:
+        return None, "text tokens of per-call length on both sides of the video: not supported"
+    dyn = "prefix" if pre is None else "suffix" if suf is None else ""
+    return TokenLayout(grid.frames, grid.height, grid.width, pre or 0, suf or 0, "THW", dyn), ""
+
+
+def _symbolic_self(m: AttnMatch, grid: GridInfo, dfg: nx.DiGraph, qs, ks, heads, head_dim, merged):
+    """Queries and keys of symbolic lengths that are not provably equal (Framepack slices each of them by the
+    text length, and each slice gets a fresh symbol): self-attention when both sequences are built the same
+    way, fixed tokens and video at the same places and the per-call text on the same side.  At run time the
+    op requires equal query/key lengths (it raises otherwise), so a mismatch is never computed silently."""
+    N = grid.video_tokens
+    sq, why_q = trace_sequence_split(dfg, m.q, qs[-2], N)
+    sk, why_k = trace_sequence_split(dfg, m.k, ks[-2], N)
+    lq = _dynamic_layout(grid, sq)[0] if sq is not None else None
+    lk = _dynamic_layout(grid, sk)[0] if sk is not None else None
+    if lq is None or lq != lk:
+        why = why_q or why_k or f"queries {lq.describe() if lq else '?'}, keys {lk.describe() if lk else '?'}"
+        return "other", None, (f"3D attention with a symbolic sequence length: queries (q{qs}) and keys (k{ks}) are not "
+                               f"provably the same tokens ({why}); left dense"), heads, head_dim, merged
+    return _finish(m, lq, ks[-2], heads, head_dim, merged)
 
 
 def classify(m: AttnMatch, grid: GridInfo | None, grid_reason: str, dfg: nx.DiGraph):
-    """``(kind, layout, reason, heads, head_dim, merged)`` of one match."""
+    """``(kind, layout, reason, heads, head_dim, merged)`` of one match.
+
+    The sequence length may be symbolic (text trimmed by value); the grid never is, so such a
+    site is joint attention whose text side has a per-call length (``TokenLayout.dynamic_text``).
+    """
     qs, ks = example_shape(m.q), example_shape(m.k)
     if qs is None or ks is None or len(qs) not in (3, 4):
         return "other", None, f"q/k shapes unknown or not (B, H, L, D): {qs}, {ks}", 0, 0, False
     merged = len(qs) == 3
-    heads, head_dim = (1 if merged else qs[1]), qs[-1]
-    if not static_shape(qs) or not static_shape(ks):
-        return "other", None, (
-            f"3D attention with a symbolic sequence length (q{qs}): the model trims tokens by value; left dense"), heads, head_dim, merged
-    lq, lk, bq = qs[-2], ks[-2], qs[0]
+    heads, head_dim = (1 if merged else static_int(qs[1])), static_int(qs[-1])
+    if heads is None or head_dim is None:
+        return "other", None, f"symbolic head count or head dim (q{qs}): left dense", 0, 0, merged
+    lq, lk = qs[-2], ks[-2]
     if grid is None:
         return "other", None, f"video grid unknown ({grid_reason})", heads, head_dim, merged
     N, P, T = grid.video_tokens, grid.height * grid.width, grid.frames
-    if lq != lk:
+    symbolic = static_int(lq) is None or static_int(lk) is None
+    if not known_equal(lq, lk):
+        if symbolic:
+            return _symbolic_self(m, grid, dfg, qs, ks, heads, head_dim, merged)
         kind = "cross" if lq >= N else "other"
         return kind, None, f"queries attend to {lk} other tokens (cross-attention), never tiled", heads, head_dim, merged
-    if lq == N:
-        kind, split, why = "video_self", (0, 0), ""
+    if symbolic:
+        split, why = trace_sequence_split(dfg, m.q, lq, N)
+        if split is None:
+            return "other", None, (f"3D attention with a symbolic sequence length (q{qs}), token layout unknown: {why}; "
+                                   "left dense"), heads, head_dim, merged
+    elif lq == N:
+        split, why = (0, 0), ""
     elif lq > N:
         split, why = trace_sequence_split(dfg, m.q, lq, N)
-        kind = "joint_text_suffix" if split and split[1] and not split[0] else "joint_text_prefix"
-        if split and split[0] and split[1]:
-            split, why = None, f"extra tokens on both sides of the video ({split[0]} before, {split[1]} after): not supported"
     elif lq == P and T > 1:
         return "spatial", None, "attention within one frame (factorised spatial)", heads, head_dim, merged
     elif lq == T and T > 1:
@@ -142,13 +165,23 @@ def classify(m: AttnMatch, grid: GridInfo | None, grid_reason: str, dfg: nx.DiGr
         return "other", None, f"{lq} tokens do not relate to the {T}x{grid.height}x{grid.width} video grid", heads, head_dim, merged
     if split is None:
         return "other", None, "joint attention, token layout unknown: " + why, heads, head_dim, merged
-    problems = list(m.problems)
-    if m.mask is not None and not is_key_padding_mask(m.mask, lk):
+    layout, why = _dynamic_layout(grid, split)
+    if layout is None:
+        return "other", None, "joint attention, token layout unknown: " + why, heads, head_dim, merged
+    return _finish(m, layout, lk, heads, head_dim, merged)
+
+
+def _finish(m: AttnMatch, layout: TokenLayout, lk, heads, head_dim, merged):
+    """Kind of a site whose layout is established; problems the op cannot honour leave it dense."""
+    pre_text = layout.text_prefix or layout.dynamic_text == "prefix"
+    suf_text = layout.text_suffix or layout.dynamic_text == "suffix"
+    kind = "video_self" if not (pre_text or suf_text) else "joint_text_suffix" if suf_text else "joint_text_prefix"
+    problems = list(m.problems)  # tokens on both sides (Framepack: packed history, then text) are fine for the op
+    if m.mask is not None and not is_padding_mask(m.mask, lk):
         ms = example_shape(m.mask)
-        problems.append(f"attention mask {ms} (not a key-padding mask) cannot be honoured by the tile op")
+        problems.append(f"attention mask {ms} (not a text-padding mask) cannot be honoured by the tile op")
     if problems:
         return kind, None, "; ".join(problems) + ": left dense", heads, head_dim, merged
-    layout = TokenLayout(T, grid.height, grid.width, split[0], split[1], "THW")
     return kind, layout, "", heads, head_dim, merged
 
 

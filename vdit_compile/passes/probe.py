@@ -8,13 +8,15 @@ only), once as is and once per latent input frame with that frame perturbed.  Be
 first attention, tokens do not mix, so perturbing latent frame ``f`` must change exactly the
 ``P`` tokens of token frame ``f // patch_t`` at ``text_prefix + (f // patch_t) * P``.  If it
 does not, the sites with that layout are left dense with the probe's finding as the reason.
+Sites whose text length is symbolic (trimmed by value) are probed the same way: the graph runs
+on the call's real inputs, so the text length of this call is known and the video block's
+position (hence the side the text sits on) is checked too.
 """
 from __future__ import annotations
 
 import torch
 import torch.fx
 
-from .attention import example_shape, static_shape
 
 _AXIS = {"BCTHW": 2, "BTCHW": 1, "BTHWC": 1}
 
@@ -66,11 +68,10 @@ def probe_layout(gm: torch.fx.GraphModule, example_inputs, template, grid) -> st
     if idx is None or not _real(example_inputs) or (src not in _AXIS and src != "BNC"):
         return None
     lay, q = template.site.layout, template.match.q
-    if not static_shape(example_shape(q)):
-        return None
     inputs = list(example_inputs)
     x = inputs[idx]
     base = _run_to(gm, q, inputs)
+    lay = lay.resolve(base.shape[-2]) if lay.is_dynamic else lay  # text trimmed by value: this call's length
     P, pre = lay.frame_tokens, lay.text_prefix
     if src == "BNC":
         frames, per = lay.num_frames, P

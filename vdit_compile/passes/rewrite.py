@@ -7,7 +7,9 @@
   the output, so calibration sees the dense model.
 * ``apply``: each tileable site with masks in the plan becomes
   ``torch.ops.vdit.tile_attention(q, k, v, text_prefix, text_suffix, T, g[], w[], scale)[0]``
-  with the plan's per-head masks as integer constants (a dense head is ``g = -1``).  Sites in a
+  with the plan's per-head masks as integer constants (a dense head is ``g = -1``).  Where the
+  text length is trimmed by value (a symbolic length in the graph), the text argument is the
+  graph value ``q.size(-2) - fixed tokens`` (a ``SymInt``), so one graph serves every prompt.  Sites in a
   graph shared by several blocks call :func:`~vdit_compile.runtime.hooks.apply_shared`, which
   looks the instance's masks up at run time; so do sites with a key-padding mask (HunyuanVideo's
   text padding), which use the op when nothing is padded and dense masked SDPA (with a warning)
@@ -50,6 +52,20 @@ def _insert_observer(gm, t, tid, ctx) -> None:
         gm.graph.call_function(hooks.observe_site, (m.q, m.k, m.v, t.anchor, ctx.state.id, tid, _scale(t)))
 
 
+def _text_args(g, q, lay):
+    """``(text_prefix, text_suffix)`` op arguments: ints, or for a per-call text length (symbolic in the
+    graph) a graph value ``q.size(-2) - fixed tokens``, an int at run time (the op's ``int`` takes a SymInt)."""
+    if not lay.is_dynamic:
+        return lay.text_prefix, lay.text_suffix
+    size = g.call_method("size", (q, -2))
+    text = g.call_function(operator.sub, (size, lay.static_tokens))
+    qv = q.meta.get("example_value")
+    if isinstance(qv, torch.Tensor):
+        size.meta["example_value"] = qv.shape[-2]
+        text.meta["example_value"] = qv.shape[-2] - lay.static_tokens
+    return (text, lay.text_suffix) if lay.dynamic_text == "prefix" else (lay.text_prefix, text)
+
+
 def _replace_with_op(gm, t, masks, dfg) -> None:
     m, lay = t.match, t.site.layout
     gs, ws = op_mask_args(masks)
@@ -58,8 +74,9 @@ def _replace_with_op(gm, t, masks, dfg) -> None:
         q, k, v = m.q, m.k, m.v
         if t.merged_heads:
             q, k, v = (g.call_method("unsqueeze", (x, 1)) for x in (q, k, v))
+        pre, suf = _text_args(g, m.q, lay)
         op = g.call_function(torch.ops.vdit.tile_attention.default,
-                             (q, k, v, lay.text_prefix, lay.text_suffix, lay.num_frames, gs, ws, _scale(t)))
+                             (q, k, v, pre, suf, lay.num_frames, gs, ws, _scale(t)))
         out = g.call_function(operator.getitem, (op, 0))
         if t.merged_heads:
             out = g.call_method("squeeze", (out, 1))

@@ -64,7 +64,7 @@ def apply_shared(q, k, v, anchor, state_id: int, template_id: int, scale: float,
                         "tile op cannot honour; this call runs dense masked attention")
         return _dense(t, q, k, v, scale, mask)
     state.rewritten.add(site.name)
-    lay = site.layout
+    lay = site.layout.resolve(q.shape[-2]) if site.layout.is_dynamic else site.layout  # this call's text length
     gs, ws = op_mask_args(masks)
     out = torch.ops.vdit.tile_attention(_as_bhld(t, q), _as_bhld(t, k), _as_bhld(t, v), lay.text_prefix,
                                         lay.text_suffix, lay.num_frames, gs, ws, float(scale))[0]
