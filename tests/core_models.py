@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 B, C, T, HH, WW, TEXT = 1, 6, 4, 8, 8, 8
 HEADS, HEAD_DIM = 2, 16
@@ -376,6 +378,17 @@ EXPECTED = {
 }
 
 
+def with_valid_text(name: str, kwargs: dict, n: int) -> dict:
+    """``kwargs`` of a HunyuanVideo-family or Mochi model whose prompt has ``n`` of ``TEXT`` valid tokens (the
+    rest padding, as pipelines pass it): same shapes, so one compiled graph must serve every ``n``."""
+    key = "encoder_attention_mask"
+    if key not in kwargs or name not in ("mochi", "hunyuan", "hunyuan15", "framepack"):
+        raise KeyError(f"{name!r} takes no text padding mask")
+    mask = torch.zeros_like(kwargs[key])
+    mask[:, :n] = 1
+    return dict(kwargs, **{key: mask})
+
+
 def build_tiny(name: str):
     """``(model, example_kwargs)`` for one of :data:`NAMES`: fp32, eval mode, seeded weights."""
     if name not in BUILDERS:
@@ -387,3 +400,66 @@ def build_tiny(name: str):
             if p.dtype.is_floating_point and not p.any():
                 p.copy_(0.05 * torch.randn(p.shape, generator=_g(p.numel())))
     return model.eval().float(), kwargs
+
+
+# ----------------------------------------------------------------------------- the independent oracle
+
+
+def out_of(o):
+    """The output tensor of a model call (tuple, ``.sample`` or tensor)."""
+    return o[0] if isinstance(o, (tuple, list)) else getattr(o, "sample", o)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+class MaskedSDPA(TorchFunctionMode):
+    """Replaces the i-th SDPA call by dense SDPA with the tile mask's boolean ``L x L`` equivalent when
+    ``sites[i]`` is tileable.  A site whose text length is per call gets this call's layout; a boolean
+    text-padding mask the model passes is and-ed in (an additive one must keep everything)."""
+
+    def __init__(self, sites, mask):
+        super().__init__()
+        self.sites, self.mask, self.calls = sites, mask, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        from vdit_compile.ops import dense_masked_attention
+        from vdit_compile.passes.attention import _SDPA_SIG
+
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            site = self.sites[self.calls]
+            self.calls += 1
+            if site.tileable:
+                a = _SDPA_SIG.bind(*args, **kwargs).arguments
+                q, k, v, am = a["query"], a["key"], a["value"], a.get("attn_mask")
+                if am is not None and am.dtype != torch.bool:
+                    assert bool((am == 0).all()), "oracle expects boolean padding masks"
+                    am = None
+                scale = a.get("scale") or q.shape[-1] ** -0.5
+                fm = self.mask.frame_mask(site.layout.num_frames)
+                lay = site.layout.resolve(q.shape[-2]) if site.layout.is_dynamic else site.layout  # this call's text
+                return dense_masked_attention(q, k, v, lay, fm, scale, attn_mask=am)
+        return func(*args, **kwargs)
+
+
+def reference_output(name, model, kwargs, sites, mask):
+    """The original model, eager, with the masked-dense oracle at its tileable sites."""
+    if name == "manual":
+        tiled = [s for s in sites if s.tileable]
+        for blk, site in zip(model.blocks, tiled):
+            from vdit_compile.ops import dense_masked_attention
+
+            fm = mask.frame_mask(site.layout.num_frames)
+            blk.attn_override = lambda q, k, v, scale, s=site, fm=fm: dense_masked_attention(q, k, v, s.layout, fm, scale)
+        try:
+            return out_of(model(**kwargs))
+        finally:
+            for blk in model.blocks:
+                blk.attn_override = None
+    mode = MaskedSDPA(sites, mask)
+    with mode:
+        out = out_of(model(**kwargs))
+    assert mode.calls == len(sites), f"{mode.calls} SDPA calls, {len(sites)} sites"
+    return out

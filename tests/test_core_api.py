@@ -12,7 +12,7 @@ from vdit_compile.capture import state_of
 from vdit_compile.passes.registry import register_pass, registered_passes, unregister_pass
 from vdit_compile.plans import PlanMismatchError
 
-from core_models import build_tiny
+from core_models import build_tiny, reference_output, with_valid_text
 
 
 def _out(o):
@@ -103,20 +103,27 @@ def test_inspect_model_leaves_model_alone():
     assert "forward" not in model.__dict__
 
 
-def test_padded_text_falls_back_to_dense_with_warning():
-    """HunyuanVideo's key-padding mask: op when nothing is padded, dense masked SDPA otherwise."""
+def test_padded_text_runs_the_op_on_the_valid_tokens():
+    """HunyuanVideo's key-padding mask (padding at the end): the op on the valid tokens, equal to the oracle
+    (dense SDPA with the tile mask and the padding mask), one graph for padded and unpadded prompts."""
     model, kw = build_tiny("hunyuan")
-    mask = torch.ones_like(kw["encoder_attention_mask"])
-    mask[:, -3:] = 0
-    padded = dict(kw, encoder_attention_mask=mask)
-    with torch.no_grad():
-        ref = _out(model(**padded))
+    padded = with_valid_text("hunyuan", kw, 5)
     vc.optimize(model, plan=TileMask(1, 0))
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
         out = _out(model(**padded))
-    assert any("padded" in str(w.message) for w in caught)
-    assert _rel(out, ref) < 1e-5
+        graphs = state_of(model).graphs
+        full = _out(model(**kw))
+    st = state_of(model)
+    assert not [w for w in caught if "dense" in str(w.message)], [str(w.message) for w in caught]
+    assert st.graphs == graphs and st.rewritten == {s.name for s in st.site_list() if s.tileable}
+    sites = st.site_list()
+    vc.restore(model)
+    with torch.no_grad():
+        ref, ref_full, dense = (reference_output("hunyuan", model, padded, sites, TileMask(1, 0)),
+                                reference_output("hunyuan", model, kw, sites, TileMask(1, 0)), _out(model(**padded)))
+    assert _rel(out, ref) < 1e-5 and _rel(full, ref_full) < 1e-5
+    assert _rel(out, dense) > 1e-4
 
 
 def test_site_filter_and_config_errors():

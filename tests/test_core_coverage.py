@@ -13,69 +13,15 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 import vdit_compile as vc
 from vdit_compile import TileMask
 from vdit_compile.capture import state_of
-from vdit_compile.ops import dense_masked_attention
-from vdit_compile.passes.attention import _SDPA_SIG
 
 from core_models import EXPECTED, NAMES, build_tiny
+from core_models import out_of as _out, reference_output as _reference, rel_err as _rel
 
 SPARSE = TileMask(1, 0)
-
-
-def _out(o):
-    o = o[0] if isinstance(o, (tuple, list)) else getattr(o, "sample", o)
-    return o
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-class _MaskedSDPA(TorchFunctionMode):
-    """Replaces the i-th SDPA call by dense masked attention when ``sites[i]`` is tileable."""
-
-    def __init__(self, sites, mask):
-        super().__init__()
-        self.sites, self.mask, self.calls = sites, mask, 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            site = self.sites[self.calls]
-            self.calls += 1
-            if site.tileable:
-                a = _SDPA_SIG.bind(*args, **kwargs).arguments
-                q, k, v = a["query"], a["key"], a["value"]
-                assert a.get("attn_mask") is None or bool(a["attn_mask"].all()), "oracle expects no padding"
-                scale = a.get("scale") or q.shape[-1] ** -0.5
-                fm = self.mask.frame_mask(site.layout.num_frames)
-                lay = site.layout.resolve(q.shape[-2]) if site.layout.is_dynamic else site.layout  # this call's text
-                return dense_masked_attention(q, k, v, lay, fm, scale)
-        return func(*args, **kwargs)
-
-
-def _reference(name, model, kwargs, sites, mask):
-    """Original model, eager, with the masked-dense oracle at the tileable sites."""
-    if name == "manual":
-        tiled = [s for s in sites if s.tileable]
-        for blk, site in zip(model.blocks, tiled):
-            fm = mask.frame_mask(site.layout.num_frames)
-            blk.attn_override = lambda q, k, v, scale, s=site, fm=fm: dense_masked_attention(q, k, v, s.layout, fm, scale)
-        try:
-            return _out(model(**kwargs))
-        finally:
-            for blk in model.blocks:
-                blk.attn_override = None
-    mode = _MaskedSDPA(sites, mask)
-    with mode:
-        out = _out(model(**kwargs))
-    assert mode.calls == len(sites), f"{mode.calls} SDPA calls, {len(sites)} sites"
-    return out
 
 
 @pytest.fixture(scope="module", params=NAMES)

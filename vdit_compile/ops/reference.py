@@ -153,13 +153,20 @@ def reference_backward_from_args(dout, dlse, q, k, v, out, lse, text_prefix, tex
     return reference_tile_attention_backward(dout, dlse, q, k, v, out, lse, layout, fmask, scale)
 
 
-def dense_masked_attention(q, k, v, layout: TokenLayout, frame_mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Dense SDPA with the equivalent ``L x L`` boolean mask: the oracle for tests only."""
+def dense_masked_attention(q, k, v, layout: TokenLayout, frame_mask: torch.Tensor, scale: float,
+                           attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense SDPA with the equivalent ``L x L`` boolean mask: the oracle for tests only.
+
+    ``attn_mask`` (boolean, broadcastable to ``(B, H, L, L)``, e.g. a model's text padding) is
+    combined with the tile mask by logical and.
+    """
     ids = layout.frame_ids(q.device)
     text_q, text_k = ids[:, None] < 0, ids[None, :] < 0
     fm = frame_mask.to(q.device)
     H = q.shape[1]
     fm = fm.expand(H, *fm.shape[-2:])
     qi, ki = ids.clamp(min=0), ids.clamp(min=0)
-    tok = fm[:, qi][:, :, ki] | text_q | text_k
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=tok[None], scale=scale)
+    tok = (fm[:, qi][:, :, ki] | text_q | text_k)[None]
+    if attn_mask is not None:
+        tok = tok & attn_mask
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=tok, scale=scale)

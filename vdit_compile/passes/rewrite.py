@@ -49,7 +49,7 @@ def _erase_dead(graph: torch.fx.Graph, start: list, inside: set) -> None:
 def _insert_observer(gm, t, tid, ctx) -> None:
     m = t.match
     with gm.graph.inserting_before(m.out):
-        gm.graph.call_function(hooks.observe_site, (m.q, m.k, m.v, t.anchor, ctx.state.id, tid, _scale(t)))
+        gm.graph.call_function(hooks.observe_site, (m.q, m.k, m.v, t.anchor, ctx.state.id, tid, _scale(t), m.mask))
 
 
 def _text_args(g, q, lay):

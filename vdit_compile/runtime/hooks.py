@@ -3,7 +3,8 @@
 ``observe_site`` (inspect/calibrate mode) records which site ran and feeds calibrators;
 ``apply_shared`` (apply mode, graphs shared by several blocks) looks up the masks of the block
 that is running and calls ``torch.ops.vdit.tile_attention`` (or dense SDPA when the plan leaves
-that block dense).  Both receive the ids of their :class:`~.state.OptimizeState` and template.
+that block dense).  Sites with a text-padding mask come here too: padding at the end of the
+sequence runs the op on the valid tokens (:mod:`.padding`); any other mask runs dense with a warning.  Both receive the ids of their :class:`~.state.OptimizeState` and template.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..masks.tile import op_mask_args
+from .padding import padded_tile_attention, valid_lengths
 from .state import OptimizeState
 
 
@@ -18,7 +20,7 @@ def _as_bhld(t, x):
     return x.unsqueeze(1) if t.merged_heads else x
 
 
-def observe_site(q, k, v, anchor, state_id: int, template_id: int, scale: float) -> None:
+def observe_site(q, k, v, anchor, state_id: int, template_id: int, scale: float, mask=None) -> None:
     state = OptimizeState.get(state_id)
     t = state.templates[template_id]
     site = state.resolve(t, anchor)
@@ -31,7 +33,17 @@ def observe_site(q, k, v, anchor, state_id: int, template_id: int, scale: float)
 
         cands = state.config.candidate_masks() if hasattr(state.config, "candidate_masks") else None
         cal = state.calibrators[site.name] = SiteCalibrator(site.name, site.layout, site.num_heads, cands)
-    cal.observe(_as_bhld(t, q.detach()), _as_bhld(t, k.detach()), _as_bhld(t, v.detach()), scale)
+    q, k, v = (_as_bhld(t, x.detach()) for x in (q, k, v))
+    if _nothing_masked(mask) or not site.layout.is_dynamic or t.merged_heads:
+        cal.observe(q, k, v, scale)
+        return None
+    lens = valid_lengths(mask, q.shape[0], q.shape[2])
+    if lens is None or min(lens) < site.layout.static_tokens:
+        state.warn_once(f"calib-mask:{site.name}", f"vdit-compile: site {site.name} got a mask that is not text padding "
+                        "at the end of the sequence during calibration; that call is not used to calibrate it")
+        return None
+    for b, m in enumerate(lens):  # the valid tokens only: what the model (and the op) attend to
+        cal.observe(q[b:b + 1, :, :m], k[b:b + 1, :, :m], v[b:b + 1, :, :m], scale)
     return None
 
 
@@ -59,13 +71,17 @@ def apply_shared(q, k, v, anchor, state_id: int, template_id: int, scale: float,
     masks = state.masks_for(site)
     if masks is None:
         return _dense(t, q, k, v, scale, mask)
+    gs, ws = op_mask_args(masks)
     if not _nothing_masked(mask):
-        state.warn_once(f"padding:{site.name}", f"vdit-compile: site {site.name} got padded (masked) keys, which the "
-                        "tile op cannot honour; this call runs dense masked attention")
-        return _dense(t, q, k, v, scale, mask)
+        out = None if t.merged_heads else padded_tile_attention(q, k, v, site.layout, mask, gs, ws, float(scale))
+        if out is None:
+            state.warn_once(f"padding:{site.name}", f"vdit-compile: site {site.name} got a mask that is not text padding "
+                            "at the end of the sequence, which the tile op cannot honour; this call runs dense masked attention")
+            return _dense(t, q, k, v, scale, mask)
+        state.rewritten.add(site.name)
+        return out
     state.rewritten.add(site.name)
     lay = site.layout.resolve(q.shape[-2]) if site.layout.is_dynamic else site.layout  # this call's text length
-    gs, ws = op_mask_args(masks)
     out = torch.ops.vdit.tile_attention(_as_bhld(t, q), _as_bhld(t, k), _as_bhld(t, v), lay.text_prefix,
                                         lay.text_suffix, lay.num_frames, gs, ws, float(scale))[0]
     return out.squeeze(1) if t.merged_heads else out
