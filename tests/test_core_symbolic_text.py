@@ -122,13 +122,13 @@ def test_plan_does_not_depend_on_text_length():
     model, kw = build_tiny("mochi")
     inputs = [with_valid_text("mochi", kw, n) for n in VALID]
     plans = []
-    for calib in (inputs[:1], inputs[1:], inputs):
+    for calib in (inputs[1:], inputs):  # the short prompt alone, then both lengths
         vc.optimize(model, calib_inputs=calib, error_budget=1.0, progress=False, backend="eager")
         plans.append(vc.plan_of(model))
     layouts = [[(s.name, s.layout.to_dict() if s.layout else None) for s in p.sites] for p in plans]
-    assert layouts[0] == layouts[1] == layouts[2]
-    assert {p.fingerprint for p in plans} == {plans[0].fingerprint}
-    tiled = [s for s in plans[2].sites if s.tiled]
+    assert layouts[0] == layouts[1]
+    assert plans[0].fingerprint == plans[1].fingerprint
+    tiled = [s for s in plans[1].sites if s.tiled]
     assert tiled and all(s.layout.to_dict()["dynamic_text"] == "suffix" and "2 call" in s.reason for s in tiled)
     st = state_of(model)
     with torch.no_grad():
@@ -193,3 +193,55 @@ def test_padding_the_op_cannot_serve_is_refused():
     not_outer[..., 0, 1] = False
     for mask in (hole, video, not_outer, torch.zeros(1, 1, 1, L)):
         assert padded_tile_attention(q, q, q, lay, mask, [1], [0], 0.3) is None
+
+
+_INTERPRET_TWO_LENGTHS = """
+import torch
+from vdit_compile.kernels import tile_attention_triton as tat
+from vdit_compile.ops.reference import reference_from_args
+g = torch.Generator().manual_seed(3)
+plans = []
+for text in (8, 5, 8):  # per-call text lengths alternate: the visit-list cache must key on the length
+    q, k, v = (torch.randn(1, 2, 21 + 4 * 16 + text, 16, generator=g) for _ in range(3))
+    args = (21, text, 4, [1, -1], [0, 0], 0.25)
+    out, lse = tat.forward(q, k, v, *args)
+    ro, rl = reference_from_args(q.double(), k.double(), v.double(), *args)
+    torch.testing.assert_close(out.double(), ro, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(lse.double(), rl, rtol=2e-5, atol=2e-5)
+    plans.append(tat._op_plan(q, *args[:5]))
+assert plans[0] is plans[2] and plans[0] is not plans[1] and plans[1].qside.length == 21 + 64 + 5
+print("ok")
+"""
+
+
+def test_triton_entry_with_per_call_text_length_under_interpreter():
+    """The CUDA entry (Triton, here under TRITON_INTERPRET=1) gets the text length per call; its cached visit
+    lists are keyed by the sequence layout, so alternating lengths never reuse another length's lists."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", _INTERPRET_TWO_LENGTHS], env=env, cwd=root, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", f"{r.stdout}\n{r.stderr[-4000:]}"
+
+
+def test_inductor_backend_serves_symbolic_graphs():
+    """backend="inductor": graphs with a per-call text length run eagerly (inductor cannot lower Framepack's
+    unbacked-length views); the result still equals the oracle at both lengths, in one graph."""
+    model, kw = build_tiny("framepack")
+    inputs = [with_valid_text("framepack", kw, n) for n in VALID]
+    vc.optimize(model, plan=SPARSE, backend="inductor")
+    with torch.no_grad():
+        outs = [out_of(model(**x)) for x in inputs]
+    st = state_of(model)
+    sites, graphs = st.site_list(), st.graphs
+    assert st.rewritten == {s.name for s in sites if s.tileable} and graphs == 1
+    vc.restore(model)
+    with torch.no_grad():
+        for out, x in zip(outs, inputs):
+            assert rel_err(out, reference_output("framepack", model, x, sites, SPARSE)) < 1e-5

@@ -246,8 +246,15 @@ _WARNED: set = set()
 
 
 def _op_plan(q, text_prefix, text_suffix, num_frames, global_frames, windows) -> TilePlan:
+    """The visit lists of one call, cached by ``(Side, heads, device, mask ints)``.
+
+    ``Side`` holds the sequence length and text prefix, so models whose text length changes per
+    call (trimmed by value: Mochi, HunyuanVideo 1.5, Framepack; the op gets that length as a run-time
+    int) get one cache entry per distinct length and never another length's lists.
+    """
     from ..ops.reference import check_inputs
 
+    text_prefix, text_suffix, num_frames = int(text_prefix), int(text_suffix), int(num_frames)
     layout = check_inputs(q, q, q, text_prefix, text_suffix, num_frames, global_frames, windows)
     side = Side.of(layout)
     key = ("op", tuple(int(g) for g in global_frames), tuple(int(w) for w in windows))

@@ -7,6 +7,9 @@ Schema (one op, used by the rewrite pass, sequence parallelism and export)::
         -> (Tensor out, Tensor lse)
 
 * ``q, k, v``: ``(B, H, L, D)`` with ``L = text_prefix + num_frames * P + text_suffix``.
+* ``text_prefix``, ``text_suffix``: ints; in a traced graph either may be a ``SymInt`` (models that
+  trim padded text by value, e.g. Mochi, give ``q.size(-2) - fixed tokens``), so one graph serves
+  every prompt length; the fake only needs ``q``'s shape, the kernels get the call's int.
 * ``global_frames[h], windows[h]``: head ``h``'s :class:`~vdit_compile.masks.TileMask`
   (``global_frames[h] == -1`` encodes a dense head); one pair may serve all heads.
 * ``out``: ``(B, H, L, D)`` in the input dtype; ``lse``: ``(B, H, L)`` float32 (float64 for float64 inputs) log-sum-exp of

@@ -9,7 +9,8 @@
   ``torch.ops.vdit.tile_attention(q, k, v, text_prefix, text_suffix, T, g[], w[], scale)[0]``
   with the plan's per-head masks as integer constants (a dense head is ``g = -1``).  Where the
   text length is trimmed by value (a symbolic length in the graph), the text argument is the
-  graph value ``q.size(-2) - fixed tokens`` (a ``SymInt``), so one graph serves every prompt.  Sites in a
+  graph value ``q.size(-2) - fixed tokens`` (a ``SymInt``), so one graph serves every prompt;
+  those graphs run eagerly too (inductor cannot lower some of their unbacked-length views).  Sites in a
   graph shared by several blocks call :func:`~vdit_compile.runtime.hooks.apply_shared`, which
   looks the instance's masks up at run time; so do sites with a key-padding mask (HunyuanVideo's
   text padding), which use the op when nothing is padded and dense masked SDPA (with a warning)
@@ -127,6 +128,10 @@ def rewrite_pass(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         if masks is None:
             continue
         _replace_with_op(gm, t, masks, dfg)
+        if t.site.layout.is_dynamic:
+            # inductor fails to lower some views of unbacked-length outputs (Framepack's slices after the op, on
+            # inductor 2.13 CPU); such graphs run eagerly, the op inside still dispatches to its CUDA kernel
+            ctx.needs_eager = True
         ctx.rewritten.append(t.site.name)
         changed = True
     if changed:
