@@ -48,28 +48,32 @@ class ManualDiT(nn.Module):
     hand-written forms the detection pass recognises.
     """
 
-    def __init__(self, in_channels=C, dim=DIM, heads=HEADS, text_dim=24, layers=2, patch=(1, 2, 2), order="THW"):
+    def __init__(self, in_channels=C, dim=DIM, heads=HEADS, text_dim=24, layers=2, patch=(1, 2, 2), order="THW",
+                 text_side="prefix"):
         super().__init__()
-        self.patch, self.order = patch, order
+        self.patch, self.order, self.text_side = patch, order, text_side  # text_side: prefix | suffix | both
         self.heads = heads
         self.patch_embed = nn.Conv3d(in_channels, dim, kernel_size=patch, stride=patch)
         self.text_proj = nn.Linear(text_dim, dim)
         self.blocks = nn.ModuleList(_ManualBlock(dim, heads, form="matmul" if i % 2 == 0 else "einsum") for i in range(layers))
         self.proj_out = nn.Linear(dim, in_channels * patch[0] * patch[1] * patch[2])
 
-    def forward(self, hidden_states, encoder_hidden_states=None):
+    def forward(self, hidden_states, encoder_hidden_states=None, encoder_attention_mask=None):
         b, c, t, h, w = hidden_states.shape
         x = self.patch_embed(hidden_states)
         if self.order == "HWT":  # not frame-major: detection must notice and leave it dense
             x = x.permute(0, 1, 3, 4, 2)
         x = x.flatten(2).transpose(1, 2)
-        n = 0
+        n, video = 0, x.shape[1]
         if encoder_hidden_states is not None:  # joint attention over text + video; else video self-attention
             txt = self.text_proj(encoder_hidden_states)
-            n = txt.shape[1]
-            x = torch.cat([txt, x], dim=1)
+            if encoder_attention_mask is not None:  # batch 1: keep the valid tokens (a length known per call only)
+                txt = txt[:, encoder_attention_mask[0].bool()]
+            n = txt.shape[1] if self.text_side != "suffix" else 0
+            parts = {"prefix": [txt, x], "suffix": [x, txt], "both": [txt, x, txt]}[self.text_side]
+            x = torch.cat(parts, dim=1)
         x = self.run_blocks(x)
-        return self.proj_out(x[:, n:])
+        return self.proj_out(x[:, n:n + video])
 
     def run_blocks(self, x):
         for blk in self.blocks:
@@ -382,7 +386,9 @@ def with_valid_text(name: str, kwargs: dict, n: int) -> dict:
     """``kwargs`` of a HunyuanVideo-family or Mochi model whose prompt has ``n`` of ``TEXT`` valid tokens (the
     rest padding, as pipelines pass it): same shapes, so one compiled graph must serve every ``n``."""
     key = "encoder_attention_mask"
-    if key not in kwargs or name not in ("mochi", "hunyuan", "hunyuan15", "framepack"):
+    if name == "manual":  # ManualDiT trims its text by this mask
+        kwargs = dict(kwargs, **{key: torch.ones(B, TEXT, dtype=torch.bool)})
+    if key not in kwargs or name not in ("mochi", "hunyuan", "hunyuan15", "framepack", "manual"):
         raise KeyError(f"{name!r} takes no text padding mask")
     mask = torch.zeros_like(kwargs[key])
     mask[:, :n] = 1
@@ -452,7 +458,8 @@ def reference_output(name, model, kwargs, sites, mask):
             from vdit_compile.ops import dense_masked_attention
 
             fm = mask.frame_mask(site.layout.num_frames)
-            blk.attn_override = lambda q, k, v, scale, s=site, fm=fm: dense_masked_attention(q, k, v, s.layout, fm, scale)
+            blk.attn_override = lambda q, k, v, scale, s=site, fm=fm: dense_masked_attention(
+                q, k, v, s.layout.resolve(q.shape[-2]) if s.layout.is_dynamic else s.layout, fm, scale)
         try:
             return out_of(model(**kwargs))
         finally:

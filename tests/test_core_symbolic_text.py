@@ -245,3 +245,37 @@ def test_inductor_backend_serves_symbolic_graphs():
     with torch.no_grad():
         for out, x in zip(outs, inputs):
             assert rel_err(out, reference_output("framepack", model, x, sites, SPARSE)) < 1e-5
+
+
+@pytest.mark.parametrize("side", ["prefix", "suffix", "both"])
+def test_hand_written_attention_with_trimmed_text(side):
+    """A hand-written-attention DiT that keeps only the valid text tokens (boolean indexing): the text side of
+    per-call length is read from the dataflow (prefix or suffix, probe-confirmed) and tiled at two lengths in
+    one graph; trimmed text on both sides cannot be served and stays dense with a warning."""
+    from core_models import ManualDiT
+
+    _, kw = build_tiny("manual")
+    model = ManualDiT(text_side=side).eval()
+    inputs = [with_valid_text("manual", kw, n) for n in VALID]
+    with torch.no_grad():
+        originals = [out_of(model(**x)) for x in inputs]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vc.optimize(model, plan=SPARSE, backend="eager")
+        with torch.no_grad():
+            outs = [out_of(model(**x)) for x in inputs]
+    st = state_of(model)
+    sites, graphs, notes = st.site_list(), st.graphs, [n for t in st.templates for n in t.notes]
+    vc.restore(model)
+    if side == "both":
+        assert not any(s.tileable for s in sites) and all("both sides" in s.reason for s in sites), sites
+        assert sum("left dense" in str(w.message) for w in caught) == 2
+        for out, orig in zip(outs, originals):
+            assert rel_err(out, orig) < 1e-5
+        return
+    assert [s.kind for s in sites] == [f"joint_text_{side}"] * 2 and graphs == 1
+    assert all(s.layout.dynamic_text == side for s in sites) and notes.count("token order confirmed by probe") == 2
+    with torch.no_grad():
+        for out, orig, x in zip(outs, originals, inputs):
+            assert rel_err(out, reference_output("manual", model, x, sites, SPARSE)) < 1e-5
+            assert rel_err(out, orig) > 1e-4
