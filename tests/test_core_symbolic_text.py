@@ -117,8 +117,9 @@ def test_gradients_at_both_lengths(case):
                 assert rel_err(g, ref[n]) < 1e-4, n
 
 
-def test_plan_does_not_depend_on_text_length():
-    """Calibrating on prompts of different lengths gives the same symbolic layouts; one plan serves both."""
+def test_plan_does_not_depend_on_text_length(tmp_path):
+    """Calibrating on prompts of different lengths gives the same symbolic layouts; one plan (saved and
+    loaded again) serves both."""
     model, kw = build_tiny("mochi")
     inputs = [with_valid_text("mochi", kw, n) for n in VALID]
     plans = []
@@ -130,10 +131,13 @@ def test_plan_does_not_depend_on_text_length():
     assert plans[0].fingerprint == plans[1].fingerprint
     tiled = [s for s in plans[1].sites if s.tiled]
     assert tiled and all(s.layout.to_dict()["dynamic_text"] == "suffix" and "2 call" in s.reason for s in tiled)
+    plans[1].save(tmp_path / "plan.json")
+    vc.optimize(model, plan=str(tmp_path / "plan.json"), backend="eager")
     st = state_of(model)
     with torch.no_grad():
-        outs = [out_of(model(**x)) for x in inputs]  # the last plan, applied at both lengths
+        outs = [out_of(model(**x)) for x in inputs]  # the loaded plan, applied at both lengths
     assert st.rewritten == {s.name for s in tiled} and all(torch.isfinite(o).all() for o in outs)
+    assert [s.layout for s in st.site_list() if s.tileable] == [s.layout for s in tiled]
     vc.restore(model)
 
 
