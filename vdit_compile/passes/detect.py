@@ -83,16 +83,17 @@ def dataflow_graph(gm: torch.fx.GraphModule) -> nx.DiGraph:
     return g
 
 
-def is_padding_mask(mask, seq_len) -> bool:
-    """A ``(B|1, 1, 1|L, L)`` boolean/additive mask: text padding, checked and honoured at run time.
+def is_padding_mask(mask, seq_len, square: bool = True) -> bool:
+    """A ``(B|1, 1, 1, L)`` (or, with ``square``, ``(B|1, 1, L, L)``) mask: text padding, checked at run time.
 
     HunyuanVideo's ``(B,1,1,L)`` key-padding mask and HunyuanVideo 1.5's ``(B,1,L,L)`` outer
-    product of the valid-token mask; ``hooks.apply_shared`` runs the op when the mask keeps every
-    token and dense masked attention (with a warning) otherwise.
+    product of the valid-token mask; ``hooks.apply_shared`` verifies the values per call
+    (:mod:`vdit_compile.runtime.padding`): padding at the end runs the op on the valid tokens,
+    any other mask runs dense masked attention with a warning.
     """
     ms = example_shape(mask)
     return (ms is not None and len(ms) == 4 and known_equal(ms[1], 1) and known_equal(ms[3], seq_len)
-            and (known_equal(ms[2], 1) or known_equal(ms[2], seq_len)))
+            and (known_equal(ms[2], 1) or square and known_equal(ms[2], seq_len)))
 
 
 is_key_padding_mask = is_padding_mask  # the earlier name
@@ -177,7 +178,9 @@ def _finish(m: AttnMatch, layout: TokenLayout, lk, heads, head_dim, merged):
     suf_text = layout.text_suffix or layout.dynamic_text == "suffix"
     kind = "video_self" if not (pre_text or suf_text) else "joint_text_suffix" if suf_text else "joint_text_prefix"
     problems = list(m.problems)  # tokens on both sides (Framepack: packed history, then text) are fine for the op
-    if m.mask is not None and not is_padding_mask(m.mask, lk):
+    # an (L, L) mask only where the text is trimmed per call (HunyuanVideo 1.5); fixed-length sites keep the
+    # key-padding-only rule they always had
+    if m.mask is not None and not is_padding_mask(m.mask, lk, square=layout.is_dynamic):
         ms = example_shape(m.mask)
         problems.append(f"attention mask {ms} (not a text-padding mask) cannot be honoured by the tile op")
     if problems:
