@@ -145,9 +145,10 @@ def classify(m: AttnMatch, grid: GridInfo | None, grid_reason: str, dfg: nx.DiGr
     N, P, T = grid.video_tokens, grid.height * grid.width, grid.frames
     symbolic = static_int(lq) is None or static_int(lk) is None
     if not known_equal(lq, lk):
-        if symbolic:
+        if static_int(lq) is None and static_int(lk) is None:
             return _symbolic_self(m, grid, dfg, qs, ks, heads, head_dim, merged)
-        kind = "cross" if lq >= N else "other"
+        sq = static_int(lq)  # a fixed and a per-call length: different tokens, so cross-attention
+        kind = "cross" if sq is None or sq >= N else "other"
         return kind, None, f"queries attend to {lk} other tokens (cross-attention), never tiled", heads, head_dim, merged
     if symbolic:
         split, why = trace_sequence_split(dfg, m.q, lq, N)
