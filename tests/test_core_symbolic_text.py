@@ -161,6 +161,19 @@ def test_calibrator_with_varying_text_equals_per_length_calibrators():
         cal.observe(*(torch.randn(1, 2, dyn.static_tokens - 1, 8) for _ in range(3)))
 
 
+def test_fixed_layout_calibrator_takes_calls_with_padding_cut_off():
+    """HunyuanVideo 1.0 (fixed text[6]) under padding: the valid tokens only, a shorter suffix for that call."""
+    lay = TokenLayout(3, 2, 2, 0, 6)
+    q, k, v = (torch.randn(1, 2, lay.seq_len - 4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    cal = SiteCalibrator("s", lay, 2)
+    with pytest.raises(ValueError, match="observed a sequence"):
+        cal.observe(q, k, v, 0.3)
+    cal.observe(q, k, v, 0.3, padding_cut=True)
+    short = SiteCalibrator("s", TokenLayout(3, 2, 2, 0, 2), 2, cal.candidates)
+    short.observe(q, k, v, 0.3)
+    assert torch.allclose(cal._err_sq, short._err_sq) and torch.allclose(cal._mass_sum, short._mass_sum)
+
+
 @pytest.mark.parametrize("square", [False, True])
 def test_tail_padding_matches_masked_dense(square):
     """(B,1,1,L) key padding (HunyuanVideo) and (B,1,L,L) valid x valid (HunyuanVideo 1.5), rows of different
@@ -283,3 +296,27 @@ def test_hand_written_attention_with_trimmed_text(side):
         for out, orig, x in zip(outs, originals, inputs):
             assert rel_err(out, reference_output("manual", model, x, sites, SPARSE)) < 1e-5
             assert rel_err(out, orig) > 1e-4
+
+
+@pytest.mark.parametrize("name", ["hunyuan", "hunyuan15"])
+def test_calibration_under_padding_sees_only_valid_tokens(name, monkeypatch):
+    """Calibrating on a padded prompt feeds the calibrator each row's valid tokens only (what the op attends
+    to): fixed-length HunyuanVideo (padding mask, text[8]) and per-call-length HunyuanVideo 1.5."""
+    seen = []
+    observe = SiteCalibrator.observe
+
+    def spy(self, q, k, v, scale=None, padding_cut=False):
+        seen.append((self.name, q.shape[2], padding_cut))
+        return observe(self, q, k, v, scale, padding_cut)
+
+    monkeypatch.setattr(SiteCalibrator, "observe", spy)
+    model, kw = build_tiny(name)
+    padded = with_valid_text(name, kw, 5)
+    vc.optimize(model, calib_inputs=[padded], error_budget=1.0, progress=False, backend="eager")
+    plan = vc.plan_of(model)
+    vc.restore(model)
+    tiled = [s for s in plan.sites if s.layout is not None]
+    assert len(tiled) == 2 and all("1 call" in s.reason for s in tiled if s.tiled)
+    fixed = tiled[0].layout.text_prefix + tiled[0].layout.video_tokens
+    extra = 4 + 8 if name == "hunyuan15" else 0  # HunyuanVideo 1.5 also joins 4 image + 8 byT5 tokens, all valid
+    assert sorted(seen) == sorted((s.name, fixed + extra + 5, True) for s in tiled)

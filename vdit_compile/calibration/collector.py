@@ -161,8 +161,25 @@ class SiteCalibrator:
 
     # ------------------------------------------------------------------ observe
     @torch.no_grad()
-    def observe(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> None:
-        """Accumulate statistics of one call; ``q, k, v`` are ``(B, H, L, D)`` on any device/dtype."""
+    def _call_layout(self, L: int, padding_cut: bool) -> TokenLayout | None:
+        """This call's layout, or ``None`` when ``L`` tokens do not fit the site's layout."""
+        lay = self.layout
+        if lay.is_dynamic:
+            return lay.resolve(L) if L >= lay.static_tokens else None
+        if L == lay.seq_len:
+            return lay
+        fixed = lay.text_prefix + lay.video_tokens
+        if padding_cut and fixed <= L < lay.seq_len:  # the padded end of the text suffix was cut off
+            return TokenLayout(lay.num_frames, lay.height, lay.width, lay.text_prefix, L - fixed, lay.order)
+        return None
+
+    def observe(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                padding_cut: bool = False) -> None:
+        """Accumulate statistics of one call; ``q, k, v`` are ``(B, H, L, D)`` on any device/dtype.
+
+        ``padding_cut``: the call's padded text tokens at the end of the sequence were cut off (only
+        its valid tokens are given), so a fixed text suffix may hold fewer tokens than the layout's.
+        """
         if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
             raise ValueError(
                 f"site {self.name!r}: observe expects q, k, v of shape (B, H, L, D) with equal B, H, L; "
@@ -171,7 +188,8 @@ class SiteCalibrator:
         B, H, L, D = q.shape
         if H != self.num_heads:
             raise ValueError(f"site {self.name!r}: calibrator was built for {self.num_heads} heads, observed {H}")
-        if (L < self.layout.static_tokens) if self.layout.is_dynamic else (L != self.layout.seq_len):
+        lay = self._call_layout(L, padding_cut)
+        if lay is None:
             raise ValueError(
                 f"site {self.name!r}: observed a sequence of {L} tokens but calibration started with the layout "
                 f"{self.layout.describe()} ({self.layout.seq_len} tokens); calibrate at one frame count and "
@@ -180,7 +198,6 @@ class SiteCalibrator:
         scale = float(scale) if scale is not None else D ** -0.5
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         dev = q.device
-        lay = self.layout.resolve(L) if self.layout.is_dynamic else self.layout  # text trimmed per call: this call's
         qgroup_cpu = self._query_groups(lay)
         T, P, pre, suf = lay.num_frames, lay.frame_tokens, lay.text_prefix, lay.text_suffix
         kf, vf = k.to(acc), v.to(acc)

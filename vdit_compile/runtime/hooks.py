@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..masks.tile import op_mask_args
-from .padding import padded_tile_attention, valid_lengths
+from .padding import padded_tile_attention, servable_lengths
 from .state import OptimizeState
 
 
@@ -34,16 +34,16 @@ def observe_site(q, k, v, anchor, state_id: int, template_id: int, scale: float,
         cands = state.config.candidate_masks() if hasattr(state.config, "candidate_masks") else None
         cal = state.calibrators[site.name] = SiteCalibrator(site.name, site.layout, site.num_heads, cands)
     q, k, v = (_as_bhld(t, x.detach()) for x in (q, k, v))
-    if _nothing_masked(mask) or not site.layout.is_dynamic or t.merged_heads:
+    if _nothing_masked(mask):
         cal.observe(q, k, v, scale)
         return None
-    lens = valid_lengths(mask, q.shape[0], q.shape[2])
-    if lens is None or min(lens) < site.layout.static_tokens:
+    lens = None if t.merged_heads else servable_lengths(mask, site.layout, q.shape[0], q.shape[2])
+    if lens is None:
         state.warn_once(f"calib-mask:{site.name}", f"vdit-compile: site {site.name} got a mask that is not text padding "
-                        "at the end of the sequence during calibration; that call is not used to calibrate it")
+                        "at the end of the sequence during calibration (such calls run dense); it is not calibrated on it")
         return None
     for b, m in enumerate(lens):  # the valid tokens only: what the model (and the op) attend to
-        cal.observe(q[b:b + 1, :, :m], k[b:b + 1, :, :m], v[b:b + 1, :, :m], scale)
+        cal.observe(q[b:b + 1, :, :m], k[b:b + 1, :, :m], v[b:b + 1, :, :m], scale, padding_cut=True)
     return None
 
 

@@ -51,16 +51,24 @@ def valid_lengths(mask: torch.Tensor, batch: int, seq_len: int) -> list[int] | N
     return out
 
 
+def servable_lengths(mask: torch.Tensor, layout: TokenLayout, batch: int, seq_len: int) -> list[int] | None:
+    """:func:`valid_lengths` when the padding is all in the text suffix (video and fixed prefix kept), else ``None``."""
+    lens = valid_lengths(mask, batch, seq_len)
+    if lens is None or layout.dynamic_text == "prefix" or min(lens) < layout.text_prefix + layout.video_tokens:
+        return None  # padding inside the video or the prefix: not what the op can serve
+    return lens
+
+
 def padded_tile_attention(q, k, v, layout: TokenLayout, mask: torch.Tensor, global_frames, windows, scale: float):
     """Exact tile attention of ``(B, H, L, D)`` inputs under a tail-padding ``mask``, or ``None`` (see module doc).
 
     ``layout`` is the site's layout; its text suffix (fixed or per call) absorbs the padding.
     """
     B, _, L, _ = q.shape
-    lens = valid_lengths(mask, B, L)
+    lens = servable_lengths(mask, layout, B, L)
+    if lens is None:
+        return None
     fixed = layout.text_prefix + layout.video_tokens
-    if lens is None or layout.dynamic_text == "prefix" or min(lens) < fixed:
-        return None  # padding inside the video or the prefix: not what the op can serve
     rows = []
     for b, m in enumerate(lens):
         lay = TokenLayout(layout.num_frames, layout.height, layout.width, layout.text_prefix, m - fixed, layout.order)
