@@ -395,6 +395,19 @@ def with_valid_text(name: str, kwargs: dict, n: int) -> dict:
     return dict(kwargs, **{key: mask})
 
 
+def batch_of_two(name: str, kwargs: dict, n: int) -> dict:
+    """``kwargs`` with batch 2: row 1 holds other values (flipped features) and only ``n`` valid text tokens."""
+    out = {}
+    for key, val in kwargs.items():
+        if isinstance(val, torch.Tensor) and val.dim() >= 1 and val.shape[0] == 1 and not key.startswith("indices"):
+            other = val.flip(-1) if val.dtype.is_floating_point and val.dim() > 1 else val
+            val = torch.cat([val, other])
+        out[key] = val
+    mask = out["encoder_attention_mask"].clone()
+    mask[1, n:] = 0
+    return dict(out, encoder_attention_mask=mask)
+
+
 def build_tiny(name: str):
     """``(model, example_kwargs)`` for one of :data:`NAMES`: fp32, eval mode, seeded weights."""
     if name not in BUILDERS:
