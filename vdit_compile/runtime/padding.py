@@ -71,13 +71,13 @@ def padded_tile_attention(q, k, v, layout: TokenLayout, mask: torch.Tensor, glob
     fixed = layout.text_prefix + layout.video_tokens
     rows = []
     for b, m in enumerate(lens):
-        lay = TokenLayout(layout.num_frames, layout.height, layout.width, layout.text_prefix, m - fixed, layout.order)
         sl = slice(b, b + 1)
-        out = torch.ops.vdit.tile_attention(q[sl, :, :m], k[sl, :, :m], v[sl, :, :m], lay.text_prefix, lay.text_suffix,
-                                            lay.num_frames, list(global_frames), list(windows), float(scale))[0]
-        if m < L:  # padded text queries: their own mask rows, dense
-            mrows = mask[b if mask.shape[0] > 1 else 0][None, :, m:] if mask.shape[2] > 1 else mask[b if mask.shape[0] > 1 else 0][None]
-            pad = F.scaled_dot_product_attention(q[sl, :, m:], k[sl], v[sl], attn_mask=mrows, scale=scale)
+        out = torch.ops.vdit.tile_attention(q[sl, :, :m], k[sl, :, :m], v[sl, :, :m], layout.text_prefix, m - fixed,
+                                            layout.num_frames, list(global_frames), list(windows), float(scale))[0]
+        if m < L:  # padded text queries: dense under their own mask rows
+            mb = mask[sl] if mask.shape[0] > 1 else mask  # (1, 1, 1 or L, L)
+            pad = F.scaled_dot_product_attention(q[sl, :, m:], k[sl], v[sl], attn_mask=mb[:, :, m:] if mb.shape[2] > 1 else mb,
+                                                 scale=scale)
             out = torch.cat([out, pad.to(out.dtype)], dim=2)
         rows.append(out)
     return torch.cat(rows, dim=0)
