@@ -55,7 +55,7 @@ def _cat_parts(node: torch.fx.Node):
 
 
 def _nearest_cat(dfg: nx.DiGraph, start: torch.fx.Node, seq_len):
-    """The nearest ``cat`` ancestor of ``start`` producing ``seq_len`` tokens along its dim: ``(node, sizes)``."""
+    """The nearest ``cat`` ancestor of ``start`` producing ``seq_len`` tokens along its dim: ``(node, pieces, sizes)``."""
     for node in nx.bfs_tree(dfg.reverse(copy=False), start, depth_limit=64):
         if node.op != "call_function" or node.target not in _CAT:
             continue
