@@ -43,6 +43,9 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-steps", type=int, default=50)
     p.add_argument("--profile", action="store_true", help="torch.profiler table of one sparse call")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--fp32-precision", nargs="+", default=["highest"], choices=["highest", "high"],
+                   help="torch.set_float32_matmul_precision for teacher and students alike ('high': TF32 matmuls "
+                        "and TF32 dots in the tile kernel); each value is one full pass")
     a = p.parse_args(argv)
     from vdit_compile.distill.adapter import load_adapter
     from vdit_compile.distill.config import DistillConfig
@@ -54,13 +57,25 @@ def main(argv=None) -> int:
 
     def record(name, steps, seconds, **extra):
         rows.append({"way": name, "steps": steps, "seconds": seconds, **extra})
-        print(f"{name:55s} {steps:3d} steps  {seconds * 1e3:9.2f} ms/video  {seconds / steps * 1e3:7.2f} ms/step",
+        print(f"{name:55s} {steps:3d} steps  x{extra.get('speedup', 1.0):5.2f}  {seconds * 1e3:9.2f} ms/video  {seconds / steps * 1e3:7.2f} ms/step",
               flush=True)
 
     cfg0 = DistillConfig.load(Path(a.runs[0]) / "config.json")
     teacher = load_adapter(cfg0.model, device=a.device).pipe
-    base = median_latency(teacher, a.teacher_steps, a.repeats)
-    record(f"teacher dense (CFG, eager)", a.teacher_steps, base)
+    for prec in a.fp32_precision:
+        torch.set_float32_matmul_precision(prec)
+        print(f"--- fp32 matmul precision {prec!r}", flush=True)
+        base = median_latency(teacher, a.teacher_steps, a.repeats)
+        record(f"teacher dense (CFG, eager)", a.teacher_steps, base, fp32_precision=prec)
+        students(a, base, prec, record, rows, load_run, DistillConfig, out, cfg0)
+    meta = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
+    (out / "fewstep_latency.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+def students(a, base, prec, record, rows, load_run, DistillConfig, out, cfg0):
+    """Every way of running every run's student, timed against ``base`` (the teacher, same precision)."""
     for r in a.runs:
         cfg = DistillConfig.load(Path(r) / "config.json")
         S = cfg.segments
@@ -81,8 +96,9 @@ def main(argv=None) -> int:
                 print(f"S={S} {label}: FAILED {type(exc).__name__}: {exc}", flush=True)
                 rows.append({"way": f"S={S} {label}", "error": f"{type(exc).__name__}: {exc}"})
                 continue
-            record(f"S={S} {label}", S, sec, speedup=base / sec, warmup_s=warm, graphs=dynamo_graphs() - g0)
-            if a.profile and sparse and backend == "eager" and S == cfg0.segments:
+            record(f"S={S} {label}", S, sec, speedup=base / sec, warmup_s=warm, graphs=dynamo_graphs() - g0,
+                   fp32_precision=prec)
+            if a.profile and sparse and backend == "eager" and S == cfg0.segments and prec == a.fp32_precision[0]:
                 from torch.profiler import ProfilerActivity, profile
 
                 acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device == "cuda" else [])
@@ -92,10 +108,6 @@ def main(argv=None) -> int:
                 (out / f"profile_s{S}.txt").write_text(table)
                 print(table[:6000], flush=True)
             del pipe
-    meta = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
-    (out / "fewstep_latency.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -36,7 +36,14 @@ CASES = [
     ("dense mask", TokenLayout(5, 150, 1, 30, 30), [TileMask(dense=True)], dict(heads=2, head_dim=128, batch=2, **FP16)),
     ("(B,L,H,D) strided", TokenLayout(4, 90, 1, text_prefix=33), [TileMask(1, 0), TileMask(0, 1)], dict(head_dim=96, blhd=True, **BF16)),
     ("D=96 padded to 128", TokenLayout(3, 130, 1, text_suffix=17), [TileMask(1, 0)], dict(heads=2, head_dim=96, d_mode="pad", **BF16)),
+    # the sm90 D=128 row uses 256-token query blocks: P below (200) and above (300) it, with text on both sides
+    ("D=128, P=300>256-block, prefix+suffix", TokenLayout(4, 20, 15, 11, 13), [TileMask(1, 0), TileMask(0, 1)],
+     dict(head_dim=128, batch=2, **BF16)),
+    ("fp32 exact (precision 'highest': ieee dots)", TokenLayout(3, 10, 10, 5, 0), [TileMask(1, 0)],
+     dict(heads=1, head_dim=32, dtype=torch.float32, tol=(1e-4, 1e-4), grad_tol=(1e-4, 1e-4))),
 ]
+FP32_TF32 = ("fp32 with TF32 (precision 'high')", TokenLayout(3, 10, 10, 5, 0), [TileMask(1, 0), TileMask(0, 0)],
+             dict(head_dim=32, dtype=torch.float32, tol=(5e-3, 5e-3), grad_tol=(1e-2, 1e-2)))
 
 
 @pytest.mark.parametrize("name,layout,masks,kw", CASES, ids=[c[0] for c in CASES])
@@ -46,6 +53,23 @@ def test_kernel_matches_dense_oracle(name, layout, masks, kw):
     kw = dict(kw)
     kw.setdefault("heads", len(masks))
     check_case(*_sq(layout, masks), device="cuda", seed=zlib.crc32(name.encode()) % 1000, **kw)
+
+
+def test_fp32_follows_torch_matmul_precision():
+    """fp32 inputs use TF32 dots only when torch's fp32 matmul precision allows it (and stay exact otherwise)."""
+    from vdit_compile.kernels.checks import check_case
+    from vdit_compile.kernels.tile_attention_triton import _dot_prec
+
+    name, layout, masks, kw = FP32_TF32
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert _dot_prec(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert _dot_prec(torch.float32) == "tf32"
+        check_case(*_sq(layout, masks), heads=len(masks), device="cuda", seed=7, **kw)
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_rectangular_random_mask():

@@ -87,7 +87,8 @@ def check_case(
     grads = tuple(torch.full_like(t, nan) for t in (q, k, v))
     attention_backward(dout, dlse, q, k, v, out, lse, plan, scale, configs, d_mode, grads=grads)
 
-    acc = torch.float64 if device == "cpu" or torch.device(device).type == "cpu" else torch.float32
+    # fp64 oracle on CPU and for fp32 inputs (fp32 on the GPU could itself run on TF32), fp32 for bf16/fp16
+    acc = torch.float64 if torch.device(device).type == "cpu" or dtype == torch.float32 else torch.float32
     qr, kr, vr = (t.detach().to(acc).requires_grad_() for t in (q, k, v))
     ro, rl = oracle(qr, kr, vr, qside, kside, frame_mask, scale, acc)
     rg = torch.autograd.grad((ro * dout.to(acc)).sum() + (rl * dlse.to(acc)).sum(), (qr, kr, vr))

@@ -41,13 +41,14 @@ def _c(*a):
 
 # (arch, head-dim bucket) -> configs.  Head-dim bucket: 64 (<= 64), 96 (<= 96), 128 (<= 256).
 TABLE = {
-    # H100, 2026-11-25: osp-29f g1 sweep (D=96): fwd 128x64/4w/3st 6.85 ms vs 128x128/8w/3st 7.99 ms;
-    # backward 64x64/4w/3st for both passes (22.0 ms vs 25.6 ms).  The D=64 and D=128 rows copy D=96's
-    # winners UNSWEPT: at D=128 they reach only 264-323 TFLOP/s and spill (BENCHMARKS.md); run
-    # `benchmarks/attention.py --tune --write-table` for D=128/64 and replace them.
-    ("sm90", 64): KernelConfigs(fwd=_c(128, 64, 4, 3), dkdv=_c(64, 64, 4, 3), dq=_c(64, 64, 4, 3)),
+    # H100, 2026-11-25 (BENCHMARKS.md): D=96 from the osp-29f g1w0 sweep (fwd 128x64/4w/3st 6.85 ms vs
+    # 128x128/8w/3st 7.99 ms; backward 64x64/4w/3st). D=128 from the wan14b-81f g1w0 sweep of 12:37 UTC:
+    # fwd 256x64/8w/3st 40.9 ms (128x64/4w/3st, the old row, 56.6 ms: it spilled), dk/dv 32x64/4w/3st 134.2 ms
+    # (was 150.4), dq 64x32/4w/3st 143.0 ms (was 149.7). D=64 from the cogvideox5b-49f g1w0 sweep: fwd and dk/dv
+    # keep 128x64/4w/3st and 64x64/4w/3st (fastest), dq 64x32/4w/3st 9.07 ms (was 9.37).
+    ("sm90", 64): KernelConfigs(fwd=_c(128, 64, 4, 3), dkdv=_c(64, 64, 4, 3), dq=_c(64, 32, 4, 3)),
     ("sm90", 96): KernelConfigs(fwd=_c(128, 64, 4, 3), dkdv=_c(64, 64, 4, 3), dq=_c(64, 64, 4, 3)),
-    ("sm90", 128): KernelConfigs(fwd=_c(128, 64, 4, 3), dkdv=_c(64, 64, 4, 3), dq=_c(64, 64, 4, 3)),
+    ("sm90", 128): KernelConfigs(fwd=_c(256, 64, 8, 3), dkdv=_c(32, 64, 4, 3), dq=_c(64, 32, 4, 3)),
     # sm80 (A100 164 KB / 4090 100 KB shared memory): untuned, sized to fit 100 KB.
     ("sm80", 64): KernelConfigs(fwd=_c(128, 64, 4, 2), dkdv=_c(64, 64, 4, 2), dq=_c(64, 64, 4, 2)),
     ("sm80", 96): KernelConfigs(fwd=_c(128, 64, 4, 2), dkdv=_c(64, 64, 4, 2), dq=_c(64, 64, 4, 2)),
