@@ -75,11 +75,19 @@ def test_token_grid_from_inputs_and_config(name, expected):
     assert (grid.frames, grid.height, grid.width) == expected[:3] and expected[3] in grid.source
 
 
-def test_ambiguous_channel_axis_is_not_guessed():
+def test_ambiguous_channel_axis_is_marked_guessed_or_refused():
+    """channels == frames: a Conv3d patch embedding gives a *guessed* BCTHW grid (the probe must confirm it:
+    tests/test_core_ambiguous_grid.py); without one (CogVideoX patchifies with a Conv2d) no grid at all."""
     model, kw = build_tiny("wan")
     c = model.config.in_channels
-    x = torch.randn(1, c, c, 8, 8)  # channels == frames: BCTHW or BTCHW?
+    x = torch.randn(1, c, c, 8, 8)  # BCTHW or BTCHW?
     grid, why = infer_grid(model, (), dict(kw, hidden_states=x))
+    assert grid is not None and grid.axes == "BCTHW" and "channel axis 1 assumed" in grid.guessed
+    unambiguous, _ = infer_grid(model, (), kw)
+    assert unambiguous is not None and unambiguous.guessed == ""
+    model, kw = build_tiny("cogvideox")
+    c = model.config.in_channels
+    grid, why = infer_grid(model, (), dict(kw, hidden_states=torch.randn(1, c, c, 8, 8)))
     assert grid is None and "channel axis" in why
 
 

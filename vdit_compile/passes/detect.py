@@ -263,13 +263,16 @@ def detect_sites(gm: torch.fx.GraphModule, example_inputs, grid: GridInfo | None
 def detect_pass(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     ctx.templates = detect_sites(gm, ctx.example_inputs, ctx.grid, ctx.grid_reason, ctx.root_names)
     first = next((t for t in ctx.templates if t.site.tileable), None)
-    if first is not None and getattr(ctx.config, "probe", True):
+    guessed = getattr(ctx.grid, "guessed", "") if ctx.grid is not None else ""
+    if first is not None and (getattr(ctx.config, "probe", True) or guessed):
         problem = probe_layout(gm, ctx.example_inputs, first, ctx.grid)
+        if guessed and problem is None:  # a guessed grid is used only once the probe has confirmed it
+            problem = f"{guessed}, and the token-order probe could not run to confirm it"
         same = [t for t in ctx.templates if t.site.layout == first.site.layout]
         for t in same:
             if problem:
                 t.site.layout, t.site.reason = None, problem
             elif problem == "":
-                t.notes.append("token order confirmed by probe")
+                t.notes.append("token order confirmed by probe" + (f" ({guessed})" if guessed else ""))
     ctx.sites = [t.site for t in ctx.templates]
     return gm

@@ -10,9 +10,11 @@ layout and the patch sizes of the model config:
 * ``(B, N, C)`` pre-patchified with ``num_frames``/``height``/``width`` call arguments (LTX),
 * ``(B*T, C, H, W)`` with a ``num_frames`` argument (``TransformerTemporalModel``).
 
-The channel axis is the one whose size equals the config's input channels; when that is
-ambiguous or a size is not divisible by the patch, no grid is returned and the reason says why
-(sites are then left dense: a layout is never guessed).
+The channel axis is the one whose size equals the config's input channels. When several axes
+match (e.g. 8 channels at 8 frames) and the model patchifies with a Conv3d, axis 1 is assumed and
+the grid is marked ``guessed``: its sites are tiled only after the token-order probe confirms the
+frame order (passes/detect.py), else left dense. Otherwise, when the axis is ambiguous or a size is
+not divisible by the patch, no grid is returned and the reason says why (sites are left dense).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class GridInfo:
     key: str = ""  # the call argument holding the video
     axes: str = ""  # its layout: BCTHW, BTCHW, BTHWC, BNC, (BT)CHW
     tensor: object = field(default=None, repr=False, compare=False)  # the video input itself (probe)
+    guessed: str = ""  # non-empty: the axes were chosen among several candidates; the probe must confirm them
 
     @property
     def video_tokens(self) -> int:
@@ -65,6 +68,14 @@ def patch_sizes(model) -> tuple[int, int, int] | None:
         if isinstance(mod, torch.nn.Conv2d) and mod.stride == mod.kernel_size and mod.stride != (1, 1):
             return (1, int(mod.stride[0]), int(mod.stride[1]))
     return None
+
+
+def _conv3d_patch_embed(model, channels: int) -> bool:
+    """True when the model's first Conv3d is a patchifying one reading ``channels`` input channels."""
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Conv3d):
+            return mod.in_channels == channels and mod.stride == mod.kernel_size
+    return False
 
 
 def _in_channels(model) -> int | None:
@@ -114,6 +125,14 @@ def infer_grid(model, args: tuple, kwargs: dict) -> tuple[GridInfo | None, str]:
     shape = tuple(x.shape)
     if x.dim() == 5:
         axes = [d for d in (1, 2, 4) if shape[d] == c] if c is not None else []
+        guessed = ""
+        if len(axes) > 1 and 1 in axes and _conv3d_patch_embed(model, c):
+            # e.g. Wan with 8 latent channels at 8 latent frames: (1, 8, 8, H, W). A Conv3d patch embedding
+            # reads (N, C, T, H, W), so axis 1 is the likely channel axis; a model that permutes before its
+            # Conv3d would make this wrong, so the token-order probe must confirm it (detect.py) or the
+            # sites stay dense.
+            axes, guessed = [1], (f"{key}{shape} has {c} = in_channels on axes {axes}; channel axis 1 assumed "
+                                  f"from the Conv3d patch embedding")
         if len(axes) != 1:
             return None, f"cannot tell the channel axis of {key}{shape} (config in_channels={c})"
         ch = axes[0]
@@ -132,4 +151,6 @@ def infer_grid(model, args: tuple, kwargs: dict) -> tuple[GridInfo | None, str]:
         return None, f"unsupported video input {key}{shape} (expected 5-D video, or (B, N, C) with num_frames/height/width)"
     if t % pt or h % ph or w % pw:
         return None, f"video {t}x{h}x{w} is not divisible by the patch {pt}x{ph}x{pw}"
-    return GridInfo(int(b), t // pt, h // ph, w // pw, f"{key} {src}, patch {pt}x{ph}x{pw}", key, src.split("+")[0], x), ""
+    guessed = guessed if x.dim() == 5 else ""
+    return GridInfo(int(b), t // pt, h // ph, w // pw, f"{key} {src}, patch {pt}x{ph}x{pw}", key, src.split("+")[0], x,
+                    guessed), ""
