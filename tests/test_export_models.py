@@ -126,3 +126,24 @@ def test_frame_bound_suggestion_is_parsed():
     assert suggested_range(msg, "latent_frames") == (None, 32)
     assert suggested_range("Suggested fixes: latent_frames = Dim('latent_frames', min=3, max=9)", "latent_frames") == (3, 9)
     assert suggested_range("nothing", "latent_frames") is None
+
+
+def test_per_call_text_sites_stay_dense_in_export(tmp_path, caplog):
+    """Mochi trims its text by value (layout text[*]): export must keep those sites dense (exact), with a warning,
+    not tile them with text length 0 (which treated the text tokens as video: silently wrong)."""
+    import logging
+
+    model, inputs = build_tiny("mochi")
+    plan = Plan.uniform(inspect_model(model, inputs), TileMask(0, 0), model)
+    dynamic = [s.name for s in plan.tiled_sites() if getattr(s.layout, "dynamic_text", "")]
+    assert dynamic, "the tiny Mochi should have per-call text sites"
+    with caplog.at_level(logging.WARNING, logger="vdit_compile.export.graph"):
+        res = to_onnx(model, inputs, tmp_path / "mochi.onnx", plan)
+    assert all("dense" in res.sites[name] for name in dynamic)
+    assert any("left dense" in r.getMessage() for r in caplog.records)
+    runner = OnnxRunner(res.path)
+    with torch.no_grad():
+        want = model(**inputs)
+    want = want[0] if isinstance(want, (tuple, list)) else getattr(want, "sample", want)
+    got = torch.as_tensor(runner(**{k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)})[res.outputs[0]])
+    assert ((got.double() - want.double()).norm() / want.double().norm()).item() < 1e-4

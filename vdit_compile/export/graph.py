@@ -152,6 +152,15 @@ def rewrite_sites(ep: torch.export.ExportedProgram, specs: Sequence[SiteSpec]) -
     graph = ep.graph
     facts = {}
     for spec in specs:
+        if getattr(spec.layout, "dynamic_text", ""):
+            # Mochi / HunyuanVideo 1.5 / Framepack trim text by value: the exported graph would need the
+            # per-call text length as a graph value, which this rewrite does not build. Exact, not wrong:
+            # the site keeps its dense SDPA.
+            why = (f"its text length is only known per call ({spec.layout.dynamic_text} side); export keeps it "
+                   f"dense")
+            log.warning("export: site %s left dense: %s", spec.name, why)
+            facts[spec.name] = {"dense": why}
+            continue
         nodes = found.get(spec.name, [])
         if len(nodes) != 1:
             known = ", ".join(sorted(found)) or "none"
