@@ -169,3 +169,35 @@ def test_rect_attention_cuda_blocks_match_cpu_float64(dtype, tol):
         out, lse = rect_attention(*(t.to("cuda", dtype) for t in (q, k, v)), *args)
     assert float((out.double().cpu() - ref_o).norm() / ref_o.norm()) < tol
     torch.testing.assert_close(lse.double().cpu(), ref_l, rtol=tol, atol=tol)
+
+
+class _TextTiny(torch.nn.Module):
+    """Text of per-call length before the video (Mochi-like): the op gets a symbolic text length."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv3d(3, 8, (1, 2, 2), (1, 2, 2))
+        self.qkv = torch.nn.Linear(8, 24)
+
+    def forward(self, x, text):
+        h = torch.cat([text, self.embed(x).flatten(2).transpose(1, 2)], 1)
+        q, k, v = self.qkv(h).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+        o = torch.ops.vdit.tile_attention(q, k, v, text.shape[1], 0, x.shape[2], [1], [0], 0.5)[0]
+        return h + o.transpose(1, 2).flatten(2)
+
+
+def test_pass_leaves_per_call_text_graphs_whole_with_a_warning():
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(shard_graph(gm, _StubRank(), example_inputs=example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    text = torch.randn(1, 5, 8)
+    torch._dynamo.mark_dynamic(text, 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(_TextTiny(), backend=backend, fullgraph=True)(torch.randn(1, 3, 4, 4, 4), text)
+    warned = [str(w.message) for w in caught if "sequence parallelism" in str(w.message)]
+    assert warned and "vdit_parallel_attention" not in graphs[0].code

@@ -361,6 +361,9 @@ def _find_layout(gm, sites):
         if _is_tile(node):
             L = tuple(_val(node.args[0]).shape)[2]
             pre, suf, T = node.args[3:6]
+            if not all(isinstance(x, int) for x in (pre, suf, T, L)):
+                raise Unshardable(f"{node.name}: text length or frames known only per call (trimmed by value); "
+                                  f"such sites are not sharded")
             found.add((T, (L - pre - suf) // T))
     for site in sites or ():
         if isinstance(site, TokenLayout):  # a bare layout: the dense (unrewritten) case
