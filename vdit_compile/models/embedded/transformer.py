@@ -39,10 +39,10 @@ TINY_TRANSFORMER_CONFIG = {**TRANSFORMER_CONFIG, "num_attention_heads": 2, "atte
                            "ffn_dim": 128, "num_layers": 2, "text_dim": 32, "freq_dim": 64}
 TINY_TEXT_ENCODER_CONFIG = {"dim": 32, "num_layers": 1, "num_heads": 2, "ffn_dim": 64}
 
-# The scheduler: flow matching, unshifted (shift 1), as the shipped weights were trained. Known limit (see
-# docs/embedded/MODEL_CARD.md): a 16 x 32 x 32 x 3 clip keeps its coarse layout visible up to high noise, so
-# where an object goes is decided at sigma > 0.9, a range unshifted logit-normal training rarely visits; the
-# shipped model ignores the motion direction words. tools/train_reference.py --shift 3 is the planned fix.
+# The scheduler defaults for a *new* model (tools/train_reference.py's --shift default): flow matching, unshifted.
+# The shipped weights carry their own scheduler config (shift 3: stage 2 of their training was shifted, because a
+# 16 x 32 x 32 x 3 clip keeps its coarse layout visible up to high noise, so where an object goes is decided at
+# sigma > 0.9, which unshifted training rarely visits; docs/embedded/MODEL_CARD.md), and load_pipeline uses that.
 SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 1.0}
 
 
