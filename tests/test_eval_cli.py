@@ -45,4 +45,6 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
 
     if fast_run_dir() is None:
         assert any("few-step weights are not shipped" in m for m in summary["missing"])
+    else:
+        assert any(c["name"].startswith("distilled") for c in summary["cards"]), [c["name"] for c in summary["cards"]]
     assert "demo finished" in text
