@@ -49,7 +49,6 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     from vdit_compile.distill.adapter import load_adapter
     from vdit_compile.distill.config import DistillConfig
-    from vdit_compile.distill.pipeline import load_run
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,16 +65,19 @@ def main(argv=None) -> int:
         torch.set_float32_matmul_precision(prec)
         print(f"--- fp32 matmul precision {prec!r}", flush=True)
         base = median_latency(teacher, a.teacher_steps, a.repeats)
-        record(f"teacher dense (CFG, eager)", a.teacher_steps, base, fp32_precision=prec)
-        students(a, base, prec, record, rows, load_run, DistillConfig, out, cfg0)
+        record("teacher dense (CFG, eager)", a.teacher_steps, base, fp32_precision=prec)
+        students(a, base, prec, record, rows, out, profile_segments=cfg0.segments)
     meta = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
     (out / "fewstep_latency.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     return 0
 
 
-def students(a, base, prec, record, rows, load_run, DistillConfig, out, cfg0):
+def students(a, base, prec, record, rows, out, profile_segments):
     """Every way of running every run's student, timed against ``base`` (the teacher, same precision)."""
+    from vdit_compile.distill.config import DistillConfig
+    from vdit_compile.distill.pipeline import load_run
+
     for r in a.runs:
         cfg = DistillConfig.load(Path(r) / "config.json")
         S = cfg.segments
@@ -98,7 +100,7 @@ def students(a, base, prec, record, rows, load_run, DistillConfig, out, cfg0):
                 continue
             record(f"S={S} {label}", S, sec, speedup=base / sec, warmup_s=warm, graphs=dynamo_graphs() - g0,
                    fp32_precision=prec)
-            if a.profile and sparse and backend == "eager" and S == cfg0.segments and prec == a.fp32_precision[0]:
+            if a.profile and sparse and backend == "eager" and S == profile_segments and prec == a.fp32_precision[0]:
                 from torch.profiler import ProfilerActivity, profile
 
                 acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device == "cuda" else [])

@@ -185,7 +185,7 @@ def plot_loss(csv_path: Path, png_path: Path):
     plt.close(fig)
 
 
-def init_weights(source, tokenizer, modules, ema_modules, tcfg, ecfg, device):
+def init_weights(source, modules, ema_modules):
     """Copy weights from a save_embedded directory into the model and its EMA (fine-tuning).
 
     Why: a second training stage (e.g. with shifted timesteps) continues from weights that already render
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
                             fused=device.type == "cuda")
 
     if args.init_from and not (args.resume and (out / "ckpt" / "state.pt").is_file()):
-        init_weights(args.init_from, tokenizer, modules, ema_modules, tcfg, ecfg, device)
+        init_weights(args.init_from, modules, ema_modules)
 
     step, elapsed_before = 0, 0.0
     csv_path = out / "loss.csv"

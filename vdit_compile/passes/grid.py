@@ -123,9 +123,9 @@ def infer_grid(model, args: tuple, kwargs: dict) -> tuple[GridInfo | None, str]:
     pt, ph, pw = ps
     c = _in_channels(model)
     shape = tuple(x.shape)
+    guessed = ""  # set only when a 5-D input's channel axis had to be chosen among several
     if x.dim() == 5:
         axes = [d for d in (1, 2, 4) if shape[d] == c] if c is not None else []
-        guessed = ""
         if len(axes) > 1 and 1 in axes and _conv3d_patch_embed(model, c):
             # e.g. Wan with 8 latent channels at 8 latent frames: (1, 8, 8, H, W). A Conv3d patch embedding
             # reads (N, C, T, H, W), so axis 1 is the likely channel axis; a model that permutes before its
@@ -151,6 +151,5 @@ def infer_grid(model, args: tuple, kwargs: dict) -> tuple[GridInfo | None, str]:
         return None, f"unsupported video input {key}{shape} (expected 5-D video, or (B, N, C) with num_frames/height/width)"
     if t % pt or h % ph or w % pw:
         return None, f"video {t}x{h}x{w} is not divisible by the patch {pt}x{ph}x{pw}"
-    guessed = guessed if x.dim() == 5 else ""
     return GridInfo(int(b), t // pt, h // ph, w // pw, f"{key} {src}, patch {pt}x{ph}x{pw}", key, src.split("+")[0], x,
                     guessed), ""
