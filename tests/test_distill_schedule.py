@@ -73,3 +73,37 @@ def test_few_step_sampler_walks_the_mapping_exactly(steps):
     x = few_step_sample(ModelAdapter(), oracle, sch, torch.randn(1, 3, 2, 4, 4), None, steps)
     torch.testing.assert_close(x, c, rtol=0, atol=1e-5)
     assert oracle.seen == pytest.approx([p[0] for p in sch.plan(steps)])
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_draw_puts_the_asked_share_of_rows_on_sampler_visited_indices(fraction):
+    """The MLCD/KD batch: ``round(fraction * B)`` rows start where the S/2S-step samplers call the student."""
+    from vdit_compile.distill.stages import _draw
+
+    sch = FewStepSchedule(tuple(float(x) for x in range(48, 0, -1)), tuple(x / 48 for x in range(48, -1, -1)), 8)
+    visited = sorted(set(sch.indices(8)[:-1]) | set(sch.indices(16)[:-1]))
+    assert visited == list(range(0, 48, 3))
+    draw = _draw(sch, 100, visited, fraction)
+    gen = torch.Generator().manual_seed(0)
+    B, on, total = 64, 0, 0
+    for _ in range(50):
+        idx, n = draw(gen, B)
+        assert idx.shape == n.shape == (B,) and int(idx.min()) >= 0 and int(idx.max()) < 100
+        assert int(n.min()) >= 0 and int(n.max()) < 48
+        k = round(fraction * B)
+        assert all(int(v) % 3 == 0 for v in n[:k])          # the forced rows are visited indices
+        on += int((n % 3 == 0).sum())
+        total += B
+    # the uniform rows hit a visited index 1/3 of the time: expected share = f + (1 - f) / 3
+    assert abs(on / total - (fraction + (1 - fraction) / 3)) < 0.03
+    # the same generator state gives the same batch (resume is bit for bit)
+    a = draw(torch.Generator().manual_seed(5), B)
+    b = draw(torch.Generator().manual_seed(5), B)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_visited_fraction_out_of_range_is_refused():
+    from vdit_compile.distill.config import DistillConfig, DistillConfigError
+
+    with pytest.raises(DistillConfigError, match="visited-fraction"):
+        DistillConfig(visited_fraction=1.5).validate()

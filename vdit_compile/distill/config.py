@@ -48,6 +48,7 @@ class DistillConfig:
     huber_c: float = 0.03                   # pseudo-Huber knee, in RMS velocity units
     skip: int = 1                           # consistency target: teacher steps taken before the EMA target jumps
     anchor_weight: float = 1.0              # weight of the direct regression onto the teacher's segment end
+    visited_fraction: float = 0.5           # share of each batch drawn at the indices the S/2S-step samplers visit
     target_decay: float = 0.9               # EMA decay of the consistency target network
     ema_decay: float = 0.99                 # EMA decay of the exported weights
     # --- masks stage ------------------------------------------------------------------------------
@@ -122,6 +123,8 @@ class DistillConfig:
         for name in ("batch_size", "pool_size", "ckpt_every", "skip", "calib_prompts", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise DistillConfigError(f"--{name.replace('_', '-')} must be >= 1, found {getattr(self, name)}")
+        if not 0.0 <= self.visited_fraction <= 1.0:
+            raise DistillConfigError(f"--visited-fraction must be in [0, 1], found {self.visited_fraction}")
         for name in ("target_decay", "ema_decay"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise DistillConfigError(f"--{name.replace('_', '-')} must be in [0, 1), found {getattr(self, name)}")

@@ -58,6 +58,8 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=9.0, help="whole budget; training gets what scoring leaves")
     p.add_argument("--score-minutes", type=float, default=2.5)
     p.add_argument("--prompts", type=int, default=None)
+    p.add_argument("--no-score", action="store_true", help="train and pack only (a later --restore call scores): gives "
+                                                              "training the whole call")
     p.add_argument("--resume", action="store_true", help="continue runs already in --work")
     p.add_argument("--restore", help="a folder holding a previous call's s<S>.tgz and s<S>-mlcd.safetensors: unpack "
                                      "them into --work and continue those runs (implies --resume)")
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
         log = open(work / f"s{S}.log", "w")
         print("$", " ".join(cmd), flush=True)
         procs[run] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log)
-    deadline = t0 + 60 * (a.minutes - a.score_minutes)
+    deadline = t0 + 60 * (a.minutes - (0.0 if a.no_score else a.score_minutes))
     while any(pr.poll() is None for pr, _ in procs.values()):
         if time.time() > deadline:
             print("training deadline reached: SIGTERM (runs checkpoint and stop)", flush=True)
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
         print(f"{run.name}: exit {pr.returncode} after {time.time() - t0:.0f}s", flush=True)
         print("".join((work / f"{run.name}.log").read_text().splitlines(keepends=True)[-8:]), flush=True)
     finished = [r for r in procs if (r / "mlcd" / "done.json").is_file()]
-    if finished:
+    if finished and not a.no_score:
         from .report import score_runs
 
         try:

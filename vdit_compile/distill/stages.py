@@ -60,13 +60,37 @@ def _frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
     return m.eval()
 
 
-def _draw(schedule, pool_size):
+def _draw(schedule, pool_size, visited=(), visited_fraction: float = 0.0):
+    """Training points: a pool trajectory and a teacher index ``n`` for each row of the batch.
+
+    ``n`` is uniform over the ``N`` teacher indices, except that a ``visited_fraction`` share of the rows
+    (the first ``round(fraction * B)``) is drawn from ``visited``: the indices the few-step samplers start
+    their steps from.  Those are the only points a trained student is ever evaluated at, and under a
+    uniform draw they are ``S/N`` of the batch (1/6 for S = 8 of 48), so a short run spends most of its
+    capacity on jumps it will never make.  The other rows keep the consistency property over the whole
+    segment, which is what makes 2S-step sampling and the consistency target (evaluated at ``n + skip``)
+    meaningful.
+    """
     N = schedule.num_teacher_steps
+    vis = torch.tensor(sorted(set(int(i) for i in visited if 0 <= int(i) < N)), dtype=torch.long)
 
     def draw(gen, B):
-        return torch.randint(pool_size, (B,), generator=gen), torch.randint(N, (B,), generator=gen)
+        idx = torch.randint(pool_size, (B,), generator=gen)
+        n = torch.randint(N, (B,), generator=gen)
+        k = int(round(visited_fraction * B)) if len(vis) else 0
+        if k:
+            n[:k] = vis[torch.randint(len(vis), (k,), generator=gen)]
+        return idx, n
 
     return draw
+
+
+def _visited(ctx: RunContext) -> list[int]:
+    """Teacher indices where the S- and 2S-step samplers (``cfg.steps_list()``) call the student."""
+    out = set()
+    for steps in ctx.cfg.steps_list():
+        out.update(ctx.schedule.indices(steps)[:-1])
+    return sorted(out)
 
 
 def _maybe_compile(module, cfg):
@@ -104,7 +128,8 @@ def stage_mlcd(ctx: RunContext) -> torch.nn.Module:
         ema_update(target, student, cfg.target_decay)
         ema_update(ema, student, cfg.ema_decay)
 
-    tr = StageTrainer("mlcd", ctx.run_dir, student, {"target": target, "ema": ema}, loss_fn, _draw(ctx.schedule, len(pool)),
+    tr = StageTrainer("mlcd", ctx.run_dir, student, {"target": target, "ema": ema}, loss_fn,
+                      _draw(ctx.schedule, len(pool), _visited(ctx), cfg.visited_fraction),
                       after, cfg.mlcd_steps, cfg.lr, cfg, ctx.device, compile=cfg.compile,
                       max_seconds=60 * cfg.mlcd_max_minutes)
     ck = ctx.resume_point("mlcd")
@@ -194,8 +219,8 @@ def stage_kd(ctx: RunContext, dense: torch.nn.Module, sparse: torch.nn.Module) -
     def after(step):
         ema_update(ema, sparse, cfg.ema_decay)
 
-    tr = StageTrainer("kd", ctx.run_dir, sparse, {"ema": ema}, loss_fn, _draw(ctx.schedule, len(pool)), after,
-                      cfg.kd_steps, cfg.kd_lr, cfg, ctx.device, max_seconds=60 * cfg.kd_max_minutes)
+    tr = StageTrainer("kd", ctx.run_dir, sparse, {"ema": ema}, loss_fn,
+                      _draw(ctx.schedule, len(pool), _visited(ctx), cfg.visited_fraction), after, cfg.kd_steps, cfg.kd_lr, cfg, ctx.device, max_seconds=60 * cfg.kd_max_minutes)
     ck = ctx.resume_point("kd")
     if ck is not None:
         tr.restore(ck)
