@@ -5,6 +5,7 @@ Run on a CUDA GPU (one call does everything; JSON lines are written as they come
     python benchmarks/attention.py --out $OUT            # all shapes, all masks
     python benchmarks/attention.py --tune --out $OUT     # sweep the kernels' tile table
     python benchmarks/attention.py --shapes osp-29f-720p --masks g1w0 --no-flex
+    python benchmarks/attention.py --paths portable tma tma-ws --shapes wan14b-81f-720p --no-flex
 
 Timings: ``triton.testing.do_bench`` medians (ms).  TFLOP/s on kept entries:
 ``4 * H * L^2 * D * density / t`` forward, and 3.5x that for forward+backward (the usual
@@ -14,10 +15,14 @@ same element mask (a segment-table ``mask_mod``), its BlockMask built once (time
 separately, first build includes its compile) with ``_compile=True``.  "ours" goes through
 ``torch.ops.vdit.tile_attention`` (the path a rewritten model takes); our mask build is the
 cached visit-list build (forward lists; ``build_bwd_ms`` adds the two backward lists).
+``--paths`` times ours once per forward path (``portable``, ``tma``, ``tma-ws``: TMA with the
+warp-specialised loop), one row each (``path``), against the same cuDNN/Flex numbers; without it
+the automatic path runs and the row says which (``auto:tma`` / ``auto:portable``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -128,8 +133,48 @@ class FlexRunner:
         return bm, time.perf_counter() - t0
 
 
+PATH_ENV = {"portable": ("portable", "0"), "tma": ("tma", "0"), "tma-ws": ("tma", "1")}
+
+
+@contextlib.contextmanager
+def kernel_path(path: str | None):
+    """Run ours on one forward path (``None``: the automatic choice) by setting the kernels' env switches."""
+    keys = ("VDIT_KERNEL_PATH", "VDIT_TMA_WS")
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        if path is not None:
+            os.environ.update(zip(keys, PATH_ENV[path]))
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def derive(row: dict, kept: float, full_flops: float) -> None:
+    """TF/s on kept entries and speed ratios against the cuDNN / Flex timings in the row."""
+    row["ours_fwd_tflops_kept"] = kept / row["ours_fwd_ms"] / 1e9
+    if row.get("cudnn_fwd_ms"):
+        row["cudnn_fwd_tflops"] = full_flops / row["cudnn_fwd_ms"] / 1e9
+        row["x_vs_cudnn_fwd"] = row["cudnn_fwd_ms"] / row["ours_fwd_ms"]
+        row["tflops_kept_over_cudnn"] = row["ours_fwd_tflops_kept"] / row["cudnn_fwd_tflops"]
+    if row.get("flex_fwd_ms"):
+        row["flex_fwd_tflops_kept"] = kept / row["flex_fwd_ms"] / 1e9
+        row["x_vs_flex_fwd"] = row["flex_fwd_ms"] / row["ours_fwd_ms"]
+    if row.get("ours_fwdbwd_ms"):
+        row["ours_fwdbwd_tflops_kept"] = 3.5 * kept / row["ours_fwdbwd_ms"] / 1e9
+        if row.get("cudnn_fwdbwd_ms"):
+            row["x_vs_cudnn_fwdbwd"] = row["cudnn_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
+        if row.get("flex_fwdbwd_ms"):
+            row["x_vs_flex_fwdbwd"] = row["flex_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
+
+
 def run_shape(name: str, masks: list[str], args, sink) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from vdit_compile.kernels.tile_attention_triton import forward_path
 
     T, _, _, _, H, D = SHAPES[name]
     layout = layout_of(name)
@@ -160,57 +205,61 @@ def run_shape(name: str, masks: list[str], args, sink) -> list[dict]:
         mask = TileMask.parse(mname)
         gs, ws = mask.op_args()
         dens = mask_density(mask.frame_mask(T), layout)
-        row = dict(base, mask=mname, density=dens, cudnn_fwd_ms=dense.get("cudnn_fwd_ms"),
-                   cudnn_fwdbwd_ms=dense.get("cudnn_fwdbwd_ms"))
-        row["build_ms"], row["build_bwd_ms"] = time_build(layout, mask, H, D)
+        common = dict(base, mask=mname, density=dens, cudnn_fwd_ms=dense.get("cudnn_fwd_ms"),
+                      cudnn_fwdbwd_ms=dense.get("cudnn_fwdbwd_ms"))
+        common["build_ms"], common["build_bwd_ms"] = time_build(layout, mask, H, D)
         ours = lambda: torch.ops.vdit.tile_attention(q, k, v, layout.text_prefix, layout.text_suffix, T, [gs], [ws], scale)[0]  # noqa: E731
-        out = ours()
-        row["ours_fwd_ms"] = bench(ours)
-        if not args.fwd_only:
-            row["ours_fwdbwd_ms"] = bench(fwd_bwd(ours, (q, k, v), do), warmup=10, rep=args.rep)
-        if mask.dense:
-            row["ours_vs_cudnn_relerr"] = ((out.float() - ref_dense).norm() / ref_dense.norm()).item()
+        fo = None
         if flex is not None:
             try:
                 if mask.dense:
-                    bm, row["flex_build_first_s"] = None, 0.0
+                    bm, common["flex_build_first_s"] = None, 0.0
                 else:
-                    bm, row["flex_build_first_s"] = flex.block_mask(mask, T)
-                    bm, row["flex_build_again_s"] = flex.block_mask(mask, T)  # a new closure: may compile again
+                    bm, common["flex_build_first_s"] = flex.block_mask(mask, T)
+                    bm, common["flex_build_again_s"] = flex.block_mask(mask, T)  # a new closure: may compile again
                 fx = lambda: flex.flex(q, k, v, block_mask=bm, scale=scale)  # noqa: E731
-                fo = fx()
-                row["ours_vs_flex_relerr"] = ((out.float() - fo.float()).norm() / fo.float().norm()).item()
-                row["flex_fwd_ms"] = bench(fx)
+                fo = fx().float()
+                common["flex_fwd_ms"] = bench(fx)
                 if not args.fwd_only:
-                    row["flex_fwdbwd_ms"] = bench(fwd_bwd(fx, (q, k, v), do), warmup=10, rep=args.rep)
-                del bm, fo
+                    common["flex_fwdbwd_ms"] = bench(fwd_bwd(fx, (q, k, v), do), warmup=10, rep=args.rep)
+                del bm
             except Exception as exc:  # noqa: BLE001
-                row["flex_error"] = repr(exc)[:300]
-        kept = full_flops * dens
-        row["ours_fwd_tflops_kept"] = kept / row["ours_fwd_ms"] / 1e9
-        if row.get("cudnn_fwd_ms"):
-            row["cudnn_fwd_tflops"] = full_flops / row["cudnn_fwd_ms"] / 1e9
-            row["x_vs_cudnn_fwd"] = row["cudnn_fwd_ms"] / row["ours_fwd_ms"]
-            row["tflops_kept_over_cudnn"] = row["ours_fwd_tflops_kept"] / row["cudnn_fwd_tflops"]
-        if row.get("flex_fwd_ms"):
-            row["flex_fwd_tflops_kept"] = kept / row["flex_fwd_ms"] / 1e9
-            row["x_vs_flex_fwd"] = row["flex_fwd_ms"] / row["ours_fwd_ms"]
-        if row.get("ours_fwdbwd_ms"):
-            row["ours_fwdbwd_tflops_kept"] = 3.5 * kept / row["ours_fwdbwd_ms"] / 1e9
-            if row.get("cudnn_fwdbwd_ms"):
-                row["x_vs_cudnn_fwdbwd"] = row["cudnn_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
-            if row.get("flex_fwdbwd_ms"):
-                row["x_vs_flex_fwdbwd"] = row["flex_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
-        sink(row)
-        rows.append(row)
-        del out
+                common["flex_error"] = repr(exc)[:300]
+        for path in args.paths or [None]:
+            row = dict(common)
+            try:
+                with kernel_path(path):
+                    row["path"] = path or "auto:" + forward_path(q, k, v)
+                    out = ours()
+                    row["ours_fwd_ms"] = bench(ours)
+                    if not args.fwd_only:
+                        row["ours_fwdbwd_ms"] = bench(fwd_bwd(ours, (q, k, v), do), warmup=10, rep=args.rep)
+            except Exception as exc:  # noqa: BLE001 - e.g. a path that does not compile here
+                row["ours_error"] = type(exc).__name__ + ": " + str(exc)[:300]
+                sink(row)
+                continue
+            if mask.dense:
+                row["ours_vs_cudnn_relerr"] = ((out.float() - ref_dense).norm() / ref_dense.norm()).item()
+            if fo is not None:
+                row["ours_vs_flex_relerr"] = ((out.float() - fo).norm() / fo.norm()).item()
+            derive(row, full_flops * dens, full_flops)
+            sink(row)
+            rows.append(row)
+            del out
+        del fo
     del q, k, v, do, ref_dense
     torch.cuda.empty_cache()
     return rows
 
 
-def tune(names: list[str], sink, mask_name: str = "g1w0", table_path: str | None = None) -> None:
-    """Sweep tile shapes of the three kernels at one mask per shape (results -> configs.TABLE)."""
+def tune(names: list[str], sink, mask_name: str = "g1w0", table_path: str | None = None,
+         kinds: list[str] | None = None) -> None:
+    """Sweep tile shapes of the kernels at one mask per shape (results -> configs.TABLE).
+
+    Kinds: ``fwd``, ``dkdv``, ``dq`` (portable kernels) and, on sm90+, ``fwd_tma`` / ``fwd_tma_ws`` (the TMA
+    forward without / with the warp-specialised loop; only ``fwd_tma`` goes into a written table, since a
+    table row cannot ask for warp specialisation: that is ``VDIT_TMA_WS=1``).
+    """
     from vdit_compile.kernels.configs import KernelConfigs, TileConfig, get_configs
     from vdit_compile.kernels.tile_attention_triton import attention_backward, attention_forward
     from vdit_compile.kernels.visit import Side, tile_plan
@@ -224,8 +273,16 @@ def tune(names: list[str], sink, mask_name: str = "g1w0", table_path: str | None
     # 8-warp tiles included: Triton 3.6's sm_90 compile report shows far fewer spills for them at D=128
     fwd_cands = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 4), (256, 64, 8, 3), (128, 128, 8, 2),
                  (64, 64, 4, 4)]
+    # TMA stages K/V tiles in shared memory (num_stages deep), so big tiles with 3 stages may not fit at D=128
+    tma_cands = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (256, 64, 8, 3), (256, 64, 8, 2), (128, 64, 4, 3),
+                 (64, 64, 4, 4)]
     dkdv_cands = [(64, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)]
     dq_cands = [(64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 4, 3)]
+    sweeps = {"fwd": fwd_cands, "dkdv": dkdv_cands, "dq": dq_cands}
+    if torch.cuda.get_device_capability()[0] >= 9:
+        sweeps.update(fwd_tma=tma_cands, fwd_tma_ws=tma_cands)
+    if kinds:
+        sweeps = {k: c for k, c in sweeps.items() if k in kinds}
     for name in names:
         T, _, _, _, H, D = SHAPES[name]
         layout = layout_of(name)
@@ -234,28 +291,34 @@ def tune(names: list[str], sink, mask_name: str = "g1w0", table_path: str | None
         plan = tile_plan(side, side, TileMask.parse(mask_name).frame_mask(T)[None], H, "cuda")
         q, k, v, do = (torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
         base = get_configs(D, "cuda")
-        out, lse = attention_forward(q, k, v, plan, D ** -0.5, base)
-        for kind, cands in (("fwd", fwd_cands), ("dkdv", dkdv_cands), ("dq", dq_cands)):
+        out, lse = attention_forward(q, k, v, plan, D ** -0.5, base, path="portable")
+        for kind, cands in sweeps.items():
             for c in cands:
-                cfgs = KernelConfigs(**{**base.__dict__, kind: TileConfig(*c)})
+                field = "fwd_tma" if kind.startswith("fwd_tma") else kind
+                cfgs = KernelConfigs(**{**base.__dict__, field: TileConfig(*c)})
                 row = dict(tune=kind, shape=name, mask=mask_name, D=D, config=c)
                 try:
                     if kind == "fwd":
-                        fn = lambda: attention_forward(q, k, v, plan, D ** -0.5, cfgs)  # noqa: E731
+                        fn = lambda: attention_forward(q, k, v, plan, D ** -0.5, cfgs, path="portable")  # noqa: E731
+                    elif field == "fwd_tma":
+                        fn = lambda: attention_forward(q, k, v, plan, D ** -0.5, cfgs, path="tma",  # noqa: E731
+                                                       tma_ws=kind == "fwd_tma_ws")
                     else:
                         fn = lambda: attention_backward(do, None, q, k, v, out, lse, plan, D ** -0.5, cfgs)  # noqa: E731
-                    fn()
+                    got = fn()
+                    if field == "fwd_tma":  # same numbers as the portable kernel (bf16 rounding apart)
+                        row["max_abs_vs_portable"] = (got[0].float() - out.float()).abs().max().item()
                     row["ms"] = bench(fn, warmup=10, rep=60)
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
                     row["error"] = type(exc).__name__ + ": " + str(exc)[:120]
                 keep(row)
-        if D == 96:  # split 64 + 32 (the default) vs one 128-wide part with masked loads
+        if D == 96 and not kinds:  # split 64 + 32 (the default) vs one 128-wide part with masked loads
             for mode in ("split", "pad"):
                 for kind in ("fwd", "bwd"):
                     row = dict(tune=f"d_mode_{kind}", shape=name, mask=mask_name, D=D, mode=mode)
                     try:
                         if kind == "fwd":
-                            fn = lambda: attention_forward(q, k, v, plan, D ** -0.5, base, d_mode=mode)  # noqa: E731
+                            fn = lambda: attention_forward(q, k, v, plan, D ** -0.5, base, d_mode=mode, path="portable")  # noqa: E731
                         else:
                             fn = lambda: attention_backward(do, None, q, k, v, out, lse, plan, D ** -0.5, base, d_mode=mode)  # noqa: E731
                         fn()
@@ -271,11 +334,11 @@ def tune(names: list[str], sink, mask_name: str = "g1w0", table_path: str | None
             best = min((x for x in results if x["tune"] == r["tune"] and x["shape"] == r["shape"] and "ms" in x), key=lambda x: x["ms"])
             if best is r:
                 print(f"BEST {r['tune']:6s} {r['shape']:18s} D={r['D']} {r.get('config') or r.get('mode')} {r['ms']:.3f} ms", flush=True)
-                if r["tune"] in ("fwd", "dkdv", "dq"):
+                if r["tune"] in ("fwd", "fwd_tma", "dkdv", "dq"):
                     bucket = 64 if r["D"] <= 64 else 96 if r["D"] <= 96 else 128
                     table.setdefault(str(bucket), {})[r["tune"]] = list(r["config"])
     if table_path:
-        full = {b: t for b, t in table.items() if len(t) == 3}
+        full = {b: t for b, t in table.items() if {"fwd", "dkdv", "dq"} <= t.keys()}
         Path(table_path).write_text(json.dumps(full, indent=1))
         print("tile table ->", table_path, json.dumps(full), flush=True)
 
@@ -284,11 +347,11 @@ def print_table(rows: list[dict]) -> None:
     def f(x, nd=2):
         return "-" if x is None else f"{x:.{nd}f}"
 
-    hdr = ("shape", "mask", "dens", "cuDNN", "flex", "ours", "xcuDNN", "xflex", "TF/s", "%cuDNN",
+    hdr = ("shape", "mask", "path", "dens", "cuDNN", "flex", "ours", "xcuDNN", "xflex", "TF/s", "%cuDNN",
            "| fb cuDNN", "fb flex", "fb ours", "fb xflex", "build")
     print(" ".join(f"{h:>10}" for h in hdr))
     for r in rows:
-        vals = (r["shape"][:10], r["mask"], f(r.get("density"), 3), f(r.get("cudnn_fwd_ms")), f(r.get("flex_fwd_ms")),
+        vals = (r["shape"][:10], r["mask"], r.get("path", "-")[-10:], f(r.get("density"), 3), f(r.get("cudnn_fwd_ms")), f(r.get("flex_fwd_ms")),
                 f(r.get("ours_fwd_ms")), f(r.get("x_vs_cudnn_fwd")), f(r.get("x_vs_flex_fwd")),
                 f(r.get("ours_fwd_tflops_kept"), 0), f(100 * r["tflops_kept_over_cudnn"], 0) if r.get("tflops_kept_over_cudnn") else "-",
                 f(r.get("cudnn_fwdbwd_ms")), f(r.get("flex_fwdbwd_ms")), f(r.get("ours_fwdbwd_ms")),
@@ -302,7 +365,11 @@ def main(argv=None) -> int:
     ap.add_argument("--masks", nargs="*", default=MASKS)
     ap.add_argument("--no-flex", dest="flex", action="store_false")
     ap.add_argument("--fwd-only", action="store_true")
+    ap.add_argument("--paths", nargs="*", default=None, choices=list(PATH_ENV),
+                    help="time ours once per forward path, one row each (default: the automatic path)")
     ap.add_argument("--tune", action="store_true", help="sweep tile configs instead of benchmarking")
+    ap.add_argument("--tune-kinds", nargs="*", default=None, choices=["fwd", "fwd_tma", "fwd_tma_ws", "dkdv", "dq"],
+                    help="with --tune: only these kernels (default: all; fwd_tma* need sm90+)")
     ap.add_argument("--write-table", default=None, help="with --tune: write the best configs as a VDIT_TILE_TABLE json")
     ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms) for forward+backward")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
@@ -332,7 +399,7 @@ def main(argv=None) -> int:
         fh.flush()
 
     if args.tune:
-        tune(args.shapes, sink, table_path=args.write_table)
+        tune(args.shapes, sink, table_path=args.write_table, kinds=args.tune_kinds)
         return 0
     rows = []
     for name in args.shapes:

@@ -3,7 +3,8 @@
 Every case draws fresh random inputs, writes into NaN-poisoned outputs/gradients and checks
 every element of out, lse, dq, dk, dv (with an lse gradient term).  Default (table) tile
 shapes are used, so the 128-token blocks straddle frame and text boundaries for P below,
-equal to and above the block size.
+equal to and above the block size.  The oracle cases run once per forward path
+(``VDIT_KERNEL_PATH`` = ``portable`` / ``tma``; ``tma`` is skipped below sm90).
 """
 import time
 import zlib
@@ -15,6 +16,16 @@ from vdit_compile import TileMask, TokenLayout
 from vdit_compile.masks.tile import frame_masks, op_mask_args
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+PATHS = ["portable", "tma"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    """Force one forward path for the test (the TMA one needs sm90+)."""
+    if request.param == "tma" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA forward needs an sm90+ GPU")
+    monkeypatch.setenv("VDIT_KERNEL_PATH", request.param)
+    return request.param
 
 BF16 = dict(dtype=torch.bfloat16, tol=(2e-2, 2e-2), grad_tol=(3e-2, 3e-2))
 FP16 = dict(dtype=torch.float16, tol=(4e-3, 4e-3), grad_tol=(1e-2, 1e-2))
@@ -47,7 +58,7 @@ FP32_TF32 = ("fp32 with TF32 (precision 'high')", TokenLayout(3, 10, 10, 5, 0), 
 
 
 @pytest.mark.parametrize("name,layout,masks,kw", CASES, ids=[c[0] for c in CASES])
-def test_kernel_matches_dense_oracle(name, layout, masks, kw):
+def test_kernel_matches_dense_oracle(name, layout, masks, kw, path):
     from vdit_compile.kernels.checks import check_case
 
     kw = dict(kw)
@@ -55,7 +66,7 @@ def test_kernel_matches_dense_oracle(name, layout, masks, kw):
     check_case(*_sq(layout, masks), device="cuda", seed=zlib.crc32(name.encode()) % 1000, **kw)
 
 
-def test_fp32_follows_torch_matmul_precision():
+def test_fp32_follows_torch_matmul_precision(path):
     """fp32 inputs use TF32 dots only when torch's fp32 matmul precision allows it (and stay exact otherwise)."""
     from vdit_compile.kernels.checks import check_case
     from vdit_compile.kernels.tile_attention_triton import _dot_prec
@@ -72,7 +83,7 @@ def test_fp32_follows_torch_matmul_precision():
         torch.set_float32_matmul_precision(before)
 
 
-def test_rectangular_random_mask():
+def test_rectangular_random_mask(path):
     from vdit_compile.kernels.checks import check_case
     from vdit_compile.kernels.visit import Side
 
@@ -82,7 +93,7 @@ def test_rectangular_random_mask():
     check_case(qs, ks, fm, heads=2, head_dim=64, device="cuda", **BF16)
 
 
-def test_op_under_torch_compile_with_backward():
+def test_op_under_torch_compile_with_backward(path):
     """``torch.ops.vdit.tile_attention`` dispatches to the kernel and compiles without graph breaks."""
     from vdit_compile.ops import dense_masked_attention
 
@@ -109,6 +120,32 @@ def test_op_under_torch_compile_with_backward():
     torch.testing.assert_close(loss.float(), rloss, rtol=2e-2, atol=1e-1)
     for a, b in zip(grads, rgrads):
         torch.testing.assert_close(a.float(), b, rtol=3e-2, atol=3e-2 * b.abs().max().item())
+
+
+def test_automatic_path_choice(monkeypatch):
+    """Unforced: TMA on sm90+ for aligned tensors; a 40-byte row stride (fp16, D = 20) runs the portable kernel, correctly."""
+    from vdit_compile.kernels.checks import check_case
+    from vdit_compile.kernels.tile_attention_triton import forward_path
+
+    monkeypatch.delenv("VDIT_KERNEL_PATH", raising=False)
+    x = torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.bfloat16)
+    assert forward_path(x, x, x) == ("tma" if torch.cuda.get_device_capability()[0] >= 9 else "portable")
+    y = torch.randn(1, 2, 64, 20, device="cuda", dtype=torch.float16)
+    assert forward_path(y, y, y) == "portable"
+    check_case(*_sq(TokenLayout(3, 10, 10, 5, 0), [TileMask(1, 0)]), heads=1, head_dim=20, device="cuda", seed=3, **FP16)
+
+
+@pytest.mark.xfail(reason="Triton 3.6's Hopper warp-specialisation pass fails on this loop at 4 warps "
+                          "(compile-only check, no GPU run yet); an XPASS means it works", strict=False)
+def test_tma_warp_specialised(monkeypatch):
+    from vdit_compile.kernels.checks import check_case
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA forward needs an sm90+ GPU")
+    monkeypatch.setenv("VDIT_KERNEL_PATH", "tma")
+    monkeypatch.setenv("VDIT_TMA_WS", "1")
+    name, layout, masks, kw = CASES[1]
+    check_case(*_sq(layout, masks), device="cuda", seed=11, **{"heads": len(masks), **kw})
 
 
 def test_mask_build_is_fast_on_gpu():

@@ -3,7 +3,10 @@
 Each group runs in a subprocess with the variable set, so it never leaks into other tests
 (Triton reads it when a kernel is decorated, i.e. at import).  Every case: fresh random
 inputs, NaN-poisoned outputs and gradients, float64 dense-oracle comparison of out, lse,
-dq, dk, dv (with an lse gradient term), every element.
+dq, dk, dv (with an lse gradient term), every element.  The ``tma_*`` groups run the same
+cases with ``VDIT_KERNEL_PATH=tma`` (the interpreter emulates tensor descriptors, including
+their zero fill past the edges and their alignment checks), so the Hopper forward is checked
+here too; a case TMA could not take would raise instead of silently running the portable kernel.
 """
 import os
 import subprocess
@@ -77,25 +80,89 @@ def _op_path_case():
         torch.testing.assert_close(a.double(), b, rtol=5e-5, atol=5e-5)
 
 
+def _tma_rules_case():
+    """TMA's alignment rules: a 40-byte row stride (fp16, D = 20) is refused, forcing it raises."""
+    import torch
+
+    from vdit_compile.kernels import tile_attention_triton as tat
+    from vdit_compile.kernels.configs import INTERPRET
+
+    ok = torch.randn(1, 2, 40, 32, dtype=torch.float16)
+    bad = torch.randn(1, 2, 40, 20, dtype=torch.float16)
+    assert tat._tma_misfit(ok, ok, ok, INTERPRET) is None
+    assert "16-byte" in tat._tma_misfit(bad, bad, bad, INTERPRET)
+    assert tat.forward_path(ok, ok, ok) == "tma"
+    try:
+        tat.forward_path(bad, bad, bad)
+    except RuntimeError as exc:
+        assert "VDIT_KERNEL_PATH=tma" in str(exc)
+    else:
+        raise AssertionError("forced TMA on a misaligned tensor did not raise")
+
+
 def _run_group(group: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     from vdit_compile.kernels.checks import check_case
 
-    for i, (name, qs, ks, fm, kw) in enumerate(_cases()[group]):
+    tma = group.startswith("tma_")
+    assert tma == (os.environ.get("VDIT_KERNEL_PATH") == "tma")
+    dtype_group = group.removeprefix("tma_")
+    for i, (name, qs, ks, fm, kw) in enumerate(_cases()[dtype_group]):
         errs = check_case(qs, ks, fm, seed=100 + i, **kw)
         print(f"ok {group} {name}: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
-    if group == "fp32":
+    if dtype_group == "fp32":
         _op_path_case()
         print("ok op path", flush=True)
+    if group == "tma_fp16":
+        _tma_rules_case()
+        print("ok tma rules", flush=True)
 
 
-@pytest.mark.parametrize("group", ["fp32", "fp16"])
+GROUPS = ["fp32", "fp16", "tma_fp32", "tma_fp16"]
+
+
+@pytest.mark.parametrize("group", GROUPS)
 def test_kernels_under_interpreter(group):
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.pop("VDIT_KERNEL_PATH", None)
+    if group.startswith("tma_"):
+        env["VDIT_KERNEL_PATH"] = "tma"
     r = subprocess.run([sys.executable, __file__, group], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"interpreter group {group} failed:\n{r.stdout}\n{r.stderr[-6000:]}"
-    assert r.stdout.count("ok ") == len(_cases()[group]) + (group == "fp32"), r.stdout
+    assert r.stdout.count("ok ") == len(_cases()[group.removeprefix("tma_")]) + group.endswith("fp32") + (group == "tma_fp16"), r.stdout
+
+
+def test_forward_path_selection_without_gpu(monkeypatch):
+    """No sm90 GPU and no interpreter: automatic and ``portable`` pick the portable kernel, forced TMA raises."""
+    import torch
+
+    pytest.importorskip("triton")
+    from vdit_compile.kernels import tile_attention_triton as tat
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.randn(1, 2, 40, 32, dtype=torch.float16)
+    for value, want in (("", "portable"), ("portable", "portable"), ("auto", "portable")):
+        monkeypatch.setenv("VDIT_KERNEL_PATH", value)
+        assert tat.forward_path(x, x, x) == want
+    monkeypatch.setenv("VDIT_KERNEL_PATH", "tma")
+    with pytest.raises(RuntimeError, match="sm90"):
+        tat.forward_path(x, x, x)
+    monkeypatch.setenv("VDIT_KERNEL_PATH", "fast")
+    with pytest.raises(ValueError, match="VDIT_KERNEL_PATH"):
+        tat.forward_path(x, x, x)
+
+
+def test_fwd_tma_config_row(monkeypatch):
+    """``fwd_tma`` defaults to the ``fwd`` row and has its own ``VDIT_TILE_CONFIG`` entry."""
+    from vdit_compile.kernels.configs import get_configs
+
+    monkeypatch.delenv("VDIT_TILE_CONFIG", raising=False)
+    base = get_configs(64, "cpu")
+    assert base.fwd_tma is None and base.tma_fwd == base.fwd
+    monkeypatch.setenv("VDIT_TILE_CONFIG", "fwd_tma=32,16,1,1")
+    c = get_configs(64, "cpu")
+    assert c.fwd == base.fwd and (c.tma_fwd.block_m, c.tma_fwd.block_n) == (32, 16)
 
 
 if __name__ == "__main__":

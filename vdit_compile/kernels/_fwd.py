@@ -36,6 +36,29 @@ def _load_rows(base, rows, stride_row, cols, row_ok, col_ok, ROW_MASK: tl.conste
 
 
 @triton.jit
+def _softmax_step(qk, m_i, l_i, segq, offs_n, n_ok, emask_base, k_pre, k_P, k_vid_end, nseg_k, qk_scale,
+                  MASKED: tl.constexpr):
+    """Online-softmax update for one key block: ``(p, alpha, l_i, m_new)`` (shared with :mod:`._fwd_tma`).
+
+    Masked blocks gather ``E[seg(q), seg(k)]`` and drop keys past the end; unmasked ones skip both.
+    """
+    if MASKED:
+        segk = _segments(offs_n, k_pre, k_P, k_vid_end, nseg_k)
+        keep = tl.load(emask_base + segq[:, None] * nseg_k + segk[None, :]) != 0
+        keep = keep & n_ok[None, :]
+        qk = tl.where(keep, qk * qk_scale, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        qk = qk - m_ij[:, None]
+    else:
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        qk = qk * qk_scale - m_ij[:, None]
+    p = tl.math.exp2(qk)
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, l_i, m_ij
+
+
+@triton.jit
 def _fwd_inner(
     acc0, acc1, l_i, m_i, q0, q1, segq,
     k_base, v_base, stride_kl, stride_vl,
@@ -55,19 +78,8 @@ def _fwd_inner(
         if BD1 > 0:
             k1 = _load_rows(k_base, offs_n, stride_kl, d1, n_ok, d1_ok, MASKED, BD0 + BD1 > HEAD_D)
             qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
-        if MASKED:
-            segk = _segments(offs_n, k_pre, k_P, k_vid_end, nseg_k)
-            keep = tl.load(emask_base + segq[:, None] * nseg_k + segk[None, :]) != 0
-            keep = keep & n_ok[None, :]
-            qk = tl.where(keep, qk * qk_scale, float("-inf"))
-            m_ij = tl.maximum(m_i, tl.max(qk, 1))
-            qk = qk - m_ij[:, None]
-        else:
-            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            qk = qk * qk_scale - m_ij[:, None]
-        p = tl.math.exp2(qk)
-        alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_ij = _softmax_step(qk, m_i, l_i, segq, offs_n, n_ok, emask_base, k_pre, k_P, k_vid_end,
+                                             nseg_k, qk_scale, MASKED)
         v0 = _load_rows(v_base, offs_n, stride_vl, d0, n_ok, d0_ok, MASKED, BD0 > HEAD_D)
         acc0 = acc0 * alpha[:, None]
         acc0 = tl.dot(p.to(v0.dtype), v0, acc0, input_precision=DOT_PREC)
@@ -77,6 +89,55 @@ def _fwd_inner(
             acc1 = tl.dot(p.to(v1.dtype), v1, acc1, input_precision=DOT_PREC)
         m_i = m_ij
     return acc0, acc1, l_i, m_i
+
+
+@triton.jit
+def _fwd_store(acc0, acc1, l_i, m_i, O, LSE, b, h, bh, offs_m, m_ok, Lq, stride_ob, stride_oh, stride_ol,
+               d0, d0_ok, d1, d1_ok, BD1: tl.constexpr):
+    """Normalised output and LSE of one query block (pointer stores: ``out`` may be any unit-last-stride tensor)."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    # natural-log LSE of the scaled scores; rows that see no key get -inf (and a zero output)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=m_ok)
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    o_ptrs = o_base + offs_m[:, None] * stride_ol + d0[None, :]
+    tl.store(o_ptrs, (acc0 / l_safe[:, None]).to(O.dtype.element_ty), mask=m_ok[:, None] & d0_ok[None, :])
+    if BD1 > 0:
+        o_ptrs1 = o_base + offs_m[:, None] * stride_ol + d1[None, :]
+        tl.store(o_ptrs1, (acc1 / l_safe[:, None]).to(O.dtype.element_ty), mask=m_ok[:, None] & d1_ok[None, :])
+
+
+@triton.jit
+def _fwd_state(BLOCK_M: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr):
+    """Empty running state: accumulators per head-dim part, row sums, row maxima (finite: no inf - inf)."""
+    acc0 = tl.zeros([BLOCK_M, BD0], dtype=tl.float32)
+    if BD1 > 0:
+        acc1 = tl.zeros([BLOCK_M, BD1], dtype=tl.float32)
+    else:
+        acc1 = acc0  # unused: no second part
+    return acc0, acc1, tl.zeros([BLOCK_M], dtype=tl.float32), tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+
+
+@triton.jit
+def _head_cols(HEAD_D: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr):
+    """Column indices (and in-range flags) of the two head-dim parts; the second is a dummy when ``BD1 == 0``."""
+    d0 = tl.arange(0, BD0)
+    if BD1 > 0:
+        d1 = BD0 + tl.arange(0, BD1)
+    else:
+        d1 = d0  # unused: no second part
+    return d0, d0 < HEAD_D, d1, d1 < HEAD_D
+
+
+@triton.jit
+def _visit_span(HeadPat, RowOrder, Offsets, NumUnmasked, pid, h, n_rows):
+    """Head ``h``'s pattern, this program's query block and its CSR span: unmasked ``[start, mid)``, masked ``[mid, end)``."""
+    pat = tl.load(HeadPat + h)
+    qb = tl.load(RowOrder + pat * n_rows + pid)
+    row = pat * n_rows + qb
+    start = tl.load(Offsets + row)
+    return pat, qb, start, start + tl.load(NumUnmasked + row), tl.load(Offsets + row + 1)
 
 
 @triton.jit
@@ -98,22 +159,11 @@ def tile_fwd_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    pat = tl.load(HeadPat + h)
-    qb = tl.load(RowOrder + pat * n_rows + pid)
-    row = pat * n_rows + qb
-    start = tl.load(Offsets + row)
-    mid = start + tl.load(NumUnmasked + row)
-    end = tl.load(Offsets + row + 1)
+    pat, qb, start, mid, end = _visit_span(HeadPat, RowOrder, Offsets, NumUnmasked, pid, h, n_rows)
 
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < Lq
-    d0 = tl.arange(0, BD0)
-    if BD1 > 0:
-        d1 = BD0 + tl.arange(0, BD1)
-    else:
-        d1 = d0  # unused: no second part
-    d0_ok = d0 < HEAD_D
-    d1_ok = d1 < HEAD_D
+    d0, d0_ok, d1, d1_ok = _head_cols(HEAD_D, BD0, BD1)
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
@@ -125,13 +175,7 @@ def tile_fwd_kernel(
     segq = _segments(offs_m, q_pre, q_P, q_vid_end, nseg_q)
     emask_base = EMask + pat * nseg_q * nseg_k
 
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc0 = tl.zeros([BLOCK_M, BD0], dtype=tl.float32)
-    if BD1 > 0:
-        acc1 = tl.zeros([BLOCK_M, BD1], dtype=tl.float32)
-    else:
-        acc1 = acc0  # unused: no second part
+    acc0, acc1, l_i, m_i = _fwd_state(BLOCK_M, BD0, BD1)
     acc0, acc1, l_i, m_i = _fwd_inner(
         acc0, acc1, l_i, m_i, q0, q1, segq, k_base, v_base, stride_kl, stride_vl,
         Cols, emask_base, start, mid, Lk, k_pre, k_P, k_vid_end, nseg_k, qk_scale,
@@ -142,14 +186,5 @@ def tile_fwd_kernel(
         Cols, emask_base, mid, end, Lk, k_pre, k_P, k_vid_end, nseg_k, qk_scale,
         d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_N, True, DOT_PREC,
     )
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    # natural-log LSE of the scaled scores; rows that see no key get -inf (and a zero output)
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=m_ok)
-    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    o_ptrs = o_base + offs_m[:, None] * stride_ol + d0[None, :]
-    tl.store(o_ptrs, (acc0 / l_safe[:, None]).to(O.dtype.element_ty), mask=m_ok[:, None] & d0_ok[None, :])
-    if BD1 > 0:
-        o_ptrs1 = o_base + offs_m[:, None] * stride_ol + d1[None, :]
-        tl.store(o_ptrs1, (acc1 / l_safe[:, None]).to(O.dtype.element_ty), mask=m_ok[:, None] & d1_ok[None, :])
+    _fwd_store(acc0, acc1, l_i, m_i, O, LSE, b, h, bh, offs_m, m_ok, Lq, stride_ob, stride_oh, stride_ol,
+               d0, d0_ok, d1, d1_ok, BD1)

@@ -5,7 +5,8 @@ per candidate and pick a winner on whatever shape came first (often a tiny test)
 sm90 rows were chosen by ``python benchmarks/attention.py --tune`` on an H100 (see
 BENCHMARKS.md for the sweep and date); the sm80 rows are conservative shapes that fit the
 smaller shared memory of A100/4090-class parts (untuned: no such GPU was available).
-``VDIT_TILE_CONFIG="fwd=128,64,4,3;dkdv=64,64,4,3;dq=64,64,4,3"`` overrides every head dim;
+``VDIT_TILE_CONFIG="fwd=128,64,4,3;dkdv=64,64,4,3;dq=64,64,4,3"`` overrides every head dim
+(``fwd_tma=...`` the TMA forward's row, which defaults to ``fwd``);
 ``VDIT_TILE_TABLE=table.json`` (written by the ``--tune`` sweep: ``{"96": {"fwd": [..4 ints..],
 ...}}``) replaces rows of the current GPU's generation.
 """
@@ -33,6 +34,13 @@ class KernelConfigs:
     fwd: TileConfig
     dkdv: TileConfig
     dq: TileConfig
+    #: forward on the Hopper TMA path (:mod:`._fwd_tma`); ``None``: the ``fwd`` row.  Its own row because
+    #: TMA loads change what fits (no pointer registers, staged tiles in shared memory); untuned so far.
+    fwd_tma: TileConfig | None = None
+
+    @property
+    def tma_fwd(self) -> TileConfig:
+        return self.fwd_tma or self.fwd
 
 
 def _c(*a):
@@ -68,7 +76,7 @@ def _parse_override(text: str, base: KernelConfigs) -> KernelConfigs:
     for item in filter(None, (s.strip() for s in text.split(";"))):
         name, _, vals = item.partition("=")
         if name not in parts:
-            raise ValueError(f"VDIT_TILE_CONFIG: unknown kernel {name!r}; expected fwd, dkdv or dq")
+            raise ValueError(f"VDIT_TILE_CONFIG: unknown kernel {name!r}; expected fwd, fwd_tma, dkdv or dq")
         nums = [int(x) for x in vals.split(",")]
         if len(nums) != 4:
             raise ValueError(f"VDIT_TILE_CONFIG: {item!r} needs block_m,block_n,num_warps,num_stages")

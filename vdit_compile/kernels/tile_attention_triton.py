@@ -10,6 +10,12 @@ Inputs are ``(B, H, L, D)`` tensors with unit stride on ``D``; any other strides
 ``(B, L, H, D)`` tensor viewed with ``.transpose(1, 2)``) are passed to the kernel as they
 are, without a copy.  Head dims 16..256; non-power-of-two dims are split into two
 power-of-two parts (96 = 64 + 32), see :mod:`._fwd`.
+
+Forward path (:func:`forward_path`): on sm90+ GPUs the forward loads through TMA descriptors
+(:mod:`._fwd_tma`) when the tensors meet TMA's alignment rules, else the portable kernel runs.
+``VDIT_KERNEL_PATH=portable`` always takes the portable kernel, ``=tma`` demands TMA (an error
+where it cannot run; allowed under the interpreter, which emulates descriptors);
+``VDIT_TMA_WS=1`` warp-specialises the TMA kernel's unmasked loop.  The backward is portable.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ try:  # Triton is optional: without it the op runs its gather reference
 
     from ._bwd import bwd_preprocess_kernel, tile_dkdv_kernel, tile_dq_kernel
     from ._fwd import tile_fwd_kernel
+    from ._fwd_tma import tile_fwd_tma_kernel
 
     _IMPORT_ERROR = None
 except Exception as exc:  # pragma: no cover - depends on the install
@@ -109,16 +116,98 @@ def _dot_prec(dtype) -> str:
     return "tf32"
 
 
+PATHS = ("portable", "tma")
+
+
+def _tma_misfit(q, k, v, cfgs: KernelConfigs) -> str | None:
+    """Why the TMA forward cannot take these inputs here (``None`` if it can)."""
+    import triton.language as tl
+
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return f"Triton {triton.__version__} has no device-side tensor descriptors"
+    if not interpreting():  # the interpreter emulates descriptors on any device
+        cap = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
+        if cap is None or cap[0] < 9:
+            return f"TMA needs an sm90+ GPU, found {q.device} (capability {cap})"
+    for name, t in zip("qkv", (q, k, v)):
+        if t.stride(-1) != 1:
+            continue  # _unit_last copies it into a fresh (aligned) tensor
+        size = t.element_size()
+        # TMA: 16-byte aligned global address and row stride; the (b, h) offsets must keep the base aligned
+        bad = [s for n, s in zip(t.shape[:3], t.stride()[:3]) if n > 1 and (s * size) % 16]
+        if t.data_ptr() % 16 or bad:
+            return (f"{name}: TMA needs a 16-byte aligned base and strides, found data_ptr % 16 = "
+                    f"{t.data_ptr() % 16}, strides {tuple(t.stride())} x {size} B")
+    cfg = cfgs.tma_fwd
+    if max(cfg.block_m, cfg.block_n) > 256:
+        return f"tile {cfg.block_m}x{cfg.block_n}: a TMA box has at most 256 rows"
+    return None
+
+
+def forward_path(q, k, v, cfgs: KernelConfigs | None = None) -> str:
+    """``"tma"`` or ``"portable"``: which forward kernel :func:`attention_forward` runs for these inputs.
+
+    Automatic: TMA on a real sm90+ GPU when the tensors fit TMA's rules (never under the interpreter);
+    ``VDIT_KERNEL_PATH`` = ``portable`` / ``tma`` overrides (``tma`` raises where it cannot run).
+    """
+    want = os.environ.get("VDIT_KERNEL_PATH", "").strip().lower() or "auto"
+    if want not in ("auto",) + PATHS:
+        raise ValueError(f"VDIT_KERNEL_PATH={want!r}: expected auto, portable or tma")
+    if want == "portable":
+        return "portable"
+    why = _tma_misfit(q, k, v, cfgs or get_configs(q.shape[-1], q.device))
+    if want == "tma":
+        if why:
+            raise RuntimeError(f"VDIT_KERNEL_PATH=tma: {why}")
+        return "tma"
+    return "portable" if why or interpreting() else "tma"
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Give Triton an allocator for the device-side descriptors' global scratch, unless one is set.
+
+    Why: a kernel that builds descriptors on the device asks ``triton.set_allocator``'s allocator for
+    ``scratch bytes x programs`` at every launch (Triton 3.6 and 3.9 alike) and fails without one.  We
+    install a torch one (caching allocator, so cheap) only where the current context has none: Triton
+    keeps it in a ``ContextVar`` (per thread), so this runs per launch and never replaces a user's.
+    """
+    try:
+        from triton.runtime import _allocation
+
+        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except (ImportError, AttributeError):  # layout changed: cannot tell, so install ours once per process
+        unset = not getattr(_ensure_allocator, "done", False)
+        _ensure_allocator.done = True
+    if unset:
+        triton.set_allocator(_torch_scratch)
+
+
 def attention_forward(q, k, v, plan: TilePlan, scale: float, cfgs: KernelConfigs | None = None, d_mode: str = "split",
-                      out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
+                      out: torch.Tensor | None = None, lse: torch.Tensor | None = None, *, path: str | None = None,
+                      tma_ws: bool | None = None):
     """Launch the forward: ``(out (B,H,Lq,D) contiguous, lse (B,H,Lq) float32)``.
 
     ``out``/``lse`` may be given (tests pass NaN-poisoned buffers to prove every element is written).
+    ``path``: ``"portable"`` / ``"tma"``, default :func:`forward_path`; ``tma_ws``: warp-specialised
+    TMA loop, default ``VDIT_TMA_WS=1``.
     """
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, Lq, D = q.shape
+    cfgs = cfgs or get_configs(D, q.device)
+    if path is None:
+        path = forward_path(q, k, v, cfgs)
+    elif path == "tma":
+        why = _tma_misfit(q, k, v, cfgs)
+        if why:
+            raise RuntimeError(f"attention_forward(path='tma'): {why}")
+    elif path != "portable":
+        raise ValueError(f"path must be one of {PATHS}, found {path!r}")
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     Lk = k.shape[2]
-    cfg = (cfgs or get_configs(D, q.device)).fwd
+    cfg = cfgs.tma_fwd if path == "tma" else cfgs.fwd
     vl = plan.visits(cfg.block_m, cfg.block_n)
     bd0, bd1 = head_dim_parts(D, d_mode)
     if out is None:
@@ -127,13 +216,21 @@ def attention_forward(q, k, v, plan: TilePlan, scale: float, cfgs: KernelConfigs
         lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if out.shape != q.shape or out.stride(-1) != 1 or lse.shape != q.shape[:3] or not lse.is_contiguous():
         raise ValueError("attention_forward: out must be (B,H,Lq,D) with unit last stride and lse contiguous (B,H,Lq)")
-    tile_fwd_kernel[(vl.n_rows, B * H)](
+    extra = {}
+    if path == "tma":
+        if q.is_cuda:
+            _ensure_allocator()
+        ws = os.environ.get("VDIT_TMA_WS", "0") == "1" if tma_ws is None else tma_ws
+        kernel, extra = tile_fwd_tma_kernel, {"WS": bool(ws)}
+    else:
+        kernel = tile_fwd_kernel
+    kernel[(vl.n_rows, B * H)](
         q, k, v, out, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         plan.head_pattern, vl.row_order, vl.offsets, vl.num_unmasked, vl.cols, plan.ext,
         H, Lq, Lk, vl.n_rows, *_sides(plan), scale * LOG2E,
         HEAD_D=D, BD0=bd0, BD1=bd1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        DOT_PREC=_dot_prec(q.dtype), **cfg.launch(),
+        DOT_PREC=_dot_prec(q.dtype), **extra, **cfg.launch(),
     )
     return out, lse
 
@@ -310,4 +407,4 @@ def flops(plan: TilePlan, batch: int, head_dim: int) -> float:
 
 
 __all__ = ["available", "forward", "backward", "tile_sparse_attention", "attention_forward", "attention_backward",
-           "head_dim_parts", "flops"]
+           "forward_path", "head_dim_parts", "flops"]
