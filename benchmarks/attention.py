@@ -264,7 +264,7 @@ def tune(names: list[str], sink, mask_name: str = "g1w0", table_path: str | None
     from vdit_compile.kernels.tile_attention_triton import attention_backward, attention_forward
     from vdit_compile.kernels.visit import Side, tile_plan
 
-    results = []
+    results, bases = [], {}
 
     def keep(row):
         results.append(row)
@@ -290,7 +290,7 @@ def tune(names: list[str], sink, mask_name: str = "g1w0", table_path: str | None
         side = Side.of(layout)
         plan = tile_plan(side, side, TileMask.parse(mask_name).frame_mask(T)[None], H, "cuda")
         q, k, v, do = (torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-        base = get_configs(D, "cuda")
+        base = bases[str(64 if D <= 64 else 96 if D <= 96 else 128)] = get_configs(D, "cuda")
         out, lse = attention_forward(q, k, v, plan, D ** -0.5, base, path="portable")
         for kind, cands in sweeps.items():
             for c in cands:
@@ -337,8 +337,9 @@ def tune(names: list[str], sink, mask_name: str = "g1w0", table_path: str | None
                 if r["tune"] in ("fwd", "fwd_tma", "dkdv", "dq"):
                     bucket = 64 if r["D"] <= 64 else 96 if r["D"] <= 96 else 128
                     table.setdefault(str(bucket), {})[r["tune"]] = list(r["config"])
-    if table_path:
-        full = {b: t for b, t in table.items() if {"fwd", "dkdv", "dq"} <= t.keys()}
+    if table_path:  # kernels not swept here keep the current row (a table row needs fwd, dkdv and dq)
+        full = {b: {**{f: list(vars(getattr(bases[b], f)).values()) for f in ("fwd", "dkdv", "dq")}, **t}
+                for b, t in table.items()}
         Path(table_path).write_text(json.dumps(full, indent=1))
         print("tile table ->", table_path, json.dumps(full), flush=True)
 
@@ -351,7 +352,7 @@ def print_table(rows: list[dict]) -> None:
            "| fb cuDNN", "fb flex", "fb ours", "fb xflex", "build")
     print(" ".join(f"{h:>10}" for h in hdr))
     for r in rows:
-        vals = (r["shape"][:10], r["mask"], r.get("path", "-")[-10:], f(r.get("density"), 3), f(r.get("cudnn_fwd_ms")), f(r.get("flex_fwd_ms")),
+        vals = (r["shape"][:10], r["mask"], r.get("path", "-"), f(r.get("density"), 3), f(r.get("cudnn_fwd_ms")), f(r.get("flex_fwd_ms")),
                 f(r.get("ours_fwd_ms")), f(r.get("x_vs_cudnn_fwd")), f(r.get("x_vs_flex_fwd")),
                 f(r.get("ours_fwd_tflops_kept"), 0), f(100 * r["tflops_kept_over_cudnn"], 0) if r.get("tflops_kept_over_cudnn") else "-",
                 f(r.get("cudnn_fwdbwd_ms")), f(r.get("flex_fwdbwd_ms")), f(r.get("ours_fwdbwd_ms")),
