@@ -165,5 +165,30 @@ def test_fwd_tma_config_row(monkeypatch):
     assert c.fwd == base.fwd and (c.tma_fwd.block_m, c.tma_fwd.block_n) == (32, 16)
 
 
+def test_table_row_decides_tma_where_it_fits(monkeypatch, tmp_path):
+    """Where TMA could run, the automatic choice follows the row's ``tma`` flag (off for D = 128 on sm90)."""
+    import json
+
+    import torch
+
+    pytest.importorskip("triton")
+    from vdit_compile.kernels import configs
+    from vdit_compile.kernels import tile_attention_triton as tat
+
+    monkeypatch.delenv("VDIT_KERNEL_PATH", raising=False)
+    monkeypatch.setattr(tat, "_tma_misfit", lambda q, k, v, cfgs: None)
+    monkeypatch.setattr(tat, "interpreting", lambda: False)
+    x = torch.randn(1, 2, 40, 32, dtype=torch.float16)
+    assert tat.forward_path(x, x, x, configs.TABLE[("sm90", 64)]) == "tma"
+    assert tat.forward_path(x, x, x, configs.TABLE[("sm90", 128)]) == "portable"
+    monkeypatch.setenv("VDIT_KERNEL_PATH", "tma")  # forcing still takes it
+    assert tat.forward_path(x, x, x, configs.TABLE[("sm90", 128)]) == "tma"
+    # a VDIT_TILE_TABLE file can carry the flag too
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"128": {"fwd": [64, 64, 4, 3], "dkdv": [64, 64, 4, 3], "dq": [64, 64, 4, 3], "tma": True}}))
+    row = configs._table_file(str(path))[128]
+    assert row.tma is True and row.fwd_tma is None
+
+
 if __name__ == "__main__":
     _run_group(sys.argv[1])

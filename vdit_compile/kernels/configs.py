@@ -37,6 +37,9 @@ class KernelConfigs:
     #: forward on the Hopper TMA path (:mod:`._fwd_tma`); ``None``: the ``fwd`` row.  Its own row because
     #: TMA loads change what fits (no pointer registers, staged tiles in shared memory); untuned so far.
     fwd_tma: TileConfig | None = None
+    #: whether the automatic choice takes the TMA forward at this head dim (forcing it still works):
+    #: measured per bucket on the H100 (BENCHMARKS.md, run 4), off where the portable kernel won.
+    tma: bool = True
 
     @property
     def tma_fwd(self) -> TileConfig:
@@ -54,9 +57,14 @@ TABLE = {
     # fwd 256x64/8w/3st 40.9 ms (128x64/4w/3st, the old row, 56.6 ms: it spilled), dk/dv 32x64/4w/3st 134.2 ms
     # (was 150.4), dq 64x32/4w/3st 143.0 ms (was 149.7). D=64 from the cogvideox5b-49f g1w0 sweep: fwd and dk/dv
     # keep 128x64/4w/3st and 64x64/4w/3st (fastest), dq 64x32/4w/3st 9.07 ms (was 9.37).
-    ("sm90", 64): KernelConfigs(fwd=_c(128, 64, 4, 3), dkdv=_c(64, 64, 4, 3), dq=_c(64, 32, 4, 3)),
+    # TMA forward rows, run 4 (14:33 UTC, `--tune --tune-kinds fwd_tma`, g1w0): D=64 64x64/4w/4st 3.39 ms (portable
+    # row 4.35 ms in run 3; 128x64/4w/3st on TMA 4.25 ms); D=128 128x128/8w/2st 40.93 ms (128x64/8w/3st 42.43,
+    # 256x64/8w/3st 44.73; 128x128/8w/3st does not fit shared memory) -- but in the benchmark the portable kernel
+    # beat it at D=128 on the dense and g0w0 masks (264.7 vs 276.5 ms, 14.67 vs 15.28 ms), so D=128 stays portable.
+    ("sm90", 64): KernelConfigs(fwd=_c(128, 64, 4, 3), dkdv=_c(64, 64, 4, 3), dq=_c(64, 32, 4, 3), fwd_tma=_c(64, 64, 4, 4)),
     ("sm90", 96): KernelConfigs(fwd=_c(128, 64, 4, 3), dkdv=_c(64, 64, 4, 3), dq=_c(64, 64, 4, 3)),
-    ("sm90", 128): KernelConfigs(fwd=_c(256, 64, 8, 3), dkdv=_c(32, 64, 4, 3), dq=_c(64, 32, 4, 3)),
+    ("sm90", 128): KernelConfigs(fwd=_c(256, 64, 8, 3), dkdv=_c(32, 64, 4, 3), dq=_c(64, 32, 4, 3),
+                                 fwd_tma=_c(128, 128, 8, 2), tma=False),
     # sm80 (A100 164 KB / 4090 100 KB shared memory): untuned, sized to fit 100 KB.
     ("sm80", 64): KernelConfigs(fwd=_c(128, 64, 4, 2), dkdv=_c(64, 64, 4, 2), dq=_c(64, 64, 4, 2)),
     ("sm80", 96): KernelConfigs(fwd=_c(128, 64, 4, 2), dkdv=_c(64, 64, 4, 2), dq=_c(64, 64, 4, 2)),
@@ -88,7 +96,8 @@ def _parse_override(text: str, base: KernelConfigs) -> KernelConfigs:
 def _table_file(path: str) -> dict:
     with open(path) as fh:
         raw = json.load(fh)
-    return {int(b): KernelConfigs(**{k: TileConfig(*v) for k, v in kinds.items()}) for b, kinds in raw.items()}
+    return {int(b): KernelConfigs(**{k: (bool(v) if k == "tma" else TileConfig(*v)) for k, v in kinds.items()})
+            for b, kinds in raw.items()}
 
 
 def get_configs(head_dim: int, device) -> KernelConfigs:

@@ -147,7 +147,8 @@ def _tma_misfit(q, k, v, cfgs: KernelConfigs) -> str | None:
 def forward_path(q, k, v, cfgs: KernelConfigs | None = None) -> str:
     """``"tma"`` or ``"portable"``: which forward kernel :func:`attention_forward` runs for these inputs.
 
-    Automatic: TMA on a real sm90+ GPU when the tensors fit TMA's rules (never under the interpreter);
+    Automatic: TMA on a real sm90+ GPU when the tensors fit TMA's rules and the tile table's row for this
+    head dim says TMA won there (``KernelConfigs.tma``; never under the interpreter);
     ``VDIT_KERNEL_PATH`` = ``portable`` / ``tma`` overrides (``tma`` raises where it cannot run).
     """
     want = os.environ.get("VDIT_KERNEL_PATH", "").strip().lower() or "auto"
@@ -155,12 +156,13 @@ def forward_path(q, k, v, cfgs: KernelConfigs | None = None) -> str:
         raise ValueError(f"VDIT_KERNEL_PATH={want!r}: expected auto, portable or tma")
     if want == "portable":
         return "portable"
-    why = _tma_misfit(q, k, v, cfgs or get_configs(q.shape[-1], q.device))
+    cfgs = cfgs or get_configs(q.shape[-1], q.device)
+    why = _tma_misfit(q, k, v, cfgs)
     if want == "tma":
         if why:
             raise RuntimeError(f"VDIT_KERNEL_PATH=tma: {why}")
         return "tma"
-    return "portable" if why or interpreting() else "tma"
+    return "portable" if why or interpreting() or not cfgs.tma else "tma"
 
 
 def _torch_scratch(size: int, alignment: int, stream):
