@@ -229,7 +229,7 @@ def run_shape(name: str, masks: list[str], args, sink) -> list[dict]:
             row = dict(common)
             try:
                 with kernel_path(path):
-                    row["path"] = path or "auto:" + forward_path(q, k, v)
+                    row["path"] = path or "auto:" + forward_path(q, k, v, kept=dens)
                     out = ours()
                     row["ours_fwd_ms"] = bench(ours)
                     if not args.fwd_only:

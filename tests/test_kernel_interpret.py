@@ -166,7 +166,7 @@ def test_fwd_tma_config_row(monkeypatch):
 
 
 def test_table_row_decides_tma_where_it_fits(monkeypatch, tmp_path):
-    """Where TMA could run, the automatic choice follows the row's ``tma`` flag (off for D = 128 on sm90)."""
+    """Where TMA could run, the automatic choice follows the row's ``tma_max_kept`` (D = 128 on sm90: sparse only)."""
     import json
 
     import torch
@@ -180,14 +180,16 @@ def test_table_row_decides_tma_where_it_fits(monkeypatch, tmp_path):
     monkeypatch.setattr(tat, "interpreting", lambda: False)
     x = torch.randn(1, 2, 40, 32, dtype=torch.float16)
     assert tat.forward_path(x, x, x, configs.TABLE[("sm90", 64)]) == "tma"
-    assert tat.forward_path(x, x, x, configs.TABLE[("sm90", 128)]) == "portable"
+    assert tat.forward_path(x, x, x, configs.TABLE[("sm90", 64)], kept=1.0) == "tma"
+    assert tat.forward_path(x, x, x, configs.TABLE[("sm90", 128)]) == "portable"          # dense: portable won
+    assert tat.forward_path(x, x, x, configs.TABLE[("sm90", 128)], kept=0.14) == "tma"    # sparse: TMA won
     monkeypatch.setenv("VDIT_KERNEL_PATH", "tma")  # forcing still takes it
     assert tat.forward_path(x, x, x, configs.TABLE[("sm90", 128)]) == "tma"
     # a VDIT_TILE_TABLE file can carry the flag too
     path = tmp_path / "t.json"
-    path.write_text(json.dumps({"128": {"fwd": [64, 64, 4, 3], "dkdv": [64, 64, 4, 3], "dq": [64, 64, 4, 3], "tma": True}}))
+    path.write_text(json.dumps({"128": {"fwd": [64, 64, 4, 3], "dkdv": [64, 64, 4, 3], "dq": [64, 64, 4, 3], "tma_max_kept": 0.25}}))
     row = configs._table_file(str(path))[128]
-    assert row.tma is True and row.fwd_tma is None
+    assert row.tma_max_kept == 0.25 and row.fwd_tma is None
 
 
 if __name__ == "__main__":

@@ -37,9 +37,10 @@ class KernelConfigs:
     #: forward on the Hopper TMA path (:mod:`._fwd_tma`); ``None``: the ``fwd`` row.  Its own row because
     #: TMA loads change what fits (no pointer registers, staged tiles in shared memory); untuned so far.
     fwd_tma: TileConfig | None = None
-    #: whether the automatic choice takes the TMA forward at this head dim (forcing it still works):
-    #: measured per bucket on the H100 (BENCHMARKS.md, run 4), off where the portable kernel won.
-    tma: bool = True
+    #: the automatic choice takes the TMA forward at this head dim only for masks keeping at most this share
+    #: of the score matrix (forcing TMA still works): 1.0 always, 0.0 never.  Measured per bucket on the H100
+    #: (BENCHMARKS.md, run 4): at D = 128 TMA won on the sparse masks and lost on the dense one.
+    tma_max_kept: float = 1.0
 
     @property
     def tma_fwd(self) -> TileConfig:
@@ -60,11 +61,13 @@ TABLE = {
     # TMA forward rows, run 4 (14:33 UTC, `--tune --tune-kinds fwd_tma`, g1w0): D=64 64x64/4w/4st 3.39 ms (portable
     # row 4.35 ms in run 3; 128x64/4w/3st on TMA 4.25 ms); D=128 128x128/8w/2st 40.93 ms (128x64/8w/3st 42.43,
     # 256x64/8w/3st 44.73; 128x128/8w/3st does not fit shared memory) -- but in the benchmark the portable kernel
-    # beat it at D=128 on the dense and g0w0 masks (264.7 vs 276.5 ms, 14.67 vs 15.28 ms), so D=128 stays portable.
+    # beat it at D=128 on the dense masks (wan 264.7 vs 276.5 ms, hunyuan 393.9 vs 422.2 ms) while TMA won 3 of 4
+    # sparse cases (hunyuan g0w0 20.97 vs 23.02, g1w0 43.28 vs 45.66, wan g1w0 40.85 vs 41.50; lost wan g0w0 15.28
+    # vs 14.67 ms): D=128 takes TMA only for masks keeping <= half of the scores.
     ("sm90", 64): KernelConfigs(fwd=_c(128, 64, 4, 3), dkdv=_c(64, 64, 4, 3), dq=_c(64, 32, 4, 3), fwd_tma=_c(64, 64, 4, 4)),
     ("sm90", 96): KernelConfigs(fwd=_c(128, 64, 4, 3), dkdv=_c(64, 64, 4, 3), dq=_c(64, 64, 4, 3)),
     ("sm90", 128): KernelConfigs(fwd=_c(256, 64, 8, 3), dkdv=_c(32, 64, 4, 3), dq=_c(64, 32, 4, 3),
-                                 fwd_tma=_c(128, 128, 8, 2), tma=False),
+                                 fwd_tma=_c(128, 128, 8, 2), tma_max_kept=0.5),
     # sm80 (A100 164 KB / 4090 100 KB shared memory): untuned, sized to fit 100 KB.
     ("sm80", 64): KernelConfigs(fwd=_c(128, 64, 4, 2), dkdv=_c(64, 64, 4, 2), dq=_c(64, 64, 4, 2)),
     ("sm80", 96): KernelConfigs(fwd=_c(128, 64, 4, 2), dkdv=_c(64, 64, 4, 2), dq=_c(64, 64, 4, 2)),
@@ -96,7 +99,7 @@ def _parse_override(text: str, base: KernelConfigs) -> KernelConfigs:
 def _table_file(path: str) -> dict:
     with open(path) as fh:
         raw = json.load(fh)
-    return {int(b): KernelConfigs(**{k: (bool(v) if k == "tma" else TileConfig(*v)) for k, v in kinds.items()})
+    return {int(b): KernelConfigs(**{k: (float(v) if k == "tma_max_kept" else TileConfig(*v)) for k, v in kinds.items()})
             for b, kinds in raw.items()}
 
 

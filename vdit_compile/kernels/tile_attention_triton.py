@@ -144,11 +144,12 @@ def _tma_misfit(q, k, v, cfgs: KernelConfigs) -> str | None:
     return None
 
 
-def forward_path(q, k, v, cfgs: KernelConfigs | None = None) -> str:
+def forward_path(q, k, v, cfgs: KernelConfigs | None = None, kept: float = 1.0) -> str:
     """``"tma"`` or ``"portable"``: which forward kernel :func:`attention_forward` runs for these inputs.
 
-    Automatic: TMA on a real sm90+ GPU when the tensors fit TMA's rules and the tile table's row for this
-    head dim says TMA won there (``KernelConfigs.tma``; never under the interpreter);
+    Automatic: TMA on a real sm90+ GPU when the tensors fit TMA's rules and the mask keeps at most the
+    row's ``tma_max_kept`` share of the scores (``kept``: the largest per-head kept fraction; TMA lost on
+    dense masks at D = 128); never under the interpreter;
     ``VDIT_KERNEL_PATH`` = ``portable`` / ``tma`` overrides (``tma`` raises where it cannot run).
     """
     want = os.environ.get("VDIT_KERNEL_PATH", "").strip().lower() or "auto"
@@ -162,7 +163,7 @@ def forward_path(q, k, v, cfgs: KernelConfigs | None = None) -> str:
         if why:
             raise RuntimeError(f"VDIT_KERNEL_PATH=tma: {why}")
         return "tma"
-    return "portable" if why or interpreting() or not cfgs.tma else "tma"
+    return "portable" if why or interpreting() or kept > cfgs.tma_max_kept else "tma"
 
 
 def _torch_scratch(size: int, alignment: int, stream):
@@ -200,7 +201,7 @@ def attention_forward(q, k, v, plan: TilePlan, scale: float, cfgs: KernelConfigs
     B, H, Lq, D = q.shape
     cfgs = cfgs or get_configs(D, q.device)
     if path is None:
-        path = forward_path(q, k, v, cfgs)
+        path = forward_path(q, k, v, cfgs, plan.max_kept())
     elif path == "tma":
         why = _tma_misfit(q, k, v, cfgs)
         if why:

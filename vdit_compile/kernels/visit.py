@@ -179,6 +179,12 @@ class TilePlan:
                 self._lists[key] = csr_from_blocks(keep, partial, block_q, block_k)
         return self._lists[key]
 
+    def max_kept(self) -> float:
+        """Largest per-head kept fraction, computed once per plan (the launcher's path choice reads it per call)."""
+        if "max_kept" not in self._lists:
+            self._lists["max_kept"] = float(self.kept_fraction().max())
+        return self._lists["max_kept"]
+
     def kept_fraction(self) -> torch.Tensor:
         """Exact kept fraction of ``Lq x Lk`` per head (text included), for FLOP counting."""
         def seg_sizes(s: Side):
