@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--model", "tiny", "--stages", "mlcd", "--teacher-steps", "8", "--segments", "2", "--pool-size", "8",
         "--batch-size", "4", "--mlcd-steps", "40", "--lr", "1e-3", "--warmup-steps", "5", "--ckpt-every", "5",
-        "--log-every", "1", "--no-eval", "--device", "cpu", "--precision", "fp32"]
+        "--log-every", "1", "--no-eval", "--device", "cpu", "--precision", "fp32",
+        "--lr-decay", "cosine"]  # a step-dependent learning rate must resume bit for bit too
 
 
 def _env():

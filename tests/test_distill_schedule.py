@@ -107,3 +107,22 @@ def test_visited_fraction_out_of_range_is_refused():
 
     with pytest.raises(DistillConfigError, match="visited-fraction"):
         DistillConfig(visited_fraction=1.5).validate()
+
+
+def test_segment_errors_compare_one_jump_with_one_euler_step():
+    """The diagnostic: a student equal to the teacher (no CFG to bake in) matches plain Euler on every segment."""
+    from vdit_compile.distill.segments import format_rows, segment_errors
+
+    torch.manual_seed(0)
+    adapter = TinyAdapter()
+    sch = FewStepSchedule.from_adapter(adapter, 8, 4)
+    prompts = adapter.sample_prompts(3, 0)
+    rows = segment_errors(adapter, adapter.transformer, sch, prompts, guidance=1.0)
+    assert [r["segment"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["sigma_from"] > r["sigma_to"] for r in rows)
+    for r in rows:
+        assert r["euler_rms"] > 0 and r["student_rms"] == pytest.approx(r["euler_rms"], rel=1e-5)
+    # with CFG the Euler step uses guidance and the (undistilled) student does not: they differ
+    rows_cfg = segment_errors(adapter, adapter.transformer, sch, prompts, guidance=3.0)
+    assert any(abs(r["student_over_euler"] - 1) > 1e-3 for r in rows_cfg)
+    assert format_rows(rows).count("\n") == 5

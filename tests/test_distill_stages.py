@@ -1,11 +1,13 @@
 """Each stage runs a few steps on a tiny random model; its loss is finite and decreases on a fixed batch."""
 import copy
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from vdit_compile.distill import DistillConfig, load_run
+from vdit_compile.distill.config import DistillConfigError
 from vdit_compile.distill.adapter import TinyAdapter
 from vdit_compile.distill.losses import distance, kd_loss, mlcd_loss
 from vdit_compile.distill.pool import build_pool
@@ -133,3 +135,38 @@ def test_embedded_adapter_pieces():
     assert frames.shape == (2, data.NUM_FRAMES, 3, data.HEIGHT, data.WIDTH) and 0 <= frames.min() and frames.max() <= 1
     t, s = a.teacher_schedule(8)
     assert t.shape == (8,) and s.shape == (9,) and s[0] == 1.0 and s[-1] == 0.0
+
+
+def test_lr_factor_warms_up_then_decays_to_zero_at_the_stage_total():
+    from vdit_compile.distill.trainer import lr_factor
+
+    assert lr_factor(0, 10, 100, "cosine") == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, "cosine") == pytest.approx(1.0)
+    assert [lr_factor(i, 10, 100, "none") for i in (9, 50, 99)] == [1.0, 1.0, 1.0]
+    assert lr_factor(99, 10, 100, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(99, 10, 100, "linear") == pytest.approx(0.0, abs=1e-12)
+    mid = 9 + 45  # halfway through the decay
+    assert lr_factor(mid, 10, 100, "cosine") == pytest.approx(0.5)
+    assert lr_factor(mid, 10, 100, "linear") == pytest.approx(0.5)
+    cos = [lr_factor(i, 10, 100, "cosine") for i in range(9, 100)]
+    assert all(a >= b for a, b in zip(cos, cos[1:]))
+    with pytest.raises(ValueError, match="lr decay"):
+        lr_factor(50, 10, 100, "step")
+
+
+def test_trainer_logs_the_decaying_rate(setup, tmp_path):
+    adapter, cfg, sch, pool = setup
+    cfg = dataclasses.replace(cfg, lr_decay="linear", warmup_steps=2, log_every=1)
+    student = copy.deepcopy(adapter.transformer).train()
+    auto = autocast_factory(torch.device("cpu"), "fp32")
+    tr = StageTrainer("mlcd", tmp_path, student, {}, lambda m, i, n: mlcd_loss(adapter, m, student, pool, sch, i, n, cfg, auto),
+                      _fixed(cfg.batch_size), lambda s: None, 10, cfg.lr, cfg, torch.device("cpu"))
+    tr.run(progress=False)
+    lrs = [h["lr"] for h in tr.history]
+    assert len(lrs) == 10 and lrs[-1] < 0.2 * cfg.lr and max(lrs) == pytest.approx(cfg.lr)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_bad_lr_decay_is_refused_before_training():
+    with pytest.raises(DistillConfigError, match="lr-decay"):
+        DistillConfig(lr_decay="exp").validate()

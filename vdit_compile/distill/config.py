@@ -42,6 +42,7 @@ class DistillConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup_steps: int = 50
+    lr_decay: str = "none"                  # after warm-up: "none" (constant), "cosine" or "linear" to 0 at the stage's steps
     mlcd_max_minutes: float = 0.0           # >0: end the stage early after this much training time (recorded)
     kd_max_minutes: float = 0.0
     loss: str = "pseudo_huber"              # "pseudo_huber" (robust, iCT-style) or "mse"
@@ -114,6 +115,8 @@ class DistillConfig:
                 raise DistillConfigError(
                     f"sample step count {n} is not usable: it must be S*m with m dividing the {per_seg} teacher steps of a segment (S={self.segments})"
                 )
+        if self.lr_decay not in ("none", "cosine", "linear"):
+            raise DistillConfigError(f"--lr-decay must be none, cosine or linear, found {self.lr_decay!r}")
         if self.loss not in ("pseudo_huber", "mse"):
             raise DistillConfigError(f"--loss must be 'pseudo_huber' or 'mse', found {self.loss!r}")
         if self.kd_backend not in ("eager", "inductor", "auto"):
