@@ -54,11 +54,13 @@ def _cuobjdump() -> str:
     return str(exe)
 
 
-def report(fn, head_dim: int, parts: tuple[int, int], tile: tuple[int, int, int, int], dtype="bf16", **extra) -> dict:
-    bm, bn, warps, stages = tile
+def report(fn, head_dim: int, parts: tuple[int, int], tile: tuple[int, ...], dtype="bf16", **extra) -> dict:
+    """``tile``: block_m, block_n, num_warps, num_stages[, maxnreg] (0 or absent: no register cap)."""
+    bm, bn, warps, stages, maxnreg = (*tile, 0)[:5]
     consts = dict(HEAD_D=head_dim, BD0=parts[0], BD1=parts[1], BLOCK_M=bm, BLOCK_N=bn, DOT_PREC="tf32", **extra)
     k = triton.compile(ASTSource(fn=fn, signature=_signature(fn, consts, dtype), constexprs=consts),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+                       target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {})))
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(k.asm["cubin"])
     try:
@@ -91,13 +93,14 @@ def main(argv=None) -> int:
         row = TABLE[("sm90", D)]
         for name, fn, cfg, extra in (("portable", tile_fwd_kernel, row.fwd, {}),
                                      ("TMA", tile_fwd_tma_kernel, row.tma_fwd, {"WS": False})):
-            tile = (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
+            tile = (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.maxnreg)
             try:
                 r = report(fn, D, head_dim_parts(D), tile, args.dtype, **extra)
             except Exception as exc:  # noqa: BLE001 - report and go on
                 print(f"| {name} | {D} | {tile} | error: {type(exc).__name__}: {str(exc)[:120]} |")
                 continue
-            print(f"| {name} | {D} | {cfg.block_m}x{cfg.block_n}/{cfg.num_warps}w/{cfg.num_stages}st | {r['regs']} | "
+            cap = f"/maxnreg {cfg.maxnreg}" if cfg.maxnreg else ""
+            print(f"| {name} | {D} | {cfg.block_m}x{cfg.block_n}/{cfg.num_warps}w/{cfg.num_stages}st{cap} | {r['regs']} | "
                   f"{r['stack']} | {r['smem_kb']:.1f} | {r['ctas_per_sm']} ({r['warps_per_sm']}) | "
                   + " | ".join(str(r[o]) for o in OPS) + f" | {r['sass_lines']} |", flush=True)
     return 0

@@ -33,7 +33,8 @@ def _cases():
     f32, f16 = torch.float32, torch.float16
     t32, t16 = (2e-5, 2e-5), (4e-3, 4e-3)
     g16 = (1e-2, 1e-2)
-    big = KernelConfigs(fwd=TileConfig(32, 16, 1, 1), dkdv=TileConfig(16, 32, 1, 1), dq=TileConfig(16, 32, 1, 1))
+    # register caps (maxnreg) on two kernels: the launch option must reach Triton without changing any result
+    big = KernelConfigs(fwd=TileConfig(32, 16, 1, 1, 128), dkdv=TileConfig(16, 32, 1, 1, 128), dq=TileConfig(16, 32, 1, 1))
     return {
         "fp32": [
             # P = 10 below the 16-token block, text on both sides, three different heads, D = 48 = 32 + 16
@@ -151,6 +152,19 @@ def test_forward_path_selection_without_gpu(monkeypatch):
     monkeypatch.setenv("VDIT_KERNEL_PATH", "fast")
     with pytest.raises(ValueError, match="VDIT_KERNEL_PATH"):
         tat.forward_path(x, x, x)
+
+
+def test_register_cap_is_a_launch_option_and_an_override_field(monkeypatch):
+    from vdit_compile.kernels.configs import TileConfig, get_configs
+
+    assert TileConfig(128, 64, 8, 2).launch() == {"num_warps": 8, "num_stages": 2}
+    assert TileConfig(128, 64, 8, 2, 128).launch() == {"num_warps": 8, "num_stages": 2, "maxnreg": 128}
+    monkeypatch.setenv("VDIT_TILE_CONFIG", "fwd=32,16,1,1,96;dq=16,16,1,1")
+    c = get_configs(64, "cpu")
+    assert c.fwd == TileConfig(32, 16, 1, 1, 96) and c.dq.maxnreg == 0
+    monkeypatch.setenv("VDIT_TILE_CONFIG", "fwd=32,16,1")
+    with pytest.raises(ValueError, match="maxnreg"):
+        get_configs(64, "cpu")
 
 
 def test_fwd_tma_config_row(monkeypatch):

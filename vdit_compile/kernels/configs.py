@@ -24,9 +24,17 @@ class TileConfig:
     block_n: int  # key tokens per block
     num_warps: int
     num_stages: int
+    #: register cap per thread (Triton's ``maxnreg``; 0: the compiler's choice).  Why: every forward row sits at
+    #: the 255-register cap, which leaves one 8-warp CTA per SM at D = 128 and nothing to overlap its softmax
+    #: with (BENCHMARKS.md item 2); a cap of 128 buys a second CTA at the price of some spills.  Swept, not yet in
+    #: the table.
+    maxnreg: int = 0
 
     def launch(self) -> dict:
-        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg:
+            opts["maxnreg"] = self.maxnreg
+        return opts
 
 
 @dataclass(frozen=True)
@@ -89,8 +97,8 @@ def _parse_override(text: str, base: KernelConfigs) -> KernelConfigs:
         if name not in parts:
             raise ValueError(f"VDIT_TILE_CONFIG: unknown kernel {name!r}; expected fwd, fwd_tma, dkdv or dq")
         nums = [int(x) for x in vals.split(",")]
-        if len(nums) != 4:
-            raise ValueError(f"VDIT_TILE_CONFIG: {item!r} needs block_m,block_n,num_warps,num_stages")
+        if len(nums) not in (4, 5):
+            raise ValueError(f"VDIT_TILE_CONFIG: {item!r} needs block_m,block_n,num_warps,num_stages[,maxnreg]")
         parts[name] = TileConfig(*nums)
     return KernelConfigs(**parts)
 
