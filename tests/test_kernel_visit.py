@@ -110,6 +110,23 @@ def test_plans_are_cached_and_heads_deduplicated():
         tile_plan(side, side, torch.ones(3, 5, 4, dtype=torch.bool), 3, "cpu")
 
 
+def test_max_kept_is_the_largest_head_share_of_scores():
+    """What the forward's path choice reads: the densest head's kept fraction (text included), exact."""
+    clear_cache()
+    layout = TokenLayout(4, 3, 3, text_prefix=2)
+    side = Side.of(layout)
+    L = layout.seq_len
+    fm = frame_masks([TileMask(0, 0), TileMask(1, 0)], 4)
+    plan = tile_plan(side, side, fm, 2, "cpu")
+    seg = side.segments(torch.arange(L))
+    ext = plan.ext[plan.head_pattern.long()].bool()
+    kept = ext[:, seg][:, :, seg].float().mean((1, 2))  # brute force over all L x L entries
+    assert plan.max_kept() == pytest.approx(float(kept.max()))
+    assert float(kept[1]) > float(kept[0])
+    dense = tile_plan(side, side, frame_masks([TileMask(dense=True)], 4), 2, "cpu")
+    assert dense.max_kept() == pytest.approx(1.0)
+
+
 def test_build_is_fast_on_cpu_for_a_large_shape():
     """Hunyuan-like 33 x 3600 + 256 text, per-head masks: the build stays vectorised."""
     layout = TokenLayout(33, 45, 80, text_suffix=256)

@@ -163,6 +163,7 @@ class TilePlan:
     head_pattern: torch.Tensor  # int32 (H,)
     ext: torch.Tensor  # int8 (Hp, Tq+2, Tk+2)
     _lists: dict = field(default_factory=dict)
+    _max_kept: float | None = None
 
     @property
     def num_patterns(self) -> int:
@@ -181,9 +182,9 @@ class TilePlan:
 
     def max_kept(self) -> float:
         """Largest per-head kept fraction, computed once per plan (the launcher's path choice reads it per call)."""
-        if "max_kept" not in self._lists:
-            self._lists["max_kept"] = float(self.kept_fraction().max())
-        return self._lists["max_kept"]
+        if self._max_kept is None:
+            self._max_kept = float(self.kept_fraction().max())
+        return self._max_kept
 
     def kept_fraction(self) -> torch.Tensor:
         """Exact kept fraction of ``Lq x Lk`` per head (text included), for FLOP counting."""
