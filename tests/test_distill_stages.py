@@ -102,6 +102,16 @@ def test_mlcd_run_writes_its_outputs_and_loads_as_a_few_step_pipeline(tmp_path):
     assert DistillConfig.load(out / "config.json").segments == 2
     sched = json.loads((out / "schedule.json").read_text())
     assert sched["sample_steps"] == [2, 4] and len(sched["mapping"]["4"]) == 4
+    # the per-segment diagnostic reads the run directory (its MLCD weights) from the command line
+    from vdit_compile.distill import segments
+
+    rows_json = tmp_path / "segments.json"
+    assert segments.main([str(out), "--model", "tiny", "--teacher-steps", "8", "--segments", "2", "--prompts", "2",
+                          "--device", "cpu", "--json", str(rows_json)]) == 0
+    rows = json.loads(rows_json.read_text())
+    assert [r["segment"] for r in rows] == [0, 1] and all(r["student_rms"] > 0 for r in rows)
+    with pytest.raises(FileNotFoundError, match="mlcd/weights.safetensors"):
+        segments.main([str(tmp_path / "nowhere"), "--model", "tiny", "--device", "cpu"])
     pipe = load_run(out)
     g = torch.Generator().manual_seed(0)
     for steps in (2, 4):

@@ -63,19 +63,15 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _load_student(adapter, path: Path, device) -> torch.nn.Module:
+def _load_student(adapter, path: Path) -> torch.nn.Module:
     """A run directory (its dense MLCD weights) or a ``.safetensors`` file of the transformer."""
-    from safetensors.torch import load_file
+    from .stages import load_weights
 
     if path.is_dir():
         path = path / "mlcd" / "weights.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: expected a run directory with mlcd/weights.safetensors or a .safetensors file")
-    student = copy.deepcopy(adapter.transformer)
-    state = load_file(str(path), device=str(device))
-    ref = student.state_dict()
-    student.load_state_dict({k: v.to(ref[k].dtype) for k, v in state.items()})
-    return student.eval()
+    return load_weights(copy.deepcopy(adapter.transformer), path).eval()
 
 
 def main(argv=None) -> int:
@@ -93,7 +89,7 @@ def main(argv=None) -> int:
 
     adapter = load_adapter(a.model, device=a.device)
     schedule = FewStepSchedule.from_adapter(adapter, a.teacher_steps, a.segments)
-    student = _load_student(adapter, Path(a.weights), a.device)
+    student = _load_student(adapter, Path(a.weights))
     rows = segment_errors(adapter, student, schedule, adapter.sample_prompts(a.prompts, 4242), a.seed, device=a.device)
     print(format_rows(rows))
     if a.json:

@@ -118,8 +118,8 @@ class StageTrainer:
         self.rank, self.world = world()
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), eps=1e-8)
-        warm, decay = max(1, cfg.warmup_steps), getattr(cfg, "lr_decay", "none")
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: lr_factor(i, warm, total, decay))
+        warm = max(1, cfg.warmup_steps)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: lr_factor(i, warm, total, cfg.lr_decay))
         self.gen = torch.Generator().manual_seed(cfg.seed * 7919 + zlib.crc32(stage.encode()) % 7919)
         self.max_seconds = float(max_seconds)
         self.stopped_early = False
