@@ -16,7 +16,8 @@ Pipelining depth is the launch's ``num_stages`` (the compiler's software pipelin
 the kernel depends on it.  ``WS`` asks Triton to warp-specialise the unmasked loop
 (``tl.range(..., warp_specialize=True)``: producer/consumer partitions by Triton 3.6's Hopper
 pass); off by default.  Compiled for sm_90 with Triton 3.6 (no device), it fails in that pass at
-4 warps and changes nothing at 8, so it is kept only to be tried on newer Triton.  Device-side
+4 warps and changes nothing at 8, so it is kept only to be tried on newer Triton: it has never run on
+a GPU and no test covers it (``benchmarks/attention.py --paths tma-ws`` is the way to try it).  Device-side
 descriptors need a global scratch buffer per launch, hence ``triton.set_allocator`` (see
 ``tile_attention_triton._ensure_allocator``).
 """
