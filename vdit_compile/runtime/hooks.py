@@ -4,7 +4,8 @@
 ``apply_shared`` (apply mode, graphs shared by several blocks) looks up the masks of the block
 that is running and calls ``torch.ops.vdit.tile_attention`` (or dense SDPA when the plan leaves
 that block dense).  Sites with a text-padding mask come here too: padding at the end of the
-sequence runs the op on the valid tokens (:mod:`.padding`); any other mask runs dense with a warning.  Both receive the ids of their :class:`~.state.OptimizeState` and template.
+sequence runs the op on the valid tokens (:mod:`.padding`); any other mask runs dense with a
+warning.  Both receive the ids of their :class:`~.state.OptimizeState` and template.
 """
 from __future__ import annotations
 
