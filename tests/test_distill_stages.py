@@ -8,21 +8,15 @@ import torch
 
 from vdit_compile.distill import DistillConfig, load_run
 from vdit_compile.distill.config import DistillConfigError
-from vdit_compile.distill.adapter import TinyAdapter
 from vdit_compile.distill.losses import distance, kd_loss, mlcd_loss
-from vdit_compile.distill.pool import build_pool
 from vdit_compile.distill.run import run
-from vdit_compile.distill.schedule import FewStepSchedule
 from vdit_compile.distill.trainer import StageTrainer, autocast_factory, ema_update
 
 
 @pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    adapter = TinyAdapter()
+def setup(tiny_pool):
+    adapter, sch, pool = tiny_pool
     cfg = DistillConfig.smoke("unused", lr=2e-3, warmup_steps=1, ckpt_every=1000)
-    sch = FewStepSchedule.from_adapter(adapter, cfg.teacher_steps, cfg.segments)
-    pool = build_pool(adapter, adapter.sample_prompts(cfg.pool_size, 0), sch, 3.0, 0, "cpu", progress=False)
     return adapter, cfg, sch, pool
 
 
@@ -76,6 +70,31 @@ def test_mlcd_boundary_condition_uses_the_teachers_point(setup):
     assert parts["consistency"] == pytest.approx(0.0, abs=1e-6) and parts["anchor"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_consistency_weight_scales_its_term_and_zero_skips_the_target_network(setup):
+    adapter, cfg, sch, pool = setup
+    student = copy.deepcopy(adapter.transformer).eval()
+    target = copy.deepcopy(student)
+    with torch.no_grad():  # a target that differs from the student, so the consistency term is not the anchor
+        for p in target.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    auto = autocast_factory(torch.device("cpu"), "fp32")
+    idx, n = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 2, 4, 5])
+    full, parts = mlcd_loss(adapter, student, target, pool, sch, idx, n, cfg, auto)
+    assert parts["consistency"] != pytest.approx(parts["anchor"])
+    assert float(full) == pytest.approx(parts["consistency"] + cfg.anchor_weight * parts["anchor"], rel=1e-5)
+    half, p2 = mlcd_loss(adapter, student, target, pool, sch, idx, n, dataclasses.replace(cfg, consistency_weight=0.25), auto)
+    assert float(half) == pytest.approx(0.25 * parts["consistency"] + parts["anchor"], rel=1e-5)
+
+    class NeverCalled(torch.nn.Module):
+        def forward(self, *a, **k):
+            raise AssertionError("the target network ran with consistency_weight 0")
+
+    only, p0 = mlcd_loss(adapter, student, NeverCalled(), pool, sch, idx, n, dataclasses.replace(cfg, consistency_weight=0.0), auto)
+    assert float(only) == pytest.approx(parts["anchor"], rel=1e-5)
+    with pytest.raises(DistillConfigError, match="not both 0"):
+        dataclasses.replace(cfg, consistency_weight=0.0, anchor_weight=0.0).validate()
+
+
 def _sparse_copy(module):
     from vdit_compile import TileMask, optimize
 
@@ -112,6 +131,12 @@ def test_mlcd_run_writes_its_outputs_and_loads_as_a_few_step_pipeline(tmp_path):
     assert [r["segment"] for r in rows] == [0, 1] and all(r["student_rms"] > 0 for r in rows)
     with pytest.raises(FileNotFoundError, match="mlcd/weights.safetensors"):
         segments.main([str(tmp_path / "nowhere"), "--model", "tiny", "--device", "cpu"])
+    # the GPU proof driver runs the same diagnostic on each finished run and packs it with the run
+    from vdit_compile.distill.proof import _segment_check
+
+    _segment_check(out, 2, "cpu", prompts=2)
+    packed = json.loads((out / "mlcd" / "segments.json").read_text())
+    assert [r["segment"] for r in packed] == [0, 1] and all(r["euler_rms"] > 0 for r in packed)
     pipe = load_run(out)
     g = torch.Generator().manual_seed(0)
     for steps in (2, 4):

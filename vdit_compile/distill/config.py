@@ -35,8 +35,8 @@ class DistillConfig:
     pool_size: int = 256                    # teacher trajectories (prompt, noise) precomputed with CFG
     # --- optimisation -----------------------------------------------------------------------------
     batch_size: int = 32                    # global batch (split over DDP ranks)
-    mlcd_steps: int = 1000
-    kd_steps: int = 400
+    mlcd_steps: int = 1000                  # 0: as many as --mlcd-max-minutes holds (fitted once from the step rate)
+    kd_steps: int = 400                     # 0: as many as --kd-max-minutes holds
     lr: float = 1e-4
     kd_lr: float = 5e-5
     weight_decay: float = 0.0
@@ -49,6 +49,7 @@ class DistillConfig:
     huber_c: float = 0.03                   # pseudo-Huber knee, in RMS velocity units
     skip: int = 1                           # consistency target: teacher steps taken before the EMA target jumps
     anchor_weight: float = 1.0              # weight of the direct regression onto the teacher's segment end
+    consistency_weight: float = 1.0         # weight of the consistency term (0: regression only, no target-network pass)
     visited_fraction: float = 0.5           # share of each batch drawn at the indices the S/2S-step samplers visit
     target_decay: float = 0.9               # EMA decay of the consistency target network
     ema_decay: float = 0.99                 # EMA decay of the exported weights
@@ -126,6 +127,16 @@ class DistillConfig:
         for name in ("batch_size", "pool_size", "ckpt_every", "skip", "calib_prompts", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise DistillConfigError(f"--{name.replace('_', '-')} must be >= 1, found {getattr(self, name)}")
+        for stage in ("mlcd", "kd"):
+            steps, minutes = getattr(self, f"{stage}_steps"), getattr(self, f"{stage}_max_minutes")
+            if steps < 0 or minutes < 0:
+                raise DistillConfigError(f"--{stage}-steps and --{stage}-max-minutes must be >= 0, found {steps} and {minutes}")
+            if steps == 0 and minutes == 0 and stage in self.stage_list():
+                raise DistillConfigError(f"--{stage}-steps 0 means 'as many steps as the time box holds', but no time box "
+                                         f"is set: give --{stage}-max-minutes > 0 or a step count")
+        if self.anchor_weight < 0 or self.consistency_weight < 0 or self.anchor_weight + self.consistency_weight == 0:
+            raise DistillConfigError(f"--anchor-weight and --consistency-weight must be >= 0 and not both 0, found "
+                                     f"{self.anchor_weight} and {self.consistency_weight}")
         if not 0.0 <= self.visited_fraction <= 1.0:
             raise DistillConfigError(f"--visited-fraction must be in [0, 1], found {self.visited_fraction}")
         for name in ("target_decay", "ema_decay"):

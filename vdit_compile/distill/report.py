@@ -105,18 +105,20 @@ def score_runs(run_dirs, device="cpu", prompts: int | None = None, out: Path | N
                                progress=progress))
     for r in run_dirs:
         cfg = DistillConfig.load(r / "config.json")
+        # runs named other than s<S> (proof variants: s8-d1, s8-d2) carry their name into the rows
+        tag = "" if r.name == f"s{cfg.segments}" else f" ({r.name})"
         for stage in ("mlcd", "masks", "kd"):
             if stage not in cfg.stage_list() or not (r / stage / "done.json").is_file():
                 continue
             pipe = load_run(r, device=device, stage=stage, backend=backend)
             for steps in cfg.steps_list():
                 c = scorecard(pipe, n, steps=steps, reference=clips, batch_size=bs,
-                              name=f"S={cfg.segments} {STAGE_LABELS[stage]}", progress=progress,
+                              name=f"S={cfg.segments}{tag} {STAGE_LABELS[stage]}", progress=progress,
                               settings={"run": r.name, "stage": stage, "segments": cfg.segments})
                 cards.append(c)
             if stage == cfg.stage_list()[-1]:
                 for steps in cfg.steps_list():
-                    lat[f"S={cfg.segments} {STAGE_LABELS[stage]} {steps}"] = latency(pipe, steps, "a small red circle moving left over a black background")
+                    lat[f"S={cfg.segments}{tag} {STAGE_LABELS[stage]} {steps}"] = latency(pipe, steps, "a small red circle moving left over a black background")
             del pipe
     result = {"cards": cards, "latency_batch1_seconds": lat}
     if out is not None:

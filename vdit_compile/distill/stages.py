@@ -140,6 +140,7 @@ def stage_mlcd(ctx: RunContext) -> torch.nn.Module:
         save_weights(out, ema, {"stage": "mlcd", "steps": tr.step})
     ctx.mark_done("mlcd", {"train_seconds": tr.train_seconds, "stage_seconds": time.perf_counter() - t0, "steps": tr.step,
                            "stopped_early_by_time_budget": tr.stopped_early,
+                           "steps_fitted_to_time_box": tr.auto_total,
                            "final_loss": tr.history[-1]["loss"] if tr.history else None})
     return ema.requires_grad_(False).eval()
 
@@ -229,6 +230,7 @@ def stage_kd(ctx: RunContext, dense: torch.nn.Module, sparse: torch.nn.Module) -
         save_weights(out, ema, {"stage": "kd", "steps": tr.step})
     ctx.mark_done("kd", {"train_seconds": tr.train_seconds, "stage_seconds": time.perf_counter() - t0, "steps": tr.step,
                          "stopped_early_by_time_budget": tr.stopped_early,
+                         "steps_fitted_to_time_box": tr.auto_total,
                          "final_loss": tr.history[-1]["loss"] if tr.history else None})
     with torch.no_grad():
         for ps, pe in zip(sparse.parameters(), ema.parameters()):

@@ -106,20 +106,37 @@ class StageTrainer:
 
     ``companions`` are extra modules checkpointed with the model (EMA copies, targets) and updated by
     ``after_step(step)``.  ``draw(generator, batch) -> (idx, n)`` draws the global batch's points.
+
+    ``total <= 0`` means "as many steps as the time box holds" (needs ``max_seconds``): the step rate
+    measured over steps ``calib_from``..``calib_steps`` (the first steps are slow: allocator, cuDNN
+    autotuning) fixes the step count once, so a decaying learning rate reaches 0 when the box ends instead
+    of being cut off part-way (run C's 7.6-minute box held 3,541 steps; a guess of 20,000 would have left
+    the rate at 97%).  The count is stored in every checkpoint, so a ``--resume`` after step ``calib_steps``
+    uses the same schedule and stays bit for bit (one killed before it measures its rate again).
     """
+
+    calib_from, calib_steps = 10, 40
+    fill_fraction = 0.97    # of the remaining box: a margin for rate changes, so the box rarely cuts the decay
 
     def __init__(self, stage: str, run_dir: Path, model: torch.nn.Module, companions: dict, loss_fn, draw, after_step,
                  total: int, lr: float, cfg, device: torch.device, save_module: torch.nn.Module | None = None,
                  compile: bool = False, max_seconds: float = 0.0):
         self.stage, self.run_dir, self.model, self.companions = stage, Path(run_dir), model, companions
         self.loss_fn, self.draw, self.after_step = loss_fn, draw, after_step
-        self.total, self.cfg, self.device = total, cfg, device
+        self.cfg, self.device = cfg, device
+        self.auto_total = int(total) <= 0
+        if self.auto_total and not max_seconds:
+            raise ValueError(f"{stage}: a step count of {total} means 'fit the time box', but no time box "
+                             f"(--{stage}-max-minutes) is set")
+        # the loop bound while the count is unknown; the lr schedule sees 0 (warm-up only) until then
+        self.total = 2**62 if self.auto_total else int(total)
+        self.decay_total = 0 if self.auto_total else int(total)
         self.save_module = save_module if save_module is not None else model
         self.rank, self.world = world()
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), eps=1e-8)
         warm = max(1, cfg.warmup_steps)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: lr_factor(i, warm, total, cfg.lr_decay))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: lr_factor(i, warm, self.decay_total, cfg.lr_decay))
         self.gen = torch.Generator().manual_seed(cfg.seed * 7919 + zlib.crc32(stage.encode()) % 7919)
         self.max_seconds = float(max_seconds)
         self.stopped_early = False
@@ -144,6 +161,7 @@ class StageTrainer:
             state = {
                 "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "rng": rng_state(self.gen),
                 "step": self.step, "stage": self.stage, "history": self.history, "train_seconds": self.train_seconds,
+                "total": self.total, "decay_total": self.decay_total,
             }
             path = save_checkpoint(self.run_dir, self.stage, self.step, self._modules(), state, keep=self.cfg.keep_checkpoints)
             self.write_log()
@@ -160,6 +178,15 @@ class StageTrainer:
         set_rng_state(state["rng"], self.gen)
         self.step, self.history = int(state["step"]), list(state["history"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        if self.auto_total and state.get("decay_total"):
+            self.total, self.decay_total = int(state["total"]), int(state["decay_total"])
+
+    def _fit_time_box(self) -> None:
+        """Fix the step count from the rate measured since step ``calib_from`` (once, ``total <= 0`` only)."""
+        s0, t0 = self._calib_mark
+        rate = (self.step - s0) / max(self.train_seconds - t0, 1e-9)
+        left = max(0.0, self.max_seconds - self.train_seconds)
+        self.total = self.decay_total = max(self.step + 1, self.step + int(self.fill_fraction * left * rate))
 
     def write_log(self) -> None:
         """``RUN/<stage>/loss.csv`` (every logged step), written atomically."""
@@ -173,6 +200,14 @@ class StageTrainer:
         atomic_write_bytes(self.run_dir / self.stage / "loss.csv", buf.getvalue().encode())
 
     # ---- loop -----------------------------------------------------------------------------------
+    def _fit_time_box_agreed(self) -> None:
+        """:meth:`_fit_time_box` on rank 0, broadcast, so every rank runs the same number of steps."""
+        self._fit_time_box()
+        if self.world > 1:
+            t = torch.tensor([self.total], dtype=torch.long, device=self.device if self.device.type == "cuda" else "cpu")
+            dist.broadcast(t, 0)
+            self.total = self.decay_total = int(t.item())
+
     def _stop_agreed(self, flag: SignalFlag) -> tuple[int, bool]:
         """(signal to stop on, time budget spent), agreed by all ranks (MAX over ranks)."""
         over = bool(self.max_seconds) and self.train_seconds > self.max_seconds
@@ -189,7 +224,8 @@ class StageTrainer:
             raise ValueError(f"--batch-size {B} must be divisible by the {self.world} ranks")
         per = B // self.world
         lo, hi = self.rank * per, (self.rank + 1) * per
-        bar = tqdm(total=self.total, initial=self.step, desc=self.stage, unit="step", disable=not progress or self.rank != 0,
+        self._calib_mark = None
+        bar = tqdm(total=None if self.auto_total and not self.decay_total else self.total, initial=self.step, desc=self.stage, unit="step", disable=not progress or self.rank != 0,
                    dynamic_ncols=True)
         self.model.train()
         with SignalFlag() as flag:
@@ -210,6 +246,13 @@ class StageTrainer:
                     torch.cuda.synchronize(self.device)
                 dt = time.perf_counter() - t0
                 self.train_seconds += dt
+                if self.auto_total and not self.decay_total:
+                    if self._calib_mark is None and self.step >= self.calib_from:
+                        self._calib_mark = (self.step, self.train_seconds)
+                    elif self._calib_mark is not None and self.step >= self.calib_steps:
+                        self._fit_time_box_agreed()
+                        bar.total = self.total
+                        bar.refresh()
                 lval = float(loss.detach())
                 if self.world > 1:
                     lt = torch.tensor([lval], device=self.device if self.device.type == "cuda" else "cpu")
