@@ -126,3 +126,26 @@ def test_segment_errors_compare_one_jump_with_one_euler_step():
     rows_cfg = segment_errors(adapter, adapter.transformer, sch, prompts, guidance=3.0)
     assert any(abs(r["student_over_euler"] - 1) > 1e-3 for r in rows_cfg)
     assert format_rows(rows).count("\n") == 5
+    # a --student-cfg student guides itself: undistilled, it *is* the plain Euler sampler on every segment
+    rows_self = segment_errors(adapter, adapter.transformer, sch, prompts, guidance=3.0, student_cfg=True)
+    for r, rc in zip(rows_self, rows_cfg):
+        assert r["euler_rms"] == rc["euler_rms"] and r["student_rms"] == pytest.approx(r["euler_rms"], rel=1e-5)
+
+
+def test_student_velocity_guides_like_the_teacher_with_per_row_timesteps():
+    from vdit_compile.distill.schedule import cfg_velocity, student_velocity
+
+    torch.manual_seed(1)
+    adapter = TinyAdapter()
+    prompts = adapter.sample_prompts(3, 0)
+    cond, uncond = adapter.encode(prompts, "cpu"), adapter.negative(3, "cpu")
+    x = torch.randn(3, *adapter.latent_shape())
+    t = torch.tensor([900.0, 500.0, 100.0])
+    got = student_velocity(adapter, adapter.transformer, x, t, cond, 2.5)
+    # oracle: each row on its own through the teacher's guided velocity at its scalar timestep
+    want = torch.cat([cfg_velocity(adapter, adapter.transformer, x[i:i + 1], float(t[i]), cond[i:i + 1], uncond[i:i + 1], 2.5)
+                      for i in range(3)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    baked = student_velocity(adapter, adapter.transformer, x, t, cond, None)
+    torch.testing.assert_close(baked, adapter.velocity(adapter.transformer, x, t, cond).float())
+    assert not torch.allclose(baked, got)

@@ -205,3 +205,19 @@ def test_trainer_logs_the_decaying_rate(setup, tmp_path):
 def test_bad_lr_decay_is_refused_before_training():
     with pytest.raises(DistillConfigError, match="lr-decay"):
         DistillConfig(lr_decay="exp").validate()
+
+
+def test_student_cfg_run_trains_every_stage_and_samples_guided(tmp_path):
+    out = tmp_path / "run"
+    run(DistillConfig.smoke(out, student_cfg=True, guidance_scale=2.0), progress=False)
+    assert json.loads((out / "schedule.json").read_text())["student_cfg"] is True
+    for stage in ("mlcd", "kd"):
+        done = json.loads((out / stage / "done.json").read_text())
+        assert done["steps"] > 0 and done["final_loss"] == done["final_loss"]  # finite, not NaN
+    pipe = load_run(out)
+    assert pipe.student_cfg and pipe.sparse and pipe.guidance_scale == 2.0
+    prompts = ["red circle left", "blue square up"]
+    a = pipe(prompts, generator=torch.Generator().manual_seed(0)).latents
+    b = pipe(prompts, generator=torch.Generator().manual_seed(0), guidance_scale=2.0).latents
+    c = pipe(prompts, generator=torch.Generator().manual_seed(0), guidance_scale=1.0).latents
+    assert torch.isfinite(a).all() and torch.equal(a, b) and not torch.allclose(a, c)

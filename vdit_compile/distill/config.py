@@ -31,7 +31,9 @@ class DistillConfig:
     # --- the trajectory being distilled ------------------------------------------------------------
     teacher_steps: int = 48                 # N: the teacher's Euler steps; 48 is divisible by 2, 3, 4, 6, 8, 12, 16, 24
     segments: int = 4                       # S: the student samples in S steps (and 2S, see sample_steps)
-    guidance_scale: Optional[float] = None  # CFG scale baked into the student; None: the model's default
+    guidance_scale: Optional[float] = None  # CFG scale of the teacher (baked into the student); None: the model's default
+    student_cfg: bool = False               # the student guides itself like the teacher (2 branches a step, batched)
+                                            # instead of baking CFG in: it starts as the teacher's plain Euler sampler
     pool_size: int = 256                    # teacher trajectories (prompt, noise) precomputed with CFG
     # --- optimisation -----------------------------------------------------------------------------
     batch_size: int = 32                    # global batch (split over DDP ranks)

@@ -2,9 +2,11 @@
 
 ``FewStepPipeline(prompt, num_inference_steps=S, generator=g).frames`` samples with the distilled
 student in ``S`` steps (or ``2S``, any ``S m`` the schedule allows; see
-:mod:`vdit_compile.distill.schedule` for the timestep mapping).  Guidance is *baked in*: the student was
-trained on the teacher's CFG trajectories at the run's ``guidance_scale`` and is called once per step on
-the conditional embeddings only; a different ``guidance_scale`` argument is ignored with a warning.
+:mod:`vdit_compile.distill.schedule` for the timestep mapping).  Guidance is *baked in* by default: the
+student was trained on the teacher's CFG trajectories at the run's ``guidance_scale`` and is called once
+per step on the conditional embeddings only; a different ``guidance_scale`` argument is ignored with a
+warning.  A ``--student-cfg`` run guides itself (both branches in one batched call per step) at the run's
+scale, or at the ``guidance_scale`` argument when one is given (it was trained at the run's scale only).
 
 A run directory (or a shipped copy of one, see :func:`export_run`) holds ``config.json``,
 ``schedule.json``, the weights of the last finished stage and, after the masks stage, ``masks/plan.json``.
@@ -39,13 +41,13 @@ class FewStepOutput:
 
 
 class FewStepPipeline:
-    """Samples with a distilled student in a few steps; guidance baked in."""
+    """Samples with a distilled student in a few steps; guidance baked in or, ``student_cfg``, applied by the student."""
 
     def __init__(self, adapter, transformer, schedule: FewStepSchedule, guidance_scale: float, default_steps: int,
-                 stage: str = "mlcd", sparse: bool = False, autocast=None):
+                 stage: str = "mlcd", sparse: bool = False, autocast=None, student_cfg: bool = False):
         self.adapter, self.transformer, self.schedule = adapter, transformer, schedule
         self.guidance_scale, self.default_steps, self.stage, self.sparse = guidance_scale, default_steps, stage, sparse
-        self.autocast = autocast
+        self.autocast, self.student_cfg = autocast, student_cfg
 
     @property
     def device(self) -> torch.device:
@@ -62,7 +64,10 @@ class FewStepPipeline:
                  generator: torch.Generator | list | None = None, latents: torch.Tensor | None = None, **kwargs) -> FewStepOutput:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         steps = self.schedule.check_steps(num_inference_steps or self.default_steps)
-        if guidance_scale is not None and abs(float(guidance_scale) - self.guidance_scale) > 1e-6:
+        guidance = None
+        if self.student_cfg:
+            guidance = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        elif guidance_scale is not None and abs(float(guidance_scale) - self.guidance_scale) > 1e-6:
             log.warning("guidance is baked into this few-step model at scale %.2f; guidance_scale=%s ignored",
                         self.guidance_scale, guidance_scale)
         device = self.device
@@ -74,7 +79,8 @@ class FewStepPipeline:
             latents = torch.stack([torch.randn(shape, generator=g, device=g.device if g is not None else "cpu") for g in gens]).to(device)
         cond = self.adapter.encode(prompts, device)
         self.transformer.eval()
-        x = few_step_sample(self.adapter, self.transformer, self.schedule, latents.float(), cond, steps, autocast=self.autocast)
+        x = few_step_sample(self.adapter, self.transformer, self.schedule, latents.float(), cond, steps, autocast=self.autocast,
+                            guidance=guidance)
         return FewStepOutput(frames=self.adapter.decode(x).clamp(0, 1), latents=x)
 
 
@@ -122,7 +128,7 @@ def load_run(run_dir, device="cpu", stage: str | None = None, sparse: bool | Non
     from .trainer import autocast_factory
 
     return FewStepPipeline(adapter, transformer, schedule, guidance, cfg.segments, stage=stage, sparse=use_sparse,
-                           autocast=autocast_factory(torch.device(device), precision))
+                           autocast=autocast_factory(torch.device(device), precision), student_cfg=cfg.student_cfg)
 
 
 def export_run(run_dir, dest, stage: str | None = None) -> Path:

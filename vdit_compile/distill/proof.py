@@ -87,7 +87,7 @@ def _segment_check(run: Path, S: int, device: str, prompts: int = 16) -> None:
     adapter = load_adapter(cfg["model"], device=device)
     schedule = FewStepSchedule.from_adapter(adapter, cfg["teacher_steps"], S)
     rows = segment_errors(adapter, _load_student(adapter, run), schedule, adapter.sample_prompts(prompts, 4242), 0,
-                          device=device)
+                          guidance=cfg.get("guidance_scale"), device=device, student_cfg=bool(cfg.get("student_cfg", False)))
     (run / "mlcd" / "segments.json").write_text(json.dumps(rows, indent=1) + "\n")
     print(f"{run.name} per-segment jump error:\n{format_rows(rows)}", flush=True)
 

@@ -121,7 +121,7 @@ def run(cfg: DistillConfig, resuming: bool = False, overwrite: bool = False, pro
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.json")
-        sched = schedule.to_dict() | {"guidance_scale": guidance, "teacher_steps": cfg.teacher_steps,
+        sched = schedule.to_dict() | {"guidance_scale": guidance, "student_cfg": cfg.student_cfg, "teacher_steps": cfg.teacher_steps,
                                       "sample_steps": cfg.steps_list(), "mapping": {str(s): schedule.plan(s) for s in cfg.steps_list()}}
         atomic_write_text(run_dir / "schedule.json", json.dumps(sched, indent=2) + "\n")
     if world > 1:

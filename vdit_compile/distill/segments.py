@@ -5,7 +5,8 @@ one step.  From the teacher's own trajectory point at the start of each segment 
 it measures the RMS distance to the teacher's point at the segment's end of
 
 * one plain Euler step of the teacher (with CFG) -- what the naive S-step sampler does there, and
-* one jump of the student (guidance baked in) -- what the distilled sampler does there.
+* one jump of the student (guidance baked in, or applied by the student for ``--student-cfg`` runs) --
+  what the distilled sampler does there.
 
 A student beats plain Euler overall only if it beats it on the segments that dominate the sample's error;
 the table says which segments those are and where training made things worse than the teacher it started
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .pool import noise_for
-from .schedule import FewStepSchedule, cfg_velocity, teacher_trajectory
+from .schedule import FewStepSchedule, cfg_velocity, student_velocity, teacher_trajectory
 
 
 def _rms(a: torch.Tensor) -> float:
@@ -33,8 +34,9 @@ def _rms(a: torch.Tensor) -> float:
 
 @torch.no_grad()
 def segment_errors(adapter, student: torch.nn.Module, schedule: FewStepSchedule, prompts: list[str], seed: int = 0,
-                   guidance: float | None = None, device="cpu") -> list[dict]:
-    """One row per segment: sigmas, the plain-Euler and the student's RMS jump error, and their ratio."""
+                   guidance: float | None = None, device="cpu", student_cfg: bool = False) -> list[dict]:
+    """One row per segment: sigmas, the plain-Euler and the student's RMS jump error, and their ratio.
+    ``student_cfg``: the student guides itself at ``guidance`` (a ``--student-cfg`` run)."""
     guidance = adapter.default_guidance if guidance is None else float(guidance)
     P = len(prompts)
     cond = adapter.encode(prompts, device)
@@ -48,7 +50,8 @@ def segment_errors(adapter, student: torch.nn.Module, schedule: FewStepSchedule,
         e = b + schedule.seg_len
         x, x_end, span = traj[:, b], traj[:, e], s[e] - s[b]
         v_euler = cfg_velocity(adapter, adapter.transformer, x, t[b], cond, uncond, guidance)
-        v_student = adapter.velocity(student, x, torch.full((P,), float(t[b]), device=x.device), cond).float()
+        v_student = student_velocity(adapter, student, x, torch.full((P,), float(t[b]), device=x.device), cond,
+                                     guidance if student_cfg else None)
         euler, stud = _rms(x + span * v_euler - x_end), _rms(x + span * v_student - x_end)
         rows.append({"segment": k, "sigma_from": s[b], "sigma_to": s[e], "euler_rms": euler, "student_rms": stud,
                      "student_over_euler": stud / max(euler, 1e-12)})
@@ -84,13 +87,20 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--student-cfg", action=argparse.BooleanOptionalAction, default=None,
+                    help="the student guides itself (default: what the run's config.json says; baked in for a bare file)")
     a = ap.parse_args(argv)
     from .adapter import load_adapter
 
     adapter = load_adapter(a.model, device=a.device)
     schedule = FewStepSchedule.from_adapter(adapter, a.teacher_steps, a.segments)
     student = _load_student(adapter, Path(a.weights))
-    rows = segment_errors(adapter, student, schedule, adapter.sample_prompts(a.prompts, 4242), a.seed, device=a.device)
+    run_cfg = Path(a.weights) / "config.json"
+    student_cfg = run_cfg.is_file() and bool(json.loads(run_cfg.read_text()).get("student_cfg", False))
+    if a.student_cfg is not None:
+        student_cfg = a.student_cfg
+    rows = segment_errors(adapter, student, schedule, adapter.sample_prompts(a.prompts, 4242), a.seed, device=a.device,
+                          student_cfg=student_cfg)
     print(format_rows(rows))
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")

@@ -150,7 +150,7 @@ def record_calibration_inputs(ctx: RunContext, dense: torch.nn.Module) -> list[d
     from vdit_compile.calibration.inputs import TransformerInputRecorder
 
     from .pool import noise_for
-    from .schedule import few_step_sample
+    from .schedule import few_step_sample, student_guidance
 
     cfg = ctx.cfg
     prompts = ctx.calib_prompts if hasattr(ctx, "calib_prompts") else None
@@ -160,7 +160,8 @@ def record_calibration_inputs(ctx: RunContext, dense: torch.nn.Module) -> list[d
     records = []
     for steps in cfg.steps_list():
         with TransformerInputRecorder(dense, device=ctx.device) as rec:
-            few_step_sample(ctx.adapter, dense, ctx.schedule, noise, cond, steps, autocast=ctx.autocast)
+            few_step_sample(ctx.adapter, dense, ctx.schedule, noise, cond, steps, autocast=ctx.autocast,
+                            guidance=student_guidance(cfg, ctx.adapter))
         records += rec.records
     return records
 
