@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from .schedule import student_guidance, student_velocity
+from .schedule import student_guidance, student_velocity, unconditional
 
 
 def distance(diff: torch.Tensor, kind: str = "pseudo_huber", c: float = 0.03) -> torch.Tensor:
@@ -59,15 +59,16 @@ def mlcd_loss(adapter, student, target_net, pool, schedule, idx: torch.Tensor, n
     x_n, x_e, x_n2 = pool.points[idx, n], pool.points[idx, e], pool.points[idx, n2]
     cond = pool.cond[idx]
     g = student_guidance(cfg, adapter)
+    unc = unconditional(adapter, len(idx), device) if g is not None else None
     with autocast():
-        v = student_velocity(adapter, student, x_n, t[n], cond, g)
+        v = student_velocity(adapter, student, x_n, t[n], cond, g, unc)
     span = _bcast(s[e] - s[n], x_n)
     anchor = distance(v - (x_e - x_n) / span, cfg.loss, cfg.huber_c)
     if cfg.consistency_weight == 0:
         return cfg.anchor_weight * anchor, {"consistency": float("nan"), "anchor": float(anchor.detach())}
     with torch.no_grad():
         with autocast():
-            v_t = student_velocity(adapter, target_net, x_n2, t[n2.clamp(max=len(schedule.timesteps) - 1)], cond, g)
+            v_t = student_velocity(adapter, target_net, x_n2, t[n2.clamp(max=len(schedule.timesteps) - 1)], cond, g, unc)
         jumped = x_n2 + _bcast(s[e] - s[n2], x_n2) * v_t
         target = torch.where(_bcast(n2 == e, x_n2), x_e, jumped)
     cons = distance(v - (target - x_n) / span, cfg.loss, cfg.huber_c)
@@ -82,11 +83,12 @@ def kd_loss(adapter, sparse, dense, pool, schedule, idx: torch.Tensor, n: torch.
     t = torch.tensor(schedule.timesteps, device=device)
     x_n, cond = pool.points[idx, n], pool.cond[idx]
     g = student_guidance(cfg, adapter)
+    unc = unconditional(adapter, len(idx), device) if g is not None else None
     with torch.no_grad():
         with autocast():
-            v_d = student_velocity(adapter, dense, x_n, t[n], cond, g)
+            v_d = student_velocity(adapter, dense, x_n, t[n], cond, g, unc)
     with autocast():
-        v_s = student_velocity(adapter, sparse, x_n, t[n], cond, g)
+        v_s = student_velocity(adapter, sparse, x_n, t[n], cond, g, unc)
     loss = distance(v_s - v_d, cfg.loss, cfg.huber_c)
     with torch.no_grad():
         rel = (v_s - v_d).float().norm() / v_d.float().norm().clamp_min(1e-12)

@@ -108,20 +108,29 @@ def student_guidance(cfg, adapter) -> float | None:
     return adapter.default_guidance if cfg.guidance_scale is None else float(cfg.guidance_scale)
 
 
-def student_velocity(adapter, transformer, x, t: torch.Tensor, cond, guidance: float | None = None) -> torch.Tensor:
+def unconditional(adapter, batch: int, device) -> torch.Tensor:
+    """The empty-prompt embedding for ``batch`` rows, encoded once (one row, expanded: it is the same for all)."""
+    u = adapter.negative(1, device)
+    return u.expand(batch, *u.shape[1:])
+
+
+def student_velocity(adapter, transformer, x, t: torch.Tensor, cond, guidance: float | None = None,
+                     uncond: torch.Tensor | None = None) -> torch.Tensor:
     """The student's velocity at per-row timesteps ``t``.
 
     ``guidance is None``: one conditional call (guidance baked in by training).  Otherwise the student is
     guided like the teacher, ``u + w (c - u)`` from its own two branches in one batched call: an untrained
     student is then exactly the teacher's plain Euler sampler, and distillation has only the jump to learn
     (a baked-in student must also learn the guided velocity, which cost the embedded 8-step runs about 2x
-    the plain-Euler error on the middle segments, docs/distill/README.md).
+    the plain-Euler error on the middle segments, docs/distill/README.md).  ``uncond``: the empty-prompt
+    embeddings when the caller already has them (a sampler encodes them once per call, not once per step).
     """
     if guidance is None:
         return adapter.velocity(transformer, x, t, cond).float()
     B = x.shape[0]
-    v = adapter.velocity(transformer, torch.cat([x, x]), torch.cat([t, t]),
-                         torch.cat([cond, adapter.negative(B, x.device)])).float()
+    if uncond is None:
+        uncond = unconditional(adapter, B, x.device)
+    v = adapter.velocity(transformer, torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond])).float()
     vc, vu = v.chunk(2)
     return vu + guidance * (vc - vu)
 
@@ -147,9 +156,10 @@ def few_step_sample(adapter, transformer, schedule: FewStepSchedule, noise, cond
                     guidance: float | None = None) -> torch.Tensor:
     """The student's sampler: ``steps`` calls (see the module docstring); ``guidance`` as in :func:`student_velocity`."""
     x = noise.float()
+    uncond = unconditional(adapter, x.shape[0], x.device) if guidance is not None else None
     for t, s_from, s_to in schedule.plan(steps):
         with autocast() if autocast else _null():
-            v = student_velocity(adapter, transformer, x, _timestep(t, x.shape[0], x.device), cond, guidance)
+            v = student_velocity(adapter, transformer, x, _timestep(t, x.shape[0], x.device), cond, guidance, uncond)
         x = x + (s_to - s_from) * v
     return x
 

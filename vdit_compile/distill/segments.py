@@ -51,7 +51,7 @@ def segment_errors(adapter, student: torch.nn.Module, schedule: FewStepSchedule,
         x, x_end, span = traj[:, b], traj[:, e], s[e] - s[b]
         v_euler = cfg_velocity(adapter, adapter.transformer, x, t[b], cond, uncond, guidance)
         v_student = student_velocity(adapter, student, x, torch.full((P,), float(t[b]), device=x.device), cond,
-                                     guidance if student_cfg else None)
+                                     guidance if student_cfg else None, uncond)
         euler, stud = _rms(x + span * v_euler - x_end), _rms(x + span * v_student - x_end)
         rows.append({"segment": k, "sigma_from": s[b], "sigma_to": s[e], "euler_rms": euler, "student_rms": stud,
                      "student_over_euler": stud / max(euler, 1e-12)})
