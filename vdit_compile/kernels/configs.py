@@ -26,8 +26,8 @@ class TileConfig:
     num_stages: int
     #: register cap per thread (Triton's ``maxnreg``; 0: the compiler's choice).  Why: every forward row sits at
     #: the 255-register cap, which leaves one 8-warp CTA per SM at D = 128 and nothing to overlap its softmax
-    #: with (BENCHMARKS.md item 2); a cap of 128 buys a second CTA at the price of some spills.  Swept, not yet in
-    #: the table.
+    #: with (BENCHMARKS.md item 2); a cap of 128 buys a second CTA at the price of some spills.  Swept on an H200
+    #: (run 6): 128x64/8w/2st capped at 128 was 13-14% faster at D = 128; not in the table until the GPU tests run it.
     maxnreg: int = 0
 
     def launch(self) -> dict:
