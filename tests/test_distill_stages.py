@@ -2,6 +2,7 @@
 import copy
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -213,7 +214,7 @@ def test_student_cfg_run_trains_every_stage_and_samples_guided(tmp_path):
     assert json.loads((out / "schedule.json").read_text())["student_cfg"] is True
     for stage in ("mlcd", "kd"):
         done = json.loads((out / stage / "done.json").read_text())
-        assert done["steps"] > 0 and done["final_loss"] == done["final_loss"]  # finite, not NaN
+        assert done["steps"] > 0 and math.isfinite(done["final_loss"])
     pipe = load_run(out)
     assert pipe.student_cfg and pipe.sparse and pipe.guidance_scale == 2.0
     prompts = ["red circle left", "blue square up"]

@@ -103,7 +103,7 @@ def test_resume_keeps_the_fitted_count_and_matches_an_uninterrupted_run(setup, t
         assert torch.equal(a, b), k
 
 
-def test_no_step_count_and_no_time_box_is_refused(setup, tmp_path, capsys):
+def test_no_step_count_and_no_time_box_is_refused(setup, tmp_path):
     student = copy.deepcopy(setup[0].transformer)
     with pytest.raises(ValueError, match="no time box"):
         _trainer(setup, tmp_path, student, max_seconds=0.0)

@@ -81,12 +81,12 @@ def _segment_check(run: Path, S: int, device: str, prompts: int = 16) -> None:
     """The per-segment diagnostic of a finished MLCD stage, into ``RUN/mlcd/segments.json`` (printed too)."""
     from .adapter import load_adapter
     from .schedule import FewStepSchedule
-    from .segments import _load_student, format_rows, segment_errors
+    from .segments import load_student, format_rows, segment_errors
 
     cfg = json.loads((run / "config.json").read_text())
     adapter = load_adapter(cfg["model"], device=device)
     schedule = FewStepSchedule.from_adapter(adapter, cfg["teacher_steps"], S)
-    rows = segment_errors(adapter, _load_student(adapter, run), schedule, adapter.sample_prompts(prompts, 4242), 0,
+    rows = segment_errors(adapter, load_student(adapter, run), schedule, adapter.sample_prompts(prompts, 4242), 0,
                           guidance=cfg.get("guidance_scale"), device=device, student_cfg=bool(cfg.get("student_cfg", False)))
     (run / "mlcd" / "segments.json").write_text(json.dumps(rows, indent=1) + "\n")
     print(f"{run.name} per-segment jump error:\n{format_rows(rows)}", flush=True)

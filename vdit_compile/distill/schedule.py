@@ -91,16 +91,6 @@ def _timestep(t: float, batch: int, device) -> torch.Tensor:
     return torch.full((batch,), float(t), device=device)
 
 
-def cfg_velocity(adapter, transformer, x, t: float, cond, uncond, guidance: float) -> torch.Tensor:
-    """Classifier-free-guided velocity ``u + w (c - u)`` in one batched call (``guidance == 1``: conditional only)."""
-    B = x.shape[0]
-    if guidance == 1.0 or uncond is None:
-        return adapter.velocity(transformer, x, _timestep(t, B, x.device), cond).float()
-    v = adapter.velocity(transformer, torch.cat([x, x]), _timestep(t, 2 * B, x.device), torch.cat([cond, uncond])).float()
-    vc, vu = v.chunk(2)
-    return vu + guidance * (vc - vu)
-
-
 def student_guidance(cfg, adapter) -> float | None:
     """The CFG scale the student applies itself (``--student-cfg``), or ``None`` when guidance is baked in."""
     if not getattr(cfg, "student_cfg", False):
@@ -133,6 +123,13 @@ def student_velocity(adapter, transformer, x, t: torch.Tensor, cond, guidance: f
     v = adapter.velocity(transformer, torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond])).float()
     vc, vu = v.chunk(2)
     return vu + guidance * (vc - vu)
+
+
+def cfg_velocity(adapter, transformer, x, t: float, cond, uncond, guidance: float) -> torch.Tensor:
+    """The teacher's guided velocity at one timestep ``t`` for the whole batch (``guidance == 1`` or no
+    ``uncond``: conditional only): :func:`student_velocity` with a scalar timestep."""
+    g = None if guidance == 1.0 or uncond is None else guidance
+    return student_velocity(adapter, transformer, x, _timestep(t, x.shape[0], x.device), cond, g, uncond)
 
 
 @torch.no_grad()

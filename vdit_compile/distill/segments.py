@@ -66,7 +66,7 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _load_student(adapter, path: Path) -> torch.nn.Module:
+def load_student(adapter, path: Path) -> torch.nn.Module:
     """A run directory (its dense MLCD weights) or a ``.safetensors`` file of the transformer."""
     from .stages import load_weights
 
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
 
     adapter = load_adapter(a.model, device=a.device)
     schedule = FewStepSchedule.from_adapter(adapter, a.teacher_steps, a.segments)
-    student = _load_student(adapter, Path(a.weights))
+    student = load_student(adapter, Path(a.weights))
     run_cfg = Path(a.weights) / "config.json"
     student_cfg = run_cfg.is_file() and bool(json.loads(run_cfg.read_text()).get("student_cfg", False))
     if a.student_cfg is not None:

@@ -225,8 +225,9 @@ class StageTrainer:
         per = B // self.world
         lo, hi = self.rank * per, (self.rank + 1) * per
         self._calib_mark = None
-        bar = tqdm(total=None if self.auto_total and not self.decay_total else self.total, initial=self.step, desc=self.stage, unit="step", disable=not progress or self.rank != 0,
-                   dynamic_ncols=True)
+        known = not self.auto_total or self.decay_total  # the bar has no total until the time box is fitted
+        bar = tqdm(total=self.total if known else None, initial=self.step, desc=self.stage, unit="step",
+                   disable=not progress or self.rank != 0, dynamic_ncols=True)
         self.model.train()
         with SignalFlag() as flag:
             while self.step < self.total:
