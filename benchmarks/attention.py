@@ -270,18 +270,20 @@ def tune(names: list[str], sink, mask_name: str = "g1w0", table_path: str | None
         results.append(row)
         sink(row)
 
-    # 8-warp tiles included: Triton 3.6's sm_90 compile report shows far fewer spills for them at D=128
-    fwd_cands = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 4), (256, 64, 8, 3), (128, 128, 8, 2),
-                 (64, 64, 4, 4)]
-    # TMA stages K/V tiles in shared memory (num_stages deep), so big tiles with 3 stages may not fit at D=128
-    tma_cands = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (256, 64, 8, 3), (256, 64, 8, 2), (128, 64, 4, 3),
-                 (64, 64, 4, 4)]
-    # fifth number = register cap (maxnreg): at D = 128 the Triton 3.6 compile report gives the TMA 128x64/8w/2st tile
-    # 2 CTAs per SM at 128 registers (38/32 LDL/STL) instead of 1 at 210 (benchmarks/compile_report.py)
-    fwd_cands += [(128, 64, 8, 2, 128), (64, 64, 4, 3, 168)]
-    tma_cands += [(128, 64, 8, 2, 128), (128, 64, 8, 3, 168), (64, 64, 4, 3, 168)]
-    dkdv_cands = [(64, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)]
-    dq_cands = [(64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 4, 3)]
+    # Candidates: the rows of earlier sweeps that came within ~10% of a winner (runs 3, 4, 6 in BENCHMARKS.md), plus
+    # register-capped rows (fifth number = maxnreg).  Why the caps: every uncapped row sits at 255 registers, which
+    # leaves 8 warps per SM; Triton 3.6's sm_90 compile report (benchmarks/compile_report.py, no device) gives the
+    # capped rows below 2-4 CTAs per SM with few spills (e.g. TMA 128x64/8w/2st at 128 regs: 38/32 LDL/STL at
+    # D = 128, none at D = 64; dq 64x32/4w/3st at 128: 4 CTAs, 18/18 LDL/STL at D = 64).
+    fwd_cands = [(128, 64, 4, 3), (128, 64, 8, 3), (256, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2, 128),
+                 (128, 64, 8, 3, 128)]
+    # TMA stages K/V tiles in shared memory (num_stages deep): 128x128/8w/3st does not fit at D = 128
+    tma_cands = [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 2, 128),
+                 (128, 64, 8, 3, 128), (64, 64, 4, 4, 128)]
+    dkdv_cands = [(64, 64, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 3, 128), (32, 64, 4, 3, 168),
+                  (64, 64, 4, 3, 168)]
+    dq_cands = [(64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3, 128), (64, 32, 4, 3, 168),
+                (64, 64, 8, 2, 128)]
     sweeps = {"fwd": fwd_cands, "dkdv": dkdv_cands, "dq": dq_cands}
     if torch.cuda.get_device_capability()[0] >= 9:
         sweeps.update(fwd_tma=tma_cands, fwd_tma_ws=tma_cands)

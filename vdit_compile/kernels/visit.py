@@ -126,28 +126,25 @@ def block_classes(ext: torch.Tensor, qside: Side, kside: Side, block_q: int, blo
 
 
 def csr_from_blocks(keep: torch.Tensor, partial: torch.Tensor, block_rows: int, block_cols: int) -> VisitList:
-    """Pack ``(Hp, R, C)`` block classes into CSR rows, unmasked entries first."""
+    """Pack ``(Hp, R, C)`` block classes into CSR rows, unmasked entries first.
+
+    One ``nonzero`` over ``[fully kept | partial]`` laid side by side (``R x 2C`` per pattern) yields every
+    row's entries already in CSR order -- its fully kept columns, then its partial ones -- so no scatter or
+    sort is needed.  Why: on the GPU each op costs a launch and ``nonzero`` a host sync, and the build time
+    (BENCHMARKS.md: up to 16.6 ms for all three lists with two ``nonzero`` per list) follows the op count.
+    """
     hp, R, C = keep.shape
     dev = keep.device
-    full = (keep & ~partial).reshape(hp * R, C)
-    part = partial.reshape(hp * R, C)
-    nfull, npart = full.sum(1), part.sum(1)
-    offsets = torch.zeros(hp * R + 1, dtype=torch.int64, device=dev)
-    offsets[1:] = (nfull + npart).cumsum(0)
-    fr, fc = full.nonzero(as_tuple=True)
-    pr, pc = part.nonzero(as_tuple=True)
-    start_f = nfull.cumsum(0) - nfull
-    start_p = npart.cumsum(0) - npart
-    pos_f = offsets[fr] + torch.arange(fr.numel(), device=dev) - start_f[fr]
-    pos_p = offsets[pr] + nfull[pr] + torch.arange(pr.numel(), device=dev) - start_p[pr]
-    nnz = fr.numel() + pr.numel()
-    cols = torch.empty(nnz, dtype=torch.int32, device=dev)
-    needs = torch.empty(nnz, dtype=torch.bool, device=dev)
-    cols[pos_f], cols[pos_p] = fc.to(torch.int32), pc.to(torch.int32)
-    needs[pos_f], needs[pos_p] = False, True
-    work = (nfull + npart).view(hp, R)
-    order = torch.argsort(work, dim=1, descending=True, stable=True).to(torch.int32)
-    return VisitList(offsets.to(torch.int32), nfull.to(torch.int32), cols, needs, order.contiguous(), R, C, block_rows, block_cols)
+    both = torch.cat(((keep & ~partial), partial), dim=2).reshape(hp * R, 2 * C)
+    idx = both.nonzero(as_tuple=True)[1]
+    per_row = both.sum(1)
+    offsets = torch.zeros(hp * R + 1, dtype=torch.int32, device=dev)
+    offsets[1:] = per_row.cumsum(0)
+    nfull = both[:, :C].sum(1, dtype=torch.int32)
+    needs = idx >= C
+    cols = torch.where(needs, idx - C, idx).to(torch.int32)
+    order = torch.argsort(per_row.view(hp, R), dim=1, descending=True, stable=True).to(torch.int32)
+    return VisitList(offsets, nfull, cols, needs, order.contiguous(), R, C, block_rows, block_cols)
 
 
 @dataclass
