@@ -180,8 +180,9 @@ def test_fwd_tma_config_row(monkeypatch):
 
 
 def test_table_row_decides_tma_where_it_fits(monkeypatch, tmp_path):
-    """Where TMA could run, the automatic choice follows the row's ``tma_max_kept`` (D = 128 on sm90: sparse only)."""
+    """Where TMA could run, the automatic choice follows the row's ``tma_max_kept`` (every sm90 row: always)."""
     import json
+    from dataclasses import replace
 
     import torch
 
@@ -195,10 +196,12 @@ def test_table_row_decides_tma_where_it_fits(monkeypatch, tmp_path):
     x = torch.randn(1, 2, 40, 32, dtype=torch.float16)
     assert tat.forward_path(x, x, x, configs.TABLE[("sm90", 64)]) == "tma"
     assert tat.forward_path(x, x, x, configs.TABLE[("sm90", 64)], kept=1.0) == "tma"
-    assert tat.forward_path(x, x, x, configs.TABLE[("sm90", 128)]) == "portable"          # dense: portable won
-    assert tat.forward_path(x, x, x, configs.TABLE[("sm90", 128)], kept=0.14) == "tma"    # sparse: TMA won
+    assert tat.forward_path(x, x, x, configs.TABLE[("sm90", 128)]) == "tma"  # run 7: capped TMA won dense too
+    half = replace(configs.TABLE[("sm90", 128)], tma_max_kept=0.5)
+    assert tat.forward_path(x, x, x, half) == "portable"          # denser than the row allows
+    assert tat.forward_path(x, x, x, half, kept=0.14) == "tma"
     monkeypatch.setenv("VDIT_KERNEL_PATH", "tma")  # forcing still takes it
-    assert tat.forward_path(x, x, x, configs.TABLE[("sm90", 128)]) == "tma"
+    assert tat.forward_path(x, x, x, half) == "tma"
     # a VDIT_TILE_TABLE file can carry the flag too
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"128": {"fwd": [64, 64, 4, 3], "dkdv": [64, 64, 4, 3], "dq": [64, 64, 4, 3], "tma_max_kept": 0.25}}))

@@ -2,8 +2,8 @@
 
 Why a table: the visit lists depend on the block shape, so autotuning would rebuild them
 per candidate and pick a winner on whatever shape came first (often a tiny test).  The
-sm90 rows were chosen by ``python benchmarks/attention.py --tune`` on an H100 (see
-BENCHMARKS.md for the sweep and date); the sm80 rows are conservative shapes that fit the
+sm90 rows were chosen by ``python benchmarks/attention.py --tune`` on an H100 and then an H200 (see
+BENCHMARKS.md for the sweeps and dates); the sm80 rows are conservative shapes that fit the
 smaller shared memory of A100/4090-class parts (untuned: no such GPU was available).
 ``VDIT_TILE_CONFIG="fwd=128,64,4,3;dkdv=64,64,4,3;dq=64,64,4,3"`` overrides every head dim
 (``fwd_tma=...`` the TMA forward's row, which defaults to ``fwd``);
@@ -24,10 +24,10 @@ class TileConfig:
     block_n: int  # key tokens per block
     num_warps: int
     num_stages: int
-    #: register cap per thread (Triton's ``maxnreg``; 0: the compiler's choice).  Why: every forward row sits at
-    #: the 255-register cap, which leaves one 8-warp CTA per SM at D = 128 and nothing to overlap its softmax
-    #: with (BENCHMARKS.md item 2); a cap of 128 buys a second CTA at the price of some spills.  Swept on an H200
-    #: (run 6): 128x64/8w/2st capped at 128 was 13-14% faster at D = 128; not in the table until the GPU tests run it.
+    #: register cap per thread (Triton's ``maxnreg``; 0: the compiler's choice).  Why: uncapped, every forward row
+    #: sits at the 255-register cap, which leaves one 8-warp CTA per SM at D = 128 and nothing to overlap its
+    #: softmax with (BENCHMARKS.md item 2); a cap of 128 buys a second CTA at the price of a few spills (run 7 on an
+    #: H200: 11-12% faster at D = 128, the dense mask 0.75x -> 0.88x of cuDNN).
     maxnreg: int = 0
 
     def launch(self) -> dict:
@@ -46,8 +46,9 @@ class KernelConfigs:
     #: TMA loads change what fits (no pointer registers, staged tiles in shared memory); untuned so far.
     fwd_tma: TileConfig | None = None
     #: the automatic choice takes the TMA forward at this head dim only for masks keeping at most this share
-    #: of the score matrix (forcing TMA still works): 1.0 always, 0.0 never.  Measured per bucket on the H100
-    #: (BENCHMARKS.md, run 4): at D = 128 TMA won on the sparse masks and lost on the dense one.
+    #: of the score matrix (forcing TMA still works): 1.0 always, 0.0 never.  Why it exists: with the uncapped
+    #: rows of run 4 (H100) TMA won on the sparse masks and lost on the dense one at D = 128; with the capped rows
+    #: of run 7 (H200) it wins both, so every table row is 1.0 now.
     tma_max_kept: float = 1.0
 
     @property
@@ -61,7 +62,7 @@ def _c(*a):
 
 # (arch, head-dim bucket) -> configs.  Head-dim bucket: 64 (<= 64), 96 (<= 96), 128 (<= 256).
 TABLE = {
-    # H100, 2026-11-25 (BENCHMARKS.md): D=96 from the osp-29f g1w0 sweep (fwd 128x64/4w/3st 6.85 ms vs
+    # History first (H100, 2026-11-25; the H200 rows below replaced them where they say so). D=96 from the osp-29f g1w0 sweep (fwd 128x64/4w/3st 6.85 ms vs
     # 128x128/8w/3st 7.99 ms; backward 64x64/4w/3st). D=128 from the wan14b-81f g1w0 sweep of 12:37 UTC:
     # fwd 256x64/8w/3st 40.9 ms (128x64/4w/3st, the old row, 56.6 ms: it spilled), dk/dv 32x64/4w/3st 134.2 ms
     # (was 150.4), dq 64x32/4w/3st 143.0 ms (was 149.7). D=64 from the cogvideox5b-49f g1w0 sweep: fwd and dk/dv
@@ -72,10 +73,19 @@ TABLE = {
     # beat it at D=128 on the dense masks (wan 264.7 vs 276.5 ms, hunyuan 393.9 vs 422.2 ms) while TMA won 3 of 4
     # sparse cases (hunyuan g0w0 20.97 vs 23.02, g1w0 43.28 vs 45.66, wan g1w0 40.85 vs 41.50; lost wan g0w0 15.28
     # vs 14.67 ms): D=128 takes TMA only for masks keeping <= half of the scores.
-    ("sm90", 64): KernelConfigs(fwd=_c(128, 64, 4, 3), dkdv=_c(64, 64, 4, 3), dq=_c(64, 32, 4, 3), fwd_tma=_c(64, 64, 4, 4)),
-    ("sm90", 96): KernelConfigs(fwd=_c(128, 64, 4, 3), dkdv=_c(64, 64, 4, 3), dq=_c(64, 64, 4, 3)),
-    ("sm90", 128): KernelConfigs(fwd=_c(256, 64, 8, 3), dkdv=_c(32, 64, 4, 3), dq=_c(64, 32, 4, 3),
-                                 fwd_tma=_c(128, 128, 8, 2), tma_max_kept=0.5),
+    # H200, 2026-12-03 (run 7, `--tune --tune-kinds fwd fwd_tma dkdv dq`, g1w0): register caps (fifth number).
+    # D=128: fwd and fwd_tma 128x64/8w/2st capped at 128 registers (2 CTAs per SM): portable 37.13 ms vs 41.78 for the
+    # old 256x64/8w/3st row, TMA 36.08 vs 41.15 for the old 128x128/8w/2st; the capped TMA row also beat the portable
+    # one on the dense mask (wan14b 229.3 vs 235.4 ms), so D=128 now takes TMA for every mask (tma_max_kept 1.0).
+    # D=64: dk/dv 32x64/4w/3st capped 128 8.79 ms (64x64/4w/3st 9.15), dq 64x32/4w/3st capped 128 9.11 (uncapped 9.13,
+    # level); TMA forward keeps 64x64/4w/4st (3.39 ms; capped 3.50). D=96: TMA (and portable) forward 128x64/8w/3st
+    # capped 128, 6.39 ms (128x64/4w/3st 6.59); backward rows unchanged (capped ones 2-60% slower).
+    ("sm90", 64): KernelConfigs(fwd=_c(128, 64, 8, 2, 128), dkdv=_c(32, 64, 4, 3, 128), dq=_c(64, 32, 4, 3, 128),
+                                fwd_tma=_c(64, 64, 4, 4)),
+    ("sm90", 96): KernelConfigs(fwd=_c(128, 64, 8, 3, 128), dkdv=_c(64, 64, 4, 3), dq=_c(64, 64, 4, 3),
+                                fwd_tma=_c(128, 64, 8, 3, 128)),
+    ("sm90", 128): KernelConfigs(fwd=_c(128, 64, 8, 2, 128), dkdv=_c(32, 64, 4, 3), dq=_c(64, 32, 4, 3),
+                                 fwd_tma=_c(128, 64, 8, 2, 128)),
     # sm80 (A100 164 KB / 4090 100 KB shared memory): untuned, sized to fit 100 KB.
     ("sm80", 64): KernelConfigs(fwd=_c(128, 64, 4, 2), dkdv=_c(64, 64, 4, 2), dq=_c(64, 64, 4, 2)),
     ("sm80", 96): KernelConfigs(fwd=_c(128, 64, 4, 2), dkdv=_c(64, 64, 4, 2), dq=_c(64, 64, 4, 2)),

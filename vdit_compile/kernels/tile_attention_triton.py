@@ -148,8 +148,9 @@ def forward_path(q, k, v, cfgs: KernelConfigs | None = None, kept: float = 1.0) 
     """``"tma"`` or ``"portable"``: which forward kernel :func:`attention_forward` runs for these inputs.
 
     Automatic: TMA on a real sm90+ GPU when the tensors fit TMA's rules and the mask keeps at most the
-    row's ``tma_max_kept`` share of the scores (``kept``: the largest per-head kept fraction; TMA lost on
-    dense masks at D = 128); never under the interpreter;
+    row's ``tma_max_kept`` share of the scores (``kept``: the largest per-head kept fraction; the uncapped
+    D = 128 rows of run 4 lost on dense masks, the capped rows of run 7 do not, so every row says 1.0 now);
+    never under the interpreter;
     ``VDIT_KERNEL_PATH`` = ``portable`` / ``tma`` overrides (``tma`` raises where it cannot run).
     """
     want = os.environ.get("VDIT_KERNEL_PATH", "").strip().lower() or "auto"
