@@ -44,6 +44,9 @@ def _cases():
              dict(heads=2, head_dim=32, dtype=f32, tol=t32)),
             ("D=48 padded to 64 (pad mode)", *sq(TokenLayout(2, 9, 1, text_suffix=3), [TileMask(0, 0)]),
              dict(heads=1, head_dim=48, dtype=f32, tol=t32, d_mode="pad")),
+            # P = 40: every block of all three kernels spans at most two segments -> the four-load mask lookup
+            ("frames >= every block, prefix+suffix", *sq(TokenLayout(3, 5, 8, 7, 5), [TileMask(1, 0), TileMask(0, 1)]),
+             dict(heads=2, head_dim=32, dtype=f32, tol=t32)),
             ("rectangular random mask", Side(37, 2, 5, 7), Side(29, 0, 3, 9),
              torch.tensor([[1, 0, 0], [0, 1, 0], [1, 0, 1], [0, 0, 1], [1, 1, 0]], dtype=torch.bool)[None],
              dict(heads=2, head_dim=32, dtype=f32, tol=t32)),
@@ -54,6 +57,8 @@ def _cases():
              dict(heads=2, head_dim=64, dtype=f16, tol=t16, grad_tol=g16)),
             ("dense mask, bigger tiles", *sq(TokenLayout(3, 7, 1, 2, 3), [TileMask(dense=True)]),
              dict(heads=1, head_dim=32, batch=2, dtype=f16, tol=t16, grad_tol=g16, configs=big)),
+            ("frames >= every block, prefix+suffix", *sq(TokenLayout(3, 5, 8, 7, 5), [TileMask(0, 0), TileMask(1, 1)]),
+             dict(heads=2, head_dim=32, dtype=f16, tol=t16, grad_tol=g16)),
             ("(B,L,H,D) strided view", *sq(TokenLayout(3, 6, 1, text_prefix=5), [TileMask(1, 0), TileMask(0, 1)]),
              dict(heads=2, head_dim=32, dtype=f16, tol=t16, grad_tol=g16, blhd=True, configs=INTERPRET)),
         ],
@@ -114,6 +119,12 @@ def _run_group(group: str) -> None:
     if dtype_group == "fp32":
         _op_path_case()
         print("ok op path", flush=True)
+        # the same two-segment layout with the per-element gather forced: both lookups must agree with the oracle
+        os.environ["VDIT_MASK_GATHER"] = "1"
+        name, qs, ks, fm, kw = next(c for c in _cases()["fp32"] if c[0].startswith("frames >= every block"))
+        errs = check_case(qs, ks, fm, seed=7, **kw)
+        del os.environ["VDIT_MASK_GATHER"]
+        print(f"ok {group} {name}, gather forced: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
     if group == "tma_fp16":
         _tma_rules_case()
         print("ok tma rules", flush=True)
@@ -131,7 +142,7 @@ def test_kernels_under_interpreter(group):
         env["VDIT_KERNEL_PATH"] = "tma"
     r = subprocess.run([sys.executable, __file__, group], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"interpreter group {group} failed:\n{r.stdout}\n{r.stderr[-6000:]}"
-    assert r.stdout.count("ok ") == len(_cases()[group.removeprefix("tma_")]) + group.endswith("fp32") + (group == "tma_fp16"), r.stdout
+    assert r.stdout.count("ok ") == len(_cases()[group.removeprefix("tma_")]) + 2 * group.endswith("fp32") + (group == "tma_fp16"), r.stdout
 
 
 def test_forward_path_selection_without_gpu(monkeypatch):
@@ -152,6 +163,24 @@ def test_forward_path_selection_without_gpu(monkeypatch):
     monkeypatch.setenv("VDIT_KERNEL_PATH", "fast")
     with pytest.raises(ValueError, match="VDIT_KERNEL_PATH"):
         tat.forward_path(x, x, x)
+
+
+def test_two_segment_rule(monkeypatch):
+    """The four-load mask lookup is chosen exactly when frames are at least a block long on both sides."""
+    from vdit_compile import TokenLayout
+    from vdit_compile.kernels.tile_attention_triton import two_segment_blocks
+    from vdit_compile.kernels.visit import Side, tile_plan
+    from vdit_compile.masks.tile import TileMask
+
+    monkeypatch.delenv("VDIT_MASK_GATHER", raising=False)
+    side = Side.of(TokenLayout(3, 5, 8, 7, 5))  # P = 40
+    plan = tile_plan(side, side, TileMask(1, 0).frame_mask(3)[None], 1, "cpu")
+    assert two_segment_blocks(plan, 32, 40) and not two_segment_blocks(plan, 64, 32) and not two_segment_blocks(plan, 32, 41)
+    short = Side(30, 0, 3, 10)
+    rect = tile_plan(side, short, TileMask(0, 0).frame_mask(3)[None], 1, "cpu")  # queries P = 40, keys P = 10
+    assert two_segment_blocks(rect, 32, 8) and not two_segment_blocks(rect, 32, 16)
+    monkeypatch.setenv("VDIT_MASK_GATHER", "1")
+    assert not two_segment_blocks(plan, 16, 16)
 
 
 def test_register_cap_is_a_launch_option_and_an_override_field(monkeypatch):

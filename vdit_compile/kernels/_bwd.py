@@ -9,7 +9,7 @@ returned LSE in (ring / sequence-parallel merges differentiate through it).
 import triton
 import triton.language as tl
 
-from ._fwd import _load_rows, _segments
+from ._fwd import _load_rows, _segments, _tile_keep
 
 
 @triton.jit
@@ -43,13 +43,13 @@ def _lse2(lse):
 
 @triton.jit
 def _dkdv_inner(
-    dk0, dk1, dv0, dv1, k0, k1, v0, v1, segk, n_ok,
+    dk0, dk1, dv0, dv1, k0, k1, v0, v1, segk, segk0, n_ok,
     q_base, do_base, stride_ql, stride_dol, lse_base, delta_base,
     Cols, emask_base, lo, hi,
     Lq, q_pre, q_P, q_vid_end, nseg_q, nseg_k, qk_scale,
     d0, d0_ok, d1, d1_ok,
     HEAD_D: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
-    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, TWO_SEG: tl.constexpr,
 ):
     offs_m0 = tl.arange(0, BLOCK_M)
     for it in range(lo, hi):
@@ -70,7 +70,8 @@ def _dkdv_inner(
         pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
         if MASKED:
             segq = _segments(offs_m, q_pre, q_P, q_vid_end, nseg_q)
-            keep = tl.load(emask_base + segq[None, :] * nseg_k + segk[:, None]) != 0
+            segq0 = _segments(qb * BLOCK_M, q_pre, q_P, q_vid_end, nseg_q)
+            keep = _tile_keep(segk, segq, segk0, segq0, emask_base, 1, nseg_k, nseg_k - 1, nseg_q - 1, TWO_SEG)
             keep = keep & m_ok[None, :] & n_ok[:, None]
             pT = tl.where(keep, pT, 0.0)
         do0 = _load_rows(do_base, offs_m, stride_dol, d0, m_ok, d0_ok, MASKED, BD0 > HEAD_D)
@@ -102,7 +103,7 @@ def tile_dkdv_kernel(
     k_pre, k_P, k_vid_end, nseg_k,
     qk_scale, sm_scale,
     HEAD_D: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, TWO_SEG: tl.constexpr = False,
 ):
     """One program per (key block, batch x head); rows of the visit list are key blocks."""
     pid = tl.program_id(0)
@@ -139,20 +140,21 @@ def tile_dkdv_kernel(
     else:
         k1, v1, dk1, dv1 = k0, v0, dk0, dv0  # unused: no second part
     segk = _segments(offs_n, k_pre, k_P, k_vid_end, nseg_k)
+    segk0 = _segments(kb * BLOCK_N, k_pre, k_P, k_vid_end, nseg_k)
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
     lse_base = LSE + bh.to(tl.int64) * Lq
     delta_base = Delta + bh.to(tl.int64) * Lq
     emask_base = EMask + pat * nseg_q * nseg_k
     dk0, dk1, dv0, dv1 = _dkdv_inner(
-        dk0, dk1, dv0, dv1, k0, k1, v0, v1, segk, n_ok, q_base, do_base, stride_ql, stride_dol,
+        dk0, dk1, dv0, dv1, k0, k1, v0, v1, segk, segk0, n_ok, q_base, do_base, stride_ql, stride_dol,
         lse_base, delta_base, Cols, emask_base, start, mid, Lq, q_pre, q_P, q_vid_end, nseg_q, nseg_k,
-        qk_scale, d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_M, False, DOT_PREC,
+        qk_scale, d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_M, False, DOT_PREC, TWO_SEG,
     )
     dk0, dk1, dv0, dv1 = _dkdv_inner(
-        dk0, dk1, dv0, dv1, k0, k1, v0, v1, segk, n_ok, q_base, do_base, stride_ql, stride_dol,
+        dk0, dk1, dv0, dv1, k0, k1, v0, v1, segk, segk0, n_ok, q_base, do_base, stride_ql, stride_dol,
         lse_base, delta_base, Cols, emask_base, mid, end, Lq, q_pre, q_P, q_vid_end, nseg_q, nseg_k,
-        qk_scale, d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_M, True, DOT_PREC,
+        qk_scale, d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_M, True, DOT_PREC, TWO_SEG,
     )
     dk_base = DK + b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh
     dv_base = DV + b.to(tl.int64) * stride_dvb + h.to(tl.int64) * stride_dvh
@@ -167,13 +169,13 @@ def tile_dkdv_kernel(
 
 @triton.jit
 def _dq_inner(
-    dq0, dq1, q0, q1, do0, do1, lse2, delta, segq,
+    dq0, dq1, q0, q1, do0, do1, lse2, delta, segq, segq0,
     k_base, v_base, stride_kl, stride_vl,
     Cols, emask_base, lo, hi,
-    Lk, k_pre, k_P, k_vid_end, nseg_k, qk_scale,
+    Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, qk_scale,
     d0, d0_ok, d1, d1_ok,
     HEAD_D: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, TWO_SEG: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     for it in range(lo, hi):
@@ -192,7 +194,8 @@ def _dq_inner(
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASKED:
             segk = _segments(offs_n, k_pre, k_P, k_vid_end, nseg_k)
-            keep = tl.load(emask_base + segq[:, None] * nseg_k + segk[None, :]) != 0
+            segk0 = _segments(kb * BLOCK_N, k_pre, k_P, k_vid_end, nseg_k)
+            keep = _tile_keep(segq, segk, segq0, segk0, emask_base, nseg_k, 1, nseg_q - 1, nseg_k - 1, TWO_SEG)
             p = tl.where(keep & n_ok[None, :], p, 0.0)
         ds = (p * (dp - delta[:, None])).to(k0.dtype)
         dq0 = tl.dot(ds, k0, dq0, input_precision=DOT_PREC)
@@ -215,7 +218,7 @@ def tile_dq_kernel(
     k_pre, k_P, k_vid_end, nseg_k,
     qk_scale, sm_scale,
     HEAD_D: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, TWO_SEG: tl.constexpr = False,
 ):
     """One program per (query block, batch x head), walking the forward's kept key blocks."""
     pid = tl.program_id(0)
@@ -253,18 +256,19 @@ def tile_dq_kernel(
     lse2 = _lse2(tl.load(LSE + rows, mask=m_ok, other=0.0))
     delta = tl.load(Delta + rows, mask=m_ok, other=0.0)
     segq = _segments(offs_m, q_pre, q_P, q_vid_end, nseg_q)
+    segq0 = _segments(qb * BLOCK_M, q_pre, q_P, q_vid_end, nseg_q)
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     emask_base = EMask + pat * nseg_q * nseg_k
     dq0, dq1 = _dq_inner(
-        dq0, dq1, q0, q1, do0, do1, lse2, delta, segq, k_base, v_base, stride_kl, stride_vl,
-        Cols, emask_base, start, mid, Lk, k_pre, k_P, k_vid_end, nseg_k, qk_scale,
-        d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_N, False, DOT_PREC,
+        dq0, dq1, q0, q1, do0, do1, lse2, delta, segq, segq0, k_base, v_base, stride_kl, stride_vl,
+        Cols, emask_base, start, mid, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, qk_scale,
+        d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_N, False, DOT_PREC, TWO_SEG,
     )
     dq0, dq1 = _dq_inner(
-        dq0, dq1, q0, q1, do0, do1, lse2, delta, segq, k_base, v_base, stride_kl, stride_vl,
-        Cols, emask_base, mid, end, Lk, k_pre, k_P, k_vid_end, nseg_k, qk_scale,
-        d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_N, True, DOT_PREC,
+        dq0, dq1, q0, q1, do0, do1, lse2, delta, segq, segq0, k_base, v_base, stride_kl, stride_vl,
+        Cols, emask_base, mid, end, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, qk_scale,
+        d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_N, True, DOT_PREC, TWO_SEG,
     )
     dq_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
     tl.store(dq_base + offs_m[:, None] * stride_dql + d0[None, :], (dq0 * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d0_ok[None, :])

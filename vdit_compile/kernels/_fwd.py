@@ -36,15 +36,42 @@ def _load_rows(base, rows, stride_row, cols, row_ok, col_ok, ROW_MASK: tl.conste
 
 
 @triton.jit
-def _softmax_step(qk, m_i, l_i, segq, offs_n, n_ok, emask_base, k_pre, k_P, k_vid_end, nseg_k, qk_scale,
-                  MASKED: tl.constexpr):
+def _tile_keep(seg_r, seg_c, r0, c0, emask_base, stride_r, stride_c, max_r, max_c, TWO_SEG: tl.constexpr):
+    """``keep[i, j] = E[seg_r[i], seg_c[j]] != 0`` for one block pair (shared with the backward kernels).
+
+    ``r0`` / ``c0``: segment of the block's first row / column; ``max_r`` / ``max_c``: the last segment id.
+    ``TWO_SEG`` (the launcher sets it when every frame is at least as long as the block on both sides, so a
+    block spans at most two consecutive segments): four scalar loads of ``E`` and one select per element.
+    Otherwise one gather from ``E`` per element.  Why: the gather was a third of the forward's time where
+    boundary blocks are common (CogVideoX g0w0 on an H200, ``benchmarks/kernel_anatomy.py``, BENCHMARKS.md).
+    """
+    if TWO_SEG:
+        r1 = tl.minimum(r0 + 1, max_r)
+        c1 = tl.minimum(c0 + 1, max_c)
+        e00 = tl.load(emask_base + r0 * stride_r + c0 * stride_c) != 0
+        e01 = tl.load(emask_base + r0 * stride_r + c1 * stride_c) != 0
+        e10 = tl.load(emask_base + r1 * stride_r + c0 * stride_c) != 0
+        e11 = tl.load(emask_base + r1 * stride_r + c1 * stride_c) != 0
+        second_r = seg_r > r0
+        keep_first_c = tl.where(second_r, e10, e00)
+        keep_second_c = tl.where(second_r, e11, e01)
+        return tl.where((seg_c > c0)[None, :], keep_second_c[:, None], keep_first_c[:, None])
+    else:
+        return tl.load(emask_base + seg_r[:, None] * stride_r + seg_c[None, :] * stride_c) != 0
+
+
+@triton.jit
+def _softmax_step(qk, m_i, l_i, segq, segq0, offs_n, n_start, n_ok, emask_base, k_pre, k_P, k_vid_end, nseg_q, nseg_k,
+                  qk_scale, MASKED: tl.constexpr, TWO_SEG: tl.constexpr):
     """Online-softmax update for one key block: ``(p, alpha, l_i, m_new)`` (shared with :mod:`._fwd_tma`).
 
-    Masked blocks gather ``E[seg(q), seg(k)]`` and drop keys past the end; unmasked ones skip both.
+    Masked blocks look up ``E[seg(q), seg(k)]`` (:func:`_tile_keep`) and drop keys past the end; unmasked ones
+    skip both.  ``segq0``: segment of the block's first query; ``n_start``: its first key.
     """
     if MASKED:
         segk = _segments(offs_n, k_pre, k_P, k_vid_end, nseg_k)
-        keep = tl.load(emask_base + segq[:, None] * nseg_k + segk[None, :]) != 0
+        segk0 = _segments(n_start, k_pre, k_P, k_vid_end, nseg_k)
+        keep = _tile_keep(segq, segk, segq0, segk0, emask_base, nseg_k, 1, nseg_q - 1, nseg_k - 1, TWO_SEG)
         keep = keep & n_ok[None, :]
         qk = tl.where(keep, qk * qk_scale, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
@@ -60,13 +87,13 @@ def _softmax_step(qk, m_i, l_i, segq, offs_n, n_ok, emask_base, k_pre, k_P, k_vi
 
 @triton.jit
 def _fwd_inner(
-    acc0, acc1, l_i, m_i, q0, q1, segq,
+    acc0, acc1, l_i, m_i, q0, q1, segq, segq0,
     k_base, v_base, stride_kl, stride_vl,
     Cols, emask_base, lo, hi,
-    Lk, k_pre, k_P, k_vid_end, nseg_k, qk_scale,
+    Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, qk_scale,
     d0, d0_ok, d1, d1_ok,
     HEAD_D: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, TWO_SEG: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     for it in range(lo, hi):
@@ -78,8 +105,8 @@ def _fwd_inner(
         if BD1 > 0:
             k1 = _load_rows(k_base, offs_n, stride_kl, d1, n_ok, d1_ok, MASKED, BD0 + BD1 > HEAD_D)
             qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
-        p, alpha, l_i, m_ij = _softmax_step(qk, m_i, l_i, segq, offs_n, n_ok, emask_base, k_pre, k_P, k_vid_end,
-                                             nseg_k, qk_scale, MASKED)
+        p, alpha, l_i, m_ij = _softmax_step(qk, m_i, l_i, segq, segq0, offs_n, kb * BLOCK_N, n_ok, emask_base, k_pre,
+                                             k_P, k_vid_end, nseg_q, nseg_k, qk_scale, MASKED, TWO_SEG)
         v0 = _load_rows(v_base, offs_n, stride_vl, d0, n_ok, d0_ok, MASKED, BD0 > HEAD_D)
         acc0 = acc0 * alpha[:, None]
         acc0 = tl.dot(p.to(v0.dtype), v0, acc0, input_precision=DOT_PREC)
@@ -153,7 +180,7 @@ def tile_fwd_kernel(
     k_pre, k_P, k_vid_end, nseg_k,
     qk_scale,
     HEAD_D: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, TWO_SEG: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -173,18 +200,19 @@ def tile_fwd_kernel(
     else:
         q1 = q0
     segq = _segments(offs_m, q_pre, q_P, q_vid_end, nseg_q)
+    segq0 = _segments(qb * BLOCK_M, q_pre, q_P, q_vid_end, nseg_q)
     emask_base = EMask + pat * nseg_q * nseg_k
 
     acc0, acc1, l_i, m_i = _fwd_state(BLOCK_M, BD0, BD1)
     acc0, acc1, l_i, m_i = _fwd_inner(
-        acc0, acc1, l_i, m_i, q0, q1, segq, k_base, v_base, stride_kl, stride_vl,
-        Cols, emask_base, start, mid, Lk, k_pre, k_P, k_vid_end, nseg_k, qk_scale,
-        d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_N, False, DOT_PREC,
+        acc0, acc1, l_i, m_i, q0, q1, segq, segq0, k_base, v_base, stride_kl, stride_vl,
+        Cols, emask_base, start, mid, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, qk_scale,
+        d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_N, False, DOT_PREC, TWO_SEG,
     )
     acc0, acc1, l_i, m_i = _fwd_inner(
-        acc0, acc1, l_i, m_i, q0, q1, segq, k_base, v_base, stride_kl, stride_vl,
-        Cols, emask_base, mid, end, Lk, k_pre, k_P, k_vid_end, nseg_k, qk_scale,
-        d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_N, True, DOT_PREC,
+        acc0, acc1, l_i, m_i, q0, q1, segq, segq0, k_base, v_base, stride_kl, stride_vl,
+        Cols, emask_base, mid, end, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, qk_scale,
+        d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_N, True, DOT_PREC, TWO_SEG,
     )
     _fwd_store(acc0, acc1, l_i, m_i, O, LSE, b, h, bh, offs_m, m_ok, Lq, stride_ob, stride_oh, stride_ol,
                d0, d0_ok, d1, d1_ok, BD1)

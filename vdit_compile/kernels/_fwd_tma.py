@@ -29,11 +29,11 @@ from ._fwd import _fwd_state, _fwd_store, _head_cols, _segments, _softmax_step, 
 
 @triton.jit
 def _fwd_inner_tma(
-    acc0, acc1, l_i, m_i, q0, q1, segq, k0d, k1d, v0d, v1d,
+    acc0, acc1, l_i, m_i, q0, q1, segq, segq0, k0d, k1d, v0d, v1d,
     Cols, emask_base, lo, hi,
-    Lk, k_pre, k_P, k_vid_end, nseg_k, qk_scale,
+    Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, qk_scale,
     BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PREC: tl.constexpr, WS: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PREC: tl.constexpr, WS: tl.constexpr, TWO_SEG: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     for it in tl.range(lo, hi, warp_specialize=WS):
@@ -44,8 +44,8 @@ def _fwd_inner_tma(
             k1 = k1d.load([n0, BD0])
             qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
         offs_n = n0 + offs_n0
-        p, alpha, l_i, m_ij = _softmax_step(qk, m_i, l_i, segq, offs_n, offs_n < Lk, emask_base, k_pre, k_P, k_vid_end,
-                                             nseg_k, qk_scale, MASKED)
+        p, alpha, l_i, m_ij = _softmax_step(qk, m_i, l_i, segq, segq0, offs_n, n0, offs_n < Lk, emask_base, k_pre, k_P,
+                                             k_vid_end, nseg_q, nseg_k, qk_scale, MASKED, TWO_SEG)
         v0 = v0d.load([n0, 0])
         acc0 = acc0 * alpha[:, None]
         acc0 = tl.dot(p.to(v0.dtype), v0, acc0, input_precision=DOT_PREC)
@@ -85,6 +85,7 @@ def tile_fwd_tma_kernel(
     qk_scale,
     HEAD_D: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, WS: tl.constexpr = False,
+    TWO_SEG: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -103,18 +104,19 @@ def tile_fwd_tma_kernel(
     else:
         q1 = q0
     segq = _segments(offs_m, q_pre, q_P, q_vid_end, nseg_q)
+    segq0 = _segments(qb * BLOCK_M, q_pre, q_P, q_vid_end, nseg_q)
     emask_base = EMask + pat * nseg_q * nseg_k
 
     acc0, acc1, l_i, m_i = _fwd_state(BLOCK_M, BD0, BD1)
     acc0, acc1, l_i, m_i = _fwd_inner_tma(
-        acc0, acc1, l_i, m_i, q0, q1, segq, k0d, k1d, v0d, v1d,
-        Cols, emask_base, start, mid, Lk, k_pre, k_P, k_vid_end, nseg_k, qk_scale,
-        BD0, BD1, BLOCK_N, False, DOT_PREC, WS,
+        acc0, acc1, l_i, m_i, q0, q1, segq, segq0, k0d, k1d, v0d, v1d,
+        Cols, emask_base, start, mid, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, qk_scale,
+        BD0, BD1, BLOCK_N, False, DOT_PREC, WS, TWO_SEG,
     )
     acc0, acc1, l_i, m_i = _fwd_inner_tma(
-        acc0, acc1, l_i, m_i, q0, q1, segq, k0d, k1d, v0d, v1d,
-        Cols, emask_base, mid, end, Lk, k_pre, k_P, k_vid_end, nseg_k, qk_scale,
-        BD0, BD1, BLOCK_N, True, DOT_PREC, False,
+        acc0, acc1, l_i, m_i, q0, q1, segq, segq0, k0d, k1d, v0d, v1d,
+        Cols, emask_base, mid, end, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, qk_scale,
+        BD0, BD1, BLOCK_N, True, DOT_PREC, False, TWO_SEG,
     )
     _fwd_store(acc0, acc1, l_i, m_i, O, LSE, b, h, bh, offs_m, m_ok, Lq, stride_ob, stride_oh, stride_ol,
                d0, d0_ok, d1, d1_ok, BD1)

@@ -104,6 +104,17 @@ def _sides(plan: TilePlan):
             ks.text_prefix, ks.frame_tokens, ks.video_end, ks.num_segments)
 
 
+def two_segment_blocks(plan: TilePlan, block_q: int, block_k: int) -> bool:
+    """Whether every block spans at most two consecutive segments on both sides (frames at least a block long).
+
+    Then the kernels' boundary blocks look their mask up with four scalar loads instead of one gather per
+    element (``_fwd._tile_keep``).  ``VDIT_MASK_GATHER=1`` forces the gather (to time one against the other).
+    """
+    if os.environ.get("VDIT_MASK_GATHER", "0") == "1":
+        return False
+    return plan.qside.frame_tokens >= block_q and plan.kside.frame_tokens >= block_k
+
+
 def _dot_prec(dtype) -> str:
     """``tl.dot`` input precision: fp32 inputs follow ``torch.get_float32_matmul_precision()``.
 
@@ -234,7 +245,7 @@ def attention_forward(q, k, v, plan: TilePlan, scale: float, cfgs: KernelConfigs
         plan.head_pattern, vl.row_order, vl.offsets, vl.num_unmasked, vl.cols, plan.ext,
         H, Lq, Lk, vl.n_rows, *_sides(plan), scale * LOG2E,
         HEAD_D=D, BD0=bd0, BD1=bd1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        DOT_PREC=_dot_prec(q.dtype), **extra, **cfg.launch(),
+        DOT_PREC=_dot_prec(q.dtype), TWO_SEG=two_segment_blocks(plan, cfg.block_m, cfg.block_n), **extra, **cfg.launch(),
     )
     return out, lse
 
@@ -267,7 +278,7 @@ def attention_backward(dout, dlse, q, k, v, out, lse, plan: TilePlan, scale: flo
         plan.head_pattern, vt.row_order, vt.offsets, vt.num_unmasked, vt.cols, plan.ext,
         *common, vt.n_rows, *_sides(plan), scale * LOG2E, scale,
         HEAD_D=D, BD0=bd0, BD1=bd1, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-        DOT_PREC=_dot_prec(q.dtype), **c.launch(),
+        DOT_PREC=_dot_prec(q.dtype), TWO_SEG=two_segment_blocks(plan, c.block_m, c.block_n), **c.launch(),
     )
     c = cfgs.dq
     vq = plan.visits(c.block_m, c.block_n)
@@ -277,7 +288,7 @@ def attention_backward(dout, dlse, q, k, v, out, lse, plan: TilePlan, scale: flo
         plan.head_pattern, vq.row_order, vq.offsets, vq.num_unmasked, vq.cols, plan.ext,
         *common, vq.n_rows, *_sides(plan), scale * LOG2E, scale,
         HEAD_D=D, BD0=bd0, BD1=bd1, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-        DOT_PREC=_dot_prec(q.dtype), **c.launch(),
+        DOT_PREC=_dot_prec(q.dtype), TWO_SEG=two_segment_blocks(plan, c.block_m, c.block_n), **c.launch(),
     )
     return dq, dk, dv
 
