@@ -27,7 +27,8 @@ class TileConfig:
     #: register cap per thread (Triton's ``maxnreg``; 0: the compiler's choice).  Why: uncapped, every forward row
     #: sits at the 255-register cap, which leaves one 8-warp CTA per SM at D = 128 and nothing to overlap its
     #: softmax with (BENCHMARKS.md item 2); a cap of 128 buys a second CTA at the price of a few spills (run 7 on an
-    #: H200: 11-12% faster at D = 128, the dense mask 0.75x -> 0.88x of cuDNN).
+    #: H200: 11-12% faster at D = 128; the dense mask at 0.88-0.92x of cuDNN there, against 0.75x on the H100 with
+    #: the old uncapped rows).
     maxnreg: int = 0
 
     def launch(self) -> dict:
@@ -43,7 +44,7 @@ class KernelConfigs:
     dkdv: TileConfig
     dq: TileConfig
     #: forward on the Hopper TMA path (:mod:`._fwd_tma`); ``None``: the ``fwd`` row.  Its own row because
-    #: TMA loads change what fits (no pointer registers, staged tiles in shared memory); untuned so far.
+    #: TMA loads change what fits (no pointer registers, staged tiles in shared memory); tuned in runs 4 and 7.
     fwd_tma: TileConfig | None = None
     #: the automatic choice takes the TMA forward at this head dim only for masks keeping at most this share
     #: of the score matrix (forcing TMA still works): 1.0 always, 0.0 never.  Why it exists: with the uncapped
@@ -62,7 +63,8 @@ def _c(*a):
 
 # (arch, head-dim bucket) -> configs.  Head-dim bucket: 64 (<= 64), 96 (<= 96), 128 (<= 256).
 TABLE = {
-    # History first (H100, 2026-11-25; the H200 rows below replaced them where they say so). D=96 from the osp-29f g1w0 sweep (fwd 128x64/4w/3st 6.85 ms vs
+    # History first (H100, 2026-11-25; the H200 rows below replaced them where they say so).
+    # D=96 from the osp-29f g1w0 sweep (fwd 128x64/4w/3st 6.85 ms vs
     # 128x128/8w/3st 7.99 ms; backward 64x64/4w/3st). D=128 from the wan14b-81f g1w0 sweep of 12:37 UTC:
     # fwd 256x64/8w/3st 40.9 ms (128x64/4w/3st, the old row, 56.6 ms: it spilled), dk/dv 32x64/4w/3st 134.2 ms
     # (was 150.4), dq 64x32/4w/3st 143.0 ms (was 149.7). D=64 from the cogvideox5b-49f g1w0 sweep: fwd and dk/dv
