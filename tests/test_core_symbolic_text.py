@@ -186,7 +186,7 @@ def test_tail_padding_matches_masked_dense(square):
     mask = (valid[:, None, :, None] & valid[:, None, None, :]) if square else valid[:, None, None, :]
     assert valid_lengths(mask, B, L) == [L - 4, L]
     m = TileMask(1, 0)
-    out = padded_tile_attention(q, k, v, lay, mask, *[[x] for x in m.op_args()], 0.4)
+    out = padded_tile_attention(q, k, v, lay, mask, [3, 2, 2, 2, 2], m.name, 0.4)
     fm = m.frame_mask(3)
     ref = dense_masked_attention(q, k, v, lay.resolve(L), fm, 0.4, attn_mask=mask)
     assert torch.allclose(out, ref, atol=1e-10)

@@ -66,22 +66,39 @@ def _cases():
 
 
 def _op_path_case():
-    """The op-facing forward/backward (integer mask args, dense head g=-1) against the gather reference."""
+    """The op end to end through the kernels (every family: frame tiles with a dense head, a 3D window and a
+    spatial window on token tiles, so the reorder runs too) against SDPA with the family's element mask."""
     import torch
 
-    from vdit_compile.kernels import tile_attention_triton as tat
-    from vdit_compile.ops.reference import reference_backward_from_args, reference_from_args
+    from vdit_compile import SpatialWindow, TileMask, TokenLayout, Window3D
+    from vdit_compile.masks import UnitGrid
+    import importlib
 
+    op_mod = importlib.import_module("vdit_compile.ops.tile_attention")
+    from vdit_compile.ops.args import encode_masks, op_grid
+
+    op_mod._TRITON = None
+    assert op_mod._triton_impl() is not None, "the interpreter must run the Triton kernels here"
     g = torch.Generator().manual_seed(5)
-    args = (2, 3, 3, [1, -1], [0, 0], 0.25)
-    q, k, v, do = (torch.randn(2, 2, 2 + 3 * 9 + 3, 32, generator=g) for _ in range(4))
-    dlse = torch.randn(2, 2, q.shape[2], generator=g)
-    out, lse = tat.forward(q, k, v, *args)
-    ro, rl = reference_from_args(q.double(), k.double(), v.double(), *args)
-    torch.testing.assert_close(out.double(), ro, rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(lse.double(), rl, rtol=2e-5, atol=2e-5)
-    grads = tat.backward(do, dlse, q, k, v, out, lse, *args)
-    rg = reference_backward_from_args(do.double(), dlse.double(), q.double(), k.double(), v.double(), ro, rl, *args)
+    layout = TokenLayout(3, 4, 6, text_prefix=2, text_suffix=3)
+    tile = (2, 3)
+    masks = [TileMask(1, 0), TileMask(dense=True), Window3D(1, 0, 1), SpatialWindow(0, 0, g=1)]
+    H = len(masks)
+    q, k, v, do = (torch.randn(2, H, layout.seq_len, 32, generator=g) for _ in range(4))
+    dlse = torch.randn(2, H, q.shape[2], generator=g)
+    args = (layout.text_prefix, layout.text_suffix, op_grid(layout, tile), encode_masks(masks), 0.25)
+    out, lse = op_mod._forward(op_mod._cuda_forward_units, q, k, v, *args)
+    grid = UnitGrid(3, 4, 6, *tile)
+    em = torch.stack([m.element_mask(layout, grid) for m in masks])[None]
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    s = (qd @ kd.transpose(-1, -2)) * 0.25
+    s = s.masked_fill(~em, float("-inf"))
+    rl = torch.logsumexp(s, -1)
+    ro = torch.exp(s - rl[..., None]) @ vd
+    torch.testing.assert_close(out.double(), ro.detach(), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(lse.double(), rl.detach(), rtol=2e-5, atol=2e-5)
+    grads = op_mod._backward(op_mod._cuda_backward_units, do, dlse, q, k, v, out, lse, *args)
+    rg = torch.autograd.grad((ro * do.double()).sum() + (rl * dlse.double()).sum(), (qd, kd, vd))
     for a, b in zip(grads, rg):
         torch.testing.assert_close(a.double(), b, rtol=5e-5, atol=5e-5)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .layout import TokenLayout
-from .masks import TileMask
+from .masks import SpatialWindow, TileMask, Window3D, parse_mask
 from . import ops  # registers torch.ops.vdit.*
 from .config import OptimizeConfig
 from .passes.detect import AttentionSite
@@ -23,6 +23,6 @@ def __getattr__(name):
 
 
 __all__ = [
-    "TokenLayout", "TileMask", "ops", "__version__", "OptimizeConfig", "AttentionSite", "NoAttentionFoundError",
+    "TokenLayout", "TileMask", "Window3D", "SpatialWindow", "parse_mask", "ops", "__version__", "OptimizeConfig", "AttentionSite", "NoAttentionFoundError",
     "optimize", "restore", "inspect_model", "plan_of", "sites_of", "Parallel",
 ]

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .capture.install import install, state_of, uninstall
 from .config import OptimizeConfig
-from .masks.tile import TileMask
+from .masks.base import MaskSpec
 from .runtime.state import OptimizeState
 
 
@@ -171,7 +171,7 @@ def optimize(model_or_pipe, calib_prompts=None, calib_inputs=None, plan=None, co
             state.plan = build_plan(module, state.calibrators, settings, sites)
             state.calibrators = {}
         else:
-            if isinstance(plan, TileMask):
+            if isinstance(plan, MaskSpec):
                 state.uniform_mask = plan
             else:
                 state.plan = _load_plan(plan)

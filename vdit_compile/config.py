@@ -5,7 +5,7 @@ import fnmatch
 from dataclasses import dataclass, field, fields
 from typing import Callable, Sequence
 
-from .masks.tile import TileMask
+from .masks.base import MaskSpec, parse_mask
 from .plans.plan import DEFAULT_ERROR_BUDGET
 
 
@@ -25,6 +25,11 @@ class OptimizeConfig:
         sites: site filter: glob patterns of site names to tile (``["blocks.*.attn1"]``) or a
             callable ``name -> bool``; other sites stay dense.
         progress: show progress bars.
+        tile_tokens: tokens per token tile for window families (default: the kernels' block of 128, or a
+            quarter frame on small frames; always a divisor tile of the frame).
+        families: mask families calibration searches (``vdit_compile.masks.known_families()``).
+        step_ranges: number of denoising-step ranges a plan may give different masks (1 = one plan for
+            every step; more = step-aware plans, one compilation per range).
     """
 
     error_budget: float = DEFAULT_ERROR_BUDGET
@@ -37,6 +42,9 @@ class OptimizeConfig:
     backend: str = "auto"
     sites: Sequence[str] | Callable[[str], bool] | None = None
     progress: bool = True
+    tile_tokens: int | None = None
+    families: Sequence[str] = ("tile", "win3d", "spatial")
+    step_ranges: int = 1
 
     def __post_init__(self):
         if self.backend not in ("auto", "inductor", "eager"):
@@ -49,9 +57,18 @@ class OptimizeConfig:
             raise ValueError(f"calib_steps must be >= 1, found {self.calib_steps}")
         if self.candidates is not None:
             self.candidate_masks()  # validates the names
+        from .masks.base import known_families
 
-    def candidate_masks(self) -> list[TileMask] | None:
-        return None if self.candidates is None else [TileMask.parse(c) for c in self.candidates]
+        unknown = [f for f in self.families if f not in known_families()]
+        if unknown:
+            raise ValueError(f"unknown mask families {unknown}: known are {sorted(known_families())}")
+        if isinstance(self.step_ranges, bool) or not isinstance(self.step_ranges, int) or self.step_ranges < 1:
+            raise ValueError(f"step_ranges must be an int >= 1, found {self.step_ranges!r}")
+        if self.tile_tokens is not None and (not isinstance(self.tile_tokens, int) or self.tile_tokens < 1):
+            raise ValueError(f"tile_tokens must be an int >= 1 or None, found {self.tile_tokens!r}")
+
+    def candidate_masks(self) -> list[MaskSpec] | None:
+        return None if self.candidates is None else [parse_mask(c) for c in self.candidates]
 
     def site_allowed(self, name: str) -> bool:
         if self.sites is None:

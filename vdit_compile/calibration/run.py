@@ -5,7 +5,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Mapping, Sequence
 
-from ..masks.tile import TileMask
+from ..masks.base import MaskSpec, parse_mask
 from ..plans.fingerprint import model_class_name, model_fingerprint, structure_summary
 from ..plans.plan import DEFAULT_ERROR_BUDGET, TILEABLE_KINDS, Plan, SitePlan
 from .collector import SiteCalibrator
@@ -32,8 +32,8 @@ class CalibrationSettings:
         if self.max_density is not None and not 0 < self.max_density <= 1:
             raise ValueError(f"max_density must be in (0, 1], found {self.max_density}")
 
-    def candidate_masks(self) -> list[TileMask] | None:
-        return None if self.candidates is None else [TileMask.parse(c) for c in self.candidates]
+    def candidate_masks(self) -> list[MaskSpec] | None:
+        return None if self.candidates is None else [parse_mask(c) for c in self.candidates]
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -49,15 +49,23 @@ def install(module: torch.nn.Module, state: OptimizeState) -> None:
     else:  # an instance-level forward (e.g. accelerate offload hooks) is wrapped, and restored later
         previous = module.__dict__.get("forward")
     original = previous if previous is not None else type(module).forward.__get__(module)
-    compiled = torch.compile(original, backend=make_backend(state), dynamic=False)
+    # one compiled callable per step range of a step-aware plan: each has its own backend object, so Dynamo
+    # (whose guards check the backend) compiles each range once and never serves one range's masks to another
+    compiled: dict = {}
+
+    def compiled_for(step_range):
+        if step_range not in compiled:
+            compiled[step_range] = torch.compile(original, backend=make_backend(state), dynamic=False)
+        return compiled[step_range]
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
         state.call = (args, kwargs)
         state.pending_error = None
+        state.step_range = _step_range(state, module, args, kwargs)
         try:
             with torch._dynamo.config.patch(**_DYNAMO_OPTIONS):
-                return compiled(*args, **kwargs)
+                return compiled_for(state.step_range)(*args, **kwargs)
         except Exception as exc:
             inner = state.pending_error
             if inner is not None and exc is not inner:
@@ -68,6 +76,16 @@ def install(module: torch.nn.Module, state: OptimizeState) -> None:
     module.__dict__["forward"] = forward
     module.__dict__[_ATTR] = state
     module.__dict__[_PREV] = previous
+
+
+def _step_range(state: OptimizeState, module, args, kwargs) -> int | None:
+    """The running call's step range under a step-aware plan in apply mode (else ``None``)."""
+    plan = state.plan
+    if state.mode != "apply" or plan is None or not plan.step_aware:
+        return None
+    from ..runtime.timestep import call_timestep
+
+    return plan.step_range_of(call_timestep(module, args, kwargs))
 
 
 def uninstall(module: torch.nn.Module) -> OptimizeState | None:

@@ -26,7 +26,6 @@ from typing import Callable, Sequence
 import torch
 
 from ..layout import TokenLayout
-from ..masks.tile import frame_masks_from_args
 from .configs import KernelConfigs, get_configs
 from .visit import Side, TilePlan, tile_plan
 
@@ -365,21 +364,15 @@ def tile_sparse_attention(
 _WARNED: set = set()
 
 
-def _op_plan(q, text_prefix, text_suffix, num_frames, global_frames, windows) -> TilePlan:
-    """The visit lists of one call, cached by ``(Side, heads, device, mask ints)``.
+def _op_plan(q, layout: TokenLayout, om) -> TilePlan:
+    """The visit lists of one call in unit space, cached by ``(Side, heads, device, grid and mask names)``.
 
-    ``Side`` holds the sequence length and text prefix, so models whose text length changes per
-    call (trimmed by value: Mochi, HunyuanVideo 1.5, Framepack; the op gets that length as a run-time
-    int) get one cache entry per distinct length and never another length's lists.
+    ``layout`` is the call's unit-space layout (``N`` units of ``U`` tokens; :class:`~vdit_compile.ops.args.OpMasks`
+    made it) and ``Side`` holds the sequence length and text prefix, so models whose text length changes per
+    call (trimmed by value: Mochi, HunyuanVideo 1.5, Framepack) get one cache entry per distinct length.
     """
-    from ..ops.reference import check_inputs
-
-    text_prefix, text_suffix, num_frames = int(text_prefix), int(text_suffix), int(num_frames)
-    layout = check_inputs(q, q, q, text_prefix, text_suffix, num_frames, global_frames, windows)
     side = Side.of(layout)
-    key = ("op", tuple(int(g) for g in global_frames), tuple(int(w) for w in windows))
-    mask: Callable[[], torch.Tensor] = lambda: frame_masks_from_args(global_frames, windows, num_frames)  # noqa: E731
-    return tile_plan(side, side, mask, q.shape[1], q.device, key=key)
+    return tile_plan(side, side, om.unit_mask, q.shape[1], q.device, key=("op",) + om.key)
 
 
 def _fallback(q, k, v, what: str) -> bool:
@@ -390,29 +383,24 @@ def _fallback(q, k, v, what: str) -> bool:
     return reason is not None
 
 
-def forward(q, k, v, text_prefix: int, text_suffix: int, num_frames: int, global_frames: Sequence[int],
-            windows: Sequence[int], scale: float):
-    """CUDA implementation of ``torch.ops.vdit.tile_attention``: ``(out, lse)``."""
+def forward(q, k, v, layout: TokenLayout, om, scale: float):
+    """CUDA implementation of ``torch.ops.vdit.tile_attention`` in unit space: ``(out, lse)``."""
     if _fallback(q, k, v, "forward"):
-        from ..ops.reference import reference_from_args
+        from ..ops.reference import reference_tile_attention
 
-        out, lse = reference_from_args(q, k, v, text_prefix, text_suffix, num_frames, global_frames, windows, scale)
+        out, lse = reference_tile_attention(q, k, v, layout, om.unit_mask(), scale)
         return out.contiguous(), lse.contiguous()
-    plan = _op_plan(q, text_prefix, text_suffix, num_frames, global_frames, windows)
-    return attention_forward(q, k, v, plan, float(scale))
+    return attention_forward(q, k, v, _op_plan(q, layout, om), float(scale))
 
 
-def backward(dout, dlse, q, k, v, out, lse, text_prefix: int, text_suffix: int, num_frames: int,
-             global_frames: Sequence[int], windows: Sequence[int], scale: float):
-    """CUDA implementation of ``torch.ops.vdit.tile_attention_backward``: ``(dq, dk, dv)``."""
+def backward(dout, dlse, q, k, v, out, lse, layout: TokenLayout, om, scale: float):
+    """CUDA implementation of ``torch.ops.vdit.tile_attention_backward`` in unit space: ``(dq, dk, dv)``."""
     if _fallback(q, k, v, "backward"):
-        from ..ops.reference import reference_backward_from_args
+        from ..ops.reference import reference_tile_attention_backward
 
-        grads = reference_backward_from_args(dout, dlse, q, k, v, out, lse, text_prefix, text_suffix, num_frames,
-                                             global_frames, windows, scale)
+        grads = reference_tile_attention_backward(dout, dlse, q, k, v, out, lse, layout, om.unit_mask(), scale)
         return tuple(g.contiguous() for g in grads)
-    plan = _op_plan(q, text_prefix, text_suffix, num_frames, global_frames, windows)
-    return attention_backward(dout, dlse, q, k, v, out, lse, plan, float(scale))
+    return attention_backward(dout, dlse, q, k, v, out, lse, _op_plan(q, layout, om), float(scale))
 
 
 def flops(plan: TilePlan, batch: int, head_dim: int) -> float:

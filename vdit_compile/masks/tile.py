@@ -1,4 +1,4 @@
-"""The "attention tile" mask family (Efficient-vDiT), generalised with a temporal window.
+"""The frame tile family (Efficient-vDiT's "attention tile"), generalised with a temporal window.
 
 A :class:`TileMask` says, for every query frame ``f`` of a clip with ``T`` frames, which key
 frames it attends to:
@@ -11,80 +11,72 @@ frames it attends to:
   linearly in ``T``.
 
 Text tokens attend to everything and are attended by everything (handled by the op).
-
+The rule only reads frames, so it runs on whole-frame units (no token reorder).
 The rule is parametric in ``T``: a plan calibrated at one frame count applies at another
-with the same ``g`` (clamped to ``T``) and ``w``.  ``dense=True`` keeps everything.
+with the same ``g`` (clamped to ``T``) and ``w``.  ``dense=True`` keeps everything (the
+``dense`` mask of every family set).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
 from ..layout import TokenLayout
+from .base import MaskSpec, check_int, register_family
+from .units import UnitGrid
 
-#: Encoding of a dense head in the op's integer arguments (``global_frames[h] = DENSE``).
-DENSE = -1
 
-
+@register_family
 @dataclass(frozen=True)
-class TileMask:
+class TileMask(MaskSpec):
     global_frames: int = 0
     window: int = 0
     dense: bool = False
 
+    family: ClassVar[str] = "tile"
+    pattern: ClassVar[str] = r"dense|g(\d+)w(\d+)"
+    syntax: ClassVar[str] = "'g<int>w<int>' (first g frames global, window +-w frames, e.g. 'g1w0') or 'dense'"
+
     def __post_init__(self):
-        if not self.dense and (self.global_frames < 0 or self.window < 0):
-            raise ValueError(
-                f"TileMask needs global_frames >= 0 and window >= 0, found g={self.global_frames}, w={self.window}"
-            )
+        if not self.dense:
+            check_int(self.global_frames, "TileMask global_frames (g)")
+            check_int(self.window, "TileMask window (w)")
 
     @property
     def name(self) -> str:
         return "dense" if self.dense else f"g{self.global_frames}w{self.window}"
 
     @classmethod
+    def from_match(cls, m) -> "TileMask":
+        return cls(dense=True) if m.group(0) == "dense" else cls(int(m.group(1)), int(m.group(2)))
+
+    @classmethod
     def parse(cls, name: str) -> "TileMask":
-        if name == "dense":
-            return cls(dense=True)
-        m = re.fullmatch(r"g(\d+)w(\d+)", name)
-        if not m:
-            raise ValueError(f"unknown tile mask name {name!r}: expected 'dense' or 'g<int>w<int>' (e.g. 'g1w0')")
-        return cls(int(m.group(1)), int(m.group(2)))
+        """A frame tile name (``'g1w0'`` / ``'dense'``); other families: :func:`~vdit_compile.masks.parse_mask`."""
+        from .base import parse_mask
+
+        spec = parse_mask(name)
+        if not isinstance(spec, TileMask):
+            raise ValueError(f"{name!r} is a {spec.family} mask, not a frame tile mask ({cls.syntax})")
+        return spec
+
+    def keep(self, q: torch.Tensor, k: torch.Tensor, grid: UnitGrid) -> torch.Tensor:
+        qf, kf = q[..., 0], k[..., 0]
+        if self.dense:
+            return torch.ones(torch.broadcast_shapes(qf.shape, kf.shape), dtype=torch.bool, device=q.device)
+        g = min(self.global_frames, grid.num_frames)
+        return ((qf - kf).abs() <= self.window) | (kf < g) | (qf < g)
 
     def frame_mask(self, num_frames: int, device=None) -> torch.Tensor:
         """Boolean ``(T, T)`` matrix: ``[query frame, key frame]`` kept."""
-        T = num_frames
-        if self.dense:
-            return torch.ones(T, T, dtype=torch.bool, device=device)
-        f = torch.arange(T, device=device)
-        qf, kf = f[:, None], f[None, :]
-        g = min(self.global_frames, T)
-        return ((qf - kf).abs() <= self.window) | (kf < g) | (qf < g)
-
-    def op_args(self) -> tuple[int, int]:
-        return (DENSE, 0) if self.dense else (self.global_frames, self.window)
+        return self.unit_mask(UnitGrid.frames(num_frames, 1, 1), device)
 
 
 def frame_masks(masks: Sequence[TileMask], num_frames: int, device=None) -> torch.Tensor:
-    """Stack per-head masks into a boolean ``(H, T, T)`` tensor."""
+    """Stack per-head frame masks into a boolean ``(H, T, T)`` tensor."""
     return torch.stack([m.frame_mask(num_frames, device) for m in masks])
-
-
-def frame_masks_from_args(global_frames: Sequence[int], windows: Sequence[int], num_frames: int, device=None) -> torch.Tensor:
-    """Inverse of :func:`op_mask_args`: the ``(H, T, T)`` frame mask the op's integer arguments encode."""
-    if len(global_frames) != len(windows):
-        raise ValueError(f"global_frames and windows must have one entry per head, found {len(global_frames)} and {len(windows)}")
-    masks = [TileMask(dense=True) if g == DENSE else TileMask(g, w) for g, w in zip(global_frames, windows)]
-    return frame_masks(masks, num_frames, device)
-
-
-def op_mask_args(masks: Sequence[TileMask]) -> tuple[list[int], list[int]]:
-    """Encode per-head masks as the op's ``(global_frames, windows)`` integer lists."""
-    gs, ws = zip(*(m.op_args() for m in masks)) if masks else ((), ())
-    return list(gs), list(ws)
 
 
 def mask_density(mask: torch.Tensor, layout: TokenLayout) -> float:

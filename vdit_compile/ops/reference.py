@@ -8,37 +8,9 @@ tests check it against dense SDPA with the equivalent boolean mask.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 from ..layout import TokenLayout
-from ..masks.tile import frame_masks_from_args
-
-
-def _layout_from_args(L: int, text_prefix: int, text_suffix: int, num_frames: int) -> TokenLayout:
-    video = L - text_prefix - text_suffix
-    if num_frames < 1 or video < num_frames or video % num_frames:
-        raise ValueError(
-            f"tile_attention: sequence of {L} tokens minus text ({text_prefix} prefix + {text_suffix} suffix) "
-            f"= {video} video tokens cannot be split into {num_frames} equal frames"
-        )
-    return TokenLayout(num_frames, video // num_frames, 1, text_prefix, text_suffix)
-
-
-def check_inputs(q, k, v, text_prefix, text_suffix, num_frames, global_frames, windows) -> TokenLayout:
-    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            "tile_attention expects q, k, v of shape (B, H, L, D) with equal B, H, L; "
-            f"found q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}"
-        )
-    H = q.shape[1]
-    if len(global_frames) not in (1, H) or len(windows) != len(global_frames):
-        raise ValueError(
-            f"tile_attention expects one (global_frames, window) pair per head or one for all heads ({H} heads); "
-            f"found {len(global_frames)} global_frames and {len(windows)} windows"
-        )
-    return _layout_from_args(q.shape[2], text_prefix, text_suffix, num_frames)
 
 
 def _row_groups(layout: TokenLayout, frame_mask: torch.Tensor, H: int, device):
@@ -139,18 +111,6 @@ def reference_tile_attention_backward(
         dv_part.index_add_(2, idx, p.transpose(-1, -2) @ dos)
         dk[:, heads], dv[:, heads] = dk_part, dv_part
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-def reference_from_args(q, k, v, text_prefix, text_suffix, num_frames, global_frames: Sequence[int], windows: Sequence[int], scale):
-    layout = check_inputs(q, k, v, text_prefix, text_suffix, num_frames, global_frames, windows)
-    fmask = frame_masks_from_args(global_frames, windows, num_frames)
-    return reference_tile_attention(q, k, v, layout, fmask, scale)
-
-
-def reference_backward_from_args(dout, dlse, q, k, v, out, lse, text_prefix, text_suffix, num_frames, global_frames, windows, scale):
-    layout = check_inputs(q, k, v, text_prefix, text_suffix, num_frames, global_frames, windows)
-    fmask = frame_masks_from_args(global_frames, windows, num_frames)
-    return reference_tile_attention_backward(dout, dlse, q, k, v, out, lse, layout, fmask, scale)
 
 
 def dense_masked_attention(q, k, v, layout: TokenLayout, frame_mask: torch.Tensor, scale: float,

@@ -3,23 +3,25 @@
 Schema (one op, used by the rewrite pass, sequence parallelism and export)::
 
     vdit::tile_attention(Tensor q, Tensor k, Tensor v, int text_prefix, int text_suffix,
-                         int num_frames, int[] global_frames, int[] windows, float scale)
-        -> (Tensor out, Tensor lse)
+                         int[] grid, str masks, float scale) -> (Tensor out, Tensor lse)
 
-* ``q, k, v``: ``(B, H, L, D)`` with ``L = text_prefix + num_frames * P + text_suffix``.
+* ``q, k, v``: ``(B, H, L, D)`` with ``L = text_prefix + T * H * W + text_suffix``, video tokens
+  frame-major in the model's own order.
 * ``text_prefix``, ``text_suffix``: ints; in a traced graph either may be a ``SymInt`` (models that
   trim padded text by value, e.g. Mochi, give ``q.size(-2) - fixed tokens``), so one graph serves
   every prompt length; the fake only needs ``q``'s shape, the kernels get the call's int.
-* ``global_frames[h], windows[h]``: head ``h``'s :class:`~vdit_compile.masks.TileMask`
-  (``global_frames[h] == -1`` encodes a dense head); one pair may serve all heads.
-* ``out``: ``(B, H, L, D)`` in the input dtype; ``lse``: ``(B, H, L)`` float32 (float64 for float64 inputs) log-sum-exp of
-  the scaled scores (sequence parallelism merges partial results with it).
+* ``grid = [T, H, W, tile_h, tile_w]`` and ``masks`` (one name, or one per head, of any registered
+  family; :mod:`vdit_compile.ops.args`). Families that look inside a frame run on token tiles: the
+  op reorders video tokens so every tile is contiguous, computes, and puts the output back in the
+  model's order (:mod:`.reorder`); frame-level families run on whole frames with no reorder.
+* ``out``: ``(B, H, L, D)`` in the input dtype; ``lse``: ``(B, H, L)`` float32 (float64 for float64
+  inputs) log-sum-exp of the scaled scores (sequence parallelism merges partial results with it).
 
-The mask travels as integers, not as a tensor, so the op stays parametric in ``T``, hashable
-for the kernel's visit-list cache, and constant-foldable in export.  Autograd is registered
-(gradients for q, k, v; the lse's gradient is honoured too) so distillation trains through
-it.  CPU (and CUDA without Triton) run the exact gather reference; CUDA dispatches to the
-Triton kernel in :mod:`vdit_compile.kernels` when it is importable.
+In unit space every family is the same problem -- ``N`` units of ``U`` tokens and an ``(H, N, N)``
+unit mask -- which the CPU reference and the Triton kernels solve unchanged. Autograd is registered
+(gradients for q, k, v; the lse's gradient is honoured too) so distillation trains through it.
+CPU (and CUDA without Triton) run the exact gather reference; CUDA dispatches to the Triton kernel
+in :mod:`vdit_compile.kernels` when it is importable.
 """
 from __future__ import annotations
 
@@ -28,11 +30,62 @@ from typing import Sequence
 
 import torch
 
-from .reference import lse_dtype, check_inputs, reference_backward_from_args, reference_from_args
+from .args import OpMasks, check_inputs, encode_masks, op_grid
+from .reference import lse_dtype, reference_tile_attention, reference_tile_attention_backward
+from .reorder import from_units, to_units
 
 log = logging.getLogger(__name__)
 
 
+# ----------------------------------------------------------------------------- unit-space backends
+def _cpu_forward(q, k, v, layout, om: OpMasks, scale):
+    return reference_tile_attention(q, k, v, layout, om.unit_mask(), scale)
+
+
+def _cpu_backward(dout, dlse, q, k, v, out, lse, layout, om: OpMasks, scale):
+    return reference_tile_attention_backward(dout, dlse, q, k, v, out, lse, layout, om.unit_mask(), scale)
+
+
+def _cuda_forward_units(q, k, v, layout, om: OpMasks, scale):
+    impl = _triton_impl()
+    if impl is None:
+        return _cpu_forward(q, k, v, layout, om, scale)
+    return impl.forward(q, k, v, layout, om, scale)
+
+
+def _cuda_backward_units(dout, dlse, q, k, v, out, lse, layout, om: OpMasks, scale):
+    impl = _triton_impl()
+    if impl is None:
+        return _cpu_backward(dout, dlse, q, k, v, out, lse, layout, om, scale)
+    return impl.backward(dout, dlse, q, k, v, out, lse, layout, om, scale)
+
+
+# ----------------------------------------------------------------------------- model order <-> unit order
+def _forward(unit_fn, q, k, v, text_prefix, text_suffix, grid, masks, scale):
+    om = check_inputs(q, k, v, text_prefix, text_suffix, grid, masks)
+    pre = int(text_prefix)
+    if om.reorder:
+        q, k, v = (to_units(x, pre, om.grid) for x in (q, k, v))
+    layout = om.unit_layout(q.shape[2], pre, int(text_suffix))
+    out, lse = unit_fn(q, k, v, layout, om, float(scale))
+    if om.reorder:
+        out, lse = from_units(out, pre, om.grid), from_units(lse, pre, om.grid)
+    return out.contiguous(), lse.contiguous()
+
+
+def _backward(unit_fn, dout, dlse, q, k, v, out, lse, text_prefix, text_suffix, grid, masks, scale):
+    om = check_inputs(q, k, v, text_prefix, text_suffix, grid, masks)
+    pre = int(text_prefix)
+    if om.reorder:
+        dout, dlse, q, k, v, out, lse = (to_units(x, pre, om.grid) for x in (dout, dlse, q, k, v, out, lse))
+    layout = om.unit_layout(q.shape[2], pre, int(text_suffix))
+    grads = unit_fn(dout, dlse, q, k, v, out, lse, layout, om, float(scale))
+    if om.reorder:
+        grads = tuple(from_units(g, pre, om.grid) for g in grads)
+    return tuple(g.contiguous() for g in grads)
+
+
+# ----------------------------------------------------------------------------- the op
 @torch.library.custom_op("vdit::tile_attention", mutates_args=())
 def tile_attention(
     q: torch.Tensor,
@@ -40,28 +93,20 @@ def tile_attention(
     v: torch.Tensor,
     text_prefix: int,
     text_suffix: int,
-    num_frames: int,
-    global_frames: Sequence[int],
-    windows: Sequence[int],
+    grid: Sequence[int],
+    masks: str,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = reference_from_args(q, k, v, text_prefix, text_suffix, num_frames, global_frames, windows, scale)
-    return out.contiguous(), lse.contiguous()
+    return _forward(_cpu_forward, q, k, v, text_prefix, text_suffix, grid, masks, scale)
 
 
-def _cuda_forward(q, k, v, text_prefix, text_suffix, num_frames, global_frames, windows, scale):
-    impl = _triton_impl()
-    if impl is None:
-        out, lse = reference_from_args(q, k, v, text_prefix, text_suffix, num_frames, global_frames, windows, scale)
-        return out.contiguous(), lse.contiguous()
-    return impl.forward(q, k, v, text_prefix, text_suffix, num_frames, list(global_frames), list(windows), scale)
-
-
-tile_attention.register_kernel("cuda")(_cuda_forward)
+@tile_attention.register_kernel("cuda")
+def _(q, k, v, text_prefix, text_suffix, grid, masks, scale):
+    return _forward(_cuda_forward_units, q, k, v, text_prefix, text_suffix, grid, masks, scale)
 
 
 @tile_attention.register_fake
-def _(q, k, v, text_prefix, text_suffix, num_frames, global_frames, windows, scale):
+def _(q, k, v, text_prefix, text_suffix, grid, masks, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
 
 
@@ -76,25 +121,17 @@ def tile_attention_backward(
     lse: torch.Tensor,
     text_prefix: int,
     text_suffix: int,
-    num_frames: int,
-    global_frames: Sequence[int],
-    windows: Sequence[int],
+    grid: Sequence[int],
+    masks: str,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of (out, lse) w.r.t. (q, k, v); CPU: the gather reference's backward."""
-    grads = reference_backward_from_args(dout, dlse, q, k, v, out, lse, text_prefix, text_suffix, num_frames, global_frames, windows, scale)
-    return tuple(g.contiguous() for g in grads)
+    return _backward(_cpu_backward, dout, dlse, q, k, v, out, lse, text_prefix, text_suffix, grid, masks, scale)
 
 
-def _cuda_backward(dout, dlse, q, k, v, out, lse, text_prefix, text_suffix, num_frames, global_frames, windows, scale):
-    impl = _triton_impl()
-    if impl is None:
-        grads = reference_backward_from_args(dout, dlse, q, k, v, out, lse, text_prefix, text_suffix, num_frames, global_frames, windows, scale)
-        return tuple(g.contiguous() for g in grads)
-    return impl.backward(dout, dlse, q, k, v, out, lse, text_prefix, text_suffix, num_frames, list(global_frames), list(windows), scale)
-
-
-tile_attention_backward.register_kernel("cuda")(_cuda_backward)
+@tile_attention_backward.register_kernel("cuda")
+def _(dout, dlse, q, k, v, out, lse, text_prefix, text_suffix, grid, masks, scale):
+    return _backward(_cuda_backward_units, dout, dlse, q, k, v, out, lse, text_prefix, text_suffix, grid, masks, scale)
 
 
 @tile_attention_backward.register_fake
@@ -103,23 +140,23 @@ def _(dout, dlse, q, k, v, out, lse, *args):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, text_prefix, text_suffix, num_frames, global_frames, windows, scale = inputs
+    q, k, v, text_prefix, text_suffix, grid, masks, scale = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.args = (text_prefix, text_suffix, num_frames, list(global_frames), list(windows), scale)
+    ctx.args = (text_prefix, text_suffix, list(grid), masks, scale)
 
 
-def _backward(ctx, dout, dlse):
+def _autograd_backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     if dlse is None:
         dlse = torch.zeros_like(lse)
     dq, dk, dv = torch.ops.vdit.tile_attention_backward(dout.contiguous(), dlse.contiguous(), q, k, v, out, lse, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
-tile_attention.register_autograd(_backward, setup_context=_setup_context)
+tile_attention.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 _TRITON = None
@@ -139,7 +176,7 @@ def _triton_impl():
     return _TRITON or None
 
 
-def tile_attention_out(q, k, v, text_prefix, text_suffix, num_frames, global_frames, windows, scale) -> torch.Tensor:
-    """Convenience wrapper returning only the attention output."""
-    check_inputs(q, k, v, text_prefix, text_suffix, num_frames, global_frames, windows)
-    return torch.ops.vdit.tile_attention(q, k, v, text_prefix, text_suffix, num_frames, list(global_frames), list(windows), float(scale))[0]
+def tile_attention_out(q, k, v, layout, masks: Sequence, scale: float, tile: Sequence[int] | None = None) -> torch.Tensor:
+    """Attention output of the op for a site ``layout``, per-head specs/names ``masks`` and a token ``tile``."""
+    return torch.ops.vdit.tile_attention(q, k, v, layout.text_prefix, layout.text_suffix, op_grid(layout, tile),
+                                         encode_masks(masks), float(scale))[0]

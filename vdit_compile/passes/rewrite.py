@@ -6,8 +6,8 @@
   ``(q, k, v, scale)`` to the site's ``SiteCalibrator``.  The original attention still computes
   the output, so calibration sees the dense model.
 * ``apply``: each tileable site with masks in the plan becomes
-  ``torch.ops.vdit.tile_attention(q, k, v, text_prefix, text_suffix, T, g[], w[], scale)[0]``
-  with the plan's per-head masks as integer constants (a dense head is ``g = -1``).  Where the
+  ``torch.ops.vdit.tile_attention(q, k, v, text_prefix, text_suffix, grid, masks, scale)[0]``
+  with the plan's per-head masks (any family) and the site's token tile as constants.  Where the
   text length is trimmed by value (a symbolic length in the graph), the text argument is the
   graph value ``q.size(-2) - fixed tokens`` (a ``SymInt``), so one graph serves every prompt;
   those graphs run eagerly too (inductor cannot lower some of their unbacked-length views).  Sites in a
@@ -25,7 +25,7 @@ import networkx as nx
 import torch
 import torch.fx
 
-from ..masks.tile import op_mask_args
+from ..ops.args import encode_masks, op_grid
 from ..runtime import hooks
 from .detect import dataflow_graph
 from .registry import register_pass
@@ -67,9 +67,8 @@ def _text_args(g, q, lay):
     return (text, lay.text_suffix) if lay.dynamic_text == "prefix" else (lay.text_prefix, text)
 
 
-def _replace_with_op(gm, t, masks, dfg) -> None:
+def _replace_with_op(gm, t, masks, tile, dfg) -> None:
     m, lay = t.match, t.site.layout
-    gs, ws = op_mask_args(masks)
     g = gm.graph
     with g.inserting_before(m.out):
         q, k, v = m.q, m.k, m.v
@@ -77,7 +76,7 @@ def _replace_with_op(gm, t, masks, dfg) -> None:
             q, k, v = (g.call_method("unsqueeze", (x, 1)) for x in (q, k, v))
         pre, suf = _text_args(g, m.q, lay)
         op = g.call_function(torch.ops.vdit.tile_attention.default,
-                             (q, k, v, pre, suf, lay.num_frames, gs, ws, _scale(t)))
+                             (q, k, v, pre, suf, op_grid(lay, tile), encode_masks(masks), _scale(t)))
         out = g.call_function(operator.getitem, (op, 0))
         if t.merged_heads:
             out = g.call_method("squeeze", (out, 1))
@@ -127,7 +126,7 @@ def rewrite_pass(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         masks = state.masks_for(t.site)
         if masks is None:
             continue
-        _replace_with_op(gm, t, masks, dfg)
+        _replace_with_op(gm, t, masks, state.tile_for(t.site), dfg)
         if t.site.layout.is_dynamic:
             # inductor fails to lower some views of unbacked-length outputs (Framepack's slices after the op, on
             # inductor 2.13 CPU); such graphs run eagerly, the op inside still dispatches to its CUDA kernel

@@ -9,11 +9,13 @@ from .plan import (
     PlanError,
     PlanMismatchError,
     SitePlan,
+    StepRange,
+    default_tile,
     layout_differences,
 )
 
 __all__ = [
     "DEFAULT_ERROR_BUDGET", "PLAN_FORMAT", "PLAN_VERSION", "TILEABLE_KINDS", "Plan", "PlanError",
-    "PlanMismatchError", "SitePlan", "layout_differences", "model_class_name", "model_fingerprint",
+    "PlanMismatchError", "SitePlan", "StepRange", "default_tile", "layout_differences", "model_class_name", "model_fingerprint",
     "structure_summary", "unwrap_model",
 ]

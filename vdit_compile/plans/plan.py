@@ -6,10 +6,14 @@ and token layout, the per-head masks of tiled sites with the error and density m
 calibration data, the frame-by-frame attention mass (for ``plan show``), and the calibration
 settings.  See docs/calibration.md for the format.
 
-Masks are parametric in the frame count ``T`` (see :mod:`vdit_compile.masks.tile`): a plan made
-at ``T`` frames serves a run at ``T'`` frames with the same ``(g, w)`` per head, ``g`` clamped to
-``T'``.  Everything else in the layout (frame height/width in tokens, text prefix/suffix, token
-order) and the head count must match, or the plan is refused.
+Masks are any registered family (:mod:`vdit_compile.masks`), one per head, stated in units (frames or
+the site's token ``tile``), so they are parametric in the frame count ``T``: a plan made at ``T`` frames
+serves a run at ``T'`` frames.  Everything else in the layout (frame height/width in tokens, text
+prefix/suffix, token order) and the head count must match, or the plan is refused.
+
+Step-aware sites hold ``step_ranges``: masks per range of the denoising timestep the transformer
+receives (high timesteps first); the top-level ``masks`` are the first range's (used when a call has no
+timestep).  Version 2 added ``tile`` and ``step_ranges``; version 1 plans (frame tiles) still load.
 """
 from __future__ import annotations
 
@@ -20,11 +24,15 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..layout import TokenLayout
-from ..masks.tile import TileMask, mask_density
+from ..masks.base import MaskSpec, masks_density, parse_mask
+from ..masks.tile import TileMask
+from ..masks.units import UnitGrid
 from .fingerprint import model_class_name, model_fingerprint, structure_summary
 
 PLAN_FORMAT = "vdit-compile-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+#: versions this code reads (1: frame tiles only, no tile/step ranges)
+READABLE_VERSIONS = (1, 2)
 TILEABLE_KINDS = ("video_self", "joint_text_prefix", "joint_text_suffix")
 
 #: Default per-head budget on the relative L2 error of the attention output (see docs/calibration.md).
@@ -58,6 +66,37 @@ def layout_differences(planned: TokenLayout, actual: TokenLayout) -> list[str]:
 
 
 @dataclass
+class StepRange:
+    """Masks for the calls whose timestep is ``>= min_timestep`` (and below the previous range's bound).
+
+    ``min_timestep=None`` closes the list (every lower timestep).  Timesteps are the values the
+    transformer receives (diffusers: ``timestep``), so ranges survive a change of the step count.
+    """
+
+    min_timestep: float | None
+    masks: list[MaskSpec]
+    densities: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"min_timestep": self.min_timestep, "masks": [m.name for m in self.masks],
+                "densities": [_num(x) for x in self.densities]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StepRange":
+        mt = d.get("min_timestep")
+        return cls(None if mt is None else float(mt), [parse_mask(m) for m in d["masks"]],
+                   list(d.get("densities", [])))
+
+
+def step_range_index(ranges: Sequence[StepRange], timestep: float) -> int:
+    """Index of the range holding ``timestep`` (ranges ordered from high to low timesteps)."""
+    for i, r in enumerate(ranges):
+        if r.min_timestep is None or timestep >= r.min_timestep:
+            return i
+    return len(ranges) - 1
+
+
+@dataclass
 class SitePlan:
     """One attention site of a plan (``status`` is ``"tiled"`` or ``"dense"``; ``reason`` says why)."""
 
@@ -67,12 +106,14 @@ class SitePlan:
     num_heads: int
     status: str = "dense"
     reason: str = ""
-    masks: list[TileMask] = field(default_factory=list)
+    masks: list[MaskSpec] = field(default_factory=list)
     errors: list[float | None] = field(default_factory=list)
     densities: list[float] = field(default_factory=list)
     frame_mass: list | None = None  # (H, T+1, T+1) nested lists; text is the last index
     candidate_errors: dict[str, list[float]] | None = None
     notes: list[str] = field(default_factory=list)
+    tile: tuple[int, int] | None = None  # token tile (rows, cols) of window families; None = whole frames
+    step_ranges: list[StepRange] | None = None  # step-aware masks, high timesteps first
 
     @property
     def tiled(self) -> bool:
@@ -82,14 +123,23 @@ class SitePlan:
     def density(self) -> float:
         return sum(self.densities) / len(self.densities) if self.densities else 1.0
 
-    def masks_for(self, layout: TokenLayout) -> list[TileMask]:
-        """Per-head masks for a run with ``layout`` (another frame count is fine: masks are parametric in T)."""
+    def masks_for(self, layout: TokenLayout, step_range: int | None = None) -> list[MaskSpec]:
+        """Per-head masks for a run with ``layout`` (another frame count is fine: masks are parametric in T);
+        ``step_range`` picks a step-aware site's range (``None``: the top-level masks)."""
         if self.layout is None:
             raise PlanMismatchError([f"site {self.name}: the plan has no token layout for it"])
         diffs = layout_differences(self.layout, layout)
         if diffs:
             raise PlanMismatchError([f"site {self.name}: layout differs: " + "; ".join(diffs)])
-        return list(self.masks) * self.num_heads if len(self.masks) == 1 else list(self.masks)
+        masks = self.masks
+        if step_range is not None and self.step_ranges:
+            masks = self.step_ranges[min(step_range, len(self.step_ranges) - 1)].masks
+        return list(masks) * self.num_heads if len(masks) == 1 else list(masks)
+
+    def unit_grid(self, layout: TokenLayout | None = None) -> UnitGrid:
+        lay = layout or self.layout
+        th, tw = self.tile if self.tile is not None else (lay.height, lay.width)
+        return UnitGrid(lay.num_frames, lay.height, lay.width, th, tw)
 
     def to_dict(self) -> dict:
         d = {
@@ -106,6 +156,10 @@ class SitePlan:
         }
         if self.notes and any(self.notes):
             d["notes"] = list(self.notes)
+        if self.tile is not None:
+            d["tile"] = list(self.tile)
+        if self.step_ranges:
+            d["step_ranges"] = [r.to_dict() for r in self.step_ranges]
         if self.candidate_errors is not None:
             d["candidate_errors"] = {k: [_num(e) for e in v] for k, v in self.candidate_errors.items()}
         if self.frame_mass is not None:
@@ -119,13 +173,24 @@ class SitePlan:
             sp = cls(
                 name=d["name"], kind=d["kind"], layout=layout, num_heads=int(d["num_heads"]),
                 status=d.get("status", "dense"), reason=d.get("reason", ""),
-                masks=[TileMask.parse(m) for m in d.get("masks", [])],
+                masks=[parse_mask(m) for m in d.get("masks", [])],
                 errors=list(d.get("errors", [])), densities=list(d.get("densities", [])),
                 frame_mass=d.get("frame_mass"), candidate_errors=d.get("candidate_errors"),
                 notes=list(d.get("notes", [])),
+                tile=tuple(int(x) for x in d["tile"]) if d.get("tile") is not None else None,
+                step_ranges=[StepRange.from_dict(r) for r in d["step_ranges"]] if d.get("step_ranges") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"malformed site entry {d.get('name', '?')!r}: {exc}") from exc
+        if sp.tile is not None and sp.layout is not None:
+            try:
+                sp.unit_grid()
+            except ValueError as exc:
+                raise PlanError(f"site {sp.name!r}: tile {list(sp.tile)} does not fit layout "
+                                f"{sp.layout.describe()}: {exc}") from exc
+        for r in sp.step_ranges or []:
+            if len(r.masks) not in (1, sp.num_heads):
+                raise PlanError(f"site {sp.name!r}: a step range has {len(r.masks)} masks for {sp.num_heads} heads")
         if sp.status not in ("tiled", "dense"):
             raise PlanError(f"site {sp.name!r}: status must be 'tiled' or 'dense', found {sp.status!r}")
         if sp.tiled and (sp.layout is None or len(sp.masks) not in (1, sp.num_heads)):
@@ -171,6 +236,15 @@ def _dumps(d: dict) -> str:
     return text
 
 
+def default_tile(layout: TokenLayout, tile_tokens: int | None = None) -> tuple[int, int]:
+    """The token tile window families use at a site: about ``tile_tokens`` tokens (default 128, the
+    kernels' block, or a quarter frame on small frames), a divisor of the frame (:func:`choose_tile`)."""
+    from ..masks.units import choose_tile
+
+    target = tile_tokens if tile_tokens is not None else min(128, max(1, layout.frame_tokens // 4))
+    return choose_tile(layout.height, layout.width, target)
+
+
 @dataclass
 class Plan:
     """Per-site, per-head mask assignment for one model (see module doc)."""
@@ -186,10 +260,23 @@ class Plan:
     def site(self, name: str) -> SitePlan | None:
         return next((s for s in self.sites if s.name == name), None)
 
+    @property
+    def step_aware(self) -> bool:
+        return any(s.step_ranges for s in self.sites if s.tiled)
+
+    def step_range_of(self, timestep: float | None) -> int | None:
+        """The step range a call with ``timestep`` falls in (all step-aware sites share the bounds), or None."""
+        if timestep is None:
+            return None
+        for s in self.sites:
+            if s.tiled and s.step_ranges:
+                return step_range_index(s.step_ranges, timestep)
+        return None
+
     def tiled_sites(self) -> list[SitePlan]:
         return [s for s in self.sites if s.tiled]
 
-    def masks_for(self, name: str, layout: TokenLayout) -> list[TileMask] | None:
+    def masks_for(self, name: str, layout: TokenLayout) -> list[MaskSpec] | None:
         """Masks for site ``name`` at ``layout``; ``None`` when the plan leaves the site dense."""
         sp = self.site(name)
         if sp is None or not sp.tiled:
@@ -198,14 +285,18 @@ class Plan:
 
     # ---------------------------------------------------------------- build
     @classmethod
-    def uniform(cls, sites: Iterable, mask: TileMask, model=None) -> "Plan":
-        """Every tileable site gets ``mask`` on all heads (no calibration; benchmarks and tests)."""
+    def uniform(cls, sites: Iterable, mask: MaskSpec, model=None, tile_tokens: int | None = None) -> "Plan":
+        """Every tileable site gets ``mask`` on all heads (no calibration; benchmarks and tests).
+
+        Window families run on token tiles of about ``tile_tokens`` (default: :func:`default_tile`)."""
         out = []
         for s in sites:
             if s.kind in TILEABLE_KINDS and s.layout is not None and not mask.dense:
-                dens = mask_density(mask.frame_mask(s.layout.num_frames), s.layout)
-                out.append(SitePlan(s.name, s.kind, s.layout, s.num_heads, "tiled", f"uniform {mask.name}",
-                                    [mask] * s.num_heads, [None] * s.num_heads, [dens] * s.num_heads))
+                tile = default_tile(s.layout, tile_tokens) if mask.needs_tiles else None
+                sp = SitePlan(s.name, s.kind, s.layout, s.num_heads, "tiled", f"uniform {mask.name}",
+                              [mask] * s.num_heads, [None] * s.num_heads, tile=tile)
+                sp.densities = [masks_density([mask], s.layout, sp.unit_grid())] * s.num_heads
+                out.append(sp)
             else:
                 why = "uniform dense plan" if mask.dense and s.layout is not None else (s.reason or f"kind {s.kind}")
                 out.append(SitePlan(s.name, s.kind, s.layout, s.num_heads, "dense", why))
@@ -284,15 +375,16 @@ class Plan:
             found = d.get("format") if isinstance(d, dict) else type(d).__name__
             raise PlanError(f"{source} is not a vdit-compile plan: expected format {PLAN_FORMAT!r}, found {found!r}")
         version = d.get("version")
-        if version != PLAN_VERSION:
+        if version not in READABLE_VERSIONS:
             raise PlanError(
-                f"{source} has plan format version {version!r}; this vdit-compile reads version {PLAN_VERSION} "
+                f"{source} has plan format version {version!r}; this vdit-compile reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))} "
                 "(re-run `vdit-compile calibrate` to make a plan for this version)"
             )
         if not isinstance(d.get("sites"), list):
             raise PlanError(f"{source}: 'sites' must be a list, found {type(d.get('sites')).__name__}")
         return cls([SitePlan.from_dict(s) for s in d["sites"]], d.get("model_class"), d.get("fingerprint"),
-                   d.get("structure"), d.get("calibration"), version)
+                   d.get("structure"), d.get("calibration"), PLAN_VERSION)
 
     def save(self, path) -> Path:
         path = Path(path)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..masks.tile import op_mask_args
+from ..ops.args import encode_masks, op_grid
 from .padding import padded_tile_attention, servable_lengths
 from .state import OptimizeState
 
@@ -72,9 +72,9 @@ def apply_shared(q, k, v, anchor, state_id: int, template_id: int, scale: float,
     masks = state.masks_for(site)
     if masks is None:
         return _dense(t, q, k, v, scale, mask)
-    gs, ws = op_mask_args(masks)
+    grid, names = op_grid(site.layout, state.tile_for(site)), encode_masks(masks)
     if not _nothing_masked(mask):
-        out = None if t.merged_heads else padded_tile_attention(q, k, v, site.layout, mask, gs, ws, float(scale))
+        out = None if t.merged_heads else padded_tile_attention(q, k, v, site.layout, mask, grid, names, float(scale))
         if out is None:
             state.warn_once(f"padding:{site.name}", f"vdit-compile: site {site.name} got a mask that is not text padding "
                             "at the end of the sequence, which the tile op cannot honour; this call runs dense masked attention")
@@ -84,5 +84,5 @@ def apply_shared(q, k, v, anchor, state_id: int, template_id: int, scale: float,
     state.rewritten.add(site.name)
     lay = site.layout.resolve(q.shape[-2]) if site.layout.is_dynamic else site.layout  # this call's text length
     out = torch.ops.vdit.tile_attention(_as_bhld(t, q), _as_bhld(t, k), _as_bhld(t, v), lay.text_prefix,
-                                        lay.text_suffix, lay.num_frames, gs, ws, float(scale))[0]
+                                        lay.text_suffix, grid, names, float(scale))[0]
     return out.squeeze(1) if t.merged_heads else out

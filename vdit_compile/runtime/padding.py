@@ -59,7 +59,7 @@ def servable_lengths(mask: torch.Tensor, layout: TokenLayout, batch: int, seq_le
     return lens
 
 
-def padded_tile_attention(q, k, v, layout: TokenLayout, mask: torch.Tensor, global_frames, windows, scale: float):
+def padded_tile_attention(q, k, v, layout: TokenLayout, mask: torch.Tensor, grid, masks: str, scale: float):
     """Exact tile attention of ``(B, H, L, D)`` inputs under a tail-padding ``mask``, or ``None`` (see module doc).
 
     ``layout`` is the site's layout; its text suffix (fixed or per call) absorbs the padding.
@@ -73,7 +73,7 @@ def padded_tile_attention(q, k, v, layout: TokenLayout, mask: torch.Tensor, glob
     for b, m in enumerate(lens):
         sl = slice(b, b + 1)
         out = torch.ops.vdit.tile_attention(q[sl, :, :m], k[sl, :, :m], v[sl, :, :m], layout.text_prefix, m - fixed,
-                                            layout.num_frames, list(global_frames), list(windows), float(scale))[0]
+                                            list(grid), masks, float(scale))[0]
         if m < L:  # padded text queries: dense under their own mask rows
             mb = mask[sl] if mask.shape[0] > 1 else mask  # (1, 1, 1 or L, L)
             pad = F.scaled_dot_product_attention(q[sl, :, m:], k[sl], v[sl], attn_mask=mb[:, :, m:] if mb.shape[2] > 1 else mb,

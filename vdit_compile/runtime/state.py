@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from ..masks.tile import TileMask
+from ..masks.base import MaskSpec
 from ..passes.naming import RootNames, rebase
 
 _STATES: dict[int, "OptimizeState"] = {}
@@ -27,7 +27,8 @@ class OptimizeState:
         self.root, self.config, self.parallel = root, config, parallel
         self.mode = "inspect"
         self.plan = None
-        self.uniform_mask: TileMask | None = None
+        self.uniform_mask: MaskSpec | None = None
+        self.step_range: int | None = None  # step range of the running call (step-aware plans); see capture/install.py
         self.sites: dict[str, object] = {}  # name -> AttentionSite, in discovery order
         self.calibrators: dict[str, object] = {}
         self.templates: list = []
@@ -90,8 +91,20 @@ class OptimizeState:
         filt = getattr(self.config, "site_allowed", None)
         return filt(name) if callable(filt) else True
 
-    def masks_for(self, site) -> list[TileMask] | None:
-        """Per-head masks to apply at ``site`` now, or ``None`` to leave it dense."""
+    def tile_for(self, site) -> tuple[int, int] | None:
+        """The token tile the site's masks are stated in (``None``: whole frames)."""
+        if self.uniform_mask is not None:
+            if not self.uniform_mask.needs_tiles:
+                return None
+            from ..plans import default_tile
+
+            return default_tile(site.layout, getattr(self.config, "tile_tokens", None))
+        sp = self.plan.site(site.name) if self.plan is not None else None
+        return sp.tile if sp is not None else None
+
+    def masks_for(self, site) -> list[MaskSpec] | None:
+        """Per-head masks to apply at ``site`` now (for step-aware plans: the running call's step range),
+        or ``None`` to leave it dense."""
         if not site.tileable or not self.site_filter_allows(site.name):
             return None
         if self.uniform_mask is not None:
@@ -105,7 +118,7 @@ class OptimizeState:
             raise PlanMismatchError([f"tileable site {site.name} ({site.layout.describe()}) is not in the plan"])
         if not sp.tiled:
             return None
-        masks = sp.masks_for(site.layout)
+        masks = sp.masks_for(site.layout, self.step_range)
         if len(masks) != site.num_heads:
             raise PlanMismatchError([f"site {site.name}: {len(masks)} head masks in the plan, {site.num_heads} heads now"])
         return masks
