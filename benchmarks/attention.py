@@ -133,24 +133,17 @@ class FlexRunner:
         return bm, time.perf_counter() - t0
 
 
-PATH_ENV = {"portable": ("portable", "0"), "tma": ("tma", "0"), "tma-ws": ("tma", "1")}
+PATH_OPTIONS = {"portable": dict(path="portable", tma_ws=False), "tma": dict(path="tma", tma_ws=False),
+                "tma-ws": dict(path="tma", tma_ws=True)}
 
 
 @contextlib.contextmanager
 def kernel_path(path: str | None):
-    """Run ours on one forward path (``None``: the automatic choice) by setting the kernels' env switches."""
-    keys = ("VDIT_KERNEL_PATH", "VDIT_TMA_WS")
-    saved = {k: os.environ.get(k) for k in keys}
-    try:
-        if path is not None:
-            os.environ.update(zip(keys, PATH_ENV[path]))
+    """Run ours on one forward path (``None``: the automatic choice) through the kernels' options."""
+    from vdit_compile.kernels.options import kernel_options
+
+    with kernel_options(**(PATH_OPTIONS[path] if path is not None else {})):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def derive(row: dict, kept: float, full_flops: float) -> None:
@@ -258,7 +251,7 @@ def tune(names: list[str], sink, mask_name: str = "g1w0", table_path: str | None
 
     Kinds: ``fwd``, ``dkdv``, ``dq`` (portable kernels) and, on sm90+, ``fwd_tma`` / ``fwd_tma_ws`` (the TMA
     forward without / with the warp-specialised loop; only ``fwd_tma`` goes into a written table, since a
-    table row cannot ask for warp specialisation: that is ``VDIT_TMA_WS=1``).
+    table row cannot ask for warp specialisation: that is ``KernelOptions.tma_ws``).
     """
     from vdit_compile.kernels.configs import KernelConfigs, TileConfig, get_configs
     from vdit_compile.kernels.tile_attention_triton import attention_backward, attention_forward
@@ -377,7 +370,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tune", action="store_true", help="sweep tile configs instead of benchmarking")
     ap.add_argument("--tune-kinds", nargs="*", default=None, choices=["fwd", "fwd_tma", "fwd_tma_ws", "dkdv", "dq"],
                     help="with --tune: only these kernels (default: all; fwd_tma* need sm90+)")
-    ap.add_argument("--write-table", default=None, help="with --tune: write the best configs as a VDIT_TILE_TABLE json")
+    ap.add_argument("--write-table", default=None, help="with --tune: write the best configs as a KernelOptions.tile_table json")
     ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms) for forward+backward")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = ap.parse_args(argv)

@@ -4,7 +4,7 @@ Every case draws fresh random inputs, writes into NaN-poisoned outputs/gradients
 every element of out, lse, dq, dk, dv (with an lse gradient term).  Default (table) tile
 shapes are used, so the 128-token blocks straddle frame and text boundaries for P below,
 equal to and above the block size.  The oracle cases run once per forward path
-(``VDIT_KERNEL_PATH`` = ``portable`` / ``tma``; ``tma`` is skipped below sm90).
+(``KernelOptions.path`` = ``portable`` / ``tma``; ``tma`` is skipped below sm90).
 """
 import time
 import zlib
@@ -21,12 +21,14 @@ PATHS = ["portable", "tma"]
 
 
 @pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
+def path(request):
     """Force one forward path for the test (the TMA one needs sm90+)."""
     if request.param == "tma" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the TMA forward needs an sm90+ GPU")
-    monkeypatch.setenv("VDIT_KERNEL_PATH", request.param)
-    return request.param
+    from vdit_compile.kernels.options import kernel_options
+
+    with kernel_options(path=request.param):
+        yield request.param
 
 BF16 = dict(dtype=torch.bfloat16, tol=(2e-2, 2e-2), grad_tol=(3e-2, 3e-2))
 FP16 = dict(dtype=torch.float16, tol=(4e-3, 4e-3), grad_tol=(1e-2, 1e-2))
@@ -123,12 +125,19 @@ def test_op_under_torch_compile_with_backward(path):
         torch.testing.assert_close(a.float(), b, rtol=3e-2, atol=3e-2 * b.abs().max().item())
 
 
-def test_automatic_path_choice(monkeypatch):
+@pytest.fixture
+def auto_path():
+    from vdit_compile.kernels.options import kernel_options
+
+    with kernel_options(path="auto"):
+        yield
+
+
+def test_automatic_path_choice(auto_path):
     """Unforced: TMA on sm90+ for aligned tensors; a 40-byte row stride (fp16, D = 20) runs the portable kernel, correctly."""
     from vdit_compile.kernels.checks import check_case
     from vdit_compile.kernels.tile_attention_triton import forward_path
 
-    monkeypatch.delenv("VDIT_KERNEL_PATH", raising=False)
     x = torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.bfloat16)
     assert forward_path(x, x, x) == ("tma" if torch.cuda.get_device_capability()[0] >= 9 else "portable")
     y = torch.randn(1, 2, 64, 20, device="cuda", dtype=torch.float16)

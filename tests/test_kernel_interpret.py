@@ -118,7 +118,7 @@ def _tma_rules_case():
     try:
         tat.forward_path(bad, bad, bad)
     except RuntimeError as exc:
-        assert "VDIT_KERNEL_PATH=tma" in str(exc)
+        assert "kernel path 'tma' was asked for" in str(exc)
     else:
         raise AssertionError("forced TMA on a misaligned tensor did not raise")
 
@@ -127,8 +127,10 @@ def _run_group(group: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     from vdit_compile.kernels.checks import check_case
 
+    from vdit_compile.kernels.options import current
+
     tma = group.startswith("tma_")
-    assert tma == (os.environ.get("VDIT_KERNEL_PATH") == "tma")
+    assert tma == (current().path == "tma")  # the subprocess's VDIT_KERNEL_PATH, read once at import
     dtype_group = group.removeprefix("tma_")
     for i, (name, qs, ks, fm, kw) in enumerate(_cases()[dtype_group]):
         errs = check_case(qs, ks, fm, seed=100 + i, **kw)
@@ -137,10 +139,11 @@ def _run_group(group: str) -> None:
         _op_path_case()
         print("ok op path", flush=True)
         # the same two-segment layout with the per-element gather forced: both lookups must agree with the oracle
-        os.environ["VDIT_MASK_GATHER"] = "1"
+        from vdit_compile.kernels.options import kernel_options
+
         name, qs, ks, fm, kw = next(c for c in _cases()["fp32"] if c[0].startswith("frames >= every block"))
-        errs = check_case(qs, ks, fm, seed=7, **kw)
-        del os.environ["VDIT_MASK_GATHER"]
+        with kernel_options(mask_gather=True):
+            errs = check_case(qs, ks, fm, seed=7, **kw)
         print(f"ok {group} {name}, gather forced: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
     if group == "tma_fp16":
         _tma_rules_case()
@@ -171,15 +174,19 @@ def test_forward_path_selection_without_gpu(monkeypatch):
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x = torch.randn(1, 2, 40, 32, dtype=torch.float16)
-    for value, want in (("", "portable"), ("portable", "portable"), ("auto", "portable")):
-        monkeypatch.setenv("VDIT_KERNEL_PATH", value)
-        assert tat.forward_path(x, x, x) == want
-    monkeypatch.setenv("VDIT_KERNEL_PATH", "tma")
-    with pytest.raises(RuntimeError, match="sm90"):
+    from vdit_compile.kernels.options import KernelOptions, kernel_options
+
+    for value, want in (("portable", "portable"), ("auto", "portable")):
+        with kernel_options(path=value):
+            assert tat.forward_path(x, x, x) == want
+    with kernel_options(path="tma"), pytest.raises(RuntimeError, match="sm90"):
         tat.forward_path(x, x, x)
-    monkeypatch.setenv("VDIT_KERNEL_PATH", "fast")
-    with pytest.raises(ValueError, match="VDIT_KERNEL_PATH"):
-        tat.forward_path(x, x, x)
+    with pytest.raises(ValueError, match="kernel path 'fast'"):
+        KernelOptions(path="fast")
+    # the debug environment is read by from_env alone (once, at import, for the defaults)
+    assert KernelOptions.from_env({"VDIT_KERNEL_PATH": "TMA", "VDIT_MASK_GATHER": "1"}) == KernelOptions("tma", mask_gather=True)
+    with pytest.raises(ValueError, match="VDIT_KERNEL_PATH='fast'"):
+        KernelOptions.from_env({"VDIT_KERNEL_PATH": "fast"})
 
 
 def test_two_segment_rule(monkeypatch):
@@ -189,39 +196,41 @@ def test_two_segment_rule(monkeypatch):
     from vdit_compile.kernels.visit import Side, tile_plan
     from vdit_compile.masks.tile import TileMask
 
-    monkeypatch.delenv("VDIT_MASK_GATHER", raising=False)
+    from vdit_compile.kernels.options import kernel_options
+
     side = Side.of(TokenLayout(3, 5, 8, 7, 5))  # P = 40
     plan = tile_plan(side, side, TileMask(1, 0).frame_mask(3)[None], 1, "cpu")
     assert two_segment_blocks(plan, 32, 40) and not two_segment_blocks(plan, 64, 32) and not two_segment_blocks(plan, 32, 41)
     short = Side(30, 0, 3, 10)
     rect = tile_plan(side, short, TileMask(0, 0).frame_mask(3)[None], 1, "cpu")  # queries P = 40, keys P = 10
     assert two_segment_blocks(rect, 32, 8) and not two_segment_blocks(rect, 32, 16)
-    monkeypatch.setenv("VDIT_MASK_GATHER", "1")
-    assert not two_segment_blocks(plan, 16, 16)
+    with kernel_options(mask_gather=True):
+        assert not two_segment_blocks(plan, 16, 16)
 
 
 def test_register_cap_is_a_launch_option_and_an_override_field(monkeypatch):
     from vdit_compile.kernels.configs import TileConfig, get_configs
+    from vdit_compile.kernels.options import kernel_options
 
     assert TileConfig(128, 64, 8, 2).launch() == {"num_warps": 8, "num_stages": 2}
     assert TileConfig(128, 64, 8, 2, 128).launch() == {"num_warps": 8, "num_stages": 2, "maxnreg": 128}
-    monkeypatch.setenv("VDIT_TILE_CONFIG", "fwd=32,16,1,1,96;dq=16,16,1,1")
-    c = get_configs(64, "cpu")
+    with kernel_options(tile_config="fwd=32,16,1,1,96;dq=16,16,1,1"):
+        c = get_configs(64, "cpu")
     assert c.fwd == TileConfig(32, 16, 1, 1, 96) and c.dq.maxnreg == 0
-    monkeypatch.setenv("VDIT_TILE_CONFIG", "fwd=32,16,1")
-    with pytest.raises(ValueError, match="maxnreg"):
+    with kernel_options(tile_config="fwd=32,16,1"), pytest.raises(ValueError, match="maxnreg"):
         get_configs(64, "cpu")
 
 
 def test_fwd_tma_config_row(monkeypatch):
-    """``fwd_tma`` defaults to the ``fwd`` row and has its own ``VDIT_TILE_CONFIG`` entry."""
+    """``fwd_tma`` defaults to the ``fwd`` row and has its own ``tile_config`` entry."""
     from vdit_compile.kernels.configs import get_configs
+    from vdit_compile.kernels.options import kernel_options
 
-    monkeypatch.delenv("VDIT_TILE_CONFIG", raising=False)
-    base = get_configs(64, "cpu")
+    with kernel_options(tile_config=None):
+        base = get_configs(64, "cpu")
     assert base.fwd_tma is None and base.tma_fwd == base.fwd
-    monkeypatch.setenv("VDIT_TILE_CONFIG", "fwd_tma=32,16,1,1")
-    c = get_configs(64, "cpu")
+    with kernel_options(tile_config="fwd_tma=32,16,1,1"):
+        c = get_configs(64, "cpu")
     assert c.fwd == base.fwd and (c.tma_fwd.block_m, c.tma_fwd.block_n) == (32, 16)
 
 
@@ -236,7 +245,8 @@ def test_table_row_decides_tma_where_it_fits(monkeypatch, tmp_path):
     from vdit_compile.kernels import configs
     from vdit_compile.kernels import tile_attention_triton as tat
 
-    monkeypatch.delenv("VDIT_KERNEL_PATH", raising=False)
+    from vdit_compile.kernels.options import kernel_options
+
     monkeypatch.setattr(tat, "_tma_misfit", lambda q, k, v, cfgs: None)
     monkeypatch.setattr(tat, "interpreting", lambda: False)
     x = torch.randn(1, 2, 40, 32, dtype=torch.float16)
@@ -246,9 +256,9 @@ def test_table_row_decides_tma_where_it_fits(monkeypatch, tmp_path):
     half = replace(configs.TABLE[("sm90", 128)], tma_max_kept=0.5)
     assert tat.forward_path(x, x, x, half) == "portable"          # denser than the row allows
     assert tat.forward_path(x, x, x, half, kept=0.14) == "tma"
-    monkeypatch.setenv("VDIT_KERNEL_PATH", "tma")  # forcing still takes it
-    assert tat.forward_path(x, x, x, half) == "tma"
-    # a VDIT_TILE_TABLE file can carry the flag too
+    with kernel_options(path="tma"):  # forcing still takes it
+        assert tat.forward_path(x, x, x, half) == "tma"
+    # a tile_table file can carry the flag too
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"128": {"fwd": [64, 64, 4, 3], "dkdv": [64, 64, 4, 3], "dq": [64, 64, 4, 3], "tma_max_kept": 0.25}}))
     row = configs._table_file(str(path))[128]

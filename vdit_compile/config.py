@@ -5,6 +5,7 @@ import fnmatch
 from dataclasses import dataclass, field, fields
 from typing import Callable, Sequence
 
+from .kernels.options import KernelOptions
 from .masks.base import MaskSpec, parse_mask
 from .plans.plan import DEFAULT_ERROR_BUDGET
 
@@ -30,6 +31,8 @@ class OptimizeConfig:
         families: mask families calibration searches (``vdit_compile.masks.known_families()``).
         step_ranges: number of denoising-step ranges a plan may give different masks (1 = one plan for
             every step; more = step-aware plans, one compilation per range).
+        kernel: options of the CUDA kernels for this model (forward path, tile overrides;
+            ``vdit_compile.kernels.options.KernelOptions``); ``None`` = the defaults.
     """
 
     error_budget: float = DEFAULT_ERROR_BUDGET
@@ -45,6 +48,7 @@ class OptimizeConfig:
     tile_tokens: int | None = None
     families: Sequence[str] = ("tile", "win3d", "spatial")
     step_ranges: int = 1
+    kernel: KernelOptions | None = None
 
     def __post_init__(self):
         if self.backend not in ("auto", "inductor", "eager"):

@@ -12,13 +12,14 @@ import functools
 
 import torch
 
+from ..kernels.options import KernelOptions, kernel_options
 from ..runtime.state import OptimizeState
 from .backend import make_backend
 
 _ATTR = "_vdit_state"
 _PREV = "_vdit_previous_forward"
-#: Dynamo's per-code-object recompile limit is raised to at least this (mode switches and
-#: many model instances of one class each compile the same ``forward``).
+#: Dynamo's per-code-object recompile limit is raised to at least this inside the optimised forward's
+#: calls (mode switches, step ranges and many model instances of one class each compile the same ``forward``).
 MIN_RECOMPILE_LIMIT = 256
 
 
@@ -28,13 +29,17 @@ MIN_RECOMPILE_LIMIT = 256
 _DYNAMO_OPTIONS = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
 
 
-def _raise_limits() -> None:
+def _dynamo_options() -> dict:
+    """Dynamo settings for the optimised forward's calls only (``config.patch`` restores them after each call,
+    so nothing outside the optimised model sees them and :func:`uninstall` has nothing to undo)."""
     cfg = torch._dynamo.config
+    opts = dict(_DYNAMO_OPTIONS)
     for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, name) and getattr(cfg, name) < MIN_RECOMPILE_LIMIT:
-            setattr(cfg, name, MIN_RECOMPILE_LIMIT)
-    if hasattr(cfg, "accumulated_recompile_limit") and cfg.accumulated_recompile_limit < 4 * MIN_RECOMPILE_LIMIT:
-        cfg.accumulated_recompile_limit = 4 * MIN_RECOMPILE_LIMIT
+        if hasattr(cfg, name):
+            opts[name] = max(getattr(cfg, name), MIN_RECOMPILE_LIMIT)
+    if hasattr(cfg, "accumulated_recompile_limit"):
+        opts["accumulated_recompile_limit"] = max(cfg.accumulated_recompile_limit, 4 * MIN_RECOMPILE_LIMIT)
+    return opts
 
 
 def state_of(module: torch.nn.Module) -> OptimizeState | None:
@@ -43,7 +48,6 @@ def state_of(module: torch.nn.Module) -> OptimizeState | None:
 
 def install(module: torch.nn.Module, state: OptimizeState) -> None:
     """(Re)compile ``module.forward`` for ``state``'s current mode."""
-    _raise_limits()
     if _ATTR in module.__dict__:  # re-install (mode switch): keep what was there before the first install
         previous = module.__dict__.get(_PREV)
     else:  # an instance-level forward (e.g. accelerate offload hooks) is wrapped, and restored later
@@ -64,7 +68,7 @@ def install(module: torch.nn.Module, state: OptimizeState) -> None:
         state.pending_error = None
         state.step_range = _step_range(state, module, args, kwargs)
         try:
-            with torch._dynamo.config.patch(**_DYNAMO_OPTIONS):
+            with torch._dynamo.config.patch(**_dynamo_options()), kernel_options(_kernel_options(state)):
                 return compiled_for(state.step_range)(*args, **kwargs)
         except Exception as exc:
             inner = state.pending_error
@@ -76,6 +80,11 @@ def install(module: torch.nn.Module, state: OptimizeState) -> None:
     module.__dict__["forward"] = forward
     module.__dict__[_ATTR] = state
     module.__dict__[_PREV] = previous
+
+
+def _kernel_options(state: OptimizeState) -> KernelOptions | None:
+    """The model's kernel options (``OptimizeConfig.kernel``); ``None`` keeps the current ones."""
+    return getattr(state.config, "kernel", None)
 
 
 def _step_range(state: OptimizeState, module, args, kwargs) -> int | None:

@@ -5,17 +5,18 @@ per candidate and pick a winner on whatever shape came first (often a tiny test)
 sm90 rows were chosen by ``python benchmarks/attention.py --tune`` on an H100 and then an H200 (see
 BENCHMARKS.md for the sweeps and dates); the sm80 rows are conservative shapes that fit the
 smaller shared memory of A100/4090-class parts (untuned: no such GPU was available).
-``VDIT_TILE_CONFIG="fwd=128,64,4,3;dkdv=64,64,4,3;dq=64,64,4,3"`` overrides every head dim
+``KernelOptions.tile_config="fwd=128,64,4,3;dkdv=64,64,4,3;dq=64,64,4,3"`` overrides every head dim
 (``fwd_tma=...`` the TMA forward's row, which defaults to ``fwd``);
-``VDIT_TILE_TABLE=table.json`` (written by the ``--tune`` sweep: ``{"96": {"fwd": [..4 ints..],
+``KernelOptions.tile_table="table.json"`` (written by the ``--tune`` sweep: ``{"96": {"fwd": [..4 ints..],
 ...}}``) replaces rows of the current GPU's generation.
 """
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from functools import lru_cache
+
+from .options import current
 
 
 @dataclass(frozen=True)
@@ -107,10 +108,10 @@ def _parse_override(text: str, base: KernelConfigs) -> KernelConfigs:
     for item in filter(None, (s.strip() for s in text.split(";"))):
         name, _, vals = item.partition("=")
         if name not in parts:
-            raise ValueError(f"VDIT_TILE_CONFIG: unknown kernel {name!r}; expected fwd, fwd_tma, dkdv or dq")
+            raise ValueError(f"tile_config: unknown kernel {name!r}; expected fwd, fwd_tma, dkdv or dq")
         nums = [int(x) for x in vals.split(",")]
         if len(nums) not in (4, 5):
-            raise ValueError(f"VDIT_TILE_CONFIG: {item!r} needs block_m,block_n,num_warps,num_stages[,maxnreg]")
+            raise ValueError(f"tile_config: {item!r} needs block_m,block_n,num_warps,num_stages[,maxnreg]")
         parts[name] = TileConfig(*nums)
     return KernelConfigs(**parts)
 
@@ -133,8 +134,8 @@ def get_configs(head_dim: int, device) -> KernelConfigs:
     else:
         major, _ = torch.cuda.get_device_capability(dev)
         base = TABLE[("sm90" if major >= 9 else "sm80", _bucket(head_dim))]
-        table_path = os.environ.get("VDIT_TILE_TABLE")
+        table_path = current().tile_table
         if table_path:
             base = _table_file(table_path).get(_bucket(head_dim), base)
-    override = os.environ.get("VDIT_TILE_CONFIG")
+    override = current().tile_config
     return _parse_override(override, base) if override else base

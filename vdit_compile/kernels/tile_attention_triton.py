@@ -13,20 +13,20 @@ power-of-two parts (96 = 64 + 32), see :mod:`._fwd`.
 
 Forward path (:func:`forward_path`): on sm90+ GPUs the forward loads through TMA descriptors
 (:mod:`._fwd_tma`) when the tensors meet TMA's alignment rules, else the portable kernel runs.
-``VDIT_KERNEL_PATH=portable`` always takes the portable kernel, ``=tma`` demands TMA (an error
+``KernelOptions(path="portable")`` always takes the portable kernel, ``"tma"`` demands TMA (an error
 where it cannot run; allowed under the interpreter, which emulates descriptors);
-``VDIT_TMA_WS=1`` warp-specialises the TMA kernel's unmasked loop.  The backward is portable.
+``KernelOptions.tma_ws`` warp-specialises the TMA kernel's unmasked loop (:mod:`.options`).  The backward is portable.
 """
 from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Sequence
 
 import torch
 
 from ..layout import TokenLayout
 from .configs import KernelConfigs, get_configs
+from .options import current
 from .visit import Side, TilePlan, tile_plan
 
 log = logging.getLogger(__name__)
@@ -107,9 +107,9 @@ def two_segment_blocks(plan: TilePlan, block_q: int, block_k: int) -> bool:
     """Whether every block spans at most two consecutive segments on both sides (frames at least a block long).
 
     Then the kernels' boundary blocks look their mask up with four scalar loads instead of one gather per
-    element (``_fwd._tile_keep``).  ``VDIT_MASK_GATHER=1`` forces the gather (to time one against the other).
+    element (``_fwd._tile_keep``).  ``KernelOptions.mask_gather`` forces the gather (to time one against the other).
     """
-    if os.environ.get("VDIT_MASK_GATHER", "0") == "1":
+    if current().mask_gather:
         return False
     return plan.qside.frame_tokens >= block_q and plan.kside.frame_tokens >= block_k
 
@@ -161,18 +161,16 @@ def forward_path(q, k, v, cfgs: KernelConfigs | None = None, kept: float = 1.0) 
     row's ``tma_max_kept`` share of the scores (``kept``: the largest per-head kept fraction; the uncapped
     D = 128 rows of run 4 lost on dense masks, the capped rows of run 7 do not, so every row says 1.0 now);
     never under the interpreter;
-    ``VDIT_KERNEL_PATH`` = ``portable`` / ``tma`` overrides (``tma`` raises where it cannot run).
+    ``KernelOptions.path`` = ``portable`` / ``tma`` overrides (``tma`` raises where it cannot run).
     """
-    want = os.environ.get("VDIT_KERNEL_PATH", "").strip().lower() or "auto"
-    if want not in ("auto",) + PATHS:
-        raise ValueError(f"VDIT_KERNEL_PATH={want!r}: expected auto, portable or tma")
+    want = current().path
     if want == "portable":
         return "portable"
     cfgs = cfgs or get_configs(q.shape[-1], q.device)
     why = _tma_misfit(q, k, v, cfgs)
     if want == "tma":
         if why:
-            raise RuntimeError(f"VDIT_KERNEL_PATH=tma: {why}")
+            raise RuntimeError(f"kernel path 'tma' was asked for (KernelOptions.path / VDIT_KERNEL_PATH=tma): {why}")
         return "tma"
     return "portable" if why or interpreting() or kept > cfgs.tma_max_kept else "tma"
 
@@ -207,7 +205,7 @@ def attention_forward(q, k, v, plan: TilePlan, scale: float, cfgs: KernelConfigs
 
     ``out``/``lse`` may be given (tests pass NaN-poisoned buffers to prove every element is written).
     ``path``: ``"portable"`` / ``"tma"``, default :func:`forward_path`; ``tma_ws``: warp-specialised
-    TMA loop, default ``VDIT_TMA_WS=1``.
+    TMA loop, default ``KernelOptions.tma_ws``.
     """
     B, H, Lq, D = q.shape
     cfgs = cfgs or get_configs(D, q.device)
@@ -234,7 +232,7 @@ def attention_forward(q, k, v, plan: TilePlan, scale: float, cfgs: KernelConfigs
     if path == "tma":
         if q.is_cuda:
             _ensure_allocator()
-        ws = os.environ.get("VDIT_TMA_WS", "0") == "1" if tma_ws is None else tma_ws
+        ws = current().tma_ws if tma_ws is None else tma_ws
         kernel, extra = tile_fwd_tma_kernel, {"WS": bool(ws)}
     else:
         kernel = tile_fwd_kernel

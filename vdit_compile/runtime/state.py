@@ -1,21 +1,24 @@
 """Per-model runtime state shared by the capture backend, the passes and the rewritten graphs.
 
 Rewritten graphs call back into Python (calibration observers, shared-graph dispatch) with
-the integer id of an :class:`OptimizeState` and of a :class:`SiteTemplate`; this module keeps
-those objects reachable by id.  Nothing here patches torch or diffusers globally: a state is
+the integer id of an :class:`OptimizeState` and of a :class:`SiteTemplate`; this module finds
+those objects by id through weak references (the optimised model holds its state; nothing here keeps a
+model alive).  Nothing here patches torch or diffusers globally: a state is
 registered by :func:`vdit_compile.optimize` and dropped by :func:`vdit_compile.restore`.
 """
 from __future__ import annotations
 
 import itertools
 import warnings
+import weakref
 
 import torch
 
 from ..masks.base import MaskSpec
 from ..passes.naming import RootNames, rebase
 
-_STATES: dict[int, "OptimizeState"] = {}
+#: id -> state, weakly: the model owns its state (``module.__dict__``), so deleting the model frees both
+_STATES: "weakref.WeakValueDictionary[int, OptimizeState]" = weakref.WeakValueDictionary()
 _IDS = itertools.count(1)
 
 
