@@ -23,6 +23,9 @@ FAMILY_CASES = [
     (TokenLayout(5, 6, 4, text_prefix=3, text_suffix=2), (3, 2), [Window3D(1, 0, 1), SpatialWindow(0, 0), TileMask(1, 0)]),
     (TokenLayout(7, 5, 3, text_suffix=4), (5, 1), [Window3D(2, 1, 0, g=1), SpatialWindow(0, 1, g=1)]),
     (TokenLayout(3, 4, 6, text_prefix=2), (2, 3), [SpatialWindow(1, 0), TileMask(dense=True), Window3D(0, 0, 0)]),
+    # frame-minor tokens ((H, W, T) order): reordered into frame-major tiles around the computation
+    (TokenLayout(4, 2, 3, text_prefix=2, text_suffix=1, order="HWT"), None, [TileMask(1, 0), TileMask(0, 0)]),
+    (TokenLayout(5, 4, 2, text_suffix=3, order="HWT"), (2, 1), [Window3D(1, 0, 0), SpatialWindow(0, 0, g=1)]),
 ]
 
 
@@ -32,7 +35,8 @@ def _inputs(layout, heads, dtype, seed):
 
 
 def _oracle(q, k, v, layout, tile, masks, scale):
-    grid = UnitGrid(layout.num_frames, layout.height, layout.width, *(tile or (layout.height, layout.width)))
+    grid = UnitGrid(layout.num_frames, layout.height, layout.width, *(tile or (layout.height, layout.width)),
+                    frame_minor=layout.order == "HWT")
     em = torch.stack([m.element_mask(layout, grid) for m in masks])[None]
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=em, scale=scale)
 
@@ -55,7 +59,19 @@ def test_frame_oracle_agrees_with_element_oracle():
     torch.testing.assert_close(a, _oracle(q, k, v, layout, None, masks, 0.3))
 
 
-@pytest.mark.parametrize("case", [0, 4, 5])
+def test_frame_minor_oracle_follows_the_frames():
+    """The HWT element mask keeps exactly the token pairs whose frames (token index mod T) the frame mask keeps."""
+    layout, tile, masks = FAMILY_CASES[7]
+    grid = UnitGrid(4, 2, 3, 2, 3, frame_minor=True)
+    em = masks[0].element_mask(layout, grid)
+    f = layout.frame_ids()
+    vid = f >= 0
+    fm = masks[0].frame_mask(4)
+    assert torch.equal(em[vid][:, vid], fm[f[vid]][:, f[vid]])
+    assert bool((f[vid] == torch.arange(24) % 4).all())
+
+
+@pytest.mark.parametrize("case", [0, 4, 5, 8])
 def test_lse_gradient_and_opcheck(case):
     layout, tile, masks = FAMILY_CASES[case]
     layout = layout.with_frames(3)

@@ -2,8 +2,9 @@
 
 Every other part of vdit-compile (masks, the op, the Triton kernel, calibration, export,
 sequence parallelism) speaks in terms of this object, so it is deliberately tiny and
-serialisable.  Video tokens must be frame-major (all tokens of frame 0, then frame 1, ...);
-a site whose tokens are not frame-major cannot be tiled and is left dense by the passes.
+serialisable.  Video tokens are frame-major (``THW``/``TWH``: all tokens of frame 0, then frame 1,
+...) or frame-minor (``HWT``: the frame index runs fastest); the op reorders frame-minor tokens into
+frame-major tiles around the kernels, so both are tileable.
 
 Some models trim padded text by value (Mochi, HunyuanVideo 1.5, Framepack), so the number of
 text tokens changes from call to call while the video grid does not.  Their sites carry a
@@ -36,8 +37,9 @@ class TokenLayout:
         for name in ("text_prefix", "text_suffix"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"TokenLayout.{name} must be >= 0, found {getattr(self, name)}")
-        if self.order not in ("THW", "TWH"):
-            raise ValueError(f"TokenLayout.order must be frame-major 'THW' or 'TWH', found {self.order!r}")
+        if self.order not in ("THW", "TWH", "HWT"):
+            raise ValueError(f"TokenLayout.order must be frame-major 'THW' / 'TWH' or frame-minor 'HWT', "
+                             f"found {self.order!r}")
         if self.dynamic_text not in ("", "prefix", "suffix"):
             raise ValueError(f"TokenLayout.dynamic_text must be '', 'prefix' or 'suffix', found {self.dynamic_text!r}")
         if self.dynamic_text and getattr(self, "text_" + self.dynamic_text) != 0:
@@ -92,7 +94,10 @@ class TokenLayout:
         """Frame index of every token (``-1`` for text tokens), shape ``(L,)``."""
         self._concrete("frame_ids")
         ids = torch.full((self.seq_len,), -1, dtype=torch.long, device=device)
-        vid = torch.arange(self.num_frames, device=device).repeat_interleave(self.frame_tokens)
+        if self.order == "HWT":  # frame-minor: the frame index runs fastest
+            vid = torch.arange(self.num_frames, device=device).repeat(self.frame_tokens)
+        else:
+            vid = torch.arange(self.num_frames, device=device).repeat_interleave(self.frame_tokens)
         ids[self.text_prefix : self.text_prefix + self.video_tokens] = vid
         return ids
 

@@ -33,6 +33,7 @@ class UnitGrid:
     width: int
     tile_h: int
     tile_w: int
+    frame_minor: bool = False  # the model's tokens are ordered (H, W, T): frame index fastest
 
     def __post_init__(self):
         for name in ("num_frames", "height", "width", "tile_h", "tile_w"):
@@ -46,9 +47,9 @@ class UnitGrid:
             )
 
     @classmethod
-    def frames(cls, num_frames: int, height: int, width: int) -> "UnitGrid":
-        """One unit per frame (the frame tile family's grid; no reorder needed)."""
-        return cls(num_frames, height, width, height, width)
+    def frames(cls, num_frames: int, height: int, width: int, frame_minor: bool = False) -> "UnitGrid":
+        """One unit per frame (the frame tile family's grid; no reorder needed unless frame-minor)."""
+        return cls(num_frames, height, width, height, width, frame_minor)
 
     @property
     def tiles_h(self) -> int:
@@ -72,8 +73,13 @@ class UnitGrid:
 
     @property
     def is_frames(self) -> bool:
-        """True when a unit is a whole frame: tokens are already in unit order."""
+        """True when a unit is a whole frame."""
         return self.units_per_frame == 1
+
+    @property
+    def in_unit_order(self) -> bool:
+        """True when the model's token order already is unit order (whole frames, frame-major)."""
+        return self.is_frames and not self.frame_minor
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -81,7 +87,7 @@ class UnitGrid:
         return self.num_frames, self.tiles_h, self.tiles_w
 
     def with_frames(self, num_frames: int) -> "UnitGrid":
-        return UnitGrid(num_frames, self.height, self.width, self.tile_h, self.tile_w)
+        return UnitGrid(num_frames, self.height, self.width, self.tile_h, self.tile_w, self.frame_minor)
 
     def unit_coords(self, device=None) -> torch.Tensor:
         """``(N, 3)`` long: (frame, tile row, tile column) of every unit, in unit order."""
@@ -89,9 +95,11 @@ class UnitGrid:
         return torch.stack([t.flatten(), i.flatten(), j.flatten()], dim=1)
 
     def token_coords(self, device=None) -> torch.Tensor:
-        """``(T*H*W, 3)`` long: the unit coordinates of every video token, in the model's frame-major order."""
+        """``(T*H*W, 3)`` long: the unit coordinates of every video token, in the model's token order."""
         t, h, w = torch.meshgrid(*(torch.arange(n, device=device) for n in (self.num_frames, self.height, self.width)),
                                  indexing="ij")
+        if self.frame_minor:  # (H, W, T) order
+            t, h, w = (x.permute(1, 2, 0) for x in (t, h, w))
         return torch.stack([t.flatten(), h.flatten() // self.tile_h, w.flatten() // self.tile_w], dim=1)
 
     def describe(self) -> str:
@@ -99,9 +107,11 @@ class UnitGrid:
 
 
 @lru_cache(maxsize=64)
-def _perm_cpu(num_frames: int, height: int, width: int, tile_h: int, tile_w: int) -> torch.Tensor:
+def _perm_cpu(num_frames: int, height: int, width: int, tile_h: int, tile_w: int, frame_minor: bool) -> torch.Tensor:
     T, H, W, th, tw = num_frames, height, width, tile_h, tile_w
-    idx = torch.arange(T * H * W).view(T, H // th, th, W // tw, tw)
+    idx = torch.arange(T * H * W)
+    idx = idx.view(H, W, T).permute(2, 0, 1) if frame_minor else idx.view(T, H, W)  # model index at (t, h, w)
+    idx = idx.reshape(T, H // th, th, W // tw, tw)
     return idx.permute(0, 1, 3, 2, 4).reshape(-1).contiguous()
 
 
@@ -116,7 +126,7 @@ def unit_permutation(grid: UnitGrid, device=None) -> torch.Tensor:
     key = (grid, str(torch.device(device) if device is not None else "cpu"))
     p = _DEVICE_PERMS.get(key)
     if p is None:
-        p = _perm_cpu(grid.num_frames, grid.height, grid.width, grid.tile_h, grid.tile_w).to(device)
+        p = _perm_cpu(grid.num_frames, grid.height, grid.width, grid.tile_h, grid.tile_w, grid.frame_minor).to(device)
         if len(_DEVICE_PERMS) > 64:
             _DEVICE_PERMS.clear()
         _DEVICE_PERMS[key] = p

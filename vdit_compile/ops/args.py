@@ -1,6 +1,7 @@
 """The op's mask arguments: ``grid`` (ints) and ``masks`` (one string), and what they resolve to.
 
-``grid = [T, H, W, tile_h, tile_w]`` is the site's video grid in memory order and its token tile;
+``grid = [T, H, W, tile_h, tile_w]`` is the site's video grid and its token tile (a sixth entry ``1``
+marks frame-minor tokens, ordered ``(H, W, T)``; they always run reordered);
 ``masks`` is one mask name for every head or ``H`` comma-separated names (any registered family).
 Both are constants in a traced graph (hashable, constant-foldable in export), so the op stays
 parametric in ``T`` and the kernels' visit lists are cached by them.
@@ -33,13 +34,14 @@ def encode_masks(masks: Sequence) -> str:
 def op_grid(layout: TokenLayout, tile: Sequence[int] | None = None) -> list[int]:
     """The op's ``grid`` argument for a site layout and tile (``None``: whole frames)."""
     th, tw = (layout.height, layout.width) if tile is None else (int(tile[0]), int(tile[1]))
-    return [layout.num_frames, layout.height, layout.width, th, tw]
+    grid = [layout.num_frames, layout.height, layout.width, th, tw]
+    return grid + [1] if layout.order == "HWT" else grid
 
 
 def grid_of(grid: Sequence[int]) -> UnitGrid:
-    if len(grid) != 5:
-        raise ValueError(f"tile_attention: grid must be [T, H, W, tile_h, tile_w], found {list(grid)}")
-    return UnitGrid(*(int(x) for x in grid))
+    if len(grid) not in (5, 6):
+        raise ValueError(f"tile_attention: grid must be [T, H, W, tile_h, tile_w] (+ [1] if frame-minor), found {list(grid)}")
+    return UnitGrid(*(int(x) for x in grid[:5]), frame_minor=len(grid) == 6 and bool(grid[5]))
 
 
 @lru_cache(maxsize=256)
@@ -85,8 +87,8 @@ def _resolve(num_heads: int, grid: tuple, masks: str) -> OpMasks:
                          f"{masks!r}")
     specs = specs * num_heads if len(specs) == 1 else specs
     tiles = needs_tiles(specs) and not ug.is_frames
-    used = ug if tiles else UnitGrid.frames(ug.num_frames, ug.height, ug.width)
-    return OpMasks(used, specs, tiles)
+    used = ug if tiles else UnitGrid.frames(ug.num_frames, ug.height, ug.width, ug.frame_minor)
+    return OpMasks(used, specs, not used.in_unit_order)
 
 
 def resolve(num_heads: int, grid: Sequence[int], masks: str) -> OpMasks:

@@ -139,7 +139,7 @@ class SitePlan:
     def unit_grid(self, layout: TokenLayout | None = None) -> UnitGrid:
         lay = layout or self.layout
         th, tw = self.tile if self.tile is not None else (lay.height, lay.width)
-        return UnitGrid(lay.num_frames, lay.height, lay.width, th, tw)
+        return UnitGrid(lay.num_frames, lay.height, lay.width, th, tw, frame_minor=lay.order == "HWT")
 
     def to_dict(self) -> dict:
         d = {
