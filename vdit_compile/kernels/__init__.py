@@ -7,11 +7,4 @@ whether the kernels can run here.  The core's ``torch.ops.vdit.tile_attention`` 
 from .visit import Side, TilePlan, VisitList, clear_cache, tile_plan
 
 
-def tile_sparse_attention(*args, **kwargs):
-    """See :func:`vdit_compile.kernels.tile_attention_triton.tile_sparse_attention`."""
-    from .tile_attention_triton import tile_sparse_attention as fn
-
-    return fn(*args, **kwargs)
-
-
-__all__ = ["Side", "TilePlan", "VisitList", "clear_cache", "tile_plan", "tile_sparse_attention"]
+__all__ = ["Side", "TilePlan", "VisitList", "clear_cache", "tile_plan"]

@@ -290,74 +290,6 @@ def attention_backward(dout, dlse, q, k, v, out, lse, plan: TilePlan, scale: flo
     return dq, dk, dv
 
 
-class _TileSparseFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, plan, scale, cfgs, d_mode):
-        out, lse = attention_forward(q, k, v, plan, scale, cfgs, d_mode)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (plan, scale, cfgs, d_mode)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = attention_backward(dout, dlse, q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None
-
-
-def _as_side(layout, length: int, what: str) -> Side:
-    if isinstance(layout, Side):
-        side = layout
-    elif isinstance(layout, TokenLayout):
-        side = Side.of(layout)
-    else:
-        raise TypeError(f"{what} layout must be a TokenLayout or Side, found {type(layout).__name__}")
-    if side.length != length:
-        raise ValueError(f"{what} layout describes {side.length} tokens but the tensor has {length}")
-    return side
-
-
-def tile_sparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout,
-    frame_mask: torch.Tensor,
-    scale: float | None = None,
-    *,
-    k_layout=None,
-    return_lse: bool = False,
-    configs: KernelConfigs | None = None,
-    head_dim_mode: str = "split",
-):
-    """Tile-sparse attention with an arbitrary per-head frame mask (differentiable).
-
-    Args:
-        q: ``(B, H, Lq, D)``; k, v: ``(B, H, Lk, D)``; float16/bfloat16/float32, CUDA (or CPU
-            under ``TRITON_INTERPRET=1``).  Unit stride on ``D`` avoids a copy.
-        layout: :class:`TokenLayout` (or :class:`Side`) of the queries (and keys, unless
-            ``k_layout`` is given).
-        frame_mask: bool ``(H or 1, Tq, Tk)``: query frame ``i`` sees key frame ``j``.  Text
-            rows see every key; text keys are seen by every query.
-        scale: softmax scale, default ``D ** -0.5``.
-    Returns:
-        ``out`` ``(B, H, Lq, D)`` (and ``lse`` ``(B, H, Lq)`` float32 when ``return_lse``).
-    """
-    reason = unsupported_reason(q, k, v)
-    if reason:
-        raise ValueError(f"tile_sparse_attention: {reason}")
-    if k.shape[:2] != q.shape[:2] or v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}: expected equal B, H and k/v length")
-    qside = _as_side(layout, q.shape[2], "query")
-    kside = _as_side(k_layout if k_layout is not None else layout, k.shape[2], "key")
-    plan = tile_plan(qside, kside, frame_mask, q.shape[1], q.device)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, lse = _TileSparseFunction.apply(q, k, v, plan, scale, configs, head_dim_mode)
-    return (out, lse) if return_lse else out
-
-
 # ----------------------------------------------------------------------------- op-facing API
 _WARNED: set = set()
 
@@ -407,5 +339,5 @@ def flops(plan: TilePlan, batch: int, head_dim: int) -> float:
     return 4.0 * batch * kept * head_dim
 
 
-__all__ = ["available", "forward", "backward", "tile_sparse_attention", "attention_forward", "attention_backward",
+__all__ = ["available", "forward", "backward", "attention_forward", "attention_backward",
            "forward_path", "head_dim_parts", "flops"]
