@@ -122,16 +122,27 @@ class AttributeClassifier(nn.Module):
         return d / f"{name}.safetensors"
 
 
-def load_classifier(directory: Path | str | None = None, name: str = WEIGHTS_NAME, device="cpu") -> AttributeClassifier:
+def classifier_dir(world: str = "embedded") -> Path:
+    """Where a world's shipped classifier lives: this package's weights/ for the embedded world, the world's own
+    weights/ otherwise (it is trained together with the world's model)."""
+    if world == "embedded":
+        return WEIGHTS_DIR
+    from ..models.worlds import world_package
+
+    return Path(world_package(world).WEIGHTS_DIR)
+
+
+def load_classifier(directory: Path | str | None = None, name: str = WEIGHTS_NAME, device="cpu",
+                    world: str = "embedded") -> AttributeClassifier:
     """Load the shipped (or a given) classifier in eval mode; clear error if weights are missing."""
     from safetensors.torch import load_file
 
-    d = Path(directory) if directory is not None else WEIGHTS_DIR
+    d = Path(directory) if directory is not None else classifier_dir(world)
     cfg_path, w_path = d / f"{name}.json", d / f"{name}.safetensors"
     if not cfg_path.exists() or not w_path.exists():
         raise FileNotFoundError(
             f"classifier weights not found: expected {w_path} and {cfg_path}; "
-            "train them with `python tools/train_classifier.py`"
+            f"train them with `python tools/train_classifier.py{'' if world == 'embedded' else ' --world ' + world}`"
         )
     cfg = json.loads(cfg_path.read_text())
     model = AttributeClassifier(cfg["attributes"], cfg["frames"], cfg["size"], cfg["width"])
