@@ -371,3 +371,21 @@ def sample_batch(seeds: Iterable[int] | None = None, batch: int | None = None,
     seeds = [int(s) for s in seeds]
     attrs = [sample_attributes(s, second_object_prob) for s in seeds]
     return render(attrs, device), [caption_of(a) for a in attrs], attrs
+
+
+# Prompts of the training run's sample grid (tools/train_reference.py --world textured) and the model card.
+GRID_PROMPTS = [
+    "a large red striped square moving right over a dark blue mottled background",
+    "a large green spotted circle moving left over a gray speckled background drifting up",
+    "a large blue gradient triangle moving up over a black mottled background drifting right",
+    "a large yellow striped diamond moving down over a dark green speckled background",
+    "a large cyan spotted cross rotating over a dark red mottled background drifting left",
+    "a large magenta striped circle rotating over a dark blue speckled background",
+    "a small red gradient square growing over a gray mottled background drifting down",
+    "a large yellow spotted triangle shrinking over a dark green mottled background",
+    "a small green striped diamond moving right over a black speckled background drifting left",
+    "a large blue spotted square moving left over a dark red speckled background drifting right",
+    "a large cyan gradient circle moving down over a dark blue mottled background drifting up",
+    "a large magenta spotted triangle moving up and a small yellow striped square moving right "
+    "over a black mottled background",
+]
