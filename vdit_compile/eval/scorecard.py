@@ -96,7 +96,7 @@ def score_clips(
         ceiling = getattr(clf, "meta", {}).get("heldout_accuracy", {}).get("all")
         if ceiling:
             card["ceiling"] = {n: ceiling[n] for n in acc}
-            card["accuracy_vs_ceiling"] = {n: acc[n] / ceiling[n] for n in acc}
+            card["accuracy_vs_ceiling"] = {n: acc[n] / ceiling[n] for n in acc if ceiling[n] > 0}
         for i, row in enumerate(per_clip):
             row.update({f"pred_{n}": pred[n][i] for n in acc})
             row.update({f"label_{n}": prompts.labels[n][i] for n in acc})
@@ -212,7 +212,7 @@ def render_table(cards: Union[dict, Sequence[dict]], real: bool = True) -> str:
         ra, ceil = first.get("real_accuracy", {}), first.get("ceiling", {})
         rows.append(
             ["real clips (same prompts)", "-"] + [_fmt(ra.get(n), True) for n in names]
-            + [_fmt(min(ra[n] / ceil[n] for n in ra), True) if ra and ceil else "-",
+            + [_fmt(min(ra[n] / ceil[n] for n in ra if ceil.get(n)), True) if ra and any(ceil.get(n) for n in ra) else "-",
                _fmt(first.get("real_temporal_consistency")), _fmt(first.get("real_flicker"), digits=2), "-", "-", "-"]
         )
         if ceil:
