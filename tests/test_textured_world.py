@@ -112,3 +112,25 @@ def test_classifier_tool_on_the_textured_world(tmp_path):
     assert clf.meta["world"] == "textured"
     pred = clf.predict(data.sample_batch(seeds=[1])[0])
     assert set(pred) == set(scored_attributes("textured"))
+
+
+def test_oracle_finds_local_heads_sparse_and_diffuse_heads_dense():
+    """world_report's oracle on hand-made q, k, v: a head attending only to itself needs only the sparsest
+    window holding the diagonal; a head attending uniformly to random values needs dense attention."""
+    wr = _script("world_report")
+    T, H, W = 4, 4, 4
+    L = T * H * W
+    g = torch.Generator().manual_seed(0)
+    eye = 30.0 * torch.eye(L)
+    q = torch.stack([eye, torch.zeros(L, L)])[None]  # (B=1, heads=2, L, d=L)
+    v = torch.randn(1, 2, L, L, generator=g)
+    res, mass, dens = wr.oracle_and_maps([(q, q.clone(), v)], n_sites=1, heads=2, grid=(T, H, W), budget=0.05,
+                                         device="cpu")
+    picks = res["max-err<=0.05 dense+tile+spatial+3d"]["per_head"][0]
+    assert dens[picks[1]] == 1.0  # dense (or a candidate that is all-true at this small grid)
+    assert dens[picks[0]] == min(d for n, d in dens.items()), picks
+    expected = (dens[picks[0]] + 1.0) / 2
+    assert abs(res["max-err<=0.05 dense+tile+spatial+3d"]["mean_density"] - round(expected, 4)) < 1e-4
+    assert res["max-err<=0.05 dense+tile"]["per_head"][0][0] == "tile g0w0"  # the sparsest tile holding the diagonal
+    assert float(mass[0, 0, 0, 0]) > 0.99  # head 0's mass: |dt| = 0, distance 0
+    assert abs(float(mass[0, 1].sum()) - 1.0) < 1e-5 and float(mass[0, 1, 0, 0]) < 0.05

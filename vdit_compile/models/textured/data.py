@@ -76,7 +76,7 @@ def _vocab() -> tuple[str, ...]:
 
 
 VOCAB: tuple[str, ...] = _vocab()
-MAX_CAPTION_WORDS = 32  # the longest caption of the grammar has 24 words
+MAX_CAPTION_WORDS = 32  # the longest caption of the grammar has 23 words
 
 
 # ----------------------------------------------------------------------------------------------- attributes
