@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vdit_compile.eval.classifier import load_classifier  # noqa: E402
-from vdit_compile.eval.prompts import prompt_set  # noqa: E402
-from vdit_compile.eval.scorecard import render_table, scorecard, to_json  # noqa: E402
-from vdit_compile.models.worlds import WORLDS, world_package  # noqa: E402
+from vdit_compile.eval.classifier import load_classifier
+from vdit_compile.eval.prompts import prompt_set
+from vdit_compile.eval.scorecard import render_table, scorecard, to_json
+from vdit_compile.models.worlds import WORLDS, world_package
 
 
 # ------------------------------------------------------------------------------------------ recording q, k, v
@@ -107,7 +107,7 @@ def oracle_and_maps(calls, n_sites: int, heads: int, grid, budget: float, device
             e = ((o - ref).flatten(-2).norm(dim=-1) / ref.flatten(-2).norm(dim=-1)).amax(0).cpu()
             errs[n][site] = torch.maximum(errs[n][site], e)
             errs_mean[n][site] += e / n_per_site
-    fam = lambda n: n.split()[0]  # noqa: E731
+    fam = lambda n: n.split()[0]
     res = {}
     for agg, E in (("max", errs), ("mean", errs_mean)):
         for b in sorted({budget, 0.1, 0.2, 0.3}):

@@ -28,9 +28,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ..models.worlds import DEFAULT_WORLD, scored_attributes, world_data, world_of_pipe
 from . import metrics
 from .classifier import AttributeClassifier, load_classifier
-from ..models.worlds import DEFAULT_WORLD, scored_attributes, world_data, world_of_pipe
 from .prompts import ATTRIBUTES, PromptSet, prompt_set
 from .sampling import Samples, sample
 

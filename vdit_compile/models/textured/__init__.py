@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from . import data
 from ..embedded.checkpoint import load_embedded, save_embedded
 from ..embedded.pipeline import DEFAULT_GUIDANCE_SCALE, EmbeddedPipeline, save_gif
 from ..embedded.tokenizer import CaptionTokenizer
-from ..embedded.transformer import SCHEDULER_CONFIG as _BASE_SCHEDULER, TRANSFORMER_CONFIG as _BASE_TRANSFORMER
+from ..embedded.transformer import SCHEDULER_CONFIG as _BASE_SCHEDULER
+from ..embedded.transformer import TRANSFORMER_CONFIG as _BASE_TRANSFORMER
 from ..embedded.transformer import build_text_encoder, build_transformer
+from . import data
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 NAME = "textured"
@@ -106,6 +107,20 @@ def load_pipeline(device="cpu", weights="default", dtype: torch.dtype = torch.fl
     return pipe
 
 
-__all__ = ["data", "load_pipeline", "weights_available", "save_textured", "make_tokenizer", "TexturedPipeline",
-           "WEIGHTS_DIR", "NAME", "TRANSFORMER_CONFIG", "TEXT_ENCODER_CONFIG", "TINY_TRANSFORMER_CONFIG",
-           "TINY_TEXT_ENCODER_CONFIG", "SCHEDULER_CONFIG", "VIDEO", "save_gif"]
+__all__ = [
+    "NAME",
+    "SCHEDULER_CONFIG",
+    "TEXT_ENCODER_CONFIG",
+    "TINY_TEXT_ENCODER_CONFIG",
+    "TINY_TRANSFORMER_CONFIG",
+    "TRANSFORMER_CONFIG",
+    "VIDEO",
+    "WEIGHTS_DIR",
+    "TexturedPipeline",
+    "data",
+    "load_pipeline",
+    "make_tokenizer",
+    "save_gif",
+    "save_textured",
+    "weights_available",
+]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -298,7 +298,7 @@ def render(attrs_list: Sequence[dict], device="cpu", num_frames: int = NUM_FRAME
     obj_noise = send(torch.stack(obj_grids))  # (B, n_layers, n, n)
 
     # -- background: a noise field over the padded square, sampled at the drifting window
-    S = H + 2 * int(math.ceil(PAD * s))
+    S = H + 2 * math.ceil(PAD * s)
     field = None
     for k, (name, octaves) in enumerate(_BG_OCTAVES.items()):
         grids = [send(torch.stack([clip[i] for clip in bg_grids[name]])) for i in range(len(octaves))]
@@ -386,6 +386,6 @@ GRID_PROMPTS = [
     "a small green striped diamond moving right over a black speckled background drifting left",
     "a large blue spotted square moving left over a dark red speckled background drifting right",
     "a large cyan gradient circle moving down over a dark blue mottled background drifting up",
-    "a large magenta spotted triangle moving up and a small yellow striped square moving right "
-    "over a black mottled background",
+    ("a large magenta spotted triangle moving up and a small yellow striped square moving right "
+     "over a black mottled background"),
 ]
