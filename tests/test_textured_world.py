@@ -135,3 +135,23 @@ def test_oracle_finds_local_heads_sparse_and_diffuse_heads_dense():
     assert res["max-err<=0.05 dense+tile"]["per_head"][0][0] == "tile g0w0"  # the sparsest tile holding the diagonal
     assert float(mass[0, 0, 0, 0]) > 0.99  # head 0's mass: |dt| = 0, distance 0
     assert abs(float(mass[0, 1].sum()) - 1.0) < 1e-5 and float(mass[0, 1, 0, 0]) < 0.05
+    wm = wr.window_mass(mass, (T, H, W))
+    assert abs(wm["t1 r1"]["density"] - dens["3d t1 r1"]) < 1e-4  # the yardstick is the mask's density
+    assert wm["t1 r1"]["mass"][0][0] > 0.99
+
+
+def test_model_spec_and_demo_select_the_textured_world(tmp_path, monkeypatch, capsys):
+    from vdit_compile.cli.main import main as cli_main
+    from vdit_compile.cli.model_spec import ModelSpecError, load_model
+    from vdit_compile.models.worlds import world_of_pipe
+
+    pipe = load_model("textured:tiny")
+    assert type(pipe).__name__ == "TexturedPipeline" and world_of_pipe(pipe) == "textured"
+    assert pipe.transformer.config.patch_size == (1, 4, 4)
+    with pytest.raises(ModelSpecError, match="textured:WEIGHTS_DIR"):
+        load_model("textured:nonsense")
+    monkeypatch.setattr(textured, "WEIGHTS_DIR", tmp_path / "none")
+    with pytest.raises(ModelSpecError, match="not shipped yet"):
+        load_model("textured")
+    assert cli_main(["demo", "--world", "textured", "--out", str(tmp_path / "demo"), "--device", "cpu"]) == 2
+    assert "train_reference.py --world textured" in capsys.readouterr().err

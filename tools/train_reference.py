@@ -380,6 +380,7 @@ def main(argv=None) -> int:
                   scheduler={**SCHEDULER_CONFIG, "shift": args.shift})
 
     if args.sample_steps > 0:
+        gif_scale = max(1, 128 // data.HEIGHT)  # 128-pixel tiles: a textured 64 x 64 grid at scale 4 would be ~10 MB
         pipe = load_pipeline(device=device, weights=out / "weights")
         gens = [torch.Generator(device=device).manual_seed(i) for i in range(len(GRID_PROMPTS))]
         for g in args.guidance:
@@ -388,10 +389,10 @@ def main(argv=None) -> int:
             t0 = time.time()
             frames = pipe(GRID_PROMPTS, num_inference_steps=args.sample_steps, guidance_scale=g, generator=gens,
                           progress=False).frames
-            save_gif(frames, out / f"samples_g{g:g}.gif", columns=4)
+            save_gif(frames, out / f"samples_g{g:g}.gif", columns=4, scale=gif_scale)
             summary[f"sample_seconds_g{g:g}"] = time.time() - t0
         real = data.render(real_grid_attributes(GRID_PROMPTS[:-1]), device=device)
-        save_gif(real, out / "real_grid.gif", columns=4)
+        save_gif(real, out / "real_grid.gif", columns=4, scale=gif_scale)
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if args.ship:
         WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)

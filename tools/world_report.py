@@ -128,7 +128,8 @@ def attention_figure(mass: torch.Tensor, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     n_sites, heads = mass.shape[:2]
-    fig, axes = plt.subplots(n_sites, heads, figsize=(2.6 * heads, 2.4 * n_sites), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(n_sites, heads, figsize=(max(2.8 * heads, 5.5), 2.5 * n_sites + 0.6), dpi=110,
+                             squeeze=False, layout="constrained")
     for si in range(n_sites):
         for hd in range(heads):
             ax = axes[si][hd]
@@ -138,17 +139,24 @@ def attention_figure(mass: torch.Tensor, path: Path, title: str) -> None:
             ax.set_ylabel("|dt| (frames)", fontsize=7)
             ax.tick_params(labelsize=6)
     fig.colorbar(im, ax=axes, shrink=0.6, label="log10 attention mass")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=8)
     fig.savefig(path)
     plt.close(fig)
 
 
-def window_mass(mass: torch.Tensor) -> dict:
-    """Fraction of attention mass within |dt| <= kt and spatial distance <= r, per site and head."""
+def window_mass(mass: torch.Tensor, grid) -> dict:
+    """Fraction of attention mass within |dt| <= kt and spatial distance <= r, per site and head, with the
+    window's density (the mass a uniform head would put there) for comparison."""
+    T, H, W = grid
     out = {}
     for kt, r in ((0, 0), (1, 1), (2, 2), (4, 3), (15, 3), (2, 15)):
-        out[f"t{kt} r{r}"] = [[round(float(mass[si, hd, : kt + 1, : r + 1].sum()), 3) for hd in range(mass.shape[1])]
-                             for si in range(mass.shape[0])]
+        frames = sum(T - d if d == 0 else 2 * (T - d) for d in range(min(kt, T - 1) + 1)) / T**2
+        space = 1.0
+        for n in (H, W):
+            space *= sum(n - d if d == 0 else 2 * (n - d) for d in range(min(r, n - 1) + 1)) / n**2
+        out[f"t{kt} r{r}"] = {"density": round(frames * space, 4),
+                              "mass": [[round(float(mass[si, hd, : kt + 1, : r + 1].sum()), 3)
+                                        for hd in range(mass.shape[1])] for si in range(mass.shape[0])]}
     return out
 
 
@@ -188,7 +196,7 @@ def main(argv=None) -> int:
 
         n = min(8, len(ps))
         real = ps.real_clips()[:n]
-        save_gif(torch.stack([clips[:n], real], 1).flatten(0, 1), args.out / "samples.gif", columns=4, scale=3)
+        save_gif(torch.stack([clips[:n], real], 1).flatten(0, 1), args.out / "samples.gif", columns=4, scale=2)
     if args.oracle_prompts:
         cfg = pipe.transformer.config
         vid = world.VIDEO if hasattr(world, "VIDEO") else {"num_frames": 16, "height": 32, "width": 32}
@@ -211,11 +219,11 @@ def main(argv=None) -> int:
             print(f"{key:44s} mean element density {r['mean_density']:.3f}", flush=True)
         summary["oracle"] = {k: r["mean_density"] for k, r in res.items()}
         attention_figure(mass, args.out / "attention_maps.png",
-                         f"{args.world}: attention mass by |dt| x spatial distance ({args.oracle_prompts} prompts, "
-                         f"{args.oracle_steps} steps, all queries)")
-        (args.out / "attention_maps.json").write_text(json.dumps({"window_mass": window_mass(mass),
+                         f"{args.world}: attention mass by |dt| x spatial distance\n({args.oracle_prompts} "
+                         f"prompts, {args.oracle_steps} steps, all queries)")
+        (args.out / "attention_maps.json").write_text(json.dumps({"window_mass": window_mass(mass, grid),
                                                                   "mass": mass.tolist()}) + "\n")
-        summary["window_mass"] = window_mass(mass)
+        summary["window_mass"] = window_mass(mass, grid)
     summary["seconds"] = round(time.time() - t0, 1)
     (args.out / "report_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1), flush=True)
