@@ -28,15 +28,20 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vdit_compile.eval.classifier import WEIGHTS_DIR, AttributeClassifier  # noqa: E402
-from vdit_compile.eval.prompts import ATTRIBUTES, heldout_seeds, is_heldout, labels_of  # noqa: E402
-from vdit_compile.models.embedded import data  # noqa: E402
+from vdit_compile.eval.classifier import AttributeClassifier, classifier_dir  # noqa: E402
+from vdit_compile.eval.prompts import heldout_seeds, is_heldout, labels_of  # noqa: E402
+from vdit_compile.models.worlds import WORLDS, scored_attributes, world_data  # noqa: E402
 
 FLIP = {"left": "right", "right": "left"}
+# The world being trained on (--world); set by main() before anything renders.
+data = world_data("embedded")
+ATTRIBUTES = scored_attributes("embedded")
+WORLD = "embedded"
+DEVICE = torch.device("cpu")
 
 
 def render(seeds: list[int]) -> tuple[torch.Tensor, list[dict]]:
-    videos, _, attrs = data.sample_batch(seeds=seeds)
+    videos, _, attrs = data.sample_batch(seeds=seeds, device=DEVICE)
     return (videos * 255).round().to(torch.uint8), attrs
 
 
@@ -58,16 +63,21 @@ def augment(x: torch.Tensor, attrs: list[dict], g: torch.Generator) -> tuple[tor
         if flip[i] and a["motion"] != "diagonal":  # diagonal is always towards the lower right
             x[i] = x[i].flip(-1)
             a = {**a, "motion": FLIP.get(a["motion"], a["motion"])}
+            if "pan" in a:  # the textured world's background drift
+                a["pan"] = FLIP.get(a["pan"], a["pan"])
         out_attrs.append(a)
     scale = 1 + 0.1 * (torch.rand(B, 1, 1, 1, 1, generator=g) * 2 - 1)
     shift = 0.03 * (torch.rand(B, 1, 1, 1, 1, generator=g) * 2 - 1)
     sigma = 0.06 * torch.rand(B, 1, 1, 1, 1, generator=g)
-    x = x * scale + shift + sigma * torch.randn(x.shape, generator=g)
+    scale, shift, sigma = scale.to(x.device), shift.to(x.device), sigma.to(x.device)
+    # on a GPU, noise from the device's RNG (seeded by torch.manual_seed): a CPU draw per step would dominate
+    noise = torch.randn(x.shape, generator=g) if x.device.type == "cpu" else torch.randn(x.shape, device=x.device)
+    x = x * scale + shift + sigma * noise
     return x.clamp(0, 1), out_attrs
 
 
 def targets(attrs: list[dict], model: AttributeClassifier, device) -> dict[str, torch.Tensor]:
-    lab = labels_of(attrs)
+    lab = labels_of(attrs, WORLD)
     return {n: torch.tensor([model.attributes[n].index(v) for v in vals], device=device) for n, vals in lab.items()}
 
 
@@ -81,7 +91,7 @@ def evaluate(model: AttributeClassifier, n: int, device, batch: int = 128) -> di
     for i in range(0, n, batch):
         videos, _, attrs = data.sample_batch(seeds=seeds[i : i + batch], device=device)
         pred = model.predict(videos)
-        lab = labels_of(attrs)
+        lab = labels_of(attrs, WORLD)
         for j, a in enumerate(attrs):
             group = "two" if a.get("second") else "one"
             counts["all"] += 1
@@ -107,14 +117,23 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-clips", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", type=Path, default=WEIGHTS_DIR)
+    ap.add_argument("--out", type=Path, default=None, help="weights directory (default: the world's shipped one)")
+    ap.add_argument("--world", default="embedded", choices=WORLDS, help="which procedural world (default embedded)")
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop training after this much wall time")
     args = ap.parse_args(argv)
+    global data, ATTRIBUTES, WORLD, DEVICE
+    WORLD, data, ATTRIBUTES = args.world, world_data(args.world), scored_attributes(args.world)
+    DEVICE = torch.device(args.device)
+    if args.out is None:
+        args.out = classifier_dir(args.world)
 
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     device = torch.device(args.device)
-    model = AttributeClassifier(ATTRIBUTES, frames=data.NUM_FRAMES, size=data.HEIGHT, width=args.width).to(device)
+    temporal = ("motion",) if WORLD == "embedded" else tuple(ATTRIBUTES)
+    model = AttributeClassifier(ATTRIBUTES, frames=data.NUM_FRAMES, size=data.HEIGHT, width=args.width,
+                                temporal_heads=temporal).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
 
@@ -126,9 +145,14 @@ def main(argv=None) -> int:
         pool_attrs += a
     pool = torch.cat(pool)
     bar = tqdm(range(args.steps), desc="train classifier")
+    steps_done = 0
     for step in bar:
+        if args.max_minutes is not None and time.time() - t0 > args.max_minutes * 60:
+            print(f"stopping at step {step} of {args.steps}: --max-minutes {args.max_minutes} reached", flush=True)
+            break
+        steps_done = step + 1
         idx = torch.randint(0, args.pool, (args.batch,), generator=g)
-        x = pool[idx].float() / 255
+        x = pool[idx.to(pool.device)].float() / 255
         x, attrs = augment(x, [pool_attrs[i] for i in idx.tolist()], g)
         logits = model(x.to(device))
         tg = targets(attrs, model, device)
@@ -148,10 +172,11 @@ def main(argv=None) -> int:
     acc = evaluate(model, args.eval_clips, device)
     meta = {
         "labelled_object": "primary (first in the caption; upper lane in two-object scenes)",
+        "world": WORLD,
         "heldout_accuracy": acc,
         "training": {
             "command": "python tools/train_classifier.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "steps": args.steps, "batch": args.batch, "pool": args.pool, "refresh": args.refresh, "lr": args.lr,
+            "steps": steps_done, "planned_steps": args.steps, "batch": args.batch, "pool": args.pool, "refresh": args.refresh, "lr": args.lr,
             "seed": args.seed, "device": str(device), "seconds": round(train_s, 1),
             "torch": torch.__version__, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         },

@@ -11,8 +11,12 @@ DiT, data rendered on the GPU per batch. Checkpoints (weights, EMA, optimizer, R
   loss.csv, loss.png, weights/ (EMA weights, fp16 safetensors + config.json: what load_pipeline takes),
   samples_g<scale>.gif (a prompt grid sampled with --sample-steps), train_summary.json.
 --ship copies weights/ into the package (vdit_compile/models/embedded/weights/), the embedded default.
+--world textured trains the textured world's model instead (vdit_compile/models/textured: 16 x 64 x 64 clips,
+4,096 video tokens; ships into vdit_compile/models/textured/weights/); --lr-by-time makes the cosine schedule
+follow the time box rather than --steps (for a first run whose speed is unknown).
 
   python tools/train_reference.py --out runs/ref --steps 6000 --max-minutes 8.5 --ship
+  python tools/train_reference.py --world textured --out runs/tex --max-minutes 5 --lr-by-time --ship
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from vdit_compile.models.embedded import (SCHEDULER_CONFIG, TEXT_ENCODER_CONFIG,
                                           TINY_TRANSFORMER_CONFIG, TRANSFORMER_CONFIG, WEIGHTS_DIR, CaptionTokenizer,
                                           build_text_encoder, build_transformer, data, load_pipeline, save_embedded,
                                           save_gif)
+from vdit_compile.models.worlds import WORLDS
 
 GRID_PROMPTS = [
     "a large red circle moving right steadily over a black background",
@@ -56,11 +61,38 @@ GRID_PROMPTS = [
 ]
 
 
+def use_world(name: str) -> None:
+    """Point this script's module-level model/data names at a world (the embedded one is the default)."""
+    global SCHEDULER_CONFIG, TEXT_ENCODER_CONFIG, TINY_TEXT_ENCODER_CONFIG, TINY_TRANSFORMER_CONFIG, \
+        TRANSFORMER_CONFIG, WEIGHTS_DIR, data, load_pipeline, save_embedded, GRID_PROMPTS, CaptionTokenizer
+    if name == "embedded":
+        return
+    from vdit_compile.models import textured as w
+
+    SCHEDULER_CONFIG, TEXT_ENCODER_CONFIG, TRANSFORMER_CONFIG = w.SCHEDULER_CONFIG, w.TEXT_ENCODER_CONFIG, \
+        w.TRANSFORMER_CONFIG
+    TINY_TEXT_ENCODER_CONFIG, TINY_TRANSFORMER_CONFIG = w.TINY_TEXT_ENCODER_CONFIG, w.TINY_TRANSFORMER_CONFIG
+    WEIGHTS_DIR, data, load_pipeline, save_embedded = w.WEIGHTS_DIR, w.data, w.load_pipeline, w.save_textured
+    GRID_PROMPTS = w.data.GRID_PROMPTS
+    CaptionTokenizer = w.make_tokenizer
+
+
+def real_grid_attributes(prompts):
+    """Renderable attributes of the grid prompts (no jitter), for the real-clip grid beside the samples."""
+    if hasattr(data, "canonical_attributes"):
+        return [data.canonical_attributes(p, seed=i) for i, p in enumerate(prompts)]
+    return [dict(data.parse_caption(p), jitter_x=0.0, jitter_y=0.0, angle0=0.0, lane=0) for p in prompts]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world", default="embedded", choices=WORLDS, help="which procedural world and model")
     p.add_argument("--out", default="runs/reference", help="output directory")
     p.add_argument("--steps", type=int, default=6000, help="planned optimizer steps (sets the LR schedule)")
-    p.add_argument("--max-minutes", type=float, default=8.5, help="stop training after this much wall time")
+    p.add_argument("--max-minutes", "--minutes", type=float, default=8.5,
+                   help="stop training after this much wall time")
+    p.add_argument("--lr-by-time", action="store_true",
+                   help="cosine schedule over the time box (--max-minutes) instead of over --steps")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--warmup", type=int, default=200)
@@ -69,7 +101,7 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped weights")
     p.add_argument("--cfg-drop", type=float, default=0.1, help="caption dropout (null prompt) for CFG")
     p.add_argument("--unk-prob", type=float, default=0.02, help="words replaced by <unk> in training")
-    p.add_argument("--shift", type=float, default=SCHEDULER_CONFIG["shift"],
+    p.add_argument("--shift", type=float, default=None,
                    help="timestep shift (training distribution and the shipped scheduler); > 1 trains more at high "
                         "noise, where motion direction is decided")
     p.add_argument("--seed", type=int, default=0)
@@ -87,7 +119,11 @@ def parse_args(argv=None):
     p.add_argument("--sample-steps", type=int, default=50, help="sampling steps for the prompt grid (0: none)")
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0],
                    help="guidance scales of the sample grids; the first >1 becomes the default")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    use_world(args.world)
+    if args.shift is None:
+        args.shift = SCHEDULER_CONFIG["shift"]
+    return args
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -124,10 +160,13 @@ def flow_loss(transformer, text_encoder, x0, noise, t, ids, mask):
     return F.mse_loss(pred.float(), (noise - x0).float())
 
 
-def lr_at(args, step):
+def lr_at(args, step, elapsed_s: float | None = None):
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
-    u = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    if args.lr_by_time and elapsed_s is not None:
+        u = min(1.0, elapsed_s / (args.max_minutes * 60))
+    else:
+        u = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
     return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * u)))
 
 
@@ -156,7 +195,7 @@ def save_checkpoint(out: Path, modules, ema_modules, opt, step, elapsed):
     tmp.rename(ck)
 
 
-def plot_loss(csv_path: Path, png_path: Path):
+def plot_loss(csv_path: Path, png_path: Path, title: str = "embedded"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,7 +216,7 @@ def plot_loss(csv_path: Path, png_path: Path):
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("flow-matching MSE")
-    ax.set_title("embedded DiT training loss")
+    ax.set_title(f"{title} DiT training loss")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -291,7 +330,7 @@ def main(argv=None) -> int:
         if stop["signal"] is not None:
             stopped_by = f"signal {stop['signal']}"
             break
-        lr = lr_at(args, step)
+        lr = lr_at(args, step, elapsed)
         for g in opt.param_groups:
             g["lr"] = lr
         x0, noise, t, ids, mask = make_batch(args, tokenizer, step, device)
@@ -326,12 +365,12 @@ def main(argv=None) -> int:
     for s, h in old_handlers.items():
         signal.signal(s, h)
     print(f"stopped at step {step} ({stopped_by}) after {train_s / 60:.2f} min of training", flush=True)
-    plot_loss(csv_path, out / "loss.png")
+    plot_loss(csv_path, out / "loss.png", args.world)
 
     rows = list(csv.DictReader(open(csv_path)))
     final_loss = sum(float(r["loss"]) for r in rows[-8:]) / max(1, len(rows[-8:])) if rows else float("nan")
     guidance_default = next((g for g in args.guidance if g > 1), 1.0)
-    summary = {"steps": step, "planned_steps": args.steps, "stopped_by": stopped_by, "train_minutes": train_s / 60,
+    summary = {"world": args.world, "steps": step, "planned_steps": args.steps, "stopped_by": stopped_by, "train_minutes": train_s / 60,
                "batch": args.batch, "lr": args.lr, "shift": args.shift, "ema": args.ema, "seed": args.seed, "compile": use_compile,
                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "final_loss_last_logs": final_loss, "dit_params": n_dit,
@@ -341,6 +380,7 @@ def main(argv=None) -> int:
                   scheduler={**SCHEDULER_CONFIG, "shift": args.shift})
 
     if args.sample_steps > 0:
+        gif_scale = max(1, 128 // data.HEIGHT)  # 128-pixel tiles: a textured 64 x 64 grid at scale 4 would be ~10 MB
         pipe = load_pipeline(device=device, weights=out / "weights")
         gens = [torch.Generator(device=device).manual_seed(i) for i in range(len(GRID_PROMPTS))]
         for g in args.guidance:
@@ -349,11 +389,10 @@ def main(argv=None) -> int:
             t0 = time.time()
             frames = pipe(GRID_PROMPTS, num_inference_steps=args.sample_steps, guidance_scale=g, generator=gens,
                           progress=False).frames
-            save_gif(frames, out / f"samples_g{g:g}.gif", columns=4)
+            save_gif(frames, out / f"samples_g{g:g}.gif", columns=4, scale=gif_scale)
             summary[f"sample_seconds_g{g:g}"] = time.time() - t0
-        real = data.render([dict(data.parse_caption(p), jitter_x=0.0, jitter_y=0.0, angle0=0.0, lane=0)
-                            for p in GRID_PROMPTS[:-1]], device=device)
-        save_gif(real, out / "real_grid.gif", columns=4)
+        real = data.render(real_grid_attributes(GRID_PROMPTS[:-1]), device=device)
+        save_gif(real, out / "real_grid.gif", columns=4, scale=gif_scale)
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if args.ship:
         WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)

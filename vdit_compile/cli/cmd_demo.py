@@ -25,6 +25,8 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="random tiny model instead of the shipped one (tests)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-gif", action="store_true", help="do not write GIFs")
+    p.add_argument("--world", default="embedded", choices=("embedded", "textured"),
+                   help="reference model: embedded (default; 1,024 tokens) or textured (4,096 tokens, local attention)")
     p.set_defaults(func=run)
     return p
 
@@ -36,7 +38,7 @@ def run(args) -> int:
 
     opts = DemoOptions(out=args.out, prompts=args.prompts, steps=args.steps, calib_prompts=args.calib_prompts,
                        calib_steps=args.calib_steps, error_budget=args.error_budget, fast=args.fast,
-                       fast_steps=args.fast_steps, tiny=args.tiny, gif=not args.no_gif,
+                       fast_steps=args.fast_steps, tiny=args.tiny, gif=not args.no_gif, world=args.world,
                        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         run_demo(opts)

@@ -45,8 +45,11 @@ def run(args) -> int:
     try:
         target = resolve_target(args.target, device)
         steps = args.steps or target.default_steps
-        ps = prompt_set(args.prompts, args.seed_offset)
-        clf = load_classifier(args.classifier) if args.classifier else load_classifier()
+        from ..models.worlds import world_of_pipe
+
+        world = world_of_pipe(target.pipe)  # the textured world's model gets its own prompts and classifier
+        ps = prompt_set(args.prompts, args.seed_offset, world=world)
+        clf = load_classifier(args.classifier, world=world) if args.classifier else load_classifier(world=world)
         ref = None
         same_as_reference = target.is_teacher and args.plan is None and steps == args.reference_steps
         if not args.no_reference and not same_as_reference:

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-SPEC_HELP = ("MODEL: 'embedded', 'embedded:random', 'embedded:tiny', a diffusers pretrained directory, a config.json, "
+SPEC_HELP = ("MODEL: 'embedded', 'embedded:random', 'embedded:tiny' (or 'textured', 'textured:...': the textured "
+             "world's model), a diffusers pretrained directory, a config.json, "
              "'DiffusersClass:config.json', or 'module:factory' / 'file.py:factory'")
 
 
@@ -42,6 +43,8 @@ def load_model_and_inputs(spec: str) -> tuple[Any, dict | None]:
     spec = spec.strip()
     if spec == "embedded" or spec.startswith("embedded:"):
         return _embedded(spec), None
+    if spec == "textured" or spec.startswith("textured:"):
+        return _embedded(spec, world="textured"), None
     path = Path(spec)
     if path.exists():
         return _from_path(path), None
@@ -54,25 +57,33 @@ def load_model_and_inputs(spec: str) -> tuple[Any, dict | None]:
                          f"'module:factory'. Expected {SPEC_HELP}")
 
 
-def _embedded(spec: str):
+def _embedded(spec: str, world: str = "embedded"):
+    """A reference world's pipeline: the embedded model, or with ``world`` another one (same spec forms)."""
     try:
-        from ..models.embedded import load_pipeline
+        from ..models.worlds import world_package
+
+        load_pipeline = world_package(world).load_pipeline
     except ImportError as exc:
-        raise ModelSpecError(f"the embedded model is not available in this installation ({exc})") from exc
+        raise ModelSpecError(f"the {world} model is not available in this installation ({exc})") from exc
     variant = spec.partition(":")[2]
     if variant == "":
-        return load_pipeline()
+        try:
+            return load_pipeline()
+        except FileNotFoundError as exc:
+            if world == "embedded":
+                raise
+            raise ModelSpecError(str(exc)) from exc
     if variant == "random":
         return load_pipeline(weights=None)
     if variant == "tiny":
         return load_pipeline(weights=None, tiny=True)
     if Path(variant).is_dir():  # a weights directory written by save_embedded (e.g. a training run's weights/)
         if not (Path(variant) / "config.json").is_file():
-            raise ModelSpecError(f"embedded weights directory {variant!r} has no config.json: expected the "
+            raise ModelSpecError(f"{world} weights directory {variant!r} has no config.json: expected the "
                                  f"weights/ folder written by tools/train_reference.py")
         return load_pipeline(weights=Path(variant))
-    raise ModelSpecError(f"unknown embedded variant {variant!r}: expected 'embedded', 'embedded:random', "
-                         f"'embedded:tiny' or 'embedded:WEIGHTS_DIR' (an existing directory)")
+    raise ModelSpecError(f"unknown {world} variant {variant!r}: expected '{world}', '{world}:random', "
+                         f"'{world}:tiny' or '{world}:WEIGHTS_DIR' (an existing directory)")
 
 
 def _diffusers_class(name: str):

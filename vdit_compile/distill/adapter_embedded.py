@@ -29,8 +29,9 @@ class EmbeddedAdapter(ModelAdapter):
         self.transformer = pipe.transformer
         self.scheduler = pipe.scheduler
         self.default_guidance = float(getattr(pipe, "default_guidance_scale", 3.0))
-        from vdit_compile.models.embedded import data
+        from vdit_compile.models.worlds import world_data, world_of_pipe
 
+        data = world_data(world_of_pipe(pipe))  # the textured world's pipeline is an EmbeddedPipeline too
         self._data = data
         self._shape = (pipe.transformer.config.in_channels, data.NUM_FRAMES, data.HEIGHT, data.WIDTH)
 

@@ -39,7 +39,8 @@ def _tconv(cin: int, cout: int) -> nn.Sequential:
 class AttributeClassifier(nn.Module):
     """One classification head per attribute; ``attributes`` maps name -> ordered class labels."""
 
-    def __init__(self, attributes: Mapping[str, Sequence[str]], frames: int = 16, size: int = 32, width: int = 32):
+    def __init__(self, attributes: Mapping[str, Sequence[str]], frames: int = 16, size: int = 32, width: int = 32,
+                 temporal_heads: Sequence[str] = ("motion",)):
         super().__init__()
         if not attributes:
             raise ValueError("AttributeClassifier needs at least one attribute with its class labels")
@@ -47,6 +48,10 @@ class AttributeClassifier(nn.Module):
             raise ValueError(f"frames must be an even number >= 4, found {frames}")
         self.attributes = {k: list(v) for k, v in attributes.items()}
         self.frames, self.size, self.width = frames, size, width
+        # Heads that read the temporal features (which keep the 4x4 grid, so *where* is visible) instead of the
+        # pooled ones: motion always; every attribute in worlds where the labelled object is told apart from the
+        # other one by its place (textured: upper lane, half of the clips have two objects).
+        self.temporal_heads = list(temporal_heads)
         w = width
         self.frame = nn.Sequential(
             _conv(3, w, stride=2), _conv(w, 2 * w), nn.MaxPool2d(2), _conv(2 * w, 4 * w), nn.AdaptiveAvgPool2d(4)
@@ -55,13 +60,16 @@ class AttributeClassifier(nn.Module):
         self.temporal = nn.Sequential(_tconv(c * 16, hidden), _tconv(hidden, hidden))
         self.heads = nn.ModuleDict()
         for name, labels in self.attributes.items():
-            if name == "motion":
+            if name in self.temporal_heads:
                 self.heads[name] = nn.Sequential(nn.Flatten(), nn.Linear(hidden * frames, hidden), nn.ReLU(), nn.Linear(hidden, len(labels)))
             else:
                 self.heads[name] = nn.Linear(2 * c, len(labels))
 
     def config(self) -> dict:
-        return {"attributes": self.attributes, "frames": self.frames, "size": self.size, "width": self.width}
+        cfg = {"attributes": self.attributes, "frames": self.frames, "size": self.size, "width": self.width}
+        if self.temporal_heads != ["motion"]:
+            cfg["temporal_heads"] = self.temporal_heads
+        return cfg
 
     def preprocess(self, video: torch.Tensor) -> torch.Tensor:
         """``(B, T, 3, H, W)`` or ``(T, 3, H, W)`` in [0, 1] -> ``(B, frames, 3, size, size)`` in [-1, 1]."""
@@ -86,7 +94,7 @@ class AttributeClassifier(nn.Module):
         f = self._frames(x.flatten(0, 1)).reshape(B, T, -1, 4, 4)
         pooled = torch.cat([f.mean(dim=(1, 3, 4)), f.amax(dim=(1, 3, 4))], dim=1)
         h = self.temporal(f.flatten(2).transpose(1, 2))
-        return {n: head(h if n == "motion" else pooled) for n, head in self.heads.items()}
+        return {n: head(h if n in self.temporal_heads else pooled) for n, head in self.heads.items()}
 
     @torch.no_grad()
     def frame_features(self, frames: torch.Tensor) -> torch.Tensor:
@@ -122,19 +130,31 @@ class AttributeClassifier(nn.Module):
         return d / f"{name}.safetensors"
 
 
-def load_classifier(directory: Path | str | None = None, name: str = WEIGHTS_NAME, device="cpu") -> AttributeClassifier:
+def classifier_dir(world: str = "embedded") -> Path:
+    """Where a world's shipped classifier lives: this package's weights/ for the embedded world, the world's own
+    weights/ otherwise (it is trained together with the world's model)."""
+    if world == "embedded":
+        return WEIGHTS_DIR
+    from ..models.worlds import world_package
+
+    return Path(world_package(world).WEIGHTS_DIR)
+
+
+def load_classifier(directory: Path | str | None = None, name: str = WEIGHTS_NAME, device="cpu",
+                    world: str = "embedded") -> AttributeClassifier:
     """Load the shipped (or a given) classifier in eval mode; clear error if weights are missing."""
     from safetensors.torch import load_file
 
-    d = Path(directory) if directory is not None else WEIGHTS_DIR
+    d = Path(directory) if directory is not None else classifier_dir(world)
     cfg_path, w_path = d / f"{name}.json", d / f"{name}.safetensors"
     if not cfg_path.exists() or not w_path.exists():
         raise FileNotFoundError(
             f"classifier weights not found: expected {w_path} and {cfg_path}; "
-            "train them with `python tools/train_classifier.py`"
+            f"train them with `python tools/train_classifier.py{'' if world == 'embedded' else ' --world ' + world}`"
         )
     cfg = json.loads(cfg_path.read_text())
-    model = AttributeClassifier(cfg["attributes"], cfg["frames"], cfg["size"], cfg["width"])
+    model = AttributeClassifier(cfg["attributes"], cfg["frames"], cfg["size"], cfg["width"],
+                                cfg.get("temporal_heads", ("motion",)))
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(w_path)).items()}
     model.load_state_dict(state)
     model.meta = cfg  # accuracies and training provenance recorded at train time

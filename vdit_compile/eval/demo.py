@@ -48,6 +48,7 @@ class DemoOptions:
     device: str = "cpu"
     gif: bool = True
     progress: bool = True
+    world: str = "embedded"  # which reference model: vdit_compile.models.worlds.WORLDS
 
 
 @dataclass
@@ -93,6 +94,8 @@ def fast_run_dir() -> Optional[Path]:
 
 
 def _load(opts: DemoOptions, report: DemoReport, echo):
+    if opts.world != "embedded":
+        return _load_world(opts, echo)
     from ..models.embedded import load_pipeline, weights_available
 
     if opts.tiny:
@@ -107,6 +110,19 @@ def _load(opts: DemoOptions, report: DemoReport, echo):
     return load_pipeline(device=opts.device)
 
 
+def _load_world(opts: DemoOptions, echo):
+    """Another world's reference model (``--world``); its loader says how to train it when not shipped."""
+    from ..models.worlds import world_package
+
+    w = world_package(opts.world)
+    if opts.tiny:
+        _say(f"model: {opts.world}, tiny random weights (test mode: quality figures are meaningless)", echo)
+        return w.load_pipeline(device=opts.device, weights=None, tiny=True)
+    pipe = w.load_pipeline(device=opts.device)
+    _say(f"model: {opts.world} (shipped weights)", echo)
+    return pipe
+
+
 def _timing(s: Samples) -> dict:
     return {"seconds_per_video": s.seconds_per_video, "first_call_seconds": s.first_batch_seconds}
 
@@ -118,7 +134,7 @@ def _optimize(pipe, opts: DemoOptions, report: DemoReport, echo) -> bool:
         report.missing.append(f"calibration + rewrite: vdit_compile.optimize is not available ({exc})")
         _say(f"MISSING: vdit_compile.optimize cannot be imported ({exc}); no optimised pipeline to show", echo)
         return False
-    calib = prompt_set(opts.calib_prompts, CALIB_OFFSET).prompts
+    calib = prompt_set(opts.calib_prompts, CALIB_OFFSET, world=opts.world).prompts
     _say(f"calibrating tile masks on {len(calib)} other prompt(s), {opts.calib_steps} step(s) each ...", echo)
     kw = {"calib_steps": opts.calib_steps, "progress": opts.progress}
     if opts.error_budget is not None:
@@ -187,8 +203,8 @@ def run_demo(opts: DemoOptions, echo: Callable[[str], None] = print) -> DemoRepo
     opts.out.mkdir(parents=True, exist_ok=True)
     report = DemoReport()
     pipe = _load(opts, report, echo)
-    clf = load_classifier()
-    ps = prompt_set(opts.prompts)
+    clf = load_classifier(world=opts.world)
+    ps = prompt_set(opts.prompts, world=opts.world)
     _say(f"prompts ({opts.steps} sampling steps each):\n" + "\n".join(f"  [{s}] {p}" for p, s in zip(ps.prompts, ps.seeds)), echo)
 
     dense = sample(pipe, ps.prompts, ps.seeds, opts.steps, None, 1, opts.progress, desc="dense sampling")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..models.embedded import data
+from ..models.worlds import DEFAULT_WORLD, scored_attributes, world_data
 
 #: Attributes the classifier recognises and the scorecard reports (class labels in data order).
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
@@ -34,9 +35,9 @@ def heldout_seeds(n: int, offset: int = 0) -> list[int]:
     return list(range(HELDOUT_SEED_BASE + offset, HELDOUT_SEED_BASE + offset + n))
 
 
-def labels_of(attrs: list[dict]) -> dict[str, list[str]]:
+def labels_of(attrs: list[dict], world: str = DEFAULT_WORLD) -> dict[str, list[str]]:
     """Per attribute, the primary object's label of every clip."""
-    return {name: [a[name] for a in attrs] for name in ATTRIBUTES}
+    return {name: [a[name] for a in attrs] for name in scored_attributes(world)}
 
 
 @dataclass
@@ -47,23 +48,26 @@ class PromptSet:
     seeds: list[int]
     labels: dict[str, list[str]] = field(default_factory=dict)
     attributes: list[dict] = field(default_factory=list)
+    world: str = DEFAULT_WORLD
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def real_clips(self, device="cpu"):
         """The procedural clips the prompts were captioned from (B, T, 3, H, W)."""
-        return data.render(self.attributes, device)
+        return world_data(self.world).render(self.attributes, device)
 
 
-def prompt_set(n: int, offset: int = 0) -> PromptSet:
+def prompt_set(n: int, offset: int = 0, world: str = DEFAULT_WORLD) -> PromptSet:
     """``n`` held-out prompts; prompt ``i`` is sampled with seed ``i + offset`` (the same seed for every sampler
     compared, so teacher and optimised clips start from the same noise)."""
     seeds = heldout_seeds(n, offset)
-    attrs = [data.sample_attributes(s) for s in seeds]
+    d = world_data(world)
+    attrs = [d.sample_attributes(s) for s in seeds]
     return PromptSet(
-        prompts=[data.caption_of(a) for a in attrs],
+        prompts=[d.caption_of(a) for a in attrs],
         seeds=[offset + i for i in range(n)],
-        labels=labels_of(attrs),
+        labels=labels_of(attrs, world),
         attributes=attrs,
+        world=world,
     )

@@ -28,6 +28,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ..models.worlds import DEFAULT_WORLD, scored_attributes, world_data, world_of_pipe
 from . import metrics
 from .classifier import AttributeClassifier, load_classifier
 from .prompts import ATTRIBUTES, PromptSet, prompt_set
@@ -36,28 +37,29 @@ from .sampling import Samples, sample
 PromptsArg = Union[int, PromptSet, Sequence[str]]
 
 
-def resolve_prompts(prompts: PromptsArg, seeds: Optional[Sequence[int]] = None) -> PromptSet:
+def resolve_prompts(prompts: PromptsArg, seeds: Optional[Sequence[int]] = None,
+                    world: str = DEFAULT_WORLD) -> PromptSet:
     """An int -> that many held-out prompts; a PromptSet as is; strings -> parsed for labels when they are captions."""
     if isinstance(prompts, PromptSet):
         ps = prompts
     elif isinstance(prompts, int):
-        ps = prompt_set(prompts)
+        ps = prompt_set(prompts, world=world)
     else:
-        from ..models.embedded import data
+        data = world_data(world)
 
         texts = list(prompts)
         if not texts or not all(isinstance(p, str) for p in texts):
             raise TypeError("prompts must be an int, a PromptSet or a non-empty list of strings")
         try:
             attrs = [data.parse_caption(p) for p in texts]
-            labels = {n: [a[n] for a in attrs] for n in ATTRIBUTES}
+            labels = {n: [a[n] for a in attrs] for n in scored_attributes(world)}
         except ValueError:
             attrs, labels = [], {}  # free text: no labels, no accuracy
-        ps = PromptSet(texts, list(range(len(texts))), labels, [])
+        ps = PromptSet(texts, list(range(len(texts))), labels, [], world)
     if seeds is not None:
         if len(seeds) != len(ps):
             raise ValueError(f"need one seed per prompt, found {len(ps)} prompts and {len(seeds)} seeds")
-        ps = PromptSet(ps.prompts, [int(s) for s in seeds], ps.labels, ps.attributes)
+        ps = PromptSet(ps.prompts, [int(s) for s in seeds], ps.labels, ps.attributes, ps.world)
     return ps
 
 
@@ -67,7 +69,7 @@ def _finite_mean(values: list[float]) -> float:
 
 def _accuracy(classifier: AttributeClassifier, clips: torch.Tensor, labels: dict) -> tuple[dict, dict]:
     pred = classifier.predict(clips)
-    acc = {n: mean(float(p == t) for p, t in zip(pred[n], labels[n])) for n in ATTRIBUTES if n in labels}
+    acc = {n: mean(float(p == t) for p, t in zip(pred[n], labels[n])) for n in labels}
     return acc, pred
 
 
@@ -85,7 +87,7 @@ def score_clips(
         raise ValueError(
             f"reference clips must match the generated clips' shape {tuple(clips.shape)}, found {tuple(reference.shape)}"
         )
-    clf = classifier or load_classifier()
+    clf = classifier or load_classifier(world=prompts.world)
     card: dict = {"clips": len(prompts)}
     per_clip = [{"prompt": p, "seed": s} for p, s in zip(prompts.prompts, prompts.seeds)]
     if prompts.labels:
@@ -94,7 +96,7 @@ def score_clips(
         ceiling = getattr(clf, "meta", {}).get("heldout_accuracy", {}).get("all")
         if ceiling:
             card["ceiling"] = {n: ceiling[n] for n in acc}
-            card["accuracy_vs_ceiling"] = {n: acc[n] / ceiling[n] for n in acc}
+            card["accuracy_vs_ceiling"] = {n: acc[n] / ceiling[n] for n in acc if ceiling[n] > 0}
         for i, row in enumerate(per_clip):
             row.update({f"pred_{n}": pred[n][i] for n in acc})
             row.update({f"label_{n}": prompts.labels[n][i] for n in acc})
@@ -151,11 +153,13 @@ def scorecard(
     settings: Optional[dict] = None,
     progress: bool = True,
     return_clips: bool = False,
+    world: Optional[str] = None,
 ):
     """Generate and score; see the module doc.  ``reference`` is teacher clips ``(N, T, 3, H, W)`` on the same
     prompts and seeds, or a pipeline (sampled here with ``reference_steps`` / ``reference_guidance``), or None.
-    Returns the card (and the generated clips and the reference clips when ``return_clips``)."""
-    ps = resolve_prompts(prompts, seeds)
+    Returns the card (and the generated clips and the reference clips when ``return_clips``).
+    ``world``: whose prompts, labels and classifier (default: the pipeline's world, see models.worlds)."""
+    ps = resolve_prompts(prompts, seeds, world or world_of_pipe(pipe))
     ref_clips = None
     if reference is not None and not isinstance(reference, torch.Tensor):
         ref_clips = sample(reference, ps.prompts, ps.seeds, reference_steps, reference_guidance, batch_size,
@@ -195,18 +199,24 @@ COLUMNS = (
 def render_table(cards: Union[dict, Sequence[dict]], real: bool = True) -> str:
     """Markdown table, one row per card (plus a 'real clips' row from the first card's yardsticks)."""
     cards = [cards] if isinstance(cards, dict) else list(cards)
-    head = ["sampler", "steps"] + [c for c, _ in COLUMNS]
-    rows = [[c.get("name", "?"), str(c.get("settings", {}).get("steps", "-"))] + [f(c) for _, f in COLUMNS] for c in cards]
+    # other worlds score more attributes (e.g. texture, pan): one column each, after motion
+    extra = [n for c in cards for n in c.get("accuracy", {}) if n not in ATTRIBUTES]
+    extra = list(dict.fromkeys(extra))
+    columns = list(COLUMNS[:3]) + [(n, lambda c, n=n: _fmt(c.get("accuracy", {}).get(n), True)) for n in extra] \
+        + list(COLUMNS[3:])
+    names = list(ATTRIBUTES) + extra
+    head = ["sampler", "steps"] + [c for c, _ in columns]
+    rows = [[c.get("name", "?"), str(c.get("settings", {}).get("steps", "-"))] + [f(c) for _, f in columns] for c in cards]
     first = cards[0] if cards else {}
     if real and ("real_accuracy" in first or "real_temporal_consistency" in first):
         ra, ceil = first.get("real_accuracy", {}), first.get("ceiling", {})
         rows.append(
-            ["real clips (same prompts)", "-"] + [_fmt(ra.get(n), True) for n in ATTRIBUTES]
-            + [_fmt(min(ra[n] / ceil[n] for n in ra), True) if ra and ceil else "-",
+            ["real clips (same prompts)", "-"] + [_fmt(ra.get(n), True) for n in names]
+            + [_fmt(min(ra[n] / ceil[n] for n in ra if ceil.get(n)), True) if ra and any(ceil.get(n) for n in ra) else "-",
                _fmt(first.get("real_temporal_consistency")), _fmt(first.get("real_flicker"), digits=2), "-", "-", "-"]
         )
         if ceil:
-            rows.append(["classifier ceiling (1024 real)", "-"] + [_fmt(ceil.get(n), True) for n in ATTRIBUTES] + ["-"] * 6)
+            rows.append(["classifier ceiling (1024 real)", "-"] + [_fmt(ceil.get(n), True) for n in names] + ["-"] * 6)
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
     line = lambda r: "| " + " | ".join(x.ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
