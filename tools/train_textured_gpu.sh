@@ -23,13 +23,13 @@ if [ "${SMOKE:-0}" = 1 ]; then
   DIT_SIZE=(--tiny --no-compile --steps 2 --batch 1 --log-every 1 --warmup 1 --sample-steps 1)
   REP_SIZE=(--prompts 2 --steps 1 --batch 2 --oracle-prompts 1 --oracle-steps 1)
 else
-  CLF_SIZE=(--steps 2000 --batch 64 --pool 2048 --refresh 16 --eval-clips 1024)
+  CLF_SIZE=(--steps 1500 --batch 64 --pool 2048 --refresh 16 --eval-clips 1024)
   DIT_SIZE=(--steps 100000 --batch 48 --log-every 25 --warmup 150 --sample-steps 50)
   REP_SIZE=(--prompts 64 --steps 50 --batch 16 --oracle-prompts 2 --oracle-steps 10)
 fi
 quiet() { grep -v "it/s\|s/it\|video/s\|s/video\|call/s\|s/call" || true; }
 # the classifier is small: it trains on the same GPU while the DiT does (CPU-side rendering, small kernels)
-$PY tools/train_classifier.py --world textured --device "$DEV" --max-minutes 1.5 "${CLF_SIZE[@]}" \
+$PY tools/train_classifier.py --world textured --device "$DEV" --max-minutes 2.5 "${CLF_SIZE[@]}" \
     --out "$D/classifier" > "$D/classifier.log" 2>&1 &
 CLF=$!
 $PY tools/train_reference.py --world textured --device "$DEV" --out "$D" --max-minutes "$MIN" --lr-by-time \

@@ -345,7 +345,8 @@ def render(attrs_list: Sequence[dict], device="cpu", num_frames: int = NUM_FRAME
         spotted = 0.5 + 0.5 * torch.tanh(2.5 * z)
         tid = tex_id[:, None, None, None]
         f = torch.where(tid == 0, striped, torch.where(tid == 1, spotted, gradient))
-        obj = col[:, None, :, None, None] * (0.25 + 0.75 * f[:, :, None])
+        # the dark phase stays at 45 % of the colour: a small striped object on a dark background keeps its outline
+        obj = col[:, None, :, None, None] * (0.45 + 0.55 * f[:, :, None])
         a_ = alpha[:, :, None]
         video = video * (1 - a_) + obj * a_
     return video.clamp_(0.0, 1.0)
