@@ -41,7 +41,7 @@ def group_tensors(gb: GroupBands, unit_keys, device=None) -> dict[str, torch.Ten
 
 
 def _sparse(q, k, v, gb: GroupBands, t: dict, scale: float):
-    B, H, L, D = q.shape
+    B, H, _, D = q.shape
     Dv = v.shape[-1]
     R, U = gb.band_rows.shape
     full_out, full_lse = _dense(q.index_select(2, t["full_rows"]), k, v, scale)
@@ -80,7 +80,7 @@ def _take_heads(x: torch.Tensor, heads) -> torch.Tensor:
 
 
 def _run(plan, tensors, q, k, v, scale):
-    B, H, L, _ = q.shape
+    H = q.shape[1]
     dtype = q.dtype
     if dtype not in (torch.float32, torch.float64):  # accumulate half precision in fp32, like the reference
         q, k, v = q.float(), k.float(), v.float()

@@ -95,7 +95,7 @@ def _unit_positions(om: OpMasks, pre: int) -> np.ndarray:
 
 def _group(heads, m: torch.Tensor, units: np.ndarray, pre: int, suf: int, L: int) -> GroupBands:
     M = m.numpy()
-    N, U = units.shape
+    U = units.shape[1]
     text = np.concatenate([np.arange(pre), np.arange(L - suf, L)]).astype(np.int64)
     if M.all():
         ident = np.arange(L, dtype=np.int64)

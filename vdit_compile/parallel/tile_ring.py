@@ -109,7 +109,7 @@ def tile_ring_attention(
     need_lse: bool = False,
 ):
     """Local ``(B, H, pre + n_r*H*W + suf, D)`` in, local out (and lse when ``need_lse``)."""
-    B, H, Lloc, D = q.shape
+    H, Lloc = q.shape[1], q.shape[2]
     W, r = parallel.world_size, parallel.rank
     pre, suf = int(text_prefix), int(text_suffix)
     plan = ring_plan(tuple(int(x) for x in grid), W, H, masks)
@@ -132,7 +132,7 @@ def _ring(q, k, v, pre: int, suf: int, plan: RingPlan, scale: float, parallel, n
     B, H, Lloc, D = q.shape
     Dv = v.shape[-1]
     W, r = parallel.world_size, parallel.rank
-    s0, n = plan.split[r]
+    s0 = plan.split[r][0]
     video_loc = Lloc - pre - suf
     P = plan.om.grid.unit_tokens
     vid = slice(pre, pre + video_loc)
