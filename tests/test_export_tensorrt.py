@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vdit_compile import TileMask, inspect_model, optimize
+from vdit_compile import inspect_model, optimize
 from vdit_compile.export.errors import MissingDependencyError
 from vdit_compile.export.tensorrt import prepare_for_tensorrt, require_torch_tensorrt
 from vdit_compile.plans import Plan
@@ -23,10 +23,13 @@ def _trt_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _plan(model, inputs):
-    plan = Plan.uniform(inspect_model(model, inputs), TileMask(1, 0), model)
+def _plan(model, inputs, names=("g1w0", "g0w1")):
+    from vdit_compile.masks import parse_mask
+
+    specs = [parse_mask(n) for n in names]
+    plan = Plan.uniform(inspect_model(model, inputs), specs[0], model)  # window families get a token tile
     for s in plan.tiled_sites():
-        s.masks = [TileMask(1, 0), TileMask(0, 1)]
+        s.masks = list(specs)
     return plan
 
 
@@ -34,10 +37,11 @@ def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def test_decomposed_program_matches_core_rewrite():
+@pytest.mark.parametrize("names", [("g1w0", "g0w1"), ("win3d-t1h0w1-g1", "spatial-h0w0")], ids=["frame-tiles", "windows"])
+def test_decomposed_program_matches_core_rewrite(names):
     """What TensorRT would convert: no vdit op left, same output as the core's rewritten model."""
     model, inputs = build_tiny("cogvideox")
-    plan = _plan(model, inputs)
+    plan = _plan(model, inputs, names)
     ep, _, facts = prepare_for_tensorrt(model, inputs, plan)
     assert len(facts) == 2 and not any("vdit" in str(n.target) for n in ep.graph.nodes)
     with torch.no_grad():
