@@ -48,13 +48,6 @@ def test_export_with_check_then_refuses_to_overwrite(tmp_path, capsys):
     assert code == 1 and "already exists" in stderr and "--overwrite" in stderr
 
 
-def test_export_with_a_window_family_name(tmp_path, capsys):
-    out = tmp_path / "wan_win.onnx"
-    code, stdout, stderr = _run(capsys, SPEC, "--plan", "win3d-t1h1w1-g1", "--onnx", out, "--check")
-    assert code == 0, stderr
-    assert out.is_file() and "check OK" in stdout and "tiled sites: 2" in stdout
-
-
 def test_no_plan_is_refused(tmp_path, capsys):
     code, _, stderr = _run(capsys, SPEC, "--onnx", tmp_path / "x.onnx")
     assert code == 1 and "no plan" in stderr and "--plan" in stderr

@@ -86,10 +86,11 @@ def test_cogvideox_joint_text_attention(tmp_path):
 def test_wan_mask_families_per_head_on_token_tiles(tmp_path, wan):
     """Window families (3D window, spatial window with a global frame) beside a frame tile head, on token tiles:
     the ONNX graph matches the core's rewrite (whose op is checked against each family's element oracle)."""
+    from vdit_compile.export.plan_sites import resolve_plan
     from vdit_compile.masks import parse_mask
 
     model, inputs, _ = wan
-    plan = Plan.uniform(inspect_model(model, inputs), parse_mask("win3d-t1h0w1"), model)
+    plan = resolve_plan(model, inputs, "win3d-t1h0w1")  # a family name, as `--plan win3d-t1h0w1` passes it
     names = ["win3d-t1h0w1", "spatial-h0w0-g1", "g1w0"]
     for site in plan.tiled_sites():
         assert site.tile is not None  # window families run on token tiles
