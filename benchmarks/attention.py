@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vdit_compile import TileMask, TokenLayout  # noqa: E402
 from vdit_compile.masks.tile import mask_density  # noqa: E402
+from vdit_compile.ops.args import op_grid  # noqa: E402
 
 # name: (frames, (height, width) per frame, text tokens, where, heads, head dim)
 SHAPES = {
@@ -196,12 +197,12 @@ def run_shape(name: str, masks: list[str], args, sink) -> list[dict]:
     flex = FlexRunner(layout) if args.flex else None
     for mname in masks:
         mask = TileMask.parse(mname)
-        gs, ws = mask.op_args()
+        grid = op_grid(layout)
         dens = mask_density(mask.frame_mask(T), layout)
         common = dict(base, mask=mname, density=dens, cudnn_fwd_ms=dense.get("cudnn_fwd_ms"),
                       cudnn_fwdbwd_ms=dense.get("cudnn_fwdbwd_ms"))
         common["build_ms"], common["build_bwd_ms"] = time_build(layout, mask, H, D)
-        ours = lambda: torch.ops.vdit.tile_attention(q, k, v, layout.text_prefix, layout.text_suffix, T, [gs], [ws], scale)[0]  # noqa: E731
+        ours = lambda: torch.ops.vdit.tile_attention(q, k, v, layout.text_prefix, layout.text_suffix, grid, mask.name, scale)[0]  # noqa: E731
         fo = None
         if flex is not None:
             try:

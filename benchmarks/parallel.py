@@ -156,18 +156,18 @@ def predict(args) -> str:
     from vdit_compile.parallel.volume import attention_bytes
 
     H, D, C = OSP["num_attention_heads"], OSP["attention_head_dim"], OSP["out_channels"]
-    P = (args.height // 2) * (args.width // 2)
     lines = ["| video frames | plan | mode | GPUs | predicted MiB sent per rank per step (max over ranks) |", "|---|---|---|---|---|"]
     for T in args.frames:
         for plan in args.plans:
-            g, w = TileMask.parse(plan).op_args()
+            name = TileMask.parse(plan).name
             for mode in args.modes:
                 for W in (2, 4, 8):
                     if mode == "ulysses" and H % W:
                         continue
                     gather = max(n for _, n in __import__("vdit_compile.parallel", fromlist=["frame_split"]).frame_split(T, W))
                     gather_bytes = gather * C * args.height * args.width * 2 * (W - 1)
-                    per = max(attention_bytes(mode, T, P, 0, 0, H, D, W, r, [g], [w]) for r in range(W))
+                    grid = [T, args.height // 2, args.width // 2, args.height // 2, args.width // 2]
+                    per = max(attention_bytes(mode, grid, 0, 0, H, D, W, r, name) for r in range(W))
                     total = per * args.layers + gather_bytes
                     lines.append(f"| {VIDEO_FRAMES.get(T, T)} | {plan} | {mode} | {W} | {total / 2**20:.0f} |")
     return "\n".join(lines)

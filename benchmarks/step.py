@@ -173,8 +173,8 @@ def main(argv=None) -> int:
                 ours_out = step().float()
                 sites = [s for s in vdit_compile.sites_of(model) if s.tileable]
                 ms = bench(step, rep=2)
-                gs, ws = mask.op_args()
-                attn = attention_ms(lambda q, k, v: torch.ops.vdit.tile_attention(q, k, v, 0, 0, T, [gs], [ws], D ** -0.5)[0],
+                grid = [T, hh // 2, ww // 2, hh // 2, ww // 2]
+                attn = attention_ms(lambda q, k, v: torch.ops.vdit.tile_attention(q, k, v, 0, 0, grid, mask.name, D ** -0.5)[0],
                                     H, L, D, layers, dev, bench)
                 row = dict(frames=T, tokens=L, way=f"ours g{g}", step_ms=ms, speedup=dense_ms / ms, attn_ms=attn,
                            attn_share=attn / ms, tiled_sites=len(sites),

@@ -83,6 +83,24 @@ def test_cogvideox_joint_text_attention(tmp_path):
         OnnxRunner(res.path)(**bad)
 
 
+def test_wan_mask_families_per_head_on_token_tiles(tmp_path, wan):
+    """Window families (3D window, spatial window with a global frame) beside a frame tile head, on token tiles:
+    the ONNX graph matches the core's rewrite (whose op is checked against each family's element oracle)."""
+    from vdit_compile.export.plan_sites import resolve_plan
+    from vdit_compile.masks import parse_mask
+
+    model, inputs, _ = wan
+    plan = resolve_plan(model, inputs, "win3d-t1h0w1")  # a family name, as `--plan win3d-t1h0w1` passes it
+    names = ["win3d-t1h0w1", "spatial-h0w0-g1", "g1w0"]
+    for site in plan.tiled_sites():
+        assert site.tile is not None  # window families run on token tiles
+        site.masks = [parse_mask(names[h % len(names)]) for h in range(site.num_heads)]
+    res = to_onnx(model, inputs, tmp_path / "wan_families.onnx", plan)
+    for fact in res.sites.values():
+        assert fact["tile"] is not None and fact["masks"] == [names[h % len(names)] for h in range(len(fact["masks"]))]
+    _assert_exported(res, plan, model, inputs, tmp_path)
+
+
 @pytest.fixture(scope="module")
 def wan():
     model, inputs = build_tiny("wan")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vdit_compile import TileMask, inspect_model, optimize
+from vdit_compile import inspect_model, optimize
 from vdit_compile.export.errors import MissingDependencyError
 from vdit_compile.export.tensorrt import prepare_for_tensorrt, require_torch_tensorrt
 from vdit_compile.plans import Plan
@@ -23,10 +23,13 @@ def _trt_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _plan(model, inputs):
-    plan = Plan.uniform(inspect_model(model, inputs), TileMask(1, 0), model)
+def _plan(model, inputs, names=("g1w0", "g0w1")):
+    from vdit_compile.masks import parse_mask
+
+    specs = [parse_mask(n) for n in names]
+    plan = Plan.uniform(inspect_model(model, inputs), specs[0], model)  # window families get a token tile
     for s in plan.tiled_sites():
-        s.masks = [TileMask(1, 0), TileMask(0, 1)]
+        s.masks = list(specs)
     return plan
 
 
@@ -35,9 +38,10 @@ def _rel(a, b):
 
 
 def test_decomposed_program_matches_core_rewrite():
-    """What TensorRT would convert: no vdit op left, same output as the core's rewritten model."""
+    """What TensorRT would convert: no vdit op left, same output as the core's rewritten model (a frame tile
+    head and a 3D window head on token tiles: the decomposition reads any family's unit mask)."""
     model, inputs = build_tiny("cogvideox")
-    plan = _plan(model, inputs)
+    plan = _plan(model, inputs, ("win3d-t1h0w1-g1", "g0w1"))
     ep, _, facts = prepare_for_tensorrt(model, inputs, plan)
     assert len(facts) == 2 and not any("vdit" in str(n.target) for n in ep.graph.nodes)
     with torch.no_grad():

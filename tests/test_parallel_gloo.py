@@ -3,7 +3,9 @@
 One group per world size runs every case (gloo start-up is slow); each rank compares its
 local shard with the single-process result it computes itself, so every check is per rank.
 Attention level: both modes, several masks (sparse, dense heads, windows, text prefix and
-suffix, T not divisible by W) against the op and the dense masked SDPA oracle (float64).
+suffix, T not divisible by W) against the op and the dense masked SDPA oracle (float64); every mask
+family (frame tiles, 3D windows, spatial windows, global-frame unions, on token tiles with odd H/W)
+against the op and its element-mask oracle.
 Model level: the same optimised model run sharded vs whole (float32, rel. err. < 1e-5).
 """
 import warnings
@@ -12,9 +14,12 @@ import pytest
 import torch
 
 import vdit_compile
+from family_cases import FAMILY_CASES, case_args, element_oracle
 from vdit_compile import TileMask, TokenLayout
-from vdit_compile.masks.tile import frame_masks, op_mask_args
+from vdit_compile.masks import parse_mask
+from vdit_compile.masks.tile import frame_masks
 from vdit_compile.ops import dense_masked_attention
+from vdit_compile.ops.args import encode_masks, op_grid
 from vdit_compile.parallel import Parallel, parallel_tile_attention, shard_tokens
 from vdit_compile.parallel.testing import rel_err, run_on_gloo
 from vdit_compile.parallel.volume import attention_bytes
@@ -26,6 +31,8 @@ ATTN_CASES = {
     "suffix,dense plan": (TokenLayout(6, 2, 2, text_suffix=5), ["dense"]),
 }
 MODES = ("ulysses", "tile-ring")
+# family cases with 4 heads (Ulysses on 4 ranks needs 4 | heads) and T >= 4 frames (4 ranks)
+FAMILY_PAR = {f"family {i}": (lay, tile, (names * 4)[:4]) for i, (lay, tile, names) in enumerate(FAMILY_CASES)}
 
 
 def _attention_cases():
@@ -36,25 +43,39 @@ def _attention_cases():
             masks = [TileMask.parse(n) for n in names]
             g = torch.Generator().manual_seed(i)
             q, k, v = (torch.randn(2, 4, lay.seq_len, 8, generator=g, dtype=torch.float64) for _ in range(3))
-            gs, ws = op_mask_args(masks)
-            args = (lay.text_prefix, lay.text_suffix, lay.num_frames, gs, ws, 0.3)
+            args = (lay.text_prefix, lay.text_suffix, op_grid(lay), encode_masks(masks), 0.3)
             ref_o, ref_l = torch.ops.vdit.tile_attention(q, k, v, *args)
             oracle = dense_masked_attention(q, k, v, lay, frame_masks(masks, lay.num_frames), 0.3)
             sh = lambda x: shard_tokens(x, 2, lay.text_prefix, lay.text_suffix, lay.num_frames, par)  # noqa: E731
             par.stats.reset()
             o, l = parallel_tile_attention(sh(q), sh(k), sh(v), *args, par, need_lse=True)
-            predicted = attention_bytes(mode, lay.num_frames, lay.frame_tokens, lay.text_prefix, lay.text_suffix, 4, 8,
-                                        par.world_size, par.rank, gs, ws, batch=2, itemsize=8, acc_itemsize=8)
+            predicted = attention_bytes(mode, op_grid(lay), lay.text_prefix, lay.text_suffix, 4, 8,
+                                        par.world_size, par.rank, args[3], batch=2, itemsize=8, acc_itemsize=8)
             par.stats.reset()
             parallel_tile_attention(sh(q), sh(k), sh(v), *args, par)  # as the graph pass calls it (no lse)
             out[(mode, name)] = dict(op=rel_err(o, sh(ref_o)), oracle=rel_err(o, sh(oracle)), lse=rel_err(l, sh(ref_l)),
                                      bytes=par.stats.total, predicted=predicted)
+        for i, (name, (lay, tile, names)) in enumerate(FAMILY_PAR.items()):
+            g = torch.Generator().manual_seed(100 + i)
+            q, k, v = (torch.randn(1, 4, lay.seq_len, 8, generator=g, dtype=torch.float64) for _ in range(3))
+            args = (*case_args(lay, tile, names), 0.3)
+            ref_o, ref_l = torch.ops.vdit.tile_attention(q, k, v, *args)
+            oracle, oracle_l = element_oracle(q, k, v, lay, tile, names, 0.3)
+            sh = lambda x: shard_tokens(x, 2, lay.text_prefix, lay.text_suffix, lay.num_frames, par)  # noqa: E731
+            par.stats.reset()
+            o, l = parallel_tile_attention(sh(q), sh(k), sh(v), *args, par, need_lse=True)
+            predicted = attention_bytes(mode, args[2], lay.text_prefix, lay.text_suffix, 4, 8, par.world_size, par.rank,
+                                        args[3], batch=1, itemsize=8, acc_itemsize=8)
+            par.stats.reset()
+            parallel_tile_attention(sh(q), sh(k), sh(v), *args, par)
+            out[(mode, name)] = dict(op=rel_err(o, sh(ref_o)), oracle=max(rel_err(o, sh(oracle)), rel_err(l, sh(oracle_l))),
+                                     lse=rel_err(l, sh(ref_l)), bytes=par.stats.total, predicted=predicted)
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh_par = Parallel(init_device_mesh("cpu", (torch.distributed.get_world_size(),)), mode="tile-ring")
     out["mesh"] = (mesh_par.rank, mesh_par.world_size, torch.distributed.get_rank())
     try:
-        parallel_tile_attention(*(torch.zeros(1, 3, 8, 4),) * 3, 0, 0, 4, [0], [0], 1.0, Parallel(None, "ulysses"))
+        parallel_tile_attention(*(torch.zeros(1, 3, 8, 4),) * 3, 0, 0, [4, 2, 1, 2, 1], "g0w0", 1.0, Parallel(None, "ulysses"))
         out["ulysses_heads_error"] = None
     except ValueError as exc:
         out["ulysses_heads_error"] = str(exc)
@@ -92,6 +113,7 @@ def _out(x):
 
 MODEL_CASES = {  # world size -> (case, builder, mask, modes); Ulysses on 4 ranks needs 4 | heads (tiny models: 2, embedded: 6)
     2: [("wan T=5", lambda: _wan(5), "g1w0", MODES), ("cogvideox text prefix", _cogvideox, "g0w1", MODES),
+        ("wan T=5 3D window on tiles", lambda: _wan(5), "win3d-t1h0w1-g1", MODES),
         ("embedded T=6", lambda: _embedded(6), "g1w1", MODES)],
     4: [("cogvideox text prefix", _cogvideox, "g1w0", ("tile-ring",)),
         ("embedded T=6", lambda: _embedded(6), "g1w1", ("tile-ring",))],
@@ -104,7 +126,7 @@ def _model_cases(world_size):
         m, kw = build()
         with torch.no_grad():
             dense = _out(m(**kw))
-            vdit_compile.optimize(m, plan=TileMask.parse(mask))
+            vdit_compile.optimize(m, plan=parse_mask(mask))
             ref = _out(m(**kw))
             vdit_compile.restore(m)
             for mode in modes:
@@ -112,7 +134,7 @@ def _model_cases(world_size):
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     try:
-                        vdit_compile.optimize(m, plan=TileMask.parse(mask), parallel=par)
+                        vdit_compile.optimize(m, plan=parse_mask(mask), parallel=par)
                         got = _out(m(**kw))
                         res = dict(err=rel_err(got, ref), tile_vs_dense=rel_err(ref, dense), bytes=par.stats.total)
                     except Exception as exc:  # noqa: BLE001 - reported and asserted on
@@ -147,6 +169,11 @@ def test_tile_ring_moves_less_than_dense_for_sparse_masks(results):
     total = lambda name: sum(res["attention"][("tile-ring", name)]["bytes"] for res in per_rank)  # noqa: E731
     assert total("no text,own frame") == 0  # own frame only: nothing to fetch
     assert 0 < total("prefix,T=7,windows") < total("suffix,dense plan") * 4
+    # window families fetch tiles, far less than the full exchange of a dense plan on the same layout
+    lay, tile, _ = FAMILY_PAR["family 1"]
+    dense = sum(attention_bytes("tile-ring", op_grid(lay, tile), lay.text_prefix, lay.text_suffix, 4, 8, W, r, "dense",
+                                batch=1, itemsize=8, acc_itemsize=8) for r in range(W))
+    assert 0 < total("family 1") < dense
 
 
 def test_byte_counts_match_the_volume_formula(results):

@@ -76,14 +76,28 @@ def test_merge_of_disjoint_key_sets_is_exact():
 
 
 def test_ring_plan_fetches_only_global_and_window_frames():
-    plan = ring_plan(24, 4, 2, (1,), (0,))  # g1w0 on 93f-like 24 frames
+    frames = (24, 2, 2, 2, 2)  # 93f-like 24 frames, whole-frame units
+    plan = ring_plan(frames, 4, 2, "g1w0")
     assert plan.need[0] == ((), (), (), ())  # rank 0 holds the global frame
     assert all(plan.need[r][0] == (0,) and sum(map(len, plan.need[r])) == 1 for r in range(1, 4))
     assert plan.bcast == ((0,), (), (), ())  # frame 0's full rows are computed everywhere
-    win = ring_plan(24, 4, 2, (0,), (1,))
+    win = ring_plan(frames, 4, 2, "g0w1")
     assert [sum(map(len, n)) for n in win.need] == [1, 2, 2, 1]  # neighbours across shard boundaries only
-    dense = ring_plan(24, 4, 2, (-1,), (0,))
+    dense = ring_plan(frames, 4, 2, "dense")
     assert all(sum(map(len, dense.need[r])) == 18 for r in range(4))  # dense: every other frame (full exchange)
+
+
+def test_ring_plan_on_token_tiles_fetches_only_the_window_units():
+    # 8 frames of 4x4 tokens in 2x2 tiles (4 units a frame), 2 ranks of 4 frames (16 units each)
+    plan = ring_plan((8, 4, 4, 2, 2), 2, 1, "win3d-t1h0w0")
+    assert plan.split == ((0, 16), (16, 16))
+    # a radius-1 window in time: each rank fetches only the boundary frame's 4 units from the other
+    assert plan.need[0] == ((), (16, 17, 18, 19)) and plan.need[1] == ((12, 13, 14, 15), ())
+    assert plan.bcast == ((), ())
+    sp = ring_plan((8, 4, 4, 2, 2), 2, 1, "spatial-h0w0-g1")  # own tile through time + global frame 0
+    assert sp.bcast == ((0, 1, 2, 3), ())  # frame 0's units are full rows
+    # rank 1 needs frame 0 (global, broadcast) and the same tile of rank 0's other frames
+    assert set(sp.need[1][0]) >= {0, 1, 2, 3} and 4 in sp.need[1][0] and 5 in sp.need[1][0]
 
 
 def test_shard_rules():
@@ -121,7 +135,7 @@ class _Tiny(torch.nn.Module):
     def forward(self, x):
         h = self.embed(x).flatten(2).transpose(1, 2)  # (B, T*P, 8) frame-major
         q, k, v = self.qkv(h).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
-        o = torch.ops.vdit.tile_attention(q, k, v, 0, 0, x.shape[2], [1], [0], 0.5)[0]
+        o = torch.ops.vdit.tile_attention(q, k, v, 0, 0, [x.shape[2], 2, 2, 2, 2], "g1w0", 0.5)[0]
         h = h + o.transpose(1, 2).flatten(2)
         return h.cumsum(1) if self.mix else h * 2
 
@@ -182,7 +196,7 @@ class _TextTiny(torch.nn.Module):
     def forward(self, x, text):
         h = torch.cat([text, self.embed(x).flatten(2).transpose(1, 2)], 1)
         q, k, v = self.qkv(h).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
-        o = torch.ops.vdit.tile_attention(q, k, v, text.shape[1], 0, x.shape[2], [1], [0], 0.5)[0]
+        o = torch.ops.vdit.tile_attention(q, k, v, text.shape[1], 0, [x.shape[2], 2, 2, 2, 2], "g1w0", 0.5)[0]
         return h + o.transpose(1, 2).flatten(2)
 
 

@@ -5,9 +5,11 @@ cannot trace.  Export therefore re-traces the *original* module with ``torch.exp
 falling back to strict for models whose forward builds tensors from constants) and applies the same
 rewrite to the exported program: every ``aten.scaled_dot_product_attention`` node whose module path
 (``nn_module_stack``) is a tiled site of the plan becomes ``vdit::tile_attention`` with the plan's
-per-head masks.  The frame count of a site is ``(L - text) / (H*W)`` from the planned layout, so a
-dynamic-frame export passes it as a symbolic int and the op (and its ONNX translation) stay
-parametric in ``T``.  Anything the rewrite cannot serve exactly raises :class:`ExportError`.
+per-head masks (any registered family) and token tile: the op's ``grid = [T, H, W, tile_h, tile_w]`` and
+``masks`` string.  The frame count of a site is ``(L - text) / (H*W)`` from the planned layout, so a
+dynamic-frame export passes it as a symbolic int in ``grid`` and the op (and its ONNX translation, for
+frame-level families) stay parametric in ``T``.  Step-aware sites export their top-level masks (one graph
+serves every step; a warning says so).  Anything the rewrite cannot serve exactly raises :class:`ExportError`.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from typing import Mapping, Sequence
 import torch
 
 from ..layout import TokenLayout
-from ..masks.tile import TileMask, op_mask_args
+from ..masks.base import MaskSpec
+from ..ops.args import encode_masks, op_grid
 from .errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -30,18 +33,26 @@ _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 @dataclass(frozen=True)
 class SiteSpec:
-    """What the rewrite needs for one site: planned layout (frame count free) and per-head masks."""
+    """What the rewrite needs for one site: planned layout (frame count free), per-head masks, token tile."""
 
     name: str
     layout: TokenLayout
-    masks: tuple[TileMask, ...]
+    masks: tuple[MaskSpec, ...]
+    tile: tuple[int, int] | None = None  # token tile of window families; None = whole frames
 
-    def op_args(self) -> tuple[list[int], list[int]]:
-        return op_mask_args(list(self.masks))
+    @property
+    def op_masks(self) -> str:
+        """The op's ``masks`` argument."""
+        return encode_masks(list(self.masks))
 
     @property
     def max_global(self) -> int:
-        return max((m.global_frames for m in self.masks if not m.dense), default=0)
+        """Largest number of global frames of a frame tile head (the smallest dynamic frame count is one more)."""
+        return max((getattr(m, "global_frames", 0) for m in self.masks if not m.dense), default=0)
+
+    def op_grid(self, frames) -> list:
+        """The op's ``grid`` argument with ``frames`` (an int, or a graph node for a dynamic export)."""
+        return [frames] + op_grid(self.layout, self.tile)[1:]
 
 
 def export_program(model: torch.nn.Module, example_inputs: Mapping, dynamic_shapes=None) -> torch.export.ExportedProgram:
@@ -174,7 +185,6 @@ def rewrite_sites(ep: torch.export.ExportedProgram, specs: Sequence[SiteSpec]) -
         L = qv.shape[2]
         L = int(L) if not isinstance(L, torch.SymInt) or L.node.is_constant() else L
         T = _frames_of(spec, L, f"site {spec.name}")
-        gs, ws = spec.op_args()
         lay = spec.layout
         with graph.inserting_before(node):
             if isinstance(T, int):
@@ -186,7 +196,7 @@ def rewrite_sites(ep: torch.export.ExportedProgram, specs: Sequence[SiteSpec]) -
                 video.meta["val"] = L - (lay.text_prefix + lay.text_suffix)
                 frames = graph.call_function(operator.floordiv, (video, lay.frame_tokens))
                 frames.meta["val"] = T
-            args = (q, k, v, lay.text_prefix, lay.text_suffix, frames, gs, ws, scale)
+            args = (q, k, v, lay.text_prefix, lay.text_suffix, spec.op_grid(frames), spec.op_masks, scale)
             tile = graph.call_function(torch.ops.vdit.tile_attention.default, args)
             out_val = node.meta["val"]
             lse_dtype = torch.float64 if qv.dtype == torch.float64 else torch.float32
@@ -199,7 +209,8 @@ def rewrite_sites(ep: torch.export.ExportedProgram, specs: Sequence[SiteSpec]) -
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         facts[spec.name] = {"layout": lay.with_frames(T).to_dict() if isinstance(T, int) else {**lay.to_dict(), "num_frames": "dynamic"},
-                            "masks": [m.name for m in spec.masks], "scale": scale}
+                            "masks": [m.name for m in spec.masks], "scale": scale,
+                            "tile": list(spec.tile) if spec.tile is not None else None}
     graph.lint()
     ep.graph_module.recompile()
     return facts

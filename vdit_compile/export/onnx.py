@@ -163,8 +163,8 @@ def to_onnx(
             module is re-traced; its plan is taken from ``plan``, else from the optimised model).
         example_inputs: the transformer's forward kwargs (e.g. ``hidden_states``, ``timestep``, ...);
             fixes every static dimension of the exported graph.
-        plan: a :class:`~vdit_compile.plans.Plan`, a plan JSON path, a :class:`TileMask` or mask name
-            (``"g1w0"``: uniform on every tileable site).
+        plan: a :class:`~vdit_compile.plans.Plan`, a plan JSON path, a :class:`~vdit_compile.masks.MaskSpec`
+            or mask name of any family (``"g1w0"``, ``"win3d-t1h1w1"``: uniform on every tileable site).
         dynamic_frames: make the frame axis of ``hidden_states`` dynamic (``min_frames`` .. ``max_frames``
             latent frames; default minimum: the largest global-frame count + 1).  Models that specialise
             the frame count refuse with an :class:`ExportError` saying so.

@@ -1,38 +1,34 @@
 """ONNX translation of ``torch.ops.vdit.tile_attention`` into standard ONNX operators.
 
 The exporter (``torch.onnx.export(..., dynamo=True)``) calls :func:`tile_attention_onnx` through
-``custom_translation_table`` with the op's tensors as ONNX values and its integer mask arguments as
-Python ints, so the sparsity pattern is known while the graph is built.  Any ONNX runtime can run the
-result; no custom kernel is needed.
+``custom_translation_table`` with the op's tensors as ONNX values and its ``grid`` (ints) and ``masks``
+(string) as Python values, so the sparsity pattern is known while the graph is built.  Any ONNX
+runtime can run the result; no custom kernel is needed.
 
-Algorithm ("band" form, exact, never an ``L x L`` tensor for a sparse head group).  Heads with equal
-``(g, w)`` form one group.  For a group:
+Static grid (any registered mask family): the gather plan of :mod:`.unit_bands`, built from the heads'
+unit masks: per group of heads sharing a unit mask, full rows (text, units that keep everything) attend
+to every key; every other query unit scores against one shared key block (text + key units every such
+row keeps) and a gathered band of its other kept key units (``-inf`` bias on padding); the two blocks
+share one softmax without being concatenated (common row maximum, summed exponentials, one division);
+a constant ``Gather`` restores the model's token order (undoing the tile reorder).  Exact, never an
+``L x L`` tensor for a sparse head group, and the log-sum-exp (the op's second output) is exact too.
 
-* *full rows* (text queries and the queries of the ``g`` global frames) attend to every key:
-  scores ``(pre + g*P + suf) x L``;
-* every other query frame ``f`` (``g <= f < T``) attends to the text keys, the ``g*P`` global keys
-  and a gathered band of ``2w+1`` frames ``f-w .. f+w``; band frames outside ``[g, T)`` (outside the
-  clip, or already counted as global) get a ``-inf`` bias.  Scores ``P x (text + g*P + (2w+1)*P)``
-  per query frame.  The three column blocks (text, global, band) share one softmax without being
-  concatenated: common row maximum, summed exponentials, one division at the end.
-
-The band indices and bias depend only on ``T``, so with a static frame count they are constants,
-and with a dynamic one (``num_frames`` arrives as a symbolic value) they are computed in-graph from
-``Range`` and the rule stays exact for every ``T > g``.  The log-sum-exp is max-shifted and
-returned, so the op's second output (``lse``) is exact too.
+Symbolic frame count (``--dynamic-frames``): the frame tile family's band rule is written in ONNX ops
+(indices from ``Range``, exact for every ``T > g``, :func:`_sparse_group`); other families need the unit
+grid, so they are refused with a clear error (export them with a fixed frame count).
 
 :func:`tile_attention_custom_node` instead emits one ``vdit.TileAttention`` node (custom domain) for
 runtimes that provide a fused kernel; see docs/export.md for its contract.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 from onnxscript import ir
 from onnxscript.onnx_opset import opset18 as op
 
-from ..masks.tile import DENSE
+from ..masks.base import parse_mask
+from ..masks.tile import TileMask
+from .unit_bands import GroupBands, unit_bands
 
 #: Custom-domain node emitted by :func:`tile_attention_custom_node`.
 CUSTOM_DOMAIN, CUSTOM_OP = "vdit", "TileAttention"
@@ -103,12 +99,9 @@ def _dense_group(q, k, v, scale):
 
 
 def _band(g: int, w: int, T, np_dtype):
-    """Band gather indices ``(T-g, 2w+1)`` and additive bias ``(T-g, 2w+1)`` (0 kept, -inf dropped)."""
+    """Band gather indices ``(T-g, 2w+1)`` and additive bias ``(T-g, 2w+1)`` (0 kept, -inf dropped) for a
+    symbolic frame count ``T`` (computed in-graph)."""
     offsets = np.arange(-w, w + 1)
-    if isinstance(T, int):
-        j = np.arange(g, T)[:, None] + offsets[None, :]
-        bias = np.where((j >= g) & (j < T), 0.0, -np.inf).astype(np_dtype)
-        return op.Constant(value=ir.tensor(np.clip(j, 0, T - 1).astype(np.int64))), op.Constant(value=ir.tensor(bias))
     t = op.Squeeze(_dim(T), _ints([0]))
     one = op.Constant(value=ir.tensor(np.array(1, dtype=np.int64)))
     first = op.Constant(value=ir.tensor(np.array(g, dtype=np.int64)))
@@ -130,7 +123,8 @@ def _text(x, pre: int, suf: int):
 
 
 def _sparse_group(q, k, v, pre: int, suf: int, T, P, g: int, w: int, scale: float, np_dtype):
-    """Exact tile attention of one head group with mask ``(g, w)``; see the module docstring."""
+    """Exact frame tile attention ``(g, w)`` of one head group under a symbolic frame count ``T``: full rows
+    (text, global frames) attend to everything; frame ``f >= g`` to text, global keys and frames ``f-w..f+w``."""
     L, D, Dv = _shape_of(q, 2), _shape_of(q, 3), _shape_of(v, 3)
     gp = _mul(g, P)
     head = _add(pre, gp)  # rows [0, head) are text prefix + global frames
@@ -189,24 +183,102 @@ def _static(x, what: str) -> int:
     return int(x)
 
 
-def _groups(global_frames: Sequence[int], windows: Sequence[int], H: int, T) -> dict:
-    """Heads with equal effective masks: ``{(g, w) or 'dense': [heads]}`` in first-seen order."""
-    gs = [_static(g, "global_frames") for g in global_frames]
-    ws = [_static(w, "windows") for w in windows]
-    if len(gs) == 1:
-        gs, ws = gs * H, ws * H
-    if len(gs) != H or len(ws) != H:
-        raise ValueError(f"vdit.tile_attention: {len(gs)} global_frames / {len(ws)} windows for {H} heads")
+def _gather_const(x: ir.Value, idx: np.ndarray, axis: int) -> ir.Value:
+    return op.Gather(x, op.Constant(value=ir.tensor(np.ascontiguousarray(idx, dtype=np.int64))), axis=axis)
+
+
+def _unit_group(q, k, v, gb: GroupBands, unit_keys: np.ndarray, scale: float, np_dtype):
+    """Exact attention of one sparse head group from its gather plan (:mod:`.unit_bands`)."""
+    D, Dv = _shape_of(q, 3), _shape_of(v, 3)
+    R, U = gb.band_rows.shape
+    full_out, full_lse = _dense_group(_gather_const(q, gb.full_rows, 2), k, v, scale)
+    rq = op.Reshape(_gather_const(q, gb.band_rows.reshape(-1), 2), _cat_dims(0, 0, R, U, D))  # (B, h, R, U, D)
+    keys, vals, biases = [], [], []
+    if gb.shared_keys.size:  # text + shared units, one block for every band row: (B, h, 1, S, D)
+        keys.append(op.Unsqueeze(_gather_const(k, gb.shared_keys, 2), _ints([2])))
+        vals.append(op.Unsqueeze(_gather_const(v, gb.shared_keys, 2), _ints([2])))
+        biases.append(None)
+    K = gb.band_width
+    if K:  # gathered key units per band row: (B, h, R, K*U, D) with -inf on padding
+        N = unit_keys.shape[0]
+        flat = unit_keys.reshape(-1)
+        ku = op.Reshape(_gather_const(k, flat, 2), _cat_dims(0, 0, N, U * D if isinstance(D, int) else -1))
+        vu = op.Reshape(_gather_const(v, flat, 2), _cat_dims(0, 0, N, U * Dv if isinstance(Dv, int) else -1))
+        keys.append(op.Reshape(_gather_const(ku, gb.band_keys, 2), _cat_dims(0, 0, R, K * U, D)))
+        vals.append(op.Reshape(_gather_const(vu, gb.band_keys, 2), _cat_dims(0, 0, R, K * U, Dv)))
+        bias = np.where(np.repeat(gb.band_keep, U, axis=1), 0.0, -np.inf).astype(np_dtype)[:, None, :]  # (R, 1, K*U)
+        biases.append(op.Constant(value=ir.tensor(bias)))
+    # one softmax over the column blocks [shared | band] without concatenating them: shared row max,
+    # summed exponentials, one division at the end (exact; avoids copying the score blocks)
+    sc = None
+    blocks = []
+    for kk, bias in zip(keys, biases):
+        s = op.MatMul(rq, op.Transpose(kk, perm=[0, 1, 2, 4, 3]))
+        if sc is None:
+            sc = op.CastLike(op.Constant(value_float=float(scale)), s)
+        s = op.Mul(s, sc)
+        blocks.append(s if bias is None else op.Add(s, bias))
+    maxima = [op.ReduceMax(b, _ints([-1]), keepdims=1) for b in blocks]
+    m = op.Max(*maxima) if len(maxima) > 1 else maxima[0]
+    exps = [op.Exp(op.Sub(b, m)) for b in blocks]
+    sums = [op.ReduceSum(e, _ints([-1]), keepdims=1) for e in exps]
+    total = op.Sum(*sums) if len(sums) > 1 else sums[0]
+    lse = op.Add(op.Log(total), m)
+    parts = [op.MatMul(e, vals_i) for e, vals_i in zip(exps, vals)]
+    out = op.Div(op.Sum(*parts) if len(parts) > 1 else parts[0], total)
+    out = op.Concat(full_out, op.Reshape(out, _cat_dims(0, 0, R * U, Dv)), axis=2)
+    lse = op.Concat(full_lse, op.Reshape(lse, _cat_dims(0, 0, R * U)), axis=2)
+    return _gather_const(out, gb.inverse, 2), _gather_const(lse, gb.inverse, 2)
+
+
+def _static_groups(q, pre, suf, grid, masks: str, H: int, scale: float, np_dtype):
+    """``[(heads, fn(qh, kh, vh) -> (out, lse))]`` from the unit masks of a static grid."""
+    L = _shape_of(q, 2)
+    if not isinstance(L, int):
+        raise NotImplementedError(f"vdit.tile_attention export with a static grid {list(grid)} needs a static "
+                                  f"sequence length, found {L!r}")
+    plan = unit_bands(H, L, pre, suf, grid, masks)
+    out = []
+    for gb in plan.groups:
+        if gb.dense:
+            out.append((list(gb.heads), lambda qh, kh, vh: _dense_group(qh, kh, vh, scale)))
+        else:
+            out.append((list(gb.heads), lambda qh, kh, vh, gb=gb: _unit_group(qh, kh, vh, gb, plan.unit_keys,
+                                                                             scale, np_dtype)))
+    return out
+
+
+def _dynamic_groups(pre, suf, grid, masks: str, H: int, scale: float, np_dtype):
+    """Frame tile heads under a symbolic frame count: the in-graph band of :func:`_sparse_group`.
+
+    Only the frame tile family has a rule written in ONNX ops (band indices from ``Range``); any other
+    family needs a static grid: export it with a fixed frame count.
+    """
+    specs = [parse_mask(n) for n in masks.split(",")]
+    specs = specs * H if len(specs) == 1 else specs
+    if len(specs) != H:
+        raise ValueError(f"vdit.tile_attention: {len(specs)} masks for {H} heads: {masks!r}")
+    others = sorted({s.name for s in specs if not isinstance(s, TileMask)})
+    if others:
+        raise NotImplementedError(
+            f"vdit.tile_attention export with a dynamic frame count supports the frame tile family only; masks "
+            f"{', '.join(others)} need a static grid: export with a fixed frame count")
+    T = grid[0]
+    H_, W_ = (_static(x, "grid") for x in grid[1:3])
     groups: dict = {}
-    for h, (g, w) in enumerate(zip(gs, ws)):
-        key = (g, w)
-        if g == DENSE or (isinstance(T, int) and (g >= T or w >= T - 1)):
-            key = "dense"  # every key frame kept (at this static T): plain attention is exact
-        groups.setdefault(key, []).append(h)
-    return groups
+    for h, s in enumerate(specs):
+        groups.setdefault("dense" if s.dense else (s.global_frames, s.window), []).append(h)
+    out = []
+    for key, heads in groups.items():
+        if key == "dense":
+            out.append((heads, lambda qh, kh, vh: _dense_group(qh, kh, vh, scale)))
+        else:
+            out.append((heads, lambda qh, kh, vh, key=key: _sparse_group(
+                qh, kh, vh, pre, suf, T, H_ * W_, key[0], key[1], scale, np_dtype)))
+    return out
 
 
-def tile_attention_onnx(q, k, v, text_prefix, text_suffix, num_frames, global_frames, windows, scale):
+def tile_attention_onnx(q, k, v, text_prefix, text_suffix, grid, masks, scale):
     """Translation of ``vdit::tile_attention`` for ``custom_translation_table``: returns ``(out, lse)``."""
     pre, suf = _static(text_prefix, "text_prefix"), _static(text_suffix, "text_suffix")
     H = q.shape[1] if q.shape is not None else None
@@ -217,17 +289,15 @@ def tile_attention_onnx(q, k, v, text_prefix, text_suffix, num_frames, global_fr
     np_dtype = np.float64 if compute == ir.DataType.DOUBLE else np.float32
     if compute != dtype:  # half precision: accumulate in fp32 like the reference
         q, k, v = (op.Cast(x, to=compute) for x in (q, k, v))
-    T = int(num_frames) if isinstance(num_frames, (int, np.integer)) else num_frames
-    P = _div(_sub(_shape_of(q, 2), pre + suf), T)
-    groups = _groups(global_frames, windows, H, T)
+    grid = list(grid)
+    if all(isinstance(x, (int, np.integer)) for x in grid):
+        groups = _static_groups(q, pre, suf, [int(x) for x in grid], masks, H, float(scale), np_dtype)
+    else:
+        groups = _dynamic_groups(pre, suf, grid, masks, H, float(scale), np_dtype)
     outs, lses, order = [], [], []
-    for key, heads in groups.items():
+    for heads, fn in groups:
         sel = (lambda x: x) if len(heads) == H else (lambda x, i=_ints(heads): op.Gather(x, i, axis=1))
-        qh, kh, vh = sel(q), sel(k), sel(v)
-        if key == "dense":
-            o, l = _dense_group(qh, kh, vh, scale)
-        else:
-            o, l = _sparse_group(qh, kh, vh, pre, suf, T, P, key[0], key[1], scale, np_dtype)
+        o, l = fn(sel(q), sel(k), sel(v))
         outs.append(o)
         lses.append(l)
         order += heads
@@ -262,30 +332,33 @@ def custom_schema():
         type_constraints=[("T", floats, "q/k/v/out"), ("L", ["tensor(float)", "tensor(double)"], "lse")],
         attributes=[S.Attribute("text_prefix", S.AttrType.INT, "text tokens before the video tokens"),
                     S.Attribute("text_suffix", S.AttrType.INT, "text tokens after the video tokens"),
-                    S.Attribute("global_frames", S.AttrType.INTS, "per head g (-1: dense head)"),
-                    S.Attribute("windows", S.AttrType.INTS, "per head w"),
+                    S.Attribute("grid", S.AttrType.INTS, "[T, H, W, tile_h, tile_w] (T as traced; the input wins)"),
+                    S.Attribute("masks", S.AttrType.STRING, "one mask name or one per head, comma-separated"),
                     S.Attribute("scale", S.AttrType.FLOAT, "softmax scale")],
     )
     onnx.defs.register_schema(schema)
     return schema
 
 
-def tile_attention_custom_node(q, k, v, text_prefix, text_suffix, num_frames, global_frames, windows, scale):
+def tile_attention_custom_node(q, k, v, text_prefix, text_suffix, grid, masks, scale):
     """Translation emitting one ``vdit.TileAttention`` node (custom domain, for fused-kernel runtimes).
 
     Inputs ``q, k, v`` ``(B, H, L, D)`` and ``num_frames`` (int64, shape ``(1,)``, so it may be
-    dynamic); attributes ``text_prefix``, ``text_suffix``, ``global_frames``, ``windows`` (ints, one
-    per head or one for all; ``-1`` = dense head) and ``scale``; outputs ``out`` and ``lse``
-    (float32, float64 for float64 inputs).
+    dynamic); attributes ``text_prefix``, ``text_suffix``, ``grid`` (ints ``[T, H, W, tile_h, tile_w]``,
+    the traced ``T`` or 0 when dynamic: the ``num_frames`` input is authoritative), ``masks`` (the op's
+    string: one mask name of any registered family, or one per head, comma-separated) and ``scale``;
+    outputs ``out`` and ``lse`` (float32, float64 for float64 inputs).
     """
     from onnxscript import values
 
     custom_schema()
     vdit = values.Opset(CUSTOM_DOMAIN, 1)
+    grid = list(grid)
+    T = grid[0]
+    attr_grid = [int(T) if isinstance(T, (int, np.integer)) else 0] + [_static(x, "grid") for x in grid[1:]]
     out, lse = vdit.TileAttention(
-        q, k, v, _dim(num_frames),
+        q, k, v, _dim(T),
         text_prefix=_static(text_prefix, "text_prefix"), text_suffix=_static(text_suffix, "text_suffix"),
-        global_frames=[_static(g, "global_frames") for g in global_frames],
-        windows=[_static(w, "windows") for w in windows], scale=float(scale),
+        grid=attr_grid, masks=str(masks), scale=float(scale),
     )
     return out, lse

@@ -1,23 +1,34 @@
 """Which plan an export uses and what it says per site (the only place export reads the core's plan/sites).
 
 A plan may be given as a :class:`~vdit_compile.plans.Plan`, a plan JSON path, a
-:class:`~vdit_compile.masks.TileMask` or a mask name (``"g1w0"``: the same mask on every tileable
-site, found by the core's ``inspect_model``), or be carried by a model that ``vdit_compile.optimize``
+:class:`~vdit_compile.masks.MaskSpec` of any family or a mask name (``"g1w0"``, ``"win3d-t1h1w1"``:
+the same mask on every tileable site, found by the core's ``inspect_model``; window families get the
+plan's default token tile), or be carried by a model that ``vdit_compile.optimize``
 rewrote.  Without any of these export refuses: exporting a dense model through this tool is not
 what anyone means, and the plan is what the file's metadata records.
 """
 from __future__ import annotations
 
-import re
+import logging
 from pathlib import Path
 from typing import Mapping
 
-from ..masks.tile import TileMask
+from ..masks.base import MaskSpec, parse_mask
 from ..plans import Plan, unwrap_model
 from .errors import ExportError
 from .graph import SiteSpec
 
-_MASK_NAME = re.compile(r"dense|g\d+w\d+")
+log = logging.getLogger(__name__)
+
+
+def _mask_name(plan) -> MaskSpec | None:
+    """The spec a plan argument names (``"g1w0"``, ``"win3d-t1h1w1"``...), or ``None`` for a path."""
+    if not isinstance(plan, str) or Path(plan).exists():
+        return None
+    try:
+        return parse_mask(plan)
+    except ValueError:
+        return None
 
 
 def _inspect(model, example_inputs: Mapping):
@@ -63,20 +74,21 @@ def resolve_plan(model, example_inputs: Mapping, plan) -> Plan:
                 "(from `vdit-compile calibrate`), a uniform mask such as --plan g1w0, or a model returned by "
                 "vdit_compile.optimize(..., plan=...)"
             )
-    if isinstance(plan, (str, Path)) and _MASK_NAME.fullmatch(str(plan)) and not Path(plan).exists():
-        plan = TileMask.parse(str(plan))
+    spec = _mask_name(plan)
+    if spec is not None:
+        plan = spec
     if isinstance(plan, (str, Path)):
         if not Path(plan).is_file():
-            raise ExportError(f"plan file {plan} not found (expected a JSON plan from `vdit-compile calibrate` or a mask name like g1w0)")
+            raise ExportError(f"plan file {plan} not found (expected a JSON plan from `vdit-compile calibrate` or a mask name like g1w0 or win3d-t1h1w1)")
         plan = Plan.load(plan)
     sites = None
-    if isinstance(plan, TileMask):
+    if isinstance(plan, MaskSpec):
         sites = _inspect(model, example_inputs)
         if sites is None:
             raise ExportError("a uniform mask plan needs vdit_compile.inspect_model (the core) to find the sites")
         plan = Plan.uniform(sites, plan, module)
     if not isinstance(plan, Plan):
-        raise ExportError(f"plan must be a Plan, a JSON path or a TileMask, found {type(plan).__name__}")
+        raise ExportError(f"plan must be a Plan, a JSON path, a MaskSpec or a mask name, found {type(plan).__name__}")
     if sites is None:
         sites = _inspect(model, example_inputs)
     plan.check_compatible(module, sites)
@@ -86,4 +98,12 @@ def resolve_plan(model, example_inputs: Mapping, plan) -> Plan:
 
 
 def site_specs(plan: Plan) -> list[SiteSpec]:
-    return [SiteSpec(s.name, s.layout, tuple(s.masks)) for s in plan.tiled_sites()]
+    """One :class:`SiteSpec` per tiled site; a step-aware site exports its top-level masks (one graph for every
+    step), with a warning."""
+    out = []
+    for s in plan.tiled_sites():
+        if s.step_ranges:
+            log.warning("export: site %s has masks per denoising-step range; the exported graph uses its top-level "
+                        "masks (%s) at every step", s.name, ",".join(m.name for m in s.masks))
+        out.append(SiteSpec(s.name, s.layout, tuple(s.masks), tuple(s.tile) if s.tile is not None else None))
+    return out

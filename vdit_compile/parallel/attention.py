@@ -57,13 +57,14 @@ def parallel_tile_attention(
     v: torch.Tensor,
     text_prefix: int,
     text_suffix: int,
-    num_frames: int,
-    global_frames: Sequence[int],
-    windows: Sequence[int],
+    grid: Sequence[int],
+    masks: str,
     scale: float,
     parallel,
     need_lse: bool = False,
 ):
-    """``tile_attention`` over frame-sharded ``(B, H, pre + n_r*P + suf, D)`` q/k/v -> local (out, lse or None)."""
+    """``tile_attention`` over frame-sharded ``(B, H, pre + n_r*P + suf, D)`` q/k/v -> local (out, lse or None).
+
+    ``grid`` and ``masks`` are the op's (the full clip's ``[T, H, W, tile_h, tile_w]``, any mask family)."""
     fn = ulysses_tile_attention if parallel.mode == "ulysses" else tile_ring_attention
-    return fn(q, k, v, text_prefix, text_suffix, num_frames, list(global_frames), list(windows), float(scale), parallel, need_lse)
+    return fn(q, k, v, text_prefix, text_suffix, [int(x) for x in grid], masks, float(scale), parallel, need_lse)

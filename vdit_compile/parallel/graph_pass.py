@@ -313,22 +313,25 @@ class _Walker:
         if sk != sq or sv != sq or sq.unit != self.P:
             raise Unshardable(f"{node.name}: attention with queries and keys sharded differently")
         if tile:
-            _, _, _, pre, suf, T, gs, ws, scale = args
-            if (pre, suf, T) != (sq.pre, sq.suf, self.T):
-                raise Unshardable(f"{node.name}: tile layout ({pre}, {suf}, {T}) differs from the sharded tokens")
+            _, _, _, pre, suf, grid, masks, scale = args
+            grid = list(grid)
+            if not all(isinstance(x, int) for x in grid) or len(grid) != 5:
+                raise Unshardable(f"{node.name}: tile grid {grid} is not known when the graph is built")
+            if (pre, suf, grid[0], grid[1] * grid[2]) != (sq.pre, sq.suf, self.T, self.P):
+                raise Unshardable(f"{node.name}: tile layout ({pre}, {suf}, {grid}) differs from the sharded tokens")
         else:
             extra = args[3:]
             mask = kw.get("attn_mask", extra[0] if extra else None)
             if mask is not None or kw.get("is_causal", False) or kw.get("dropout_p", 0.0) or kw.get("enable_gqa", False):
                 raise Unshardable(f"{node.name}: self-attention with a mask, dropout, causal or GQA")
             scale = kw.get("scale") or self.gshape(q)[-1] ** -0.5
-            gs, ws = [-1], [0]
+            grid, masks = [self.T, self.P, 1, self.P, 1], "dense"  # whole frames of P tokens, every key kept
         if self.par.mode == "ulysses":
             check_heads(self.gshape(q)[1], self.par.world_size)  # a clear error, not a silent fallback
         need_lse = any(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 1 for u in node.users) if tile else False
         fn = _site_fn(self.par, need_lse, tile)
         node.target, node.op = fn, "call_function"
-        node.args, node.kwargs = (q, k, v, sq.pre, sq.suf, self.T, list(gs), list(ws), float(scale)), {}
+        node.args, node.kwargs = (q, k, v, sq.pre, sq.suf, list(grid), masks, float(scale)), {}
         self.set(node, (sq, sq.at(2) if need_lse else None) if tile else sq)
 
 
@@ -348,8 +351,8 @@ def _qkv(node):
 
 
 def _site_fn(parallel, need_lse: bool, tile: bool):
-    def vdit_parallel_attention(q, k, v, pre, suf, T, gs, ws, scale):
-        out, lse = parallel_tile_attention(q, k, v, pre, suf, T, gs, ws, scale, parallel, need_lse)
+    def vdit_parallel_attention(q, k, v, pre, suf, grid, masks, scale):
+        out, lse = parallel_tile_attention(q, k, v, pre, suf, grid, masks, scale, parallel, need_lse)
         return (out, lse) if tile else out
 
     return vdit_parallel_attention
@@ -360,7 +363,8 @@ def _find_layout(gm, sites):
     for node in gm.graph.nodes:
         if _is_tile(node):
             L = tuple(_val(node.args[0]).shape)[2]
-            pre, suf, T = node.args[3:6]
+            pre, suf, grid = node.args[3:6]
+            T = grid[0] if len(grid) else None
             if not all(isinstance(x, int) for x in (pre, suf, T, L)):
                 raise Unshardable(f"{node.name}: text length or frames known only per call (trimmed by value); "
                                   f"such sites are not sharded")

@@ -1,6 +1,11 @@
-"""Tile-ring sequence parallelism: frames stay on their rank, only needed frames move.
+"""Tile-ring sequence parallelism: frames stay on their rank, only needed units move.
 
-Rank ``r`` holds text (replicated) and frames ``F_r``.  For the tile mask ``M (H, T, T)``:
+Rank ``r`` holds text (replicated) and frames ``F_r`` (frames are the sharding unit).  The op's
+``grid`` + ``masks`` (any registered family, :mod:`vdit_compile.ops.args`) give the unit grid and the
+unit mask ``M (H, N, N)``; units are inside frames, frame-major, so rank ``r`` owns the contiguous units
+of its frames.  When the family needs token tiles the rank reorders its own frames' tokens into unit
+order (the same permutation the op uses, restricted to its frames) and back at the end.  Below,
+"frame" reads "unit" (a whole frame for the frame tile family, a token tile for window families):
 
 * *Fetched rows* (every video row except the full rows of sparse heads): the rank fetches,
   from their owners, the key/value frames its local queries keep (global frames, window
@@ -27,7 +32,8 @@ from typing import Sequence
 
 import torch
 
-from ..masks.tile import frame_masks_from_args
+from ..ops.args import OpMasks, resolve
+from ..ops.reorder import from_units, to_units
 from .comm import broadcast, exchange
 from .config import frame_split
 from .rect import merge, rect_attention
@@ -35,25 +41,32 @@ from .rect import merge, rect_attention
 
 @dataclass(frozen=True)
 class RingPlan:
-    split: tuple
-    mask: torch.Tensor  # (H, T, T) bool
+    split: tuple  # split[r] = (first unit, units) of rank r (its frames' units)
+    mask: torch.Tensor  # (H, N, N) bool unit mask
     mask_fetch: torch.Tensor  # rows served by fetching keys
     mask_bcast: torch.Tensor  # full rows of sparse heads, served by broadcasting queries
-    need: tuple  # need[r][s]: frames of rank s whose k/v rank r fetches
-    bcast: tuple  # bcast[s]: full-row query frames owned by rank s
+    need: tuple  # need[r][s]: units of rank s whose k/v rank r fetches
+    bcast: tuple  # bcast[s]: full-row query units owned by rank s
+    om: OpMasks  # the resolved op arguments (unit grid, reorder)
+    frame_split: tuple  # frame_split[r] = (first frame, frames) of rank r
 
     def owner_frames(self, r):
+        """Units rank ``r`` owns (global unit indices)."""
         s, n = self.split[r]
         return list(range(s, s + n))
 
 
 @lru_cache(maxsize=64)
-def ring_plan(num_frames: int, world_size: int, num_heads: int, global_frames: tuple, windows: tuple) -> RingPlan:
-    T = num_frames
-    split = tuple(frame_split(T, world_size))
-    M = frame_masks_from_args(list(global_frames), list(windows), T).expand(num_heads, T, T).clone()
-    sparse = torch.tensor([g != -1 for g in global_frames]).expand(num_heads)
-    full_rows = M.all(-1) & sparse[:, None]  # (H, T)
+def ring_plan(grid: tuple, world_size: int, num_heads: int, masks: str) -> RingPlan:
+    """Which units move where for the op's ``grid`` and ``masks`` on ``world_size`` ranks (cached)."""
+    om = resolve(num_heads, grid, masks)
+    upf = om.grid.units_per_frame
+    fsplit = tuple(frame_split(om.grid.num_frames, world_size))
+    split = tuple((s * upf, n * upf) for s, n in fsplit)
+    M = om.unit_mask().clone()
+    T = M.shape[-1]
+    sparse = ~M.flatten(1).all(1)  # a dense head's rows are fetched: the dense plan falls back to a full exchange
+    full_rows = M.all(-1) & sparse[:, None]  # (H, N)
     MB = M & full_rows[..., None]
     MA = M & ~full_rows[..., None]
     owner = [r for r, (_, n) in enumerate(split) for _ in range(n)]
@@ -64,14 +77,14 @@ def ring_plan(num_frames: int, world_size: int, num_heads: int, global_frames: t
         need.append(tuple(tuple(j for j in frames if owner[j] == s) for s in range(world_size)))
     rows = full_rows.any(0)
     bcast = tuple(tuple(f for f in range(s0, s0 + n) if rows[f]) for s0, n in split)
-    return RingPlan(split, M, MA, MB, tuple(need), bcast)
+    return RingPlan(split, M, MA, MB, tuple(need), bcast, om, fsplit)
 
 
 def _frames(x, frames, s0, P):
     """Rows of the given global frames from local video ``(B, H, n*P, D)``."""
     if not frames:
         return x[:, :, :0]
-    idx = torch.cat([torch.arange((f - s0) * P, (f - s0 + 1) * P) for f in frames]).to(x.device)
+    idx = ((torch.as_tensor(list(frames)) - s0)[:, None] * P + torch.arange(P)[None, :]).flatten().to(x.device)
     return x.index_select(2, idx)
 
 
@@ -89,24 +102,39 @@ def tile_ring_attention(
     v: torch.Tensor,
     text_prefix: int,
     text_suffix: int,
-    num_frames: int,
-    global_frames: Sequence[int],
-    windows: Sequence[int],
+    grid: Sequence[int],
+    masks: str,
     scale: float,
     parallel,
     need_lse: bool = False,
 ):
-    """Local ``(B, H, pre + n_r*P + suf, D)`` in, local out (and lse when ``need_lse``)."""
+    """Local ``(B, H, pre + n_r*H*W + suf, D)`` in, local out (and lse when ``need_lse``)."""
+    H, Lloc = q.shape[1], q.shape[2]
+    W, r = parallel.world_size, parallel.rank
+    pre, suf = int(text_prefix), int(text_suffix)
+    plan = ring_plan(tuple(int(x) for x in grid), W, H, masks)
+    ug = plan.om.grid
+    nf = plan.frame_split[r][1]
+    video_loc = Lloc - pre - suf
+    if video_loc != nf * ug.height * ug.width:
+        raise ValueError(f"tile-ring: local sequence of {Lloc} tokens does not hold {nf} whole frames of "
+                         f"{ug.height}x{ug.width} tokens plus {pre + suf} text tokens")
+    if not plan.om.reorder:
+        return _ring(q, k, v, pre, suf, plan, scale, parallel, need_lse)
+    local = ug.with_frames(nf)  # my frames' units are contiguous after the same reorder the op applies
+    q, k, v = (to_units(x, pre, local) for x in (q, k, v))
+    out, lse = _ring(q, k, v, pre, suf, plan, scale, parallel, True)
+    return from_units(out, pre, local), (from_units(lse, pre, local) if need_lse else None)
+
+
+def _ring(q, k, v, pre: int, suf: int, plan: RingPlan, scale: float, parallel, need_lse: bool):
+    """The ring on unit-ordered local tokens (units of ``U`` tokens play the role of frames)."""
     B, H, Lloc, D = q.shape
     Dv = v.shape[-1]
     W, r = parallel.world_size, parallel.rank
-    pre, suf = text_prefix, text_suffix
-    plan = ring_plan(num_frames, W, H, tuple(global_frames), tuple(windows))
-    s0, n = plan.split[r]
+    s0 = plan.split[r][0]
     video_loc = Lloc - pre - suf
-    if video_loc <= 0 or video_loc % n:
-        raise ValueError(f"tile-ring: local sequence of {Lloc} tokens does not hold {n} whole frames plus text")
-    P = video_loc // n
+    P = plan.om.grid.unit_tokens
     vid = slice(pre, pre + video_loc)
     qv, kv, vv = q[:, :, vid], k[:, :, vid], v[:, :, vid]
     local = plan.owner_frames(r)

@@ -5,7 +5,8 @@ turns the frame-sharded video q/k/v ``(B, H, n_r*P, D)`` into head-sharded full 
 ``(B, H/W, T*P, D)``; text q/k/v for the rank's heads are sliced locally (no traffic).  The
 unchanged ``torch.ops.vdit.tile_attention`` runs on the full sequence of ``H/W`` heads, and a
 second all-to-all returns every rank's frames (the text rows of all heads are gathered
-with it, since text is replicated).  Needs ``H % W == 0``.
+with it, since text is replicated).  Needs ``H % W == 0``.  Any mask family works unchanged: the op
+gets the call's ``grid`` and the rank's heads' ``masks`` (and does its own tile reorder).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from ..ops.args import encode_masks, resolve
 from .comm import exchange
 
 
@@ -30,9 +32,8 @@ def ulysses_tile_attention(
     v: torch.Tensor,
     text_prefix: int,
     text_suffix: int,
-    num_frames: int,
-    global_frames: Sequence[int],
-    windows: Sequence[int],
+    grid: Sequence[int],
+    masks: str,
     scale: float,
     parallel,
     need_lse: bool = False,
@@ -41,7 +42,9 @@ def ulysses_tile_attention(
     B, H, Lloc, D = q.shape
     W, rank = parallel.world_size, parallel.rank
     check_heads(H, W)
-    split = parallel.split(num_frames)
+    grid = [int(x) for x in grid]
+    specs = resolve(H, grid, masks).specs
+    split = parallel.split(grid[0])
     n_loc = split[rank][1]
     video_loc = Lloc - text_prefix - text_suffix
     if video_loc <= 0 or video_loc % n_loc:
@@ -65,10 +68,7 @@ def ulysses_tile_attention(
         return torch.cat(parts, dim=2)
 
     qf, kf, vf = with_text(0, q), with_text(1, k), with_text(2, v)
-    gs, ws = list(global_frames), list(windows)
-    if len(gs) == H:
-        gs, ws = gs[heads], ws[heads]
-    out, lse = torch.ops.vdit.tile_attention(qf, kf, vf, pre, suf, num_frames, gs, ws, float(scale))
+    out, lse = torch.ops.vdit.tile_attention(qf, kf, vf, pre, suf, grid, encode_masks(specs[heads]), float(scale))
     # back: rank s gets its frames of my heads; everyone gets my heads' text rows
     payload = torch.cat([out.to(lse.dtype), lse[..., None]], dim=-1) if need_lse else out
     E = payload.shape[-1]

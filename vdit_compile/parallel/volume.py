@@ -12,11 +12,14 @@ from .config import frame_split
 from .tile_ring import ring_plan
 
 
-def attention_bytes(mode: str, num_frames: int, frame_tokens: int, text_prefix: int, text_suffix: int, num_heads: int,
-                    head_dim: int, world_size: int, rank: int, global_frames: Sequence[int], windows: Sequence[int],
+def attention_bytes(mode: str, grid: Sequence[int], text_prefix: int, text_suffix: int, num_heads: int,
+                    head_dim: int, world_size: int, rank: int, masks: str,
                     batch: int = 1, itemsize: int = 2, acc_itemsize: int = 4) -> int:
-    """Bytes ``rank`` sends to other ranks in one call of the parallel form (lse not requested)."""
-    W, P, D, H, B = world_size, frame_tokens, head_dim, num_heads, batch
+    """Bytes ``rank`` sends to other ranks in one call of the parallel form (lse not requested).
+
+    ``grid`` and ``masks`` are the op's arguments (any mask family)."""
+    W, D, H, B = world_size, head_dim, num_heads, batch
+    num_frames, P = int(grid[0]), int(grid[1]) * int(grid[2])
     text = text_prefix + text_suffix
     split = frame_split(num_frames, W)
     n = split[rank][1]
@@ -27,7 +30,8 @@ def attention_bytes(mode: str, num_frames: int, frame_tokens: int, text_prefix: 
         return (qkv + back) * itemsize
     if mode != "tile-ring":
         raise ValueError(f"unknown mode {mode!r}")
-    plan = ring_plan(num_frames, W, H, tuple(global_frames), tuple(windows))
+    plan = ring_plan(tuple(int(x) for x in grid), W, H, masks)
+    P = plan.om.grid.unit_tokens  # units move, not frames
     own_global = plan.bcast[rank]
     first = sum(B * H * P * len([f for f in plan.need[t][rank] if f not in own_global]) * 2 * D for t in range(W) if t != rank)
     first += B * H * P * len(own_global) * 3 * D  # broadcast of global frames' k, v, q: counted once at the source
