@@ -209,23 +209,25 @@ def test_padding_the_op_cannot_serve_is_refused():
     not_outer = torch.ones(1, 1, L, L, dtype=torch.bool)
     not_outer[..., 0, 1] = False
     for mask in (hole, video, not_outer, torch.zeros(1, 1, 1, L)):
-        assert padded_tile_attention(q, q, q, lay, mask, [1], [0], 0.3) is None
+        assert padded_tile_attention(q, q, q, lay, mask, [3, 2, 2, 2, 2], "g1w0", 0.3) is None
 
 
 _INTERPRET_TWO_LENGTHS = """
 import torch
 from vdit_compile.kernels import tile_attention_triton as tat
-from vdit_compile.ops.reference import reference_from_args
+from vdit_compile.ops.args import resolve
+from vdit_compile.ops.reference import reference_tile_attention
 g = torch.Generator().manual_seed(3)
 plans = []
+om = resolve(2, [4, 4, 4, 4, 4], "g1w0,dense")
 for text in (8, 5, 8):  # per-call text lengths alternate: the visit-list cache must key on the length
     q, k, v = (torch.randn(1, 2, 21 + 4 * 16 + text, 16, generator=g) for _ in range(3))
-    args = (21, text, 4, [1, -1], [0, 0], 0.25)
-    out, lse = tat.forward(q, k, v, *args)
-    ro, rl = reference_from_args(q.double(), k.double(), v.double(), *args)
+    lay = om.unit_layout(q.shape[2], 21, text)
+    out, lse = tat.forward(q, k, v, lay, om, 0.25)
+    ro, rl = reference_tile_attention(q.double(), k.double(), v.double(), lay, om.unit_mask(), 0.25)
     torch.testing.assert_close(out.double(), ro, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(lse.double(), rl, rtol=2e-5, atol=2e-5)
-    plans.append(tat._op_plan(q, *args[:5]))
+    plans.append(tat._op_plan(q, lay, om))
 assert plans[0] is plans[2] and plans[0] is not plans[1] and plans[1].qside.length == 21 + 64 + 5
 print("ok")
 """

@@ -21,7 +21,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "are the transformer's hidden_states sizes; every other dimension is fixed by the example inputs.")
     add_model_arguments(p)
     p.add_argument("--plan", metavar="PLAN",
-                   help="plan JSON from `vdit-compile calibrate`, or a mask name (e.g. g1w0) applied to every tileable site")
+                   help="plan JSON from `vdit-compile calibrate`, or a mask name of any family (g1w0, win3d-t1h1w1, spatial-h1w1-g1, ...) applied to every tileable site")
     p.add_argument("--onnx", metavar="OUT.onnx", help="write an ONNX file")
     p.add_argument("--trt", metavar="OUT.engine", help="write a TensorRT engine (needs vdit-compile[trt])")
     p.add_argument("--frames", type=int, help="frames of hidden_states (transformer input units)")

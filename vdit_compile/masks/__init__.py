@@ -5,7 +5,7 @@
 * :mod:`.spatial` -- spatial windows across all frames ``spatial-h<rh>w<rw>[-g<G>]``.
 
 :mod:`.units` says what a unit (token tile) is and how tokens are reordered so a unit is contiguous;
-:mod:`.op_args` encodes per-head specs into the op's arguments and back.
+:mod:`vdit_compile.ops.args` encodes per-head specs into the op's arguments and back.
 """
 from .base import MaskSpec, as_spec, known_families, masks_density, needs_tiles, parse_mask, register_family, unit_masks
 from .spatial import SpatialWindow

@@ -65,9 +65,14 @@ class OpMasks:
         return (self.grid, tuple(s.name for s in self.specs))
 
     def unit_mask(self) -> torch.Tensor:
-        """``(H, N, N)`` bool on the CPU (built once)."""
+        """``(H, N, N)`` bool on the CPU (built once, always as a real tensor: a first call under a trace, e.g. an
+        export decomposition's fake/proxy mode, must not leave a fake tensor in the cache)."""
         if not self._unit:
-            self._unit.append(unit_masks(self.specs, self.grid))
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+            from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+            with unset_fake_temporarily(), disable_proxy_modes_tracing():
+                self._unit.append(unit_masks(self.specs, self.grid))
         return self._unit[0]
 
     def unit_layout(self, seq_len: int, text_prefix: int, text_suffix: int) -> TokenLayout:
