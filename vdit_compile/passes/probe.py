@@ -1,24 +1,56 @@
 """Token-order probe: check, by running the graph, that video tokens really are frame-major.
 
 Shapes and the sequence ``cat`` say *how many* tokens are video and where the text sits; they
-do not prove the video tokens are ordered frame by frame.  Where the graph holds the video
-input, the probe runs the graph up to ``q`` of the first tileable site (an
-:class:`torch.fx.Interpreter` that stops there: patch embedding and first norm/projection
-only), once as is and once per latent input frame with that frame perturbed.  Before the
-first attention, tokens do not mix, so perturbing latent frame ``f`` must change exactly the
-``P`` tokens of token frame ``f // patch_t`` at ``text_prefix + (f // patch_t) * P``.  If it
-does not, the sites with that layout are left dense with the probe's finding as the reason.
-Sites whose text length is symbolic (trimmed by value) are probed the same way: the graph runs
-on the call's real inputs, so the text length of this call is known and the video block's
-position (hence the side the text sits on) is checked too.
+do not prove the video tokens are ordered frame by frame, nor (when channels and frames have
+the same size, or conditioning channels are concatenated to the latents) which input axis holds
+the frames.  Where the graph holds the video input, the probe runs the graph up to ``q`` of the
+first tileable site (an :class:`torch.fx.Interpreter` that stops there), once as is and once
+per latent input frame with that frame perturbed, and compares the per-token change of ``q``:
+
+* *exact*: when no op before the site mixes tokens (patch embedding, norms, projections), the
+  perturbation of latent frame ``f`` changes exactly the ``P`` tokens of token frame
+  ``f // patch_t`` at ``text_prefix + (f // patch_t) * P``;
+* *strongest response*: when blocks before the first softmax attention mix tokens (linear
+  attention, temporal convolutions), every token may change, but each video token still
+  responds most to its own frame (the residual path carries it): with a small perturbation (the
+  linear response), every video token's response to its frame-major frame must exceed its
+  response to any other frame, by :data:`DOMINANCE` times in the median.
+  Tokens in another order (H, W, T), or a wrong frame axis (a channel perturbed as if it were a
+  frame), fail this test at almost every token.
+
+If neither holds, the interpretation is rejected with the probe's finding.  Sites whose text
+length is symbolic (trimmed by value) are probed the same way: the graph runs on the call's
+real inputs, so the text length of this call is known and the video block's position is
+checked too.
+
+:func:`select_grid` runs detection once per interpretation of the call's video input
+(:func:`.grid.grid_candidates`) and keeps the first the probe confirms; when none is, the
+sites stay dense and the reason lists every interpretation tried and why it was rejected.
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.fx
 
+from .attention import example_shape
+from .grid import GridInfo, grid_candidates
+from .split import static_int
 
-_AXIS = {"BCTHW": 2, "BTCHW": 1, "BTHWC": 1}
+#: mixed video tokens must respond (median, in energy) this many times more to their own frame than to any other
+DOMINANCE = 4.0
+_CONFIRMED = "token order confirmed by probe"
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """``ok``: True confirmed, False rejected, None the probe cannot run on this graph; ``detail`` says more."""
+
+    ok: bool | None
+    detail: str = ""
+    mixed: bool = False  # confirmed by the strongest response (tokens mixed before the site)
 
 
 class _Stop(Exception):
@@ -60,43 +92,198 @@ def _real(inputs) -> bool:
     return not any(isinstance(x, FakeTensor) for x in inputs)
 
 
+def _shown(tokens: list) -> list:
+    return tokens if len(tokens) <= 8 else tokens[:4] + ["..."] + tokens[-2:]
+
+
+def _dominance(energy: torch.Tensor, pre: int, P: int, T: int) -> tuple[str, float]:
+    """``("", median ratio)`` when every video token responds most to its own frame, else what is wrong.
+
+    ``energy[tf, n]``: squared change of token ``n`` when token frame ``tf``'s latent frames are perturbed.
+    Every token's own-frame energy must exceed its largest other-frame energy, and the median over the
+    video tokens of that ratio must reach :data:`DOMINANCE` (one random draw per frame: a single token may
+    come close, the bulk may not).
+    """
+    n = T * P
+    video = energy[:, pre:pre + n]  # (T, N)
+    own, idx = torch.arange(n) // P, torch.arange(n)
+    mine = video[own, idx]
+    others = video.clone()
+    others[own, idx] = -1.0
+    best_other, best_frame = others.max(dim=0)
+    ratio = mine / best_other.clamp_min(1e-30)
+    median = float(ratio.median())
+    bad = (ratio <= 1.0).nonzero().flatten().tolist()
+    if bad:
+        k = bad[0]
+        return (f"token {pre + k} responds most to frame {int(best_frame[k])}, not to its frame-major frame "
+                f"{int(own[k])} ({len(bad)} of {n} video tokens respond most to another frame)"), median
+    if median < DOMINANCE:
+        return (f"video tokens respond to their own frame only {median:.3g} times more than to another (median "
+                f"energy ratio, {DOMINANCE:g} needed)"), median
+    return "", median
+
+
 @torch.no_grad()
-def probe_layout(gm: torch.fx.GraphModule, example_inputs, template, grid) -> str | None:
-    """``""`` if the token order is confirmed, ``None`` if it cannot be probed here, else what is wrong."""
+def probe_order(gm: torch.fx.GraphModule, example_inputs, template, grid: GridInfo) -> ProbeResult:
+    """Run the graph up to the site's ``q`` with each latent frame perturbed (module docstring)."""
     src = grid.axes
     idx = _video_placeholder(example_inputs, grid.tensor)
-    if idx is None or not _real(example_inputs) or (src not in _AXIS and src != "BNC"):
-        return None
+    if idx is None:
+        return ProbeResult(None, "the graph does not take the video input")
+    if not _real(example_inputs):
+        return ProbeResult(None, "the graph's inputs are fake tensors")
+    if src != "BNC" and not ("T" in src and "C" in src):
+        return ProbeResult(None, f"layout {src} is not probed")
     lay, q = template.site.layout, template.match.q
     inputs = list(example_inputs)
     x = inputs[idx]
-    base = _run_to(gm, q, inputs)
+    base = _run_to(gm, q, inputs).float()
     lay = lay.resolve(base.shape[-2]) if lay.is_dynamic else lay  # text trimmed by value: this call's length
-    P, pre = lay.frame_tokens, lay.text_prefix
+    P, pre, T = lay.frame_tokens, lay.text_prefix, lay.num_frames
     if src == "BNC":
-        frames, per = lay.num_frames, P
+        frames, per, axis = T, P, None
     else:
-        axis = _AXIS[src]
+        axis = src.index("T")
         frames, per = x.shape[axis], None
-    patch_t = max(1, frames // lay.num_frames) if per is None else 1
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    for f in range(frames):
+    patch_t = max(1, frames // T) if per is None else 1
+
+    def perturbed(f: int, gen: torch.Generator, scale: float) -> torch.Tensor:
+        """``q`` minus its base value with latent frame ``f`` perturbed by ``scale`` x Gaussian noise."""
         xp = x.clone()
+        sl = [slice(None)] * x.dim()
         if per is None:
-            sl = [slice(None)] * x.dim()
             sl[axis] = f
-            xp[tuple(sl)] += torch.randn(xp[tuple(sl)].shape, generator=gen).to(xp)
         else:
-            xp[:, f * per:(f + 1) * per] += torch.randn(xp[:, f * per:(f + 1) * per].shape, generator=gen).to(xp)
+            sl[1] = slice(f * per, (f + 1) * per)
+        xp[tuple(sl)] += scale * torch.randn(xp[tuple(sl)].shape, generator=gen).to(xp)
         inputs[idx] = xp
-        out = _run_to(gm, q, inputs)
-        diff = (out.float() - base.float()).abs()
-        diff = diff.amax(dim=tuple(d for d in range(diff.dim()) if d != diff.dim() - 2))
-        changed = (diff > 1e-6 * (1 + base.float().abs().max())).nonzero().flatten().tolist()
+        return _run_to(gm, q, inputs).float() - base
+
+    tok = base.dim() - 2
+    others = tuple(d for d in range(base.dim()) if d != tok)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    tol = 1e-6 * (1 + base.abs().max())
+    first_miss = ""
+    for f in range(frames):  # exact: a unit perturbation changes exactly the frame's token block
+        changed = (perturbed(f, gen, 1.0).abs().amax(dim=others) > tol).nonzero().flatten().tolist()
         tf = f // patch_t
         want = list(range(pre + tf * P, pre + (tf + 1) * P))
         if changed != want:
-            shown = changed if len(changed) <= 8 else changed[:4] + ["..."] + changed[-2:]
-            return (f"token-order probe: perturbing latent frame {f} changed tokens {shown}, expected the frame-major "
-                    f"block {want[0]}..{want[-1]}; video tokens are not frame-major here")
-    return ""
+            first_miss = (f"perturbing latent frame {f} changed tokens {_shown(changed)}, expected the frame-major "
+                          f"block {want[0]}..{want[-1]}")
+            if not set(want) <= set(changed):  # its own block unchanged: no mixing explains that
+                return ProbeResult(False, f"token-order probe: {first_miss}; video tokens are not frame-major here")
+            break
+    if not first_miss:
+        return ProbeResult(True)
+    # tokens mixed before the site: a small perturbation (the linear response, no saturating norm) per frame
+    scale = (0.02 if x.dtype in (torch.float32, torch.float64) else 0.2) * float(x.float().std().clamp_min(1e-6))
+    energy = torch.zeros(T, base.shape[-2], dtype=torch.float64)
+    for f in range(frames):
+        energy[f // patch_t] += perturbed(f, gen, scale).double().pow(2).sum(dim=others).cpu()
+    inputs[idx] = x
+    why, ratio = _dominance(energy, pre, P, T)
+    if why:
+        return ProbeResult(False, f"token-order probe: {first_miss}, and token mixing before the attention does not "
+                                  f"explain it: {why}; video tokens are not frame-major here")
+    return ProbeResult(True, f"tokens mixed before the attention; every video token responds most to its own frame "
+                             f"(median energy ratio {ratio:.3g})", mixed=True)
+
+
+def probe_layout(gm: torch.fx.GraphModule, example_inputs, template, grid) -> str | None:
+    """``""`` if the token order is confirmed, ``None`` if it cannot be probed here, else what is wrong."""
+    res = probe_order(gm, example_inputs, template, grid)
+    return "" if res.ok else None if res.ok is None else res.detail
+
+
+def _packed(templates, grid: GridInfo) -> list:
+    """``[(template, why)]`` for sites whose sequence holds every video of a list packed together (a tile mask
+    covers one frame-major grid per sequence: several videos in one sequence cannot be tiled)."""
+    if len(grid.group) < 2 or not isinstance(grid.tensor, torch.Tensor):
+        return []
+    numel = grid.tensor.numel()
+    counts = [grid.video_tokens * math.prod(shape) // numel for shape in grid.group]  # same channels and patch
+    out = []
+    for t in templates:
+        qs = example_shape(t.match.q)
+        n = static_int(qs[-2]) if qs is not None and len(qs) >= 3 else None
+        if n is not None and n >= sum(counts):
+            out.append((t, f"{grid.key.rsplit('[', 1)[0]} holds {len(grid.group)} videos {list(grid.group)} and this "
+                      f"attention runs over {n} tokens, their {'+'.join(map(str, counts))} video tokens packed into "
+                      f"one sequence: a tile mask covers one frame-major grid per sequence, so a packed sequence of "
+                      f"several videos cannot be tiled"))
+    return out
+
+
+def _confirmed_before(state) -> dict:
+    """Interpretations the probe confirmed on earlier graphs of this model (a graph after a graph break
+    does not hold the video input): ``{(argument, shape): axes}``, kept on the model's state."""
+    memo = getattr(state, "probe_confirmed_grids", None)
+    if memo is None:
+        memo = {}
+        try:
+            state.probe_confirmed_grids = memo
+        except AttributeError:
+            pass
+    return memo
+
+
+def select_grid(gm: torch.fx.GraphModule, ctx, detect_sites) -> tuple[list, GridInfo | None, str]:
+    """``(templates, grid, reason)``: detection under the first interpretation of the video input that holds.
+
+    ``detect_sites(gm, example_inputs, grid, grid_reason, root_names)`` is :func:`.detect.detect_sites`.  A
+    ``certain`` interpretation (:mod:`.grid`) is used unless the probe rejects it; any other needs the probe's
+    confirmation, here or on an earlier graph of the model.  An interpretation whose token count matches no
+    attention site is skipped.  None confirmed: every 3D site stays dense with the list of what was tried.
+    """
+    args, kwargs = ctx.state.call
+    cands, why = grid_candidates(ctx.state.root, args, kwargs)
+    probe_on = getattr(ctx.config, "probe", True)
+    memo = _confirmed_before(ctx.state)
+    tried, fallback = [], None
+    for grid in cands:
+        templates = detect_sites(gm, ctx.example_inputs, grid, "", ctx.root_names)
+        tile = [t for t in templates if t.site.tileable]
+        if not tile:
+            if grid.certain:  # this graph has no 3D attention (a text refiner, cross-attention only ...)
+                for t, packed in _packed(templates, grid):
+                    t.site.reason = f"{t.site.reason}; {packed}" if t.site.reason else packed
+                return templates, grid, ""
+            tried.append(f"{grid.describe()}: no attention site holds its {grid.video_tokens} video tokens")
+            tried += [p for p in dict.fromkeys(w for _, w in _packed(templates, grid)) if p not in tried]
+            continue
+        first = tile[0]
+        res = probe_order(gm, ctx.example_inputs, first, grid) if probe_on or not grid.certain \
+            else ProbeResult(None, "probe off")
+        mkey = (grid.key, tuple(grid.tensor.shape) if isinstance(grid.tensor, torch.Tensor) else ())
+        if res.ok or res.ok is None and (grid.certain or memo.get(mkey) == grid.axes):
+            note = None
+            if res.ok:
+                memo[mkey] = grid.axes
+                extra = [s for s in (grid.guessed or ("" if grid.certain else grid.basis), res.detail) if s]
+                note = _CONFIRMED + (f" ({'; '.join(extra)})" if extra else "")
+            elif not grid.certain:
+                note = f"{_CONFIRMED} on an earlier graph ({grid.describe()})"
+            for t in tile:
+                if note and t.site.layout == first.site.layout:
+                    t.notes.append(note)
+            return templates, grid, ""
+        if res.ok is None:
+            tried.append(f"{grid.guessed or grid.describe()}, and the token-order probe could not run to confirm it "
+                         f"({res.detail})")
+        else:
+            tried.append(f"{grid.describe()}: {res.detail}" if len(cands) > 1 else res.detail)
+        fallback = fallback or templates
+    if len(tried) == 1:
+        reason = tried[0]
+    elif tried:
+        reason = f"no interpretation of the video input was confirmed ({len(tried)} tried): " + " | ".join(tried)
+    else:
+        reason = why
+    if fallback is None:
+        return detect_sites(gm, ctx.example_inputs, None, reason, ctx.root_names), None, reason
+    for t in fallback:
+        if t.site.tileable:
+            t.site.layout, t.site.reason = None, reason
+    return fallback, None, reason
