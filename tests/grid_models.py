@@ -6,7 +6,8 @@ only changes how the video reaches the tokens:
 
 * :class:`CondConcatDiT`: a conditioning video and a mask channel concatenated to the latents
   (``2C+1`` input channels) while the config names the ``C`` latent channels; with
-  ``internal=True`` the model concatenates them itself and the config names the ``2C+1``;
+  ``internal=True`` the model concatenates them itself and the config names the ``2C+1``
+  (:class:`CondConcatBreakDiT`, :class:`CondConcatBlockBreakDiT`: the same with graph breaks);
 * :class:`FramesFirstDiT`: ``(B, F, C, H, W)`` latents patchified per frame by a Conv2d
   (CogVideoX style), built with ``C == F``;
 * :class:`MixingDiT`: a linear-attention + temporal-convolution block before the softmax blocks;
@@ -36,6 +37,29 @@ class CondConcatDiT(ManualDiT):
         if self.internal:
             hidden_states = torch.cat([hidden_states, condition], dim=1)
         return super().forward(hidden_states, encoder_hidden_states)
+
+
+class CondConcatBreakDiT(CondConcatDiT):
+    """CondConcatDiT with a graph break after its first block: the second block's graph does not hold the video
+    input (the probe cannot run there), so it relies on the interpretation confirmed on the first graph."""
+
+    def run_blocks(self, x):
+        x = self.blocks[0](x)
+        torch._dynamo.graph_break()
+        for blk in self.blocks[1:]:
+            x = blk(x)
+        return x
+
+
+class CondConcatBlockBreakDiT(CondConcatDiT):
+    """CondConcatDiT with a graph break before every block: no attention graph holds the video input, so the
+    probe runs the model itself up to the first block."""
+
+    def run_blocks(self, x):
+        for blk in self.blocks:
+            torch._dynamo.graph_break()
+            x = blk(x)
+        return x
 
 
 class FramesFirstDiT(ManualDiT):

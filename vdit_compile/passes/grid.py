@@ -332,6 +332,9 @@ def grid_candidates(model, args: tuple, kwargs: dict) -> tuple[list[GridInfo], s
             notes.append(f"{key}{shape} is a packed token sequence (tokens x features) with no batch, frame, height or "
                          f"width axis" + (f"; its grid is call data ({', '.join(grids)}), not a shape" if grids else "")
                          + ": one frame-major grid cannot be recovered from it")
+        elif i == 0 and key not in _PRIORITY and x.dim() == 3:
+            notes.append(f"no video tensor (5-D, or 4-D inside a list) among the call's inputs; found {_found(bound)} "
+                         f"(a 3-D tensor is read as (B, N, C) video tokens only with num_frames/height/width arguments)")
         elif i == 0:
             notes.append(f"unsupported video input {key}{shape} (expected 5-D video, or (B, N, C) with "
                          f"num_frames/height/width)")

@@ -124,22 +124,11 @@ def _dominance(energy: torch.Tensor, pre: int, P: int, T: int) -> tuple[str, flo
     return "", median
 
 
-@torch.no_grad()
-def probe_order(gm: torch.fx.GraphModule, example_inputs, template, grid: GridInfo) -> ProbeResult:
-    """Run the graph up to the site's ``q`` with each latent frame perturbed (module docstring)."""
+def _check_order(run, x: torch.Tensor, grid: GridInfo, layout) -> ProbeResult:
+    """The exact and strongest-response tests (module docstring) on ``run(video) -> tokens (..., L, D)``."""
     src = grid.axes
-    idx = _video_placeholder(example_inputs, grid.tensor)
-    if idx is None:
-        return ProbeResult(None, "the graph does not take the video input")
-    if not _real(example_inputs):
-        return ProbeResult(None, "the graph's inputs are fake tensors")
-    if src != "BNC" and not ("T" in src and "C" in src):
-        return ProbeResult(None, f"layout {src} is not probed")
-    lay, q = template.site.layout, template.match.q
-    inputs = list(example_inputs)
-    x = inputs[idx]
-    base = _run_to(gm, q, inputs).float()
-    lay = lay.resolve(base.shape[-2]) if lay.is_dynamic else lay  # text trimmed by value: this call's length
+    base = run(x).float()
+    lay = layout.resolve(base.shape[-2]) if layout.is_dynamic else layout  # text trimmed by value: this call's
     P, pre, T = lay.frame_tokens, lay.text_prefix, lay.num_frames
     if src == "BNC":
         frames, per, axis = T, P, None
@@ -149,7 +138,7 @@ def probe_order(gm: torch.fx.GraphModule, example_inputs, template, grid: GridIn
     patch_t = max(1, frames // T) if per is None else 1
 
     def perturbed(f: int, gen: torch.Generator, scale: float) -> torch.Tensor:
-        """``q`` minus its base value with latent frame ``f`` perturbed by ``scale`` x Gaussian noise."""
+        """The tokens' change with latent frame ``f`` perturbed by ``scale`` x Gaussian noise."""
         xp = x.clone()
         sl = [slice(None)] * x.dim()
         if per is None:
@@ -157,8 +146,7 @@ def probe_order(gm: torch.fx.GraphModule, example_inputs, template, grid: GridIn
         else:
             sl[1] = slice(f * per, (f + 1) * per)
         xp[tuple(sl)] += scale * torch.randn(xp[tuple(sl)].shape, generator=gen).to(xp)
-        inputs[idx] = xp
-        return _run_to(gm, q, inputs).float() - base
+        return run(xp).float() - base
 
     tok = base.dim() - 2
     others = tuple(d for d in range(base.dim()) if d != tok)
@@ -182,13 +170,95 @@ def probe_order(gm: torch.fx.GraphModule, example_inputs, template, grid: GridIn
     energy = torch.zeros(T, base.shape[-2], dtype=torch.float64)
     for f in range(frames):
         energy[f // patch_t] += perturbed(f, gen, scale).double().pow(2).sum(dim=others).cpu()
-    inputs[idx] = x
     why, ratio = _dominance(energy, pre, P, T)
     if why:
         return ProbeResult(False, f"token-order probe: {first_miss}, and token mixing before the attention does not "
                                   f"explain it: {why}; video tokens are not frame-major here")
     return ProbeResult(True, f"tokens mixed before the attention; every video token responds most to its own frame "
                              f"(median energy ratio {ratio:.3g})", mixed=True)
+
+
+def _probed_layout(src: str) -> bool:
+    return src == "BNC" or "T" in src and "C" in src
+
+
+@torch.no_grad()
+def probe_order(gm: torch.fx.GraphModule, example_inputs, template, grid: GridInfo) -> ProbeResult:
+    """Run the graph up to the site's ``q`` with each latent frame perturbed (module docstring)."""
+    idx = _video_placeholder(example_inputs, grid.tensor)
+    if idx is None:
+        return ProbeResult(None, "the graph does not take the video input")
+    if not _real(example_inputs):
+        return ProbeResult(None, "the graph's inputs are fake tensors")
+    if not _probed_layout(grid.axes):
+        return ProbeResult(None, f"layout {grid.axes} is not probed")
+    inputs = list(example_inputs)
+
+    def run(video):
+        inputs[idx] = video
+        return _run_to(gm, template.match.q, inputs)
+
+    return _check_order(run, inputs[idx], grid, template.site.layout)
+
+
+def _replace(value, old, new):
+    """``value`` (nested lists / tuples / dicts) with the tensor ``old`` swapped for ``new``."""
+    if value is old:
+        return new
+    if isinstance(value, (list, tuple)):
+        return type(value)(_replace(v, old, new) for v in value)
+    if isinstance(value, dict):
+        return {k: _replace(v, old, new) for k, v in value.items()}
+    return value
+
+
+@torch.no_grad()
+def probe_eager(root: torch.nn.Module, call: tuple, template, grid: GridInfo) -> ProbeResult:
+    """The probe for a graph that does not hold the video input (a block's graph after a graph break): run the
+    model's own (uncompiled) forward, stopped at the site's module, and test the token sequence entering it
+    (queries are a token-wise projection of it in the blocks this serves)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if not isinstance(grid.tensor, torch.Tensor) or isinstance(grid.tensor, FakeTensor):
+        return ProbeResult(None, "no real video input")
+    if not _probed_layout(grid.axes):
+        return ProbeResult(None, f"layout {grid.axes} is not probed")
+    lay = template.site.layout
+    try:
+        module = root.get_submodule(template.site.name.split("#")[0])
+    except AttributeError:
+        return ProbeResult(None, f"module {template.site.name} not found in the model")
+    lengths = {lay.video_tokens} if lay.is_dynamic else {lay.seq_len, lay.video_tokens}
+    args, kwargs = call
+
+    def grab(_mod, a, kw):
+        tensors = [t for t in (*a, *kw.values()) if isinstance(t, torch.Tensor) and t.dim() >= 3]
+        for want in sorted(lengths, reverse=True):  # the joint sequence if the block gets it, else the video
+            for t in tensors:
+                if t.shape[-2] == want:
+                    raise _Stop(t if want == lay.seq_len or lay.is_dynamic else ("video", t))
+        raise _Stop(None)
+
+    def run(video):
+        handle = module.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            type(root).forward(root, *_replace(args, grid.tensor, video), **_replace(kwargs, grid.tensor, video))
+        except _Stop as s:
+            return s.value
+        finally:
+            handle.remove()
+        return None
+
+    try:
+        first = run(grid.tensor)
+        if first is None:
+            return ProbeResult(None, f"no input of {template.site.name} holds its {sorted(lengths)} tokens")
+        if isinstance(first, tuple):  # the module takes the video tokens alone (text joined inside)
+            lay = type(lay)(lay.num_frames, lay.height, lay.width, 0, 0, lay.order)
+            return _check_order(lambda v: run(v)[1], grid.tensor, grid, lay)
+        return _check_order(run, grid.tensor, grid, lay)
+    except Exception as exc:  # the model cannot run eagerly here: not confirmed, never wrong
+        return ProbeResult(None, f"running the model to probe failed: {type(exc).__name__}: {exc}")
 
 
 def probe_layout(gm: torch.fx.GraphModule, example_inputs, template, grid) -> str | None:
@@ -229,6 +299,32 @@ def _confirmed_before(state) -> dict:
     return memo
 
 
+def _judge(gm, ctx, first, grid: GridInfo, memo: dict, probe_on: bool) -> tuple[ProbeResult, str | None]:
+    """``(result, note)`` for one interpretation: ``result.ok`` True means use it (``note`` goes on its sites).
+
+    The graph probe first; a graph without the video input trusts a ``certain`` interpretation (as before
+    interpretations were tried), reuses a confirmation from an earlier graph, or runs the model eagerly.
+    """
+    key = (grid.key, tuple(grid.tensor.shape) if isinstance(grid.tensor, torch.Tensor) else ())
+    what = "" if grid.certain else grid.describe()
+    res = probe_order(gm, ctx.example_inputs, first, grid) if probe_on or not grid.certain \
+        else ProbeResult(None, "probe off")
+    if res.ok is None and grid.certain:
+        return ProbeResult(True), None
+    if res.ok is None and memo.get(key) == grid.axes:
+        return ProbeResult(True), f"{_CONFIRMED} on an earlier graph ({what})"
+    if res.ok is None and probe_on:  # no video input in this graph: run the model itself up to the site
+        eager = probe_eager(ctx.state.root, ctx.state.call, first, grid)
+        if eager.ok is None:
+            return ProbeResult(None, f"{res.detail}; {eager.detail}"), None
+        res = ProbeResult(eager.ok, "; ".join(x for x in ("eager model run", eager.detail) if x), eager.mixed)
+    if not res.ok:
+        return res, None
+    memo[key] = grid.axes
+    extra = [x for x in (what, res.detail) if x]
+    return res, _CONFIRMED + (f" ({'; '.join(extra)})" if extra else "")
+
+
 def select_grid(gm: torch.fx.GraphModule, ctx, detect_sites) -> tuple[list, GridInfo | None, str]:
     """``(templates, grid, reason)``: detection under the first interpretation of the video input that holds.
 
@@ -254,17 +350,8 @@ def select_grid(gm: torch.fx.GraphModule, ctx, detect_sites) -> tuple[list, Grid
             tried += [p for p in dict.fromkeys(w for _, w in _packed(templates, grid)) if p not in tried]
             continue
         first = tile[0]
-        res = probe_order(gm, ctx.example_inputs, first, grid) if probe_on or not grid.certain \
-            else ProbeResult(None, "probe off")
-        mkey = (grid.key, tuple(grid.tensor.shape) if isinstance(grid.tensor, torch.Tensor) else ())
-        if res.ok or res.ok is None and (grid.certain or memo.get(mkey) == grid.axes):
-            note = None
-            if res.ok:
-                memo[mkey] = grid.axes
-                extra = [s for s in (grid.guessed or ("" if grid.certain else grid.basis), res.detail) if s]
-                note = _CONFIRMED + (f" ({'; '.join(extra)})" if extra else "")
-            elif not grid.certain:
-                note = f"{_CONFIRMED} on an earlier graph ({grid.describe()})"
+        res, note = _judge(gm, ctx, first, grid, memo, probe_on)
+        if res.ok:
             for t in tile:
                 if note and t.site.layout == first.site.layout:
                     t.notes.append(note)
