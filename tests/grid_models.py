@@ -17,9 +17,8 @@ only changes how the video reaches the tokens:
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from core_models import DIM, ManualDiT
+from torch import nn
 
 C, F_, HH, WW = 4, 3, 8, 8  # latent channels, latent frames, height, width (F_ != C unless a test wants it)
 
@@ -71,7 +70,7 @@ class FramesFirstDiT(ManualDiT):
         self.config = {"in_channels": c, "patch_size": 2}
 
     def forward(self, hidden_states, encoder_hidden_states=None):
-        b, f, c, h, w = hidden_states.shape
+        b = hidden_states.shape[0]
         x = self.patch_embed(hidden_states.flatten(0, 1))  # (B*F, D, h', w')
         x = x.flatten(2).transpose(1, 2).reshape(b, -1, DIM)  # frame-major tokens (B, F*h'*w', D)
         txt = self.text_proj(encoder_hidden_states)

@@ -15,14 +15,33 @@ import warnings
 
 import pytest
 import torch
+from core_models import (
+    TEXT,
+    ManualDiT,
+    MaskedSDPA,
+    _text,
+    out_of,
+    reference_output,
+    rel_err,
+)
+from grid_models import (
+    F_,
+    HH,
+    WW,
+    C,
+    CondConcatBlockBreakDiT,
+    CondConcatBreakDiT,
+    CondConcatDiT,
+    FramesFirstDiT,
+    ListInputDiT,
+    MixingDiT,
+    PackedPatchesDiT,
+)
 
 import vdit_compile as vc
 from vdit_compile import TileMask
 from vdit_compile.capture import state_of
 from vdit_compile.passes.grid import channel_counts, grid_candidates, infer_grid
-
-from core_models import MaskedSDPA, ManualDiT, TEXT, _text, out_of, reference_output, rel_err
-from grid_models import F_, HH, WW, C, CondConcatBlockBreakDiT, CondConcatBreakDiT, CondConcatDiT, FramesFirstDiT, ListInputDiT, MixingDiT, PackedPatchesDiT
 
 MASK = TileMask(1, 0)
 
@@ -32,25 +51,25 @@ def _r(*shape, seed):
 
 
 def _cond_inputs(seed):
-    return dict(hidden_states=_r(1, 2 * C + 1, F_, HH, WW, seed=seed), encoder_hidden_states=_text(24, seed=seed + 1))
+    return {"hidden_states": _r(1, 2 * C + 1, F_, HH, WW, seed=seed), "encoder_hidden_states": _text(24, seed=seed + 1)}
 
 
 def _cond_internal_inputs(seed):
-    return dict(hidden_states=_r(1, C, F_, HH, WW, seed=seed), condition=_r(1, C + 1, F_, HH, WW, seed=seed + 1),
-                encoder_hidden_states=_text(24, seed=seed + 2))
+    return {"hidden_states": _r(1, C, F_, HH, WW, seed=seed), "condition": _r(1, C + 1, F_, HH, WW, seed=seed + 1),
+                "encoder_hidden_states": _text(24, seed=seed + 2)}
 
 
 def _frames_first_inputs(seed):  # C == F: 4 channels at 4 latent frames, (B, F, C, H, W)
-    return dict(hidden_states=_r(1, 4, 4, HH, WW, seed=seed), encoder_hidden_states=_text(24, seed=seed + 1))
+    return {"hidden_states": _r(1, 4, 4, HH, WW, seed=seed), "encoder_hidden_states": _text(24, seed=seed + 1)}
 
 
 def _video_inputs(seed):
-    return dict(hidden_states=_r(1, C, F_, HH, WW, seed=seed), encoder_hidden_states=_text(24, seed=seed + 1))
+    return {"hidden_states": _r(1, C, F_, HH, WW, seed=seed), "encoder_hidden_states": _text(24, seed=seed + 1)}
 
 
 def _list_inputs(seed, unbatched=False):
     v = _r(1, C, F_, HH, WW, seed=seed)
-    return dict(vision_tokens=[v[0] if unbatched else v], encoder_hidden_states=_text(24, seed=seed + 1))
+    return {"vision_tokens": [v[0] if unbatched else v], "encoder_hidden_states": _text(24, seed=seed + 1)}
 
 
 #: name -> (model factory, inputs(seed), expected (T', H', W', text prefix), layout read from)
@@ -120,13 +139,13 @@ def test_cogvideox_with_channels_equal_to_frames_is_tiled():
                                         temporal_compression_ratio=4).eval()
 
     def kw(seed):
-        return dict(hidden_states=_r(1, 4, 4, HH, WW, seed=seed), encoder_hidden_states=_text(24, seed=seed + 1),
-                    timestep=torch.tensor([500]))
+        return {"hidden_states": _r(1, 4, 4, HH, WW, seed=seed), "encoder_hidden_states": _text(24, seed=seed + 1),
+                    "timestep": torch.tensor([500])}
 
     assert infer_grid(model, (), kw(1))[0] is None  # the shape alone cannot tell: the probe decides
     with torch.no_grad():
         original = out_of(model(**kw(2)))
-    got, sites, notes, rewritten = _optimize_and_run(model, kw(1), kw(2))
+    got, sites, _notes, rewritten = _optimize_and_run(model, kw(1), kw(2))
     tiled = [s for s in sites if s.tileable]
     assert len(tiled) == 1 and rewritten == {s.name for s in tiled}, [s.describe() for s in sites]
     assert all((s.layout.num_frames, s.layout.frame_tokens, s.layout.text_prefix) == (4, 16, TEXT) for s in tiled)
@@ -148,14 +167,14 @@ def _dense_sites(model, kw):
 
 def test_several_videos_packed_into_one_sequence_are_refused_with_the_reason():
     torch.manual_seed(0)
-    kw = dict(vision_tokens=[_r(1, C, F_, HH, WW, seed=1), _r(1, C, F_, HH, WW, seed=2)], encoder_hidden_states=_text(24))
+    kw = {"vision_tokens": [_r(1, C, F_, HH, WW, seed=1), _r(1, C, F_, HH, WW, seed=2)], "encoder_hidden_states": _text(24)}
     for s in _dense_sites(ListInputDiT().eval(), kw):
         assert "vision_tokens holds 2 videos" in s.reason and "48+48 video tokens packed into one sequence" in s.reason, s.reason
 
 
 def test_packed_2d_patches_are_refused_with_the_reason():
     torch.manual_seed(0)
-    kw = dict(hidden_states=_r(48, 4 * C, seed=1), grid_thw=torch.tensor([[3, 4, 4]]), encoder_hidden_states=_text(24))
+    kw = {"hidden_states": _r(48, 4 * C, seed=1), "grid_thw": torch.tensor([[3, 4, 4]]), "encoder_hidden_states": _text(24)}
     for s in _dense_sites(PackedPatchesDiT().eval(), kw):
         assert "packed token sequence" in s.reason and "grid_thw(1, 3)" in s.reason, s.reason
 
@@ -171,7 +190,7 @@ def test_every_interpretation_tried_is_listed_when_none_is_confirmed():
     """Tokens in H, W, T order with 4 channels at 4 frames: both channel axes are probed and rejected."""
     torch.manual_seed(0)
     model = ManualDiT(in_channels=4, order="HWT").eval()
-    kw = dict(hidden_states=_r(1, 4, 4, HH, WW, seed=1), encoder_hidden_states=_text(24))
+    kw = {"hidden_states": _r(1, 4, 4, HH, WW, seed=1), "encoder_hidden_states": _text(24)}
     for s in _dense_sites(model, kw):
         assert "no interpretation of the video input was confirmed" in s.reason, s.reason
         assert "as BCTHW" in s.reason and "as BTCHW" in s.reason and s.reason.count("not frame-major") == 2, s.reason
@@ -200,12 +219,12 @@ def test_candidates_name_conditioning_channels_and_nested_inputs():
     assert grid is not None and grid.key == "vision_tokens[0]" and grid.certain and grid.video_tokens == F_ * 16
     grid, _ = infer_grid(model, (), _list_inputs(1, unbatched=True))
     assert grid is not None and grid.axes == "CTHW" and grid.batch == 1
-    nested = dict(cond={"video": _r(1, C, F_, HH, WW, seed=3)}, encoder_hidden_states=_text(24))
+    nested = {"cond": {"video": _r(1, C, F_, HH, WW, seed=3)}, "encoder_hidden_states": _text(24)}
     cands, _ = grid_candidates(model, (), nested)
     assert cands and cands[0].key == "cond['video']" and cands[0].axes == "BCTHW"
 
 
 def test_no_video_says_what_was_found():
     torch.manual_seed(0)
-    grid, why = infer_grid(ListInputDiT().eval(), (), dict(encoder_hidden_states=_text(24), vision_tokens=[]))
+    grid, why = infer_grid(ListInputDiT().eval(), (), {"encoder_hidden_states": _text(24), "vision_tokens": []})
     assert grid is None and "no video tensor" in why and "encoder_hidden_states(1, 8, 24)" in why, why

@@ -255,14 +255,14 @@ def _video_candidates(model, vi: VideoInput, ps, primary: bool) -> tuple[list[Gr
     matches = [d for d in layouts if shape[d] == c] if c is not None else []
     lead: dict[int, dict] = {}
     if primary and len(matches) == 1:
-        lead[matches[0]] = dict(certain=True, basis=f"channel axis {matches[0]} = in_channels {c}")
+        lead[matches[0]] = {"certain": True, "basis": f"channel axis {matches[0]} = in_channels {c}"}
     elif primary and len(matches) > 1 and first_axis in matches and _conv3d_patch_embed(model, c):
         # e.g. Wan with 8 latent channels at 8 latent frames: (1, 8, 8, H, W). A Conv3d patch embedding reads
         # (N, C, T, H, W), so the channels-first axis is the likely one; a model that permutes before its Conv3d
         # would make this wrong, so the token-order probe must confirm it (or another axis is tried).
-        lead[first_axis] = dict(guessed=(f"{vi.path}{shape} has {c} = in_channels on axes {matches}; channel axis "
-                                         f"{first_axis} assumed from the Conv3d patch embedding"),
-                                basis=f"channel axis {first_axis} = in_channels {c} (Conv3d patch embedding)")
+        lead[first_axis] = {"guessed": (f"{vi.path}{shape} has {c} = in_channels on axes {matches}; channel axis "
+                                        f"{first_axis} assumed from the Conv3d patch embedding"),
+                            "basis": f"channel axis {first_axis} = in_channels {c} (Conv3d patch embedding)"}
     conv = _first_conv(model)
     frames_first = isinstance(conv, torch.nn.Conv2d)  # a per-frame Conv2d patchify reads frames as batch: (B, T, C, H, W)
     order = sorted(layouts, key=lambda d: (d not in lead, shape[d] not in known,
@@ -272,8 +272,8 @@ def _video_candidates(model, vi: VideoInput, ps, primary: bool) -> tuple[list[Gr
         lo = 1 if x.dim() == 5 else 0  # unbatched (C, T, H, W) inside a list: batch 1
         rest = [shape[i] for i in range(lo, x.dim()) if i != d]
         b = shape[0] if x.dim() == 5 else 1
-        kw = lead.get(d) or dict(basis=(f"channel axis {d} = {known[shape[d]]}" if shape[d] in known
-                                        else f"channel axis {d} ({shape[d]} channels) from the shape only"))
+        kw = lead.get(d) or {"basis": (f"channel axis {d} = {known[shape[d]]}" if shape[d] in known
+                                       else f"channel axis {d} ({shape[d]} channels) from the shape only")}
         g, why = _grid(vi, b, *rest, ps, layouts[d], layouts[d], **kw)
         if g is not None:
             out.append(g)

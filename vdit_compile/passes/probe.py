@@ -125,7 +125,14 @@ def _dominance(energy: torch.Tensor, pre: int, P: int, T: int) -> tuple[str, flo
 
 
 def _check_order(run, x: torch.Tensor, grid: GridInfo, layout) -> ProbeResult:
-    """The exact and strongest-response tests (module docstring) on ``run(video) -> tokens (..., L, D)``."""
+    """The exact and strongest-response tests (module docstring) on ``run(video) -> tokens (..., L, D)``.
+
+    The runs leave the global RNG as they found it (a model in training mode draws dropout masks)."""
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        return _check_order_runs(run, x, grid, layout)
+
+
+def _check_order_runs(run, x: torch.Tensor, grid: GridInfo, layout) -> ProbeResult:
     src = grid.axes
     base = run(x).float()
     lay = layout.resolve(base.shape[-2]) if layout.is_dynamic else layout  # text trimmed by value: this call's
@@ -257,7 +264,7 @@ def probe_eager(root: torch.nn.Module, call: tuple, template, grid: GridInfo) ->
             lay = type(lay)(lay.num_frames, lay.height, lay.width, 0, 0, lay.order)
             return _check_order(lambda v: run(v)[1], grid.tensor, grid, lay)
         return _check_order(run, grid.tensor, grid, lay)
-    except Exception as exc:  # the model cannot run eagerly here: not confirmed, never wrong
+    except Exception as exc:  # noqa: BLE001 - any failure of the model's own forward means "not confirmed", never wrong
         return ProbeResult(None, f"running the model to probe failed: {type(exc).__name__}: {exc}")
 
 
@@ -279,10 +286,11 @@ def _packed(templates, grid: GridInfo) -> list:
         qs = example_shape(t.match.q)
         n = static_int(qs[-2]) if qs is not None and len(qs) >= 3 else None
         if n is not None and n >= sum(counts):
-            out.append((t, f"{grid.key.rsplit('[', 1)[0]} holds {len(grid.group)} videos {list(grid.group)} and this "
-                      f"attention runs over {n} tokens, their {'+'.join(map(str, counts))} video tokens packed into "
-                      f"one sequence: a tile mask covers one frame-major grid per sequence, so a packed sequence of "
-                      f"several videos cannot be tiled"))
+            why = (f"{grid.key.rsplit('[', 1)[0]} holds {len(grid.group)} videos {list(grid.group)} and this "
+                   f"attention runs over {n} tokens, their {'+'.join(map(str, counts))} video tokens packed into "
+                   f"one sequence: a tile mask covers one frame-major grid per sequence, so a packed sequence of "
+                   f"several videos cannot be tiled")
+            out.append((t, why))
     return out
 
 
