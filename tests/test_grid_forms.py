@@ -75,6 +75,9 @@ def _list_inputs(seed, unbatched=False):
 #: name -> (model factory, inputs(seed), expected (T', H', W', text prefix), layout read from)
 FORMS = {
     "cond_concat": (lambda: CondConcatDiT(), _cond_inputs, (F_, 4, 4, TEXT), "BCTHW"),
+    # 4 latent frames = the config's 4 latent channels, input 2x4+1: the axis equal to in_channels is wrong
+    "cond_concat_frames_equal_latent_channels": (lambda: CondConcatDiT(), lambda s: {**_cond_inputs(s), "hidden_states": _r(
+        1, 2 * C + 1, C, HH, WW, seed=s)}, (C, 4, 4, TEXT), "BCTHW"),
     "cond_concat_graph_break": (lambda: CondConcatBreakDiT(), lambda s: dict(_cond_inputs(s), encoder_hidden_states=None),
                                 (F_, 4, 4, 0), "BCTHW"),  # video self-attention: a block graph holds no text cat
     "cond_concat_block_graphs": (lambda: CondConcatBlockBreakDiT(), lambda s: dict(_cond_inputs(s), encoder_hidden_states=None),

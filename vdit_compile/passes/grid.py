@@ -20,7 +20,8 @@ tensor of the call), ordered by how well the config supports it, and the detecti
 the token-order probe (:mod:`.probe`) confirm one by running the graph; the first confirmed
 one wins.  An interpretation needs no probe only when it is ``certain``: the call's main video
 input has exactly one axis equal to the config's input channels (or it is one of the
-pre-patchified / per-frame layouts, which the call's own ``num_frames`` arguments fix).
+pre-patchified / per-frame layouts, which the call's own ``num_frames`` arguments fix), and no
+other axis has a plausible channel count (:func:`channel_counts`).
 
 :func:`infer_grid` keeps the single-answer contract: the certain interpretation, or, where
 several axes equal the input channels and a Conv3d patch embedding makes axis 1 the likely
@@ -254,7 +255,13 @@ def _video_candidates(model, vi: VideoInput, ps, primary: bool) -> tuple[list[Gr
     known = channel_counts(model)
     matches = [d for d in layouts if shape[d] == c] if c is not None else []
     lead: dict[int, dict] = {}
-    if primary and len(matches) == 1:
+    # another channels-or-frames axis whose size is a plausible count of concatenated channels (16 latent frames
+    # next to 2x16+1 channels, config in_channels 16): the axis equal to in_channels leads, but only the probe can tell
+    rivals = [d for d in sorted(layouts)[:2] if d not in matches and c is not None and shape[d] in known and shape[d] > c]
+    if primary and len(matches) == 1 and rivals:
+        lead[matches[0]] = {"basis": (f"channel axis {matches[0]} = in_channels {c} (axis {rivals[0]}, "
+                                      f"{known[shape[rivals[0]]]}, may be the channels too)")}
+    elif primary and len(matches) == 1:
         lead[matches[0]] = {"certain": True, "basis": f"channel axis {matches[0]} = in_channels {c}"}
     elif primary and len(matches) > 1 and first_axis in matches and _conv3d_patch_embed(model, c):
         # e.g. Wan with 8 latent channels at 8 latent frames: (1, 8, 8, H, W). A Conv3d patch embedding reads
