@@ -30,7 +30,7 @@ import torch.fx
 from ..layout import TokenLayout
 from .attention import AttnMatch, example_shape, find_attention
 from .grid import GridInfo
-from .probe import probe_layout
+from .probe import select_grid
 from .naming import RootNames, local_module_path, param_placeholders, rebase, strip_self
 from .registry import register_pass
 from .split import known_equal, static_int, trace_sequence_split
@@ -261,18 +261,7 @@ def detect_sites(gm: torch.fx.GraphModule, example_inputs, grid: GridInfo | None
 
 @register_pass("detect", 100)
 def detect_pass(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
-    ctx.templates = detect_sites(gm, ctx.example_inputs, ctx.grid, ctx.grid_reason, ctx.root_names)
-    first = next((t for t in ctx.templates if t.site.tileable), None)
-    guessed = getattr(ctx.grid, "guessed", "") if ctx.grid is not None else ""
-    if first is not None and (getattr(ctx.config, "probe", True) or guessed):
-        problem = probe_layout(gm, ctx.example_inputs, first, ctx.grid)
-        if guessed and problem is None:  # a guessed grid is used only once the probe has confirmed it
-            problem = f"{guessed}, and the token-order probe could not run to confirm it"
-        same = [t for t in ctx.templates if t.site.layout == first.site.layout]
-        for t in same:
-            if problem:
-                t.site.layout, t.site.reason = None, problem
-            elif problem == "":
-                t.notes.append("token order confirmed by probe" + (f" ({guessed})" if guessed else ""))
+    # every interpretation of the video input, each confirmed or rejected by the token-order probe (probe.py)
+    ctx.templates, ctx.grid, ctx.grid_reason = select_grid(gm, ctx, detect_sites)
     ctx.sites = [t.site for t in ctx.templates]
     return gm
