@@ -13,6 +13,7 @@ import functools
 import torch
 
 from ..runtime.state import OptimizeState
+from ..validation import check_forward_inputs
 from .backend import make_backend
 
 _ATTR = "_vdit_state"
@@ -41,23 +42,29 @@ def state_of(module: torch.nn.Module) -> OptimizeState | None:
     return module.__dict__.get(_ATTR)
 
 
-def install(module: torch.nn.Module, state: OptimizeState) -> None:
-    """(Re)compile ``module.forward`` for ``state``'s current mode."""
-    _raise_limits()
-    if _ATTR in module.__dict__:  # re-install (mode switch): keep what was there before the first install
-        previous = module.__dict__.get(_PREV)
-    else:  # an instance-level forward (e.g. accelerate offload hooks) is wrapped, and restored later
-        previous = module.__dict__.get("forward")
-    original = previous if previous is not None else type(module).forward.__get__(module)
-    compiled = torch.compile(original, backend=make_backend(state), dynamic=False)
+class CompiledForward:
+    """The instance-level ``forward`` of an optimised module: records the call, runs the compiled graph.
 
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
+    A callable object rather than a closure so that ``copy.deepcopy(model)`` works: the copy gets a
+    fresh compiled forward bound to the *copied* module and a fresh state (same plan and config), and
+    compiles its own graphs on its first call (see :mod:`.copying`).  A closure would be shared by
+    the copy and silently keep running the original module's weights.
+    """
+
+    def __init__(self, module: torch.nn.Module, state: OptimizeState, previous):
+        self.module, self.state, self.previous = module, state, previous
+        original = previous if previous is not None else type(module).forward.__get__(module)
+        self.compiled = torch.compile(original, backend=make_backend(state), dynamic=False)
+        functools.update_wrapper(self, original)
+
+    def __call__(self, *args, **kwargs):
+        check_forward_inputs(self.module, args, kwargs)  # a clear error instead of a fake-tensor trace
+        state = self.state
         state.call = (args, kwargs)
         state.pending_error = None
         try:
             with torch._dynamo.config.patch(**_DYNAMO_OPTIONS):
-                return compiled(*args, **kwargs)
+                return self.compiled(*args, **kwargs)
         except Exception as exc:
             inner = state.pending_error
             if inner is not None and exc is not inner:
@@ -65,7 +72,20 @@ def install(module: torch.nn.Module, state: OptimizeState) -> None:
                 raise inner.with_traceback(inner.__traceback__) from None
             raise
 
-    module.__dict__["forward"] = forward
+    def __deepcopy__(self, memo):
+        from .copying import copy_forward
+
+        return copy_forward(self, memo)
+
+
+def install(module: torch.nn.Module, state: OptimizeState) -> None:
+    """(Re)compile ``module.forward`` for ``state``'s current mode."""
+    _raise_limits()
+    if _ATTR in module.__dict__:  # re-install (mode switch): keep what was there before the first install
+        previous = module.__dict__.get(_PREV)
+    else:  # an instance-level forward (e.g. accelerate offload hooks) is wrapped, and restored later
+        previous = module.__dict__.get("forward")
+    module.__dict__["forward"] = CompiledForward(module, state, previous)
     module.__dict__[_ATTR] = state
     module.__dict__[_PREV] = previous
 

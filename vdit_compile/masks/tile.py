@@ -36,6 +36,9 @@ class TileMask:
     dense: bool = False
 
     def __post_init__(self):
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (self.global_frames, self.window)):
+            raise TypeError(f"TileMask needs integer global_frames and window, found g={self.global_frames!r} "
+                            f"({type(self.global_frames).__name__}), w={self.window!r} ({type(self.window).__name__})")
         if not self.dense and (self.global_frames < 0 or self.window < 0):
             raise ValueError(
                 f"TileMask needs global_frames >= 0 and window >= 0, found g={self.global_frames}, w={self.window}"
