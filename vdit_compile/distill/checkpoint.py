@@ -174,9 +174,10 @@ def _recover(root: Path, why: str) -> Path | None:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint: the one ``latest.json`` points at, or ``None`` when the run has none.
 
-    When the pointer is corrupt, dangling or names a checkpoint that fails verification, the newest
-    checkpoint that verifies is used instead (with a warning); :class:`CheckpointError` only when there
-    is none, which means no checkpoint was ever completed.
+    When the pointer is missing, unreadable or dangling (a kill between renames), the newest checkpoint
+    that verifies is used instead, with a warning; :class:`CheckpointError` only when there is none.  A
+    pointer to an existing directory is returned as is: :func:`verify_checkpoint` then refuses it if its
+    files do not match their hashes (disk corruption is reported, not silently skipped).
     """
     root = Path(run_dir) / "checkpoints"
     ptr = root / "latest.json"
@@ -188,9 +189,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         why = f"is corrupt ({exc})"
     else:
         path = root / name
-        if path.is_dir() and _verifies(path):
+        if path.is_dir():  # verified by the caller: a corrupt one is refused, never silently skipped
             return path
-        why = f"points at {name}, which " + ("fails verification" if path.is_dir() else "does not exist")
+        why = f"points at {name}, which does not exist"
     found = _recover(root, why)
     if found is None:
         raise CheckpointError(f"{ptr} {why}, and no other complete checkpoint is in {root}; "
