@@ -79,6 +79,12 @@ def test_numeric_options_are_refused_by_the_parser(capsys, argv, words):
         assert w in err, err
 
 
+def test_empty_candidate_list_is_refused(files, capsys):
+    err = _err(capsys, ["calibrate", BOOM, "--prompts", str(files / "prompts.txt"), "-o", str(files / "p.json"),
+                        "--candidates", ","])
+    assert "--candidates must name at least one mask" in err and "empty list" in err
+
+
 def test_budget_zero_calibrates(tmp_path, capsys):
     from calib_helpers import wan_inputs
 

@@ -42,7 +42,10 @@ def register(subparsers) -> argparse.ArgumentParser:
 def _settings(args):
     from ..calibration import CalibrationSettings
 
-    cands = [c.strip() for c in args.candidates.split(",") if c.strip()] if args.candidates else None
+    from ..validation import check_candidates
+
+    cands = [c.strip() for c in args.candidates.split(",") if c.strip()] if args.candidates is not None else None
+    check_candidates(cands, "--candidates")
     settings = CalibrationSettings(error_budget=args.budget, max_density=args.max_density, candidates=cands)
     settings.candidate_masks()  # validates the names
     return settings
