@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from core_models import build_tiny
 
 import vdit_compile as vc
 from vdit_compile import OptimizeConfig, TileMask
@@ -18,8 +19,6 @@ from vdit_compile.calibration.collector import SiteCalibrator
 from vdit_compile.layout import TokenLayout
 from vdit_compile.models.embedded.tokenizer import CaptionTokenizer
 from vdit_compile.plans import Plan, PlanError
-
-from core_models import build_tiny
 
 
 def _out(o):
@@ -163,7 +162,7 @@ def test_unknown_words_are_reported_for_all_prompts_before_the_first_runs(wan_ti
 
 
 def test_sites_filter_matching_nothing_is_an_error(wan_tiled):
-    model, kw, *_ = wan_tiled
+    _, kw, *_ = wan_tiled
     fresh, _ = build_tiny("wan")
     with pytest.raises(ValueError) as e:
         vc.optimize(fresh, plan=TileMask(1, 0), calib_inputs=[kw], sites=["transformer.*"], progress=False)
@@ -178,15 +177,15 @@ def test_budget_of_one_or_more_warns(budget):
 
 
 @pytest.mark.parametrize("kwargs, exc, words", [
-    (dict(error_budget="0.05"), TypeError, ["error_budget", "number", "str"]),
-    (dict(error_budget=math.nan), ValueError, ["error_budget", "NaN"]),
-    (dict(error_budget=-0.1), ValueError, ["error_budget", ">= 0"]),
-    (dict(max_density="0.5"), TypeError, ["max_density", "str"]),
-    (dict(candidates=[]), ValueError, ["candidates", "empty list"]),
-    (dict(candidates="g1w0"), TypeError, ["candidates", "string"]),
-    (dict(calib_steps=0), ValueError, ["calib_steps", ">= 1"]),
-    (dict(calib_steps=2.5), TypeError, ["calib_steps", "integer"]),
-    (dict(sites="blocks.*"), TypeError, ["sites", "list of glob patterns"]),
+    ({"error_budget": "0.05"}, TypeError, ["error_budget", "number", "str"]),
+    ({"error_budget": math.nan}, ValueError, ["error_budget", "NaN"]),
+    ({"error_budget": -0.1}, ValueError, ["error_budget", ">= 0"]),
+    ({"max_density": "0.5"}, TypeError, ["max_density", "str"]),
+    ({"candidates": []}, ValueError, ["candidates", "empty list"]),
+    ({"candidates": "g1w0"}, TypeError, ["candidates", "string"]),
+    ({"calib_steps": 0}, ValueError, ["calib_steps", ">= 1"]),
+    ({"calib_steps": 2.5}, TypeError, ["calib_steps", "integer"]),
+    ({"sites": "blocks.*"}, TypeError, ["sites", "list of glob patterns"]),
 ])
 def test_config_values_are_checked(kwargs, exc, words):
     with pytest.raises(exc) as e:
@@ -228,7 +227,7 @@ def test_bad_forward_inputs_give_one_clear_error(wan_tiled, case, exc, words):
 
 
 def test_calib_inputs_dict_and_pipe_kwargs(wan_tiled):
-    model, kw, *_ = wan_tiled
+    _, kw, *_ = wan_tiled
     fresh, _ = build_tiny("wan")
     with pytest.raises(TypeError) as e:
         vc.optimize(fresh, calib_inputs=kw, progress=False)

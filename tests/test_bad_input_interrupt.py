@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import vdit_compile.atomic as atomic
+from vdit_compile import atomic
 from vdit_compile.distill import checkpoint as ck
 from vdit_compile.layout import TokenLayout
 from vdit_compile.masks.tile import TileMask
@@ -61,10 +61,9 @@ def test_plan_save_interrupted_keeps_the_old_plan(tmp_path, monkeypatch):
 def test_atomic_path_interrupted_writer_leaves_nothing(tmp_path):
     path = tmp_path / "model.onnx"
     path.write_bytes(b"old model")
-    with pytest.raises(KeyboardInterrupt):
-        with atomic.atomic_path(path) as tmp:
-            tmp.write_bytes(b"half a mod")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), atomic.atomic_path(path) as tmp:
+        tmp.write_bytes(b"half a mod")
+        raise KeyboardInterrupt
     assert path.read_bytes() == b"old model"
     _no_temporaries(tmp_path)
 

@@ -13,8 +13,9 @@ import math
 import numbers
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -310,10 +311,17 @@ def check_prompts_known(pipe, prompts: list[str]) -> None:
                          f"(indices {[j for j, _ in problems]}); nothing was run. First, prompt {i}: {first}")
 
 
+_COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _floating_param_dtype(module: torch.nn.Module) -> torch.dtype | None:
+    """The dtype inputs must have, or ``None`` when it cannot be told from the weights (float8 storage,
+    diffusers' layerwise casting hooks that upcast the weights at run time)."""
+    if getattr(module, "_diffusers_hook", None) is not None:
+        return None
     for p in module.parameters():
         if p.is_floating_point():
-            return p.dtype
+            return p.dtype if p.dtype in _COMPUTE_DTYPES else None
     return None
 
 

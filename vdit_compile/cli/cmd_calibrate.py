@@ -41,7 +41,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def _settings(args):
     from ..calibration import CalibrationSettings
-
     from ..validation import check_candidates
 
     cands = [c.strip() for c in args.candidates.split(",") if c.strip()] if args.candidates is not None else None

@@ -214,7 +214,7 @@ def load_input_list(path) -> list[dict]:
                              "found a text file (prompts go to --prompts)")
     try:
         obj = torch.load(Path(path), map_location="cpu", weights_only=False)
-    except Exception as exc:  # pickle / zip errors name no file: say which one and what it should be
+    except Exception as exc:  # noqa: BLE001 - pickle / zip errors name no file: say which one and what it should be
         raise ModelSpecError(f"inputs file {path}: expected a torch.save'd dict (or list of dicts) of forward kwargs, "
                              f"cannot read it ({type(exc).__name__}: {exc})") from None
     items = [obj] if isinstance(obj, dict) else obj

@@ -155,14 +155,14 @@ class DistillConfig:
         knee or a string from a JSON config is refused before the run directory is created."""
         from ..validation import check_error_budget, check_number, check_output_dir
 
-        pos = dict(minimum=0, min_open=True)
+        pos = {"minimum": 0, "min_open": True}
         checks = {
-            "lr": pos, "kd_lr": pos, "huber_c": pos, "grad_clip": dict(pos, allow_inf=True),
-            "weight_decay": dict(minimum=0), "mlcd_max_minutes": dict(minimum=0), "kd_max_minutes": dict(minimum=0),
-            "anchor_weight": dict(minimum=0), "consistency_weight": dict(minimum=0),
-            "visited_fraction": dict(minimum=0, maximum=1), "target_decay": dict(minimum=0, maximum=1),
-            "ema_decay": dict(minimum=0, maximum=1), "guidance_scale": dict(minimum=0, allow_none=True),
-            "max_density": dict(minimum=0, min_open=True, maximum=1, allow_none=True),
+            "lr": pos, "kd_lr": pos, "huber_c": pos, "grad_clip": {**pos, "allow_inf": True},
+            "weight_decay": {"minimum": 0}, "mlcd_max_minutes": {"minimum": 0}, "kd_max_minutes": {"minimum": 0},
+            "anchor_weight": {"minimum": 0}, "consistency_weight": {"minimum": 0},
+            "visited_fraction": {"minimum": 0, "maximum": 1}, "target_decay": {"minimum": 0, "maximum": 1},
+            "ema_decay": {"minimum": 0, "maximum": 1}, "guidance_scale": {"minimum": 0, "allow_none": True},
+            "max_density": {"minimum": 0, "min_open": True, "maximum": 1, "allow_none": True},
         }
         ints = {"teacher_steps": 1, "segments": 1, "pool_size": 1, "batch_size": 1, "mlcd_steps": 0, "kd_steps": 0,
                 "warmup_steps": 0, "skip": 1, "calib_prompts": 1, "ckpt_every": 1, "keep_checkpoints": 1,
