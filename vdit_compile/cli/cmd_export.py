@@ -80,11 +80,19 @@ def _check_plan_arg(plan: str) -> None:
     from ..masks.tile import TileMask
     from ..plans import Plan
 
+    from pathlib import Path
+
+    from ..export.errors import ExportError
+
     try:
         TileMask.parse(plan)
         return
     except (ValueError, TypeError):
-        Plan.load(plan)
+        pass
+    if not Path(plan).exists():
+        raise ExportError(f"plan file {plan} not found (expected a JSON plan from `vdit-compile calibrate` or a mask "
+                          "name like g1w0)")
+    Plan.load(plan)
 
 
 def run(args) -> int:
