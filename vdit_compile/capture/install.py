@@ -52,10 +52,10 @@ class CompiledForward:
     """
 
     def __init__(self, module: torch.nn.Module, state: OptimizeState, previous):
-        self.module, self.state, self.previous = module, state, previous
         original = previous if previous is not None else type(module).forward.__get__(module)
+        functools.update_wrapper(self, original)  # signature / name of the real forward (pipelines inspect it)
+        self.module, self.state, self.previous = module, state, previous
         self.compiled = torch.compile(original, backend=make_backend(state), dynamic=False)
-        functools.update_wrapper(self, original)
 
     def __call__(self, *args, **kwargs):
         check_forward_inputs(self.module, args, kwargs)  # a clear error instead of a fake-tensor trace
