@@ -152,3 +152,22 @@ def test_distill_numeric_options_fail_before_the_run_dir_exists(tmp_path, capsys
     for w in words:
         assert w in err, err
     assert not out.exists()  # a rerun needs no --overwrite
+
+
+def test_calibrate_checks_every_prompt_before_running_any(files, capsys, monkeypatch):
+    from vdit_compile.cli import cmd_calibrate
+    from vdit_compile.models.embedded.tokenizer import CaptionTokenizer
+
+    class Pipe:  # a pipeline whose tokenizer refuses unknown words; it must never be called
+        transformer = torch.nn.Linear(1, 1)
+        tokenizer = CaptionTokenizer()
+        calls = 0
+
+        def __call__(self, *a, **k):
+            Pipe.calls += 1
+
+    monkeypatch.setattr(cmd_calibrate, "load_for_cli", lambda args: (Pipe(), None))
+    (files / "prompts.txt").write_text("a red circle moving left\na white square\na red blob\n")
+    err = _err(capsys, ["calibrate", "embedded", "--prompts", str(files / "prompts.txt"), "-o", str(files / "p.json")])
+    assert "2 of 3 calibration prompt(s) cannot be tokenized" in err and "'white'" in err
+    assert Pipe.calls == 0 and not (files / "p.json").exists()
