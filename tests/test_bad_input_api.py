@@ -226,6 +226,15 @@ def test_bad_forward_inputs_give_one_clear_error(wan_tiled, case, exc, words):
     _clear(e, "calib_inputs[1]", *words)
 
 
+def test_model_without_config_gets_its_own_eager_error_not_a_dynamo_trace():
+    model, kw = build_tiny("manual")  # hand-written DiT: no config to check the text width against
+    vc.optimize(model, plan=TileMask(1, 0), progress=False)
+    bad = dict(kw, encoder_hidden_states=torch.randn(*kw["encoder_hidden_states"].shape[:-1], 7))
+    with pytest.raises(RuntimeError) as e, torch.no_grad():
+        model(**bad)
+    _clear(e, "ManualDiT rejects these inputs", "8x7 and 24x32")
+
+
 def test_calib_inputs_dict_and_pipe_kwargs(wan_tiled):
     _, kw, *_ = wan_tiled
     fresh, _ = build_tiny("wan")

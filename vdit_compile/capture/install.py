@@ -23,6 +23,9 @@ _PREV = "_vdit_previous_forward"
 MIN_RECOMPILE_LIMIT = 256
 
 
+#: Dynamo's "fake tensor propagation failed" errors: the traced user code itself fails on the call's inputs.
+_FAKE_TENSOR_ERRORS = tuple(t for t in (getattr(torch._dynamo.exc, "TorchRuntimeError", None),) if t is not None)
+
 #: Value-dependent shapes (Mochi/Framepack trim padded text with ``nonzero``) are captured as
 #: symbolic sizes instead of breaking the graph, so the detection pass sees those sites and can
 #: report them (left dense) instead of never seeing them.
@@ -70,7 +73,25 @@ class CompiledForward:
             if inner is not None and exc is not inner:
                 state.pending_error = None
                 raise inner.with_traceback(inner.__traceback__) from None
+            if isinstance(exc, _FAKE_TENSOR_ERRORS):
+                self._raise_eager_error(args, kwargs)
             raise
+
+    def _raise_eager_error(self, args, kwargs) -> None:
+        """Dynamo could not even trace this call with fake tensors: the model's own code rejects these inputs
+        (a shape or dtype the explicit checks do not know about).  Run the original forward eagerly and raise
+        *its* error, a few lines that name the failing operation, instead of Dynamo's trace."""
+        original = self.previous if self.previous is not None else type(self.module).forward.__get__(self.module)
+        try:
+            original(*args, **kwargs)
+        except Exception as eager:  # noqa: BLE001 - whatever the model raises is the message the user needs
+            msg = (f"{type(self.module).__name__} rejects these inputs (its own forward fails the same way without "
+                   f"vdit-compile): {eager}")
+            try:
+                clear = type(eager)(msg)
+            except Exception:  # noqa: BLE001 - exception types with other constructors
+                clear = RuntimeError(msg)
+            raise clear from None
 
     def __deepcopy__(self, memo):
         from .copying import copy_forward
