@@ -117,9 +117,9 @@ def test_names_round_trip_and_errors():
         TileMask.parse("g1")
     with pytest.raises(ValueError, match="is a win3d mask"):
         TileMask.parse("win3d-t1h1w1")
-    with pytest.raises(ValueError, match="int >= 0"):
+    with pytest.raises(ValueError, match="integer >= 0, found -1"):
         Window3D(-1, 0, 0)
-    with pytest.raises(ValueError, match="int >= 0"):
+    with pytest.raises(TypeError, match="integer >= 0, found 1.5 \\(float\\)"):
         TileMask(1.5, 0)
 
 

@@ -148,6 +148,9 @@ def optimize(model_or_pipe, calib_prompts=None, calib_inputs=None, plan=None, co
     """
     cfg = OptimizeConfig.build(config, **config_overrides)
     pipe, module = _split(model_or_pipe)
+    from .validation import check_site_filter, validate_optimize
+
+    calib_prompts, calib_inputs = validate_optimize(pipe, module, calib_prompts, calib_inputs, plan, cfg)
     if state_of(module) is not None:
         restore(module)
     state = OptimizeState(module, cfg, _check_parallel(parallel))
@@ -161,6 +164,7 @@ def optimize(model_or_pipe, calib_prompts=None, calib_inputs=None, plan=None, co
             sites = state.site_list()
             if not any(s.tileable for s in sites):
                 raise NoAttentionFoundError(sites, name)
+            check_site_filter(cfg, sites)
             from .calibration.run import CalibrationSettings, build_plan
 
             settings = CalibrationSettings(cfg.error_budget, cfg.max_density,
@@ -180,6 +184,7 @@ def optimize(model_or_pipe, calib_prompts=None, calib_inputs=None, plan=None, co
                 sites = inspect_model(module, list(calib_inputs)[0])
                 if not any(s.tileable for s in sites):
                     raise NoAttentionFoundError(sites, name)
+                check_site_filter(cfg, sites)
                 if state.plan is not None:
                     state.plan.check_compatible(module, sites)
                 else:

@@ -51,15 +51,20 @@ class OptimizeConfig:
     kernel: KernelOptions | None = None
 
     def __post_init__(self):
+        from .validation import check_candidates, check_error_budget, check_number, check_site_patterns
+
         if self.backend not in ("auto", "inductor", "eager"):
             raise ValueError(f"backend must be 'auto', 'inductor' or 'eager', found {self.backend!r}")
-        if not self.error_budget >= 0:
-            raise ValueError(f"error_budget must be >= 0, found {self.error_budget}")
-        if self.max_density is not None and not 0 < self.max_density <= 1:
-            raise ValueError(f"max_density must be in (0, 1], found {self.max_density}")
-        if self.calib_steps < 1:
-            raise ValueError(f"calib_steps must be >= 1, found {self.calib_steps}")
+        check_error_budget(self.error_budget)
+        check_number("max_density", self.max_density, minimum=0, min_open=True, maximum=1, allow_none=True)
+        check_number("calib_steps", self.calib_steps, minimum=1, integer=True)
+        check_number("calib_every", self.calib_every, minimum=1, integer=True)
+        check_number("calib_max_calls", self.calib_max_calls, minimum=1, integer=True, allow_none=True)
+        if not isinstance(self.calib_kwargs, dict):
+            raise TypeError(f"calib_kwargs must be a dict of pipeline arguments, found {type(self.calib_kwargs).__name__}")
+        check_site_patterns(self.sites)
         if self.candidates is not None:
+            check_candidates(self.candidates)
             self.candidate_masks()  # validates the names
         from .masks.base import known_families
 

@@ -291,7 +291,8 @@ class SiteCalibrator:
                 note = ""
             elif in_bound:
                 best = min(in_bound, key=lambda c: (e[c], dens[c], c))
-                note = (f"no mask within error {error_budget:g} at density <= {max_density:g}; "
+                bound = "" if max_density is None else f" at density <= {max_density:g}"
+                note = (f"no mask within error {error_budget:g}{bound}; "
                         f"took least-error {self.candidates[best].name} (error {e[best]:.4g})")
             else:
                 best = min(order, key=lambda c: (dens[c], e[c], c))

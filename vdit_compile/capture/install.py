@@ -14,6 +14,7 @@ import torch
 
 from ..kernels.options import KernelOptions, kernel_options
 from ..runtime.state import OptimizeState
+from ..validation import check_forward_inputs
 from .backend import make_backend
 
 _ATTR = "_vdit_state"
@@ -22,6 +23,9 @@ _PREV = "_vdit_previous_forward"
 #: calls (mode switches, step ranges and many model instances of one class each compile the same ``forward``).
 MIN_RECOMPILE_LIMIT = 256
 
+
+#: Dynamo's "fake tensor propagation failed" errors: the traced user code itself fails on the call's inputs.
+_FAKE_TENSOR_ERRORS = tuple(t for t in (getattr(torch._dynamo.exc, "TorchRuntimeError", None),) if t is not None)
 
 #: Value-dependent shapes (Mochi/Framepack trim padded text with ``nonzero``) are captured as
 #: symbolic sizes instead of breaking the graph, so the detection pass sees those sites and can
@@ -46,38 +50,76 @@ def state_of(module: torch.nn.Module) -> OptimizeState | None:
     return module.__dict__.get(_ATTR)
 
 
+class CompiledForward:
+    """The instance-level ``forward`` of an optimised module: records the call, runs the compiled graph.
+
+    A callable object rather than a closure so that ``copy.deepcopy(model)`` works: the copy gets a
+    fresh compiled forward bound to the *copied* module and a fresh state (same plan and config), and
+    compiles its own graphs on its first call (see :mod:`.copying`).  A closure would be shared by
+    the copy and silently keep running the original module's weights.
+    """
+
+    def __init__(self, module: torch.nn.Module, state: OptimizeState, previous):
+        original = previous if previous is not None else type(module).forward.__get__(module)
+        functools.update_wrapper(self, original)  # signature / name of the real forward (pipelines inspect it)
+        self.module, self.state, self.previous = module, state, previous
+        self._original = original
+        # one compiled callable per step range of a step-aware plan: each has its own backend object, so Dynamo
+        # (whose guards check the backend) compiles each range once and never serves one range's masks to another
+        self._compiled: dict = {}
+
+    def compiled_for(self, step_range):
+        if step_range not in self._compiled:
+            self._compiled[step_range] = torch.compile(self._original, backend=make_backend(self.state), dynamic=False)
+        return self._compiled[step_range]
+
+    def __call__(self, *args, **kwargs):
+        check_forward_inputs(self.module, args, kwargs)  # a clear error instead of a fake-tensor trace
+        state = self.state
+        state.call = (args, kwargs)
+        state.pending_error = None
+        state.step_range = _step_range(state, self.module, args, kwargs)
+        try:
+            with torch._dynamo.config.patch(**_dynamo_options()), kernel_options(_kernel_options(state)):
+                return self.compiled_for(state.step_range)(*args, **kwargs)
+        except Exception as exc:
+            inner = state.pending_error
+            if inner is not None and exc is not inner:
+                state.pending_error = None
+                raise inner.with_traceback(inner.__traceback__) from None
+            if isinstance(exc, _FAKE_TENSOR_ERRORS):
+                self._raise_eager_error(args, kwargs)
+            raise
+
+    def _raise_eager_error(self, args, kwargs) -> None:
+        """Dynamo could not even trace this call with fake tensors: the model's own code rejects these inputs
+        (a shape or dtype the explicit checks do not know about).  Run the original forward eagerly and raise
+        *its* error, a few lines that name the failing operation, instead of Dynamo's trace."""
+        original = self.previous if self.previous is not None else type(self.module).forward.__get__(self.module)
+        try:
+            original(*args, **kwargs)
+        except Exception as eager:  # noqa: BLE001 - whatever the model raises is the message the user needs
+            msg = (f"{type(self.module).__name__} rejects these inputs (its own forward fails the same way without "
+                   f"vdit-compile): {eager}")
+            try:
+                clear = type(eager)(msg)
+            except Exception:  # noqa: BLE001 - exception types with other constructors
+                clear = RuntimeError(msg)
+            raise clear from None
+
+    def __deepcopy__(self, memo):
+        from .copying import copy_forward
+
+        return copy_forward(self, memo)
+
+
 def install(module: torch.nn.Module, state: OptimizeState) -> None:
     """(Re)compile ``module.forward`` for ``state``'s current mode."""
     if _ATTR in module.__dict__:  # re-install (mode switch): keep what was there before the first install
         previous = module.__dict__.get(_PREV)
     else:  # an instance-level forward (e.g. accelerate offload hooks) is wrapped, and restored later
         previous = module.__dict__.get("forward")
-    original = previous if previous is not None else type(module).forward.__get__(module)
-    # one compiled callable per step range of a step-aware plan: each has its own backend object, so Dynamo
-    # (whose guards check the backend) compiles each range once and never serves one range's masks to another
-    compiled: dict = {}
-
-    def compiled_for(step_range):
-        if step_range not in compiled:
-            compiled[step_range] = torch.compile(original, backend=make_backend(state), dynamic=False)
-        return compiled[step_range]
-
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        state.call = (args, kwargs)
-        state.pending_error = None
-        state.step_range = _step_range(state, module, args, kwargs)
-        try:
-            with torch._dynamo.config.patch(**_dynamo_options()), kernel_options(_kernel_options(state)):
-                return compiled_for(state.step_range)(*args, **kwargs)
-        except Exception as exc:
-            inner = state.pending_error
-            if inner is not None and exc is not inner:
-                state.pending_error = None
-                raise inner.with_traceback(inner.__traceback__) from None
-            raise
-
-    module.__dict__["forward"] = forward
+    module.__dict__["forward"] = CompiledForward(module, state, previous)
     module.__dict__[_ATTR] = state
     module.__dict__[_PREV] = previous
 

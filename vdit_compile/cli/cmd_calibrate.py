@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..validation import budget_float, density_float, positive_int
 from .model_spec import (ModelSpecError, add_model_arguments, input_dtype, is_pipeline, load_for_cli, load_input_list,
                          move_inputs, parse_pipe_kwargs)
 
@@ -24,12 +25,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     add_model_arguments(p)
     p.add_argument("--prompts", metavar="FILE", help="calibration prompts, one per line (pipelines)")
     p.add_argument("-o", "--output", required=True, metavar="PLAN", help="where to write the plan JSON")
-    p.add_argument("--steps", type=int, default=4, help="denoising steps per prompt (default: 4)")
-    p.add_argument("--every", type=int, default=1, help="keep every K-th transformer call (default: 1)")
-    p.add_argument("--max-calls", type=int, default=None, help="stop after this many transformer calls")
-    p.add_argument("--budget", type=float, default=DEFAULT_ERROR_BUDGET,
+    p.add_argument("--steps", type=positive_int, default=4, help="denoising steps per prompt (default: 4)")
+    p.add_argument("--every", type=positive_int, default=1, help="keep every K-th transformer call (default: 1)")
+    p.add_argument("--max-calls", type=positive_int, default=None, help="stop after this many transformer calls")
+    p.add_argument("--budget", type=budget_float, default=DEFAULT_ERROR_BUDGET,
                    help=f"per-head relative L2 error budget on the attention output (default: {DEFAULT_ERROR_BUDGET})")
-    p.add_argument("--max-density", type=float, default=None, help="also require density <= this (0..1]")
+    p.add_argument("--max-density", type=density_float, default=None, help="also require density <= this (0..1]")
     p.add_argument("--candidates", default=None,
                    help="comma-separated masks to search, e.g. g0w0,g1w0,g1w1,dense (default: g0..4 x w0..2 + dense)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pipeline's noise (prompt i uses seed + i)")
@@ -40,21 +41,36 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def _settings(args):
     from ..calibration import CalibrationSettings
+    from ..validation import check_candidates
 
-    cands = [c.strip() for c in args.candidates.split(",") if c.strip()] if args.candidates else None
+    cands = [c.strip() for c in args.candidates.split(",") if c.strip()] if args.candidates is not None else None
+    check_candidates(cands, "--candidates")
     settings = CalibrationSettings(error_budget=args.budget, max_density=args.max_density, candidates=cands)
     settings.candidate_masks()  # validates the names
     return settings
 
 
+def _check_outputs(args) -> None:
+    """The plan and heatmap destinations are checked before the model loads, not after calibration."""
+    from ..validation import check_input_file, check_output_dir, check_output_file
+
+    check_output_file(args.output, "plan file (-o)")
+    if args.heatmaps:
+        check_output_dir(args.heatmaps, "--heatmaps directory")
+    if args.prompts:
+        check_input_file(args.prompts, "prompts file", text=True)
+
+
 def collect_inputs(obj, example, args, settings) -> list[dict]:
     """The transformer's forward kwargs to calibrate on; fills the settings' bookkeeping fields."""
     from ..calibration.inputs import capture_transformer_inputs, read_prompts
+    from ..validation import check_input_file, check_prompts_known
 
     if is_pipeline(obj):
         if not args.prompts:
             raise ModelSpecError(f"{args.model} is a pipeline: pass --prompts FILE (one prompt per line)")
-        prompts = read_prompts(args.prompts)
+        prompts = read_prompts(check_input_file(args.prompts, "prompts file", text=True))
+        check_prompts_known(obj, prompts)
         inputs = capture_transformer_inputs(obj, prompts, num_inference_steps=args.steps, every=args.every,
                                             max_calls=args.max_calls, device=None, seed=args.seed,
                                             **parse_pipe_kwargs(args.pipe_kwargs))
@@ -78,6 +94,7 @@ def run(args) -> int:
 
     try:
         settings = _settings(args)
+        _check_outputs(args)
         obj, example = load_for_cli(args)
         inputs = collect_inputs(obj, example, args, settings)
     except (ModelSpecError, FileNotFoundError, ValueError) as exc:

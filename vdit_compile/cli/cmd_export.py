@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+from ..validation import positive_int
 
 from .model_spec import ModelSpecError, add_model_arguments, load_for_cli
 
@@ -24,12 +25,12 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="plan JSON from `vdit-compile calibrate`, or a mask name of any family (g1w0, win3d-t1h1w1, spatial-h1w1-g1, ...) applied to every tileable site")
     p.add_argument("--onnx", metavar="OUT.onnx", help="write an ONNX file")
     p.add_argument("--trt", metavar="OUT.engine", help="write a TensorRT engine (needs vdit-compile[trt])")
-    p.add_argument("--frames", type=int, help="frames of hidden_states (transformer input units)")
-    p.add_argument("--height", type=int, help="height of hidden_states")
-    p.add_argument("--width", type=int, help="width of hidden_states")
+    p.add_argument("--frames", type=positive_int, help="frames of hidden_states (transformer input units)")
+    p.add_argument("--height", type=positive_int, help="height of hidden_states")
+    p.add_argument("--width", type=positive_int, help="width of hidden_states")
     p.add_argument("--dynamic-frames", action="store_true", help="ONNX: make the frame axis dynamic where the model allows")
-    p.add_argument("--min-frames", type=int, help="smallest latent frame count of a dynamic export (default: max g + 1)")
-    p.add_argument("--max-frames", type=int, help="largest latent frame count of a dynamic export (default: model bound)")
+    p.add_argument("--min-frames", type=positive_int, help="smallest latent frame count of a dynamic export (default: max g + 1)")
+    p.add_argument("--max-frames", type=positive_int, help="largest latent frame count of a dynamic export (default: model bound)")
     p.add_argument("--custom-op", action="store_true",
                    help="ONNX: emit vdit.TileAttention custom-domain nodes (for runtimes with a fused kernel) instead "
                         "of standard operators; ONNX Runtime cannot run such a file without that kernel")
@@ -56,9 +57,15 @@ def _preflight(args):
     """Argument errors that need no model: say them before loading anything."""
     if not args.onnx and not args.trt:
         return "nothing to do: pass --onnx OUT.onnx and/or --trt OUT.engine"
+    from ..export.onnx import check_output_path
+    from .model_spec import check_cli_device
+
     for out in (args.onnx, args.trt):
-        if out and Path(out).exists() and not args.overwrite:
-            return f"output {out} already exists; pass --overwrite to replace it"
+        if out:
+            check_output_path(out, args.overwrite)  # exists / directory / under a file / read-only: before tracing
+    check_cli_device(args)
+    if args.plan:
+        _check_plan_arg(args.plan)
     if args.check and args.custom_op and not args.trt:
         return "--check runs ONNX Runtime, which has no kernel for vdit.TileAttention: drop --custom-op or --check"
     if args.trt:
@@ -66,6 +73,26 @@ def _preflight(args):
 
         require_torch_tensorrt()
     return None
+
+
+def _check_plan_arg(plan: str) -> None:
+    """A --plan that is not a mask name must be a readable plan file (checked before the model loads)."""
+    from ..masks.tile import TileMask
+    from ..plans import Plan
+
+    from pathlib import Path
+
+    from ..export.errors import ExportError
+
+    try:
+        TileMask.parse(plan)
+        return
+    except (ValueError, TypeError):
+        pass
+    if not Path(plan).exists():
+        raise ExportError(f"plan file {plan} not found (expected a JSON plan from `vdit-compile calibrate` or a mask "
+                          "name like g1w0)")
+    Plan.load(plan)
 
 
 def run(args) -> int:

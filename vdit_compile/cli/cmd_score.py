@@ -11,20 +11,22 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..validation import nonnegative_int, positive_int
+
 
 def register(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="quality scorecard of a pipeline + settings (table and JSON)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", help="'embedded', a distillation run dir, or a model spec")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 50, or the run's few-step count)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: 50, or the run's few-step count)")
     p.add_argument("--plan", default=None, help="apply this plan JSON (tile-sparse attention) before sampling")
-    p.add_argument("--prompts", type=int, default=24, help="number of held-out prompts (one clip each); default 24")
-    p.add_argument("--seed-offset", type=int, default=0, help="use held-out prompts/seeds from this index on")
+    p.add_argument("--prompts", type=positive_int, default=24, help="number of held-out prompts (one clip each); default 24")
+    p.add_argument("--seed-offset", type=nonnegative_int, default=0, help="use held-out prompts/seeds from this index on")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
-    p.add_argument("--reference-steps", type=int, default=50, help="steps of the dense teacher reference (default 50)")
+    p.add_argument("--reference-steps", type=positive_int, default=50, help="steps of the dense teacher reference (default 50)")
     p.add_argument("--no-reference", action="store_true", help="skip the teacher reference (no PSNR/SSIM)")
     p.add_argument("--reference-clips", type=Path, default=None, help="cache file (.pt) for the teacher's clips")
-    p.add_argument("--batch-size", type=int, default=1, help="clips per pipeline call (default 1)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="clips per pipeline call (default 1)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--classifier", type=Path, default=None, help="classifier weights dir (default: shipped)")
     p.add_argument("--json", type=Path, default=None, help="also write the scorecard as JSON here")
@@ -41,10 +43,15 @@ def run(args) -> int:
     from ..eval.scorecard import card_header
     from ..eval.targets import TargetError, apply_plan, resolve_target
 
+    from ..validation import check_device, check_output_file
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        check_device(device)
+        if args.json:
+            check_output_file(args.json, "--json file")
         target = resolve_target(args.target, device)
-        steps = args.steps or target.default_steps
+        steps = args.steps if args.steps is not None else target.default_steps
         from ..models.worlds import world_of_pipe
 
         world = world_of_pipe(target.pipe)  # the textured world's model gets its own prompts and classifier

@@ -214,9 +214,20 @@ def load_example_inputs(path) -> dict:
 
 def load_input_list(path) -> list[dict]:
     """A list of forward-kwargs dicts (``torch.save``'d dict or list of dicts): bare-module calibration data."""
+    from ..validation import looks_like_text
+
+    if Path(path).is_dir():
+        raise ModelSpecError(f"inputs file {path}: expected a torch.save'd file of forward kwargs, found a directory")
     if not Path(path).is_file():
         raise ModelSpecError(f"inputs file {path} does not exist")
-    obj = torch.load(Path(path), map_location="cpu", weights_only=False)
+    if looks_like_text(Path(path)):
+        raise ModelSpecError(f"inputs file {path}: expected a torch.save'd dict (or list of dicts) of forward kwargs, "
+                             "found a text file (prompts go to --prompts)")
+    try:
+        obj = torch.load(Path(path), map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - pickle / zip errors name no file: say which one and what it should be
+        raise ModelSpecError(f"inputs file {path}: expected a torch.save'd dict (or list of dicts) of forward kwargs, "
+                             f"cannot read it ({type(exc).__name__}: {exc})") from None
     items = [obj] if isinstance(obj, dict) else obj
     if not isinstance(items, list) or not items or not all(isinstance(o, dict) for o in items):
         raise ModelSpecError(f"inputs file {path} must hold a dict of forward kwargs or a non-empty list of them")
@@ -239,6 +250,17 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast the transformer to this dtype")
 
 
+def check_cli_device(args) -> None:
+    """``--device`` must exist on this machine (``cuda`` without CUDA is refused before the model loads)."""
+    from ..validation import check_device
+
+    if getattr(args, "device", None) is not None:
+        try:
+            check_device(args.device)
+        except ValueError as exc:
+            raise ModelSpecError(f"--device: {exc}") from None
+
+
 def parse_pipe_kwargs(text: str) -> dict:
     try:
         kw = json.loads(text or "{}")
@@ -246,6 +268,12 @@ def parse_pipe_kwargs(text: str) -> dict:
         raise ModelSpecError(f"--pipe-kwargs must be a JSON object, found {text!r}: {exc}") from exc
     if not isinstance(kw, dict):
         raise ModelSpecError(f"--pipe-kwargs must be a JSON object, found {type(kw).__name__}")
+    from ..validation import check_pipe_kwargs
+
+    try:
+        check_pipe_kwargs(kw, "--pipe-kwargs")
+    except (TypeError, ValueError) as exc:
+        raise ModelSpecError(str(exc)) from None
     return kw
 
 
@@ -260,6 +288,7 @@ def is_pipeline(obj) -> bool:
 
 def load_for_cli(args) -> tuple[Any, dict | None]:
     """Load MODEL, move it to ``--device``/``--dtype``; example kwargs from ``--inputs`` or the factory."""
+    check_cli_device(args)
     obj, example = load_model_and_inputs(args.model)
     if args.inputs:
         example = load_example_inputs(args.inputs)

@@ -11,6 +11,13 @@ A checkpoint is a directory ``RUN/checkpoints/<stage>-<step>/`` holding
 Each directory is written under a temporary name, fsynced and renamed into place; then
 ``RUN/checkpoints/latest.json`` (the pointer ``--resume`` follows) is replaced atomically the same
 way.  A kill at any moment leaves either the previous checkpoint or the new one, never half of one.
+
+Re-saving a name that exists (a resume that ends a stage at the step it was already saved at) never
+deletes the old directory first: the new one gets a fresh name (``<stage>-<step>-r1``), the pointer
+moves, and only then is the old one pruned, so ``latest.json`` never names a missing directory.  If the
+pointer is missing, corrupt or dangling anyway (a run from an older version killed mid-rename, a
+directory deleted by hand), :func:`latest_checkpoint` falls back to the newest checkpoint that verifies,
+complete temporaries included, and says so with a warning.
 """
 from __future__ import annotations
 
@@ -21,49 +28,22 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_path, atomic_write_bytes, atomic_write_text, remove_stale_temporaries
+from ..atomic import fsync_dir as _fsync_dir
+
+__all__ = ["CheckpointError", "atomic_write_bytes", "atomic_write_text", "save_checkpoint", "latest_checkpoint",
+           "verify_checkpoint", "load_checkpoint", "save_weights", "rng_state", "set_rng_state", "state_dict_cpu"]
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def _sha256(path: Path) -> str:
@@ -101,11 +81,24 @@ def state_dict_cpu(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
 
 
+def _free_name(root: Path, base: str) -> str:
+    """``base``, or ``base-rK`` for the first K whose directory does not exist yet."""
+    name, k = base, 0
+    while (root / name).exists():
+        k += 1
+        name = f"{base}-r{k}"
+    return name
+
+
 def save_checkpoint(run_dir: Path, stage: str, step: int, modules: dict[str, torch.nn.Module], state: dict, keep: int = 2) -> Path:
-    """Write one checkpoint atomically and point ``latest.json`` at it; keep the newest ``keep``."""
+    """Write one checkpoint atomically and point ``latest.json`` at it; keep the newest ``keep``.
+
+    Order: complete temporary directory -> fsync -> rename to a name that does not exist yet ->
+    replace ``latest.json`` -> prune.  No step deletes anything the pointer names.
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    name = f"{stage}-{step:08d}"
+    name = _free_name(root, f"{stage}-{step:08d}")
     final = root / name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
     try:
@@ -122,10 +115,8 @@ def save_checkpoint(run_dir: Path, stage: str, step: int, modules: dict[str, tor
             os.fsync(fh.fileno())
         hashes["state.pt"] = _sha256(tmp / "state.pt")
         meta = {"stage": stage, "step": step, "modules": sorted(modules), "sha256": hashes}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2))
         _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
     except BaseException:
@@ -144,21 +135,68 @@ def _prune(root: Path, keep: int, protect: str) -> None:
     for p in root.iterdir():  # temporaries left by a kill mid-write
         if p.is_dir() and p.name.startswith("."):
             shutil.rmtree(p, ignore_errors=True)
+    remove_stale_temporaries(root, "latest.json")
+
+
+def _verifies(path: Path) -> bool:
+    try:
+        verify_checkpoint(path)
+        return True
+    except CheckpointError:
+        return False
+
+
+def _recover(root: Path, why: str) -> Path | None:
+    """The newest checkpoint directory under ``root`` that verifies (complete temporaries included).
+
+    A complete temporary is renamed into place under a fresh name and ``latest.json`` is rewritten to
+    point at the recovered directory, so the next resume follows the pointer again.
+    """
+    dirs = [p for p in root.iterdir() if p.is_dir() and (p / "meta.json").is_file()]
+    for p in sorted(dirs, key=lambda d: (d / "meta.json").stat().st_mtime, reverse=True):
+        if not _verifies(p):
+            continue
+        meta = json.loads((p / "meta.json").read_text())
+        if p.name.startswith("."):  # a complete checkpoint whose rename was cut off
+            final = root / _free_name(root, f"{meta['stage']}-{int(meta['step']):08d}")
+            os.replace(p, final)
+            _fsync_dir(root)
+            p = final
+        atomic_write_text(root / "latest.json",
+                          json.dumps({"checkpoint": p.name, "stage": meta["stage"], "step": meta["step"]}) + "\n")
+        remove_stale_temporaries(root, "latest.json")
+        warnings.warn(f"{root / 'latest.json'}: {why}; resuming from the newest complete checkpoint, {p.name} "
+                      f"(stage {meta['stage']}, step {meta['step']})", stacklevel=3)
+        return p
+    return None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint ``latest.json`` points at, or ``None`` when the run has none yet."""
-    ptr = Path(run_dir) / "checkpoints" / "latest.json"
+    """The newest complete checkpoint: the one ``latest.json`` points at, or ``None`` when the run has none.
+
+    When the pointer is missing, unreadable or dangling (a kill between renames), the newest checkpoint
+    that verifies is used instead, with a warning; :class:`CheckpointError` only when there is none.  A
+    pointer to an existing directory is returned as is: :func:`verify_checkpoint` then refuses it if its
+    files do not match their hashes (disk corruption is reported, not silently skipped).
+    """
+    root = Path(run_dir) / "checkpoints"
+    ptr = root / "latest.json"
     if not ptr.exists():
-        return None
+        return _recover(root, "missing") if root.is_dir() else None
     try:
         name = json.loads(ptr.read_text())["checkpoint"]
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise CheckpointError(f"{ptr} is corrupt ({exc}); remove it to restart the stage from scratch") from None
-    path = ptr.parent / name
-    if not path.is_dir():
-        raise CheckpointError(f"{ptr} points at {name}, which does not exist")
-    return path
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        why = f"is corrupt ({exc})"
+    else:
+        path = root / name
+        if path.is_dir():  # verified by the caller: a corrupt one is refused, never silently skipped
+            return path
+        why = f"points at {name}, which does not exist"
+    found = _recover(root, why)
+    if found is None:
+        raise CheckpointError(f"{ptr} {why}, and no other complete checkpoint is in {root}; "
+                              "restart the stage (remove the checkpoints directory) or pass --overwrite")
+    return found
 
 
 def verify_checkpoint(path: Path) -> dict:
@@ -191,16 +229,6 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], map_locatio
 
 
 def save_weights(path: Path, module: torch.nn.Module, metadata: dict | None = None) -> None:
-    """Final weights of a stage (safetensors), written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state_dict_cpu(module), tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Final weights of a stage (safetensors), written atomically (temporary + fsync + rename)."""
+    with atomic_path(path) as tmp:
+        save_file(state_dict_cpu(module), str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})

@@ -104,6 +104,7 @@ class DistillConfig:
 
     def validate(self) -> None:
         """Raise :class:`DistillConfigError` for anything that would fail later, before training starts."""
+        self._check_numbers()
         self.stage_list()
         if self.teacher_steps < 1 or self.segments < 1:
             raise DistillConfigError(f"--teacher-steps and --segments must be >= 1, found {self.teacher_steps} and {self.segments}")
@@ -148,6 +149,34 @@ class DistillConfig:
             raise DistillConfigError(f"prompts file {self.prompts!r} does not exist (expected a text file, one prompt a line)")
         if self.plan is not None and not Path(self.plan).is_file():
             raise DistillConfigError(f"plan file {self.plan!r} does not exist")
+
+    def _check_numbers(self) -> None:
+        """Types and ranges of the numeric options: a negative or NaN learning rate, a negative pseudo-Huber
+        knee or a string from a JSON config is refused before the run directory is created."""
+        from ..validation import check_error_budget, check_number, check_output_dir
+
+        pos = {"minimum": 0, "min_open": True}
+        checks = {
+            "lr": pos, "kd_lr": pos, "huber_c": pos, "grad_clip": {**pos, "allow_inf": True},
+            "weight_decay": {"minimum": 0}, "mlcd_max_minutes": {"minimum": 0}, "kd_max_minutes": {"minimum": 0},
+            "anchor_weight": {"minimum": 0}, "consistency_weight": {"minimum": 0},
+            "visited_fraction": {"minimum": 0, "maximum": 1}, "target_decay": {"minimum": 0, "maximum": 1},
+            "ema_decay": {"minimum": 0, "maximum": 1}, "guidance_scale": {"minimum": 0, "allow_none": True},
+            "max_density": {"minimum": 0, "min_open": True, "maximum": 1, "allow_none": True},
+        }
+        ints = {"teacher_steps": 1, "segments": 1, "pool_size": 1, "batch_size": 1, "mlcd_steps": 0, "kd_steps": 0,
+                "warmup_steps": 0, "skip": 1, "calib_prompts": 1, "ckpt_every": 1, "keep_checkpoints": 1,
+                "log_every": 1, "seed": None, "eval_prompts": 1, "eval_teacher_steps": 1, "eval_batch_size": 1}
+        try:
+            for name, bounds in checks.items():
+                check_number(f"--{name.replace('_', '-')}", getattr(self, name), **bounds)
+            for name, lo in ints.items():
+                check_number(f"--{name.replace('_', '-')}", getattr(self, name), minimum=lo, integer=True)
+            if self.error_budget is not None:
+                check_error_budget(self.error_budget, "--error-budget")
+            check_output_dir(self.out, "--out directory")
+        except (TypeError, ValueError) as exc:
+            raise DistillConfigError(str(exc)) from None
 
     # ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

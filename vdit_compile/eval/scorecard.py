@@ -159,6 +159,11 @@ def scorecard(
     prompts and seeds, or a pipeline (sampled here with ``reference_steps`` / ``reference_guidance``), or None.
     Returns the card (and the generated clips and the reference clips when ``return_clips``).
     ``world``: whose prompts, labels and classifier (default: the pipeline's world, see models.worlds)."""
+    from ..validation import check_number
+
+    check_number("steps", steps, minimum=1, integer=True)
+    check_number("reference_steps", reference_steps, minimum=1, integer=True)
+    check_number("batch_size", batch_size, minimum=1, integer=True)
     ps = resolve_prompts(prompts, seeds, world or world_of_pipe(pipe))
     ref_clips = None
     if reference is not None and not isinstance(reference, torch.Tensor):
@@ -236,6 +241,7 @@ def to_json(cards: Union[dict, Sequence[dict]], path: Optional[Union[str, Path]]
     """Cards as strict JSON (``inf`` written as the string "inf"); written to ``path`` when given."""
     text = json.dumps(_jsonable(cards), indent=2) + "\n"
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text)
+        from ..atomic import atomic_write_text
+
+        atomic_write_text(path, text)
     return text

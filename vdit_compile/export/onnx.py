@@ -57,12 +57,48 @@ def _require_onnx():
 
 
 def check_output_path(path, overwrite: bool) -> Path:
+    """Refuse, before any tracing, an output that exists (without ``overwrite``), is a directory, lies under
+    a file or in a directory that cannot be written.  An empty file (what an interrupted export of an older
+    version left) is replaced with a warning: it holds nothing to lose."""
+    from ..validation import check_output_file
+
     path = Path(path)
-    if path.exists() and not overwrite:
+    try:
+        check_output_file(path, "output")
+    except (TypeError, ValueError) as exc:
+        raise ExportError(str(exc)) from None
+    if path.is_file() and path.stat().st_size == 0 and not overwrite:
+        log.warning("output %s is an empty file (an interrupted earlier export?); replacing it", path)
+    elif path.exists() and not overwrite:
         raise ExportError(f"output {path} already exists; pass --overwrite (overwrite=True) to replace it")
-    if path.exists() and path.is_dir():
-        raise ExportError(f"output {path} is a directory; expected a file path")
     return path
+
+
+def save_atomically(prog, path: Path, external_data: bool) -> None:
+    """``prog.save`` without ever leaving a torn file at ``path``.
+
+    The program is saved under its final base name in a temporary directory beside ``path`` (so the
+    external-data reference, ``<name>.data``, stays right), fsynced, and each file is renamed into
+    place; the ``.onnx`` last, so a kill leaves the previous model or the new one.
+    """
+    import shutil
+    import tempfile
+
+    from ..atomic import fsync_dir, fsync_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        prog.save(str(tmp_dir / path.name), external_data=external_data)
+        files = sorted(tmp_dir.iterdir(), key=lambda f: f.name == path.name)  # the .onnx last
+        for f in files:
+            fsync_file(f)
+        for f in files:
+            f.chmod(0o644)
+            f.replace(path.parent / f.name)
+        fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def output_names(model: torch.nn.Module, example_inputs: Mapping) -> list[str]:
@@ -213,8 +249,7 @@ def to_onnx(
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters()) + sum(
         b.numel() * b.element_size() for b in module.buffers())
     ext = external_data if external_data is not None else weight_bytes > PROTOBUF_LIMIT
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prog.save(str(path), external_data=ext)
+    save_atomically(prog, path, ext)
     log.info("wrote %s (%d tiled sites, external data: %s)", path, len(facts), ext)
     return ExportResult(path, inputs, names_out, facts, plan, fingerprint, ep, ext)
 

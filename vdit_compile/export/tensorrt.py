@@ -60,9 +60,9 @@ def to_tensorrt(model, example_inputs: Mapping[str, Any], path, plan=None, *, pr
     trt = require_torch_tensorrt()
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {sorted(PRECISIONS)}, found {precision!r}")
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise ExportError(f"output {path} already exists; pass --overwrite (overwrite=True) to replace it")
+    from .onnx import check_output_path
+
+    path = check_output_path(path, overwrite)
     module = unwrap_model(model)
     param = next(module.parameters(), None)
     before = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
@@ -85,13 +85,14 @@ def to_tensorrt(model, example_inputs: Mapping[str, Any], path, plan=None, *, pr
         engine = convert(ep, **options)
     finally:
         module.to(device=before[0], dtype=before[1])  # the caller's model is left as it was
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(bytes(engine))
+    from ..atomic import atomic_write_bytes, atomic_write_text
+
+    atomic_write_bytes(path, bytes(engine))
     meta = {"version": __version__, "model_class": model_class_name(module), "fingerprint": model_fingerprint(module),
             "precision": precision, "plan": plan.to_dict(), "sites": facts,
             "inputs": {k: [list(v.shape), str(v.dtype)] for k, v in inputs.items() if isinstance(v, torch.Tensor)},
             "tile_attention": "decomposed (band gather + matmul + logsumexp)"}
-    Path(str(path) + ".json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(Path(str(path) + ".json"), json.dumps(meta, indent=1) + "\n")
     return path
 
 

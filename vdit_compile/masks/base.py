@@ -144,6 +144,9 @@ def global_frames_keep(q: torch.Tensor, k: torch.Tensor, g: int) -> torch.Tensor
 
 
 def check_int(value, name: str, lo: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, found {value!r}")
+    """A family parameter: an integer (TypeError naming the type found otherwise) of at least ``lo`` (ValueError)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer >= {lo}, found {value!r} ({type(value).__name__})")
+    if value < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, found {value!r}")
     return value

@@ -8,6 +8,8 @@ tests check it against dense SDPA with the equivalent boolean mask.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..layout import TokenLayout
@@ -51,6 +53,17 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _autocast_off(fn):
+    """The reference computes in its accumulation dtype and writes into buffers of that dtype; an enclosing
+    ``torch.autocast`` region must not recast its matmuls (a bf16 result into a float32 buffer fails)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast(args[0].device.type, enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_autocast_off
 def reference_tile_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -85,6 +98,7 @@ def reference_tile_attention(
     return out.to(q.dtype), lse
 
 
+@_autocast_off
 def reference_tile_attention_backward(
     dout, dlse, q, k, v, out, lse, layout: TokenLayout, frame_mask: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -387,18 +387,27 @@ class Plan:
                    d.get("structure"), d.get("calibration"), PLAN_VERSION)
 
     def save(self, path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(_dumps(self.to_dict()) + "\n", encoding="utf-8")
+        """Write the plan atomically (temporary file beside it, fsync, rename): a kill mid-write
+        leaves the previous file at ``path`` intact, never a truncated one."""
+        from ..atomic import atomic_write_text
+        from ..validation import check_output_file
+
+        path = check_output_file(path, "plan file")
+        atomic_write_text(path, _dumps(self.to_dict()) + "\n")
         return path
 
     @classmethod
     def load(cls, path) -> "Plan":
         path = Path(path)
+        if path.is_dir():
+            raise PlanError(f"plan file {path}: expected a plan JSON file, found a directory")
         if not path.is_file():
             raise FileNotFoundError(f"plan file {path} does not exist")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise PlanError(f"plan file {path}: expected a plan JSON file (UTF-8 text), found binary data "
+                            f"({exc.reason} at byte {exc.start})") from None
         except json.JSONDecodeError as exc:
             raise PlanError(f"plan file {path} is not valid JSON: {exc}") from exc
         return cls.from_dict(d, source=f"plan file {path}")

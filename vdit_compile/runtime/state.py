@@ -54,6 +54,11 @@ class OptimizeState:
     def close(self) -> None:
         _STATES.pop(self.id, None)
 
+    def __deepcopy__(self, memo):  # copy.deepcopy(optimised model): a fresh state for the copy
+        from ..capture.copying import copy_state
+
+        return copy_state(self, memo)
+
     @property
     def root_names(self) -> RootNames:
         if self._root_names is None:
