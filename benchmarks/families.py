@@ -50,9 +50,16 @@ def flex_mask_mod(spec, grid: UnitGrid, layout: TokenLayout):
     vend = pre + layout.video_tokens
     nh, nw = grid.tiles_h, grid.tiles_w
 
+    class Coords:  # ``c[..., axis]`` without stacking: a stack inside a mask_mod does not lower in Inductor
+        def __init__(self, t, i, j):
+            self.axes = (t, i, j)
+
+        def __getitem__(self, key):
+            return self.axes[key[-1]]
+
     def coords(i):
         u = (i - pre) // U
-        return torch.stack([u // (nh * nw), (u // nw) % nh, u % nw], -1)
+        return Coords(u // (nh * nw), (u // nw) % nh, u % nw)
 
     def mask_mod(b, h, qi, ki):
         text = (qi < pre) | (qi >= vend) | (ki < pre) | (ki >= vend)
