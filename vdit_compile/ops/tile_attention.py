@@ -28,6 +28,7 @@ from typing import Sequence
 
 import torch
 
+from .cpu_fast import backward_from_args as cpu_backward_from_args, forward_from_args as cpu_forward_from_args
 from .reference import lse_dtype, check_inputs, reference_backward_from_args, reference_from_args
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def tile_attention(
     windows: Sequence[int],
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = reference_from_args(q, k, v, text_prefix, text_suffix, num_frames, global_frames, windows, scale)
+    out, lse = cpu_forward_from_args(q, k, v, text_prefix, text_suffix, num_frames, global_frames, windows, scale)
     return out.contiguous(), lse.contiguous()
 
 
@@ -81,8 +82,8 @@ def tile_attention_backward(
     windows: Sequence[int],
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of (out, lse) w.r.t. (q, k, v); CPU: the gather reference's backward."""
-    grads = reference_backward_from_args(dout, dlse, q, k, v, out, lse, text_prefix, text_suffix, num_frames, global_frames, windows, scale)
+    """Gradients of (out, lse) w.r.t. (q, k, v); CPU: :mod:`.cpu_fast` (float64: the gather reference)."""
+    grads = cpu_backward_from_args(dout, dlse, q, k, v, out, lse, text_prefix, text_suffix, num_frames, global_frames, windows, scale)
     return tuple(g.contiguous() for g in grads)
 
 
