@@ -25,6 +25,9 @@ class OptimizeConfig:
         sites: site filter: glob patterns of site names to tile (``["blocks.*.attn1"]``) or a
             callable ``name -> bool``; other sites stay dense.
         progress: show progress bars.
+        cost_model: ``"auto"`` (default: on CPU a site is rewritten only where the tile op is timed
+            faster than dense SDPA at its shape and density), ``"measure"`` (time on every device),
+            ``"always"`` (rewrite every tiled site); see :mod:`vdit_compile.runtime.cost_model`.
     """
 
     error_budget: float = DEFAULT_ERROR_BUDGET
@@ -37,6 +40,7 @@ class OptimizeConfig:
     backend: str = "auto"
     sites: Sequence[str] | Callable[[str], bool] | None = None
     progress: bool = True
+    cost_model: str = "auto"
 
     def __post_init__(self):
         if self.backend not in ("auto", "inductor", "eager"):
@@ -45,6 +49,8 @@ class OptimizeConfig:
             raise ValueError(f"error_budget must be >= 0, found {self.error_budget}")
         if self.max_density is not None and not 0 < self.max_density <= 1:
             raise ValueError(f"max_density must be in (0, 1], found {self.max_density}")
+        if self.cost_model not in ("auto", "measure", "always"):
+            raise ValueError(f"cost_model must be 'auto', 'measure' or 'always', found {self.cost_model!r}")
         if self.calib_steps < 1:
             raise ValueError(f"calib_steps must be >= 1, found {self.calib_steps}")
         if self.candidates is not None:
