@@ -32,10 +32,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vdit_compile.layout import TokenLayout  # noqa: E402
-from vdit_compile.masks.tile import mask_density  # noqa: E402
-from vdit_compile.ops.cpu_fast import fast_attention, fast_attention_backward  # noqa: E402
-from vdit_compile.runtime.cost_model import kept_frames_for, proxy_frame_mask  # noqa: E402
+from vdit_compile.layout import TokenLayout
+from vdit_compile.masks.tile import mask_density
+from vdit_compile.ops.cpu_fast import fast_attention, fast_attention_backward
+from vdit_compile.runtime.cost_model import kept_frames_for, proxy_frame_mask
 
 #: name -> (frames, tokens per frame, text prefix, heads, head dim); sequence length >= 4096.
 SHAPES = {

@@ -11,7 +11,11 @@ import vdit_compile as vc
 from vdit_compile.layout import TokenLayout
 from vdit_compile.masks.tile import TileMask, frame_masks
 from vdit_compile.ops.cpu_fast import fast_attention, fast_attention_backward
-from vdit_compile.ops.reference import dense_masked_attention, reference_tile_attention, reference_tile_attention_backward
+from vdit_compile.ops.reference import (
+    dense_masked_attention,
+    reference_tile_attention,
+    reference_tile_attention_backward,
+)
 from vdit_compile.runtime import cost_model as cm
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}  # relative L2 error

@@ -36,7 +36,11 @@ import torch
 
 from ..layout import TokenLayout
 from ..masks.tile import frame_masks_from_args
-from .reference import check_inputs, reference_tile_attention, reference_tile_attention_backward
+from .reference import (
+    check_inputs,
+    reference_tile_attention,
+    reference_tile_attention_backward,
+)
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -231,8 +235,10 @@ def fast_attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``(out, lse)`` w.r.t. ``q, k, v``; same contract as the reference backward.
 
-    Query gradients are written once per row; key/value gradients are summed over the groups
-    that use a key in float32 and cast to the input dtype at the end.
+    Query gradients are written once per row; key/value gradients are summed over the groups that
+    use a key, in float32, and cast to the input dtype at the end.  The fused kernel returns its
+    gradients token-major (memory ``(B, keys, G, D)``), so the accumulators are token-major too
+    (``(B, P, H*T, D)``: row ``h*T + f`` of every token slot) and take them without a copy.
     """
     _check(q, k, v, layout)
     B, H, L, D = q.shape
@@ -243,20 +249,36 @@ def fast_attention_backward(
     plan = _plan(frame_mask, H, T)
     lse = lse.float()
     use_dlse = dlse is not None and bool(dlse.any())
+    acc = {"k": (torch.zeros(B, ntext, H, D), torch.zeros(B, P, H * T, D)),
+           "v": (torch.zeros(B, ntext, H, Dv), torch.zeros(B, P, H * T, Dv))}
     dq = torch.empty_like(q)
-    dk_text = torch.zeros(B, H, ntext, D, dtype=torch.float32)
-    dv_text = torch.zeros(B, H, ntext, Dv, dtype=torch.float32)
-    dk_vid = torch.zeros(B, H * T, P * D, dtype=torch.float32)
-    dv_vid = torch.zeros(B, H * T, P * Dv, dtype=torch.float32)
+    if plan.partial:
+        qf, kf, vf, of, dof = (_frames(x, layout) for x in (q, k, v, out, dout))
+        lf = _frames(lse[..., None], layout)
+        dlf = _frames(dlse.float()[..., None], layout) if use_dlse else None
+        kt, vt = _text(k, layout), _text(v, layout)
+        dq_tok = q.new_empty(B, P, H * T, D)  # token-major query gradients of the partial rows
+        for g in plan.partial:
+            G, c = g.kframes.shape
+
+            def rows(x, Dh, g=g, G=G):
+                return x.index_select(1, g.qflat).view(B, G, P, Dh)
+
+            dq_g, dk_g, dv_g = _flash_backward(rows(dof, Dv), rows(dlf, 1)[..., 0] if use_dlse else None, rows(qf, D),
+                                               _gather_keys(kt, kf, g, T, D), _gather_keys(vt, vf, g, T, Dv),
+                                               rows(of, Dv), rows(lf, 1)[..., 0], scale)
+            dq_tok.index_copy_(2, g.qflat, _token_major(dq_g))
+            for name, grad in (("k", dk_g), ("v", dv_g)):
+                acc_text, acc_vid = acc[name]
+                tm = _token_major(grad)  # (B, ntext + c*P, G, Dh)
+                if ntext:
+                    acc_text.index_add_(2, g.heads, tm[:, :ntext].float())
+                vid = tm[:, ntext:].unflatten(1, (c, P))
+                for j in range(c):
+                    acc_vid.index_add_(2, g.heads * T + g.kframes[:, j], vid[:, j].float())
+        # every partial row once; full rows (below) overwrite the rest
+        dq[:, :, pre:L - suf].view(B, H, T, P, D).copy_(dq_tok.view(B, P, H, T, D).permute(0, 2, 3, 1, 4))
     all_heads = torch.arange(H)
-
-    def add_full(acc_text, acc_vid, heads, grad):  # grad (B, G, L, Dh) in token order, every key of the heads
-        idx = heads if heads is not None else all_heads
-        if ntext:
-            acc_text.index_add_(1, idx, _text(grad, layout).float())
-        vid = grad[:, :, pre:L - suf].float().reshape(B, idx.shape[0], -1)
-        acc_vid.view(B, H, -1).index_add_(1, idx, vid)
-
     for g in plan.full:
         rows = _full_rows(layout, g)
         if rows is not None and rows.numel() == 0:
@@ -266,36 +288,32 @@ def fast_attention_backward(
                                            _take(k, g.heads, None), _take(v, g.heads, None),
                                            _take(out, g.heads, rows), _take(lse, g.heads, rows), scale)
         _put(dq, g.heads, rows, dq_g)
-        add_full(dk_text, dk_vid, g.heads, dk_g)
-        add_full(dv_text, dv_vid, g.heads, dv_g)
-    if plan.partial:
-        qf, kf, vf, of, dof = (_frames(x, layout) for x in (q, k, v, out, dout))
-        lf = _frames(lse[..., None], layout)
-        dlf = _frames(dlse.float()[..., None], layout) if use_dlse else None
-        kt, vt = _text(k, layout), _text(v, layout)
-        dqf = _frames(dq, layout)
-        for g in plan.partial:
-            G, c = g.kframes.shape
-
-            def rows(x, Dh):
-                return x.index_select(1, g.qflat).view(B, G, P, Dh)
-
-            dq_g, dk_g, dv_g = _flash_backward(rows(dof, Dv), rows(dlf, 1)[..., 0] if use_dlse else None, rows(qf, D),
-                                               _gather_keys(kt, kf, g, T, D), _gather_keys(vt, vf, g, T, Dv),
-                                               rows(of, Dv), rows(lf, 1)[..., 0], scale)
-            dqf.index_copy_(1, g.qflat, dq_g.reshape(B, G, P * D))
+        idx = g.heads if g.heads is not None else all_heads
+        for name, grad in (("k", dk_g), ("v", dv_g)):
+            acc_text, acc_vid = acc[name]
+            tm = _token_major(grad)  # (B, L, G, Dh)
             if ntext:
-                dk_text.index_add_(1, g.heads, dk_g[:, :, :ntext].float())
-                dv_text.index_add_(1, g.heads, dv_g[:, :, :ntext].float())
-            dk_vid.index_add_(1, g.kflat, dk_g[:, :, ntext:].float().reshape(B, G * c, P * D))
-            dv_vid.index_add_(1, g.kflat, dv_g[:, :, ntext:].float().reshape(B, G * c, P * Dv))
-        _unframe(dq, dqf, layout)
+                acc_text.index_add_(2, idx, torch.cat([tm[:, :pre], tm[:, L - suf:]], 1).float())
+            vid = tm[:, pre:L - suf].unflatten(1, (T, P))
+            for f in range(T):
+                acc_vid.index_add_(2, idx * T + f, vid[:, f].float())
 
-    def assemble(acc_text, acc_vid, Dh, dtype):
-        vid = acc_vid.view(B, H, T * P, Dh)
-        return torch.cat([acc_text[:, :, :pre], vid, acc_text[:, :, pre:]], 2).to(dtype)
+    def assemble(like, acc_text, acc_vid):
+        Dh = like.shape[-1]
+        grad = torch.empty_like(like)
+        grad[:, :, pre:L - suf].view(B, H, T, P, Dh).copy_(acc_vid.view(B, P, H, T, Dh).permute(0, 2, 3, 1, 4))
+        if pre:
+            grad[:, :, :pre] = acc_text[:, :pre].transpose(1, 2)
+        if suf:
+            grad[:, :, L - suf:] = acc_text[:, pre:].transpose(1, 2)
+        return grad
 
-    return dq, assemble(dk_text, dk_vid, D, k.dtype), assemble(dv_text, dv_vid, Dv, v.dtype)
+    return dq, assemble(k, *acc["k"]), assemble(v, *acc["v"])
+
+
+def _token_major(grad: torch.Tensor) -> torch.Tensor:
+    """``(B, G, N, Dh)`` -> ``(B, N, G, Dh)``, contiguous (free for the fused kernel's own layout)."""
+    return grad.transpose(1, 2).contiguous()
 
 
 def _fast_applies(q: torch.Tensor) -> bool:
