@@ -16,6 +16,9 @@ How the work is batched (the "plan", built once per mask and head count, see :fu
   with the same ``c`` are stacked along the batch-of-heads axis: their ``c`` kept key frames are
   gathered once (whole frames, contiguous copies) behind the text keys, and one fused call
   computes all of them.
+* **runs** (forward, layouts without text): pairs whose kept frames are one contiguous range, for
+  consecutive query frames starting 0 or 1 frame apart (a window), need no gather at all: their
+  keys are an overlapping strided view of ``k`` that the kernel reads in place.
 
 The backward calls the fused kernel's explicit backward on the same gathered blocks (no
 autograd graph, no recomputation beyond the gather) and scatters the key/value gradients back
@@ -66,9 +69,79 @@ class _PartialGroup:
 
 
 @dataclass(frozen=True)
+class _Run:
+    """Query frames ``f0 .. f0+nf-1`` of heads ``h0 .. h0+nh-1`` whose kept frames are the contiguous
+    ranges ``[s0 + ds*i, s0 + ds*i + c)`` (``ds`` 0 or 1): without text their keys are a strided view
+    of ``k`` (no gather at all)."""
+
+    h0: int
+    nh: int
+    f0: int
+    nf: int
+    s0: int
+    ds: int
+    c: int
+
+
+@dataclass(frozen=True)
 class _Plan:
     full: tuple[_FullGroup, ...]
-    partial: tuple[_PartialGroup, ...]
+    partial: tuple[_PartialGroup, ...]  # every partial pair (layouts with text)
+    runs: tuple[_Run, ...]  # the pairs whose kept frames are a range (layouts without text) ...
+    rest: tuple[_PartialGroup, ...]  # ... and the others
+
+
+def _groups(fm: torch.Tensor, sel: torch.Tensor, T: int) -> tuple[_PartialGroup, ...]:
+    """Partial groups of the (head, query frame) pairs selected by ``sel`` (H, T), by kept count."""
+    counts = fm.sum(-1)
+    out = []
+    for c in sorted(set(counts[sel].tolist())):
+        hi, fi = ((counts == c) & sel).nonzero(as_tuple=True)
+        kf = fm[hi, fi].nonzero()[:, 1].view(-1, c)  # row-major: each pair's kept frames in order
+        out.append(_PartialGroup(hi, fi, kf, hi * T + fi, (hi[:, None] * T + kf).flatten()))
+    return tuple(out)
+
+
+def _runs(fm: torch.Tensor, partial: torch.Tensor) -> tuple[tuple[_Run, ...], torch.Tensor]:
+    """Runs of range pairs (merged over consecutive heads with equal runs) and the mask of pairs they cover."""
+    H, T, _ = fm.shape
+    covered = torch.zeros(H, T, dtype=torch.bool)
+    per_key: dict[tuple, list[int]] = {}
+    for h in range(H):
+        cur = None  # [f0, nf, s0, ds, c]
+        for f in range(T):
+            if not partial[h, f]:
+                cur = None
+                continue
+            kept = fm[h, f].nonzero().flatten()
+            s, c = int(kept[0]), kept.numel()
+            if int(kept[-1]) - s + 1 != c:  # not a contiguous range
+                cur = None
+                continue
+            covered[h, f] = True
+            if cur is not None and cur[0] + cur[1] == f and cur[4] == c and (
+                    (cur[1] == 1 and s - cur[2] in (0, 1)) or (cur[1] > 1 and s == cur[2] + cur[3] * cur[1])):
+                if cur[1] == 1:
+                    cur[3] = s - cur[2]
+                cur[1] += 1
+            else:
+                cur = [f, 1, s, 0, c]
+                per_key.setdefault(("h", h), []).append(cur)
+        for r in per_key.get(("h", h), []):
+            per_key.setdefault(tuple(r), []).append(h)
+    runs = []
+    for key, heads in per_key.items():
+        if key[0] == "h":
+            continue
+        start = prev = heads[0]
+        for h in heads[1:] + [None]:
+            if h is not None and h == prev + 1:
+                prev = h
+                continue
+            runs.append(_Run(start, prev - start + 1, *key))
+            if h is not None:
+                start = prev = h
+    return tuple(runs), covered
 
 
 @lru_cache(maxsize=64)
@@ -82,13 +155,8 @@ def _plan_cached(H: int, T: int, mask_bytes: bytes) -> _Plan:
     for frames, heads in by_set.items():
         hs = None if len(heads) == H else torch.tensor(heads)
         full.append(_FullGroup(hs, torch.tensor(frames, dtype=torch.long), len(frames) == T))
-    counts = fm.sum(-1)  # (H, T) kept frames per row
-    partial = []
-    for c in sorted(set(counts[~full_rows].tolist())):
-        hi, fi = ((counts == c) & ~full_rows).nonzero(as_tuple=True)
-        kf = fm[hi, fi].nonzero()[:, 1].view(-1, c)  # row-major: each pair's kept frames in order
-        partial.append(_PartialGroup(hi, fi, kf, hi * T + fi, (hi[:, None] * T + kf).flatten()))
-    return _Plan(tuple(full), tuple(partial))
+    runs, covered = _runs(fm, ~full_rows)
+    return _Plan(tuple(full), _groups(fm, ~full_rows, T), runs, _groups(fm, ~full_rows & ~covered, T))
 
 
 def _plan(frame_mask: torch.Tensor, H: int, T: int) -> _Plan:
@@ -193,12 +261,21 @@ def fast_attention(
         o, l = _FLASH(_take(q, g.heads, rows), _take(k, g.heads, None), _take(v, g.heads, None), scale=scale)
         _put(out, g.heads, rows, o)
         _put(lse, g.heads, rows, l)
-    if not plan.partial:
+    groups, runs = (plan.partial, ()) if layout.text_prefix + layout.text_suffix else (plan.rest, plan.runs)
+    if runs:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    for b in range(B) if runs else ():
+        for r in runs:
+            o, l = _FLASH(_run_view(q, b, r, P), _run_view(k, b, r, P, keys=True), _run_view(v, b, r, P, keys=True),
+                          scale=scale)
+            _run_view(out, b, r, P).copy_(o)
+            _run_view(lse, b, r, P).copy_(l)
+    if not groups:
         return out, lse
     qf, kf, vf = _frames(q, layout), _frames(k, layout), _frames(v, layout)
     kt, vt = _text(k, layout), _text(v, layout)
     of, lf = _frames(out, layout), _frames(lse[..., None], layout)  # copies when there is text: written back below
-    for g in plan.partial:
+    for g in groups:
         G = g.heads.shape[0]
         o, l = _FLASH(qf.index_select(1, g.qflat).view(B, G, P, D), _gather_keys(kt, kf, g, T, D),
                       _gather_keys(vt, vf, g, T, Dv), scale=scale)
@@ -207,6 +284,21 @@ def fast_attention(
     _unframe(out, of, layout)
     _unframe(lse[..., None], lf, layout)
     return out, lse
+
+
+def _run_view(x: torch.Tensor, b: int, r: _Run, P: int, keys: bool = False) -> torch.Tensor:
+    """Strided view of batch row ``b`` of a contiguous ``(B, H, L[, Dh])`` tensor (layout without text):
+    the run's query rows ``(nh, nf, P[, Dh])``, or with ``keys`` its key rows ``(nh, nf, c*P, Dh)``
+    (overlapping windows: consecutive query frames start ``ds`` frames apart)."""
+    Dh = x.shape[3] if x.dim() == 4 else 1
+    off = x.storage_offset() + b * x.stride(0) + r.h0 * x.stride(1)
+    if keys:
+        size, stride, off = (r.nh, r.nf, r.c * P), (x.stride(1), r.ds * P * Dh, Dh), off + r.s0 * P * Dh
+    else:
+        size, stride, off = (r.nh, r.nf, P), (x.stride(1), P * Dh, Dh), off + r.f0 * P * Dh
+    if x.dim() == 4:
+        size, stride = size + (Dh,), stride + (1,)
+    return x.as_strided(size, stride, off)
 
 
 def _unframe(dst: torch.Tensor, framed: torch.Tensor, layout: TokenLayout) -> None:
@@ -252,13 +344,16 @@ def fast_attention_backward(
     acc = {"k": (torch.zeros(B, ntext, H, D), torch.zeros(B, P, H * T, D)),
            "v": (torch.zeros(B, ntext, H, Dv), torch.zeros(B, P, H * T, Dv))}
     dq = torch.empty_like(q)
-    if plan.partial:
+    # the gathered groups, not the strided runs: the fused backward is slower on the runs' overlapping
+    # views (they are made contiguous) than on one gathered call per kept count (measured, 2 threads)
+    groups = plan.partial
+    if groups:
         qf, kf, vf, of, dof = (_frames(x, layout) for x in (q, k, v, out, dout))
         lf = _frames(lse[..., None], layout)
         dlf = _frames(dlse.float()[..., None], layout) if use_dlse else None
         kt, vt = _text(k, layout), _text(v, layout)
         dq_tok = q.new_empty(B, P, H * T, D)  # token-major query gradients of the partial rows
-        for g in plan.partial:
+        for g in groups:
             G, c = g.kframes.shape
 
             def rows(x, Dh, g=g, G=G):
