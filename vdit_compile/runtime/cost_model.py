@@ -118,7 +118,22 @@ def _interleaved_min(fns, device, min_reps: int = 5, max_reps: int = 15, budget_
 
 
 def time_shape_class(sc: ShapeClass) -> Timing:
-    """Dense SDPA vs the tile op's forward on the proxy of ``sc`` (see module doc)."""
+    """Dense SDPA vs the tile op's forward on the proxy of ``sc`` (see module doc).
+
+    Runs on real tensors even when called from inside a compile backend (any active fake mode is
+    suspended: the decision is made while the rewrite pass runs).
+    """
+    try:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+    except ImportError:  # pragma: no cover - older torch
+        import contextlib
+
+        unset_fake_temporarily = contextlib.nullcontext
+    with unset_fake_temporarily():
+        return _time_shape_class(sc)
+
+
+def _time_shape_class(sc: ShapeClass) -> Timing:
     device, dtype = torch.device(sc.device), getattr(torch, sc.dtype)
     layout = TokenLayout(sc.num_frames, sc.frame_tokens, 1, sc.text_prefix, sc.text_suffix)
     gen = torch.Generator(device="cpu").manual_seed(0)
