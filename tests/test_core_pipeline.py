@@ -14,7 +14,8 @@ def test_optimize_pipeline_calibrates_and_generates():
     pipe = embedded.load_pipeline(tiny=True, weights=None)
     with torch.no_grad():
         dense = pipe("a red circle moving left", num_inference_steps=1, generator=torch.Generator().manual_seed(0)).frames
-    out = vc.optimize(pipe, calib_prompts=["a blue square bouncing"], calib_steps=1, error_budget=0.5, progress=False)
+    out = vc.optimize(pipe, calib_prompts=["a blue square bouncing"], calib_steps=1, error_budget=0.5, progress=False,
+                      cost_model="always")  # every tiled site rewritten, whatever this machine's timings
     assert out is pipe
     plan = vc.plan_of(pipe)
     assert plan.calibration["num_prompts"] == 1 and plan.tiled_sites()  # loose budget: something is tiled

@@ -33,6 +33,9 @@ class OptimizeConfig:
             every step; more = step-aware plans, one compilation per range).
         kernel: options of the CUDA kernels for this model (forward path, tile overrides;
             ``vdit_compile.kernels.options.KernelOptions``); ``None`` = the defaults.
+        cost_model: ``"auto"`` (default: on CPU a site is rewritten only where the tile op is timed
+            faster than dense SDPA at its shape and density), ``"measure"`` (time on every device),
+            ``"always"`` (rewrite every tiled site); see :mod:`vdit_compile.runtime.cost_model`.
     """
 
     error_budget: float = DEFAULT_ERROR_BUDGET
@@ -49,6 +52,7 @@ class OptimizeConfig:
     families: Sequence[str] = ("tile", "win3d", "spatial")
     step_ranges: int = 1
     kernel: KernelOptions | None = None
+    cost_model: str = "auto"
 
     def __post_init__(self):
         from .validation import check_candidates, check_error_budget, check_number, check_site_patterns
@@ -63,6 +67,8 @@ class OptimizeConfig:
         if not isinstance(self.calib_kwargs, dict):
             raise TypeError(f"calib_kwargs must be a dict of pipeline arguments, found {type(self.calib_kwargs).__name__}")
         check_site_patterns(self.sites)
+        if self.cost_model not in ("auto", "measure", "always"):
+            raise ValueError(f"cost_model must be 'auto', 'measure' or 'always', found {self.cost_model!r}")
         if self.candidates is not None:
             check_candidates(self.candidates)
             self.candidate_masks()  # validates the names

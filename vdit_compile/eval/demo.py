@@ -61,6 +61,7 @@ class DemoReport:
     files: list[str] = field(default_factory=list)
     plan_table: str = ""
     latency: dict = field(default_factory=dict)
+    cost_model: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -159,6 +160,45 @@ def _optimize(pipe, opts: DemoOptions, report: DemoReport, echo) -> bool:
     return True
 
 
+#: Profiler events counted as attention: dense SDPA (any site, cross-attention included) and the tile op.
+ATTENTION_EVENTS = ("aten::scaled_dot_product_attention", "vdit::tile_attention")
+
+
+def attention_profile(pipe, prompt: str, seed: int, steps: int = 2) -> dict:
+    """Attention time and its share of one short sampling run (``steps`` steps, one prompt), profiled.
+
+    A separate run after the timed ones (the profiler's own overhead stays out of the latency figures):
+    ``torch.profiler`` records every operator; the attention time is the summed duration of the
+    top-level attention events (:data:`ATTENTION_EVENTS`: what each attention site calls, dense or
+    tile-sparse), the step time the run's wall time.  On CUDA the durations are the kernels' device time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available() and torch.device(getattr(pipe, "device", "cpu")).type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        s = sample(pipe, [prompt], [seed], steps, None, 1, False, desc="profiled run")
+    events = [e for e in prof.key_averages() if e.key in ATTENTION_EVENTS]
+    us = sum((e.device_time_total if cuda else e.cpu_time_total) for e in events)
+    total = s.seconds_per_video
+    attn = us / 1e6
+    return {"attention_seconds": attn, "run_seconds": total, "attention_share": attn / total if total else 0.0,
+            "steps": steps, "calls": int(sum(e.count for e in events))}
+
+
+def _cost_model_lines(pipe) -> list[str]:
+    """Sites the cost model left dense (with its timing) and sites it let through, from the model's state."""
+    from ..capture.install import state_of
+
+    st = state_of(getattr(pipe, "transformer", pipe))
+    if st is None:
+        return []
+    lines = []
+    for name, (ok, why) in st.cost_decisions.items():
+        lines.append(f"{name}: {'tile op' if ok else 'DENSE'} ({why})")
+    return lines
+
+
 def plan_of_pipe(pipe):
     from .. import plan_of
 
@@ -196,6 +236,21 @@ def _fast(opts: DemoOptions, ps, dense: Samples, clf, report: DemoReport, echo) 
     report.steps_done.append("distilled few-step sampling")
 
 
+def _attention_lines(lat: dict) -> list[str]:
+    """Attention time dense vs optimised and its share of the run (profiled runs, see attention_profile)."""
+    d, o = lat.get("dense_attention"), lat.get("optimised_attention")
+    if not d:
+        return []
+    n = d["steps"]
+    line = (f"attention ({n}-step profiled run, 1 video): dense {d['attention_seconds']:.2f} s "
+            f"= {100 * d['attention_share']:.0f}% of {d['run_seconds']:.2f} s")
+    if o:
+        ratio = d["attention_seconds"] / o["attention_seconds"] if o["attention_seconds"] else float("inf")
+        line += (f"; optimised {o['attention_seconds']:.2f} s = {100 * o['attention_share']:.0f}% of "
+                 f"{o['run_seconds']:.2f} s (attention x{ratio:.2f})")
+    return [line]
+
+
 def run_demo(opts: DemoOptions, echo: Callable[[str], None] = print) -> DemoReport:
     """Run the demo (see module doc); writes into ``opts.out`` and returns the report."""
     t_start = time.perf_counter()
@@ -213,6 +268,7 @@ def run_demo(opts: DemoOptions, echo: Callable[[str], None] = print) -> DemoRepo
     dense_card.update(_timing(dense))
     report.cards.append(dense_card)
     report.latency["dense_seconds_per_video"] = dense.seconds_per_video
+    report.latency["dense_attention"] = attention_profile(pipe, ps.prompts[0], ps.seeds[0])
     report.steps_done.append("dense sampling")
 
     if _optimize(pipe, opts, report, echo):
@@ -225,6 +281,11 @@ def run_demo(opts: DemoOptions, echo: Callable[[str], None] = print) -> DemoRepo
         report.latency["optimised_first_call_seconds"] = opt.first_batch_seconds
         report.latency["speedup"] = dense.seconds_per_video / opt.seconds_per_video
         report.latency["tiled_sites"] = len(plan_of_pipe(pipe).tiled_sites())
+        report.latency["optimised_attention"] = attention_profile(pipe, ps.prompts[0], ps.seeds[0])
+        report.cost_model = _cost_model_lines(pipe)
+        from ..capture.install import state_of
+
+        report.latency["rewritten_sites"] = len(state_of(pipe.transformer).rewritten)
         report.steps_done.append("optimised sampling")
         if opts.gif:
             report.files.append(_gif(dense.clips, opt.clips, opts.out / "dense_vs_optimised.gif"))
@@ -243,7 +304,14 @@ def run_demo(opts: DemoOptions, echo: Callable[[str], None] = print) -> DemoRepo
         if not lat["tiled_sites"]:
             lines.append("no site was tiled (every head needed dense attention within the error budget): the optimised "
                          "pipeline computes dense attention, so any latency difference is measurement noise")
+        elif not lat["rewritten_sites"]:
+            lines.append("every tiled site was left dense by the cost model (the tile op is not faster than dense SDPA "
+                         "here): the optimised pipeline computes dense attention, so any latency difference is noise")
+    lines += _attention_lines(lat)
     _say("latency (" + dense_card["device"] + "):\n  " + "\n  ".join(lines), echo)
+    if report.cost_model:
+        _say("cost model (tile op vs dense SDPA, timed on this device per shape class):\n  "
+             + "\n  ".join(report.cost_model), echo)
     _say("scorecard (PSNR/SSIM against the dense clips on the same prompts and seeds):\n" + render_table(report.cards), echo)
     report.seconds = time.perf_counter() - t_start
     summary = {**{k: v for k, v in asdict(report).items() if k != "cards"}, "cards": report.cards, "options": {

@@ -20,8 +20,8 @@ Schema (one op, used by the rewrite pass, sequence parallelism and export)::
 In unit space every family is the same problem -- ``N`` units of ``U`` tokens and an ``(H, N, N)``
 unit mask -- which the CPU reference and the Triton kernels solve unchanged. Autograd is registered
 (gradients for q, k, v; the lse's gradient is honoured too) so distillation trains through it.
-CPU (and CUDA without Triton) run the exact gather reference; CUDA dispatches to the Triton kernel
-in :mod:`vdit_compile.kernels` when it is importable.
+CPU runs :mod:`.cpu_fast` (float64: the exact gather reference); CUDA dispatches to the Triton kernel
+in :mod:`vdit_compile.kernels` when it is importable (else the reference).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 
 from .args import OpMasks, check_inputs, encode_masks, op_grid
+from .cpu_fast import fast_applies, fast_attention, fast_attention_backward
 from .reference import lse_dtype, reference_tile_attention, reference_tile_attention_backward
 from .reorder import from_units, to_units
 
@@ -39,11 +40,15 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- unit-space backends
 def _cpu_forward(q, k, v, layout, om: OpMasks, scale):
-    return reference_tile_attention(q, k, v, layout, om.unit_mask(), scale)
+    """CPU: :mod:`.cpu_fast` (torch's fused attention on gathered key units) for float32/bf16/fp16, the exact
+    gather reference for float64 (the tests' oracle)."""
+    impl = fast_attention if fast_applies(q) else reference_tile_attention
+    return impl(q, k, v, layout, om.unit_mask(), scale)
 
 
 def _cpu_backward(dout, dlse, q, k, v, out, lse, layout, om: OpMasks, scale):
-    return reference_tile_attention_backward(dout, dlse, q, k, v, out, lse, layout, om.unit_mask(), scale)
+    impl = fast_attention_backward if fast_applies(q) else reference_tile_attention_backward
+    return impl(dout, dlse, q, k, v, out, lse, layout, om.unit_mask(), scale)
 
 
 def _cuda_forward_units(q, k, v, layout, om: OpMasks, scale):

@@ -41,6 +41,7 @@ class OptimizeState:
         self.pending_error: BaseException | None = None
         self._root_names: RootNames | None = None
         self._warned: set[str] = set()
+        self.cost_decisions: dict[str, tuple[bool, str]] = {}  # site -> (rewrite?, reason) of the cost model
         _STATES[self.id] = self
 
     # ------------------------------------------------------------------ registry
@@ -116,7 +117,7 @@ class OptimizeState:
         if not site.tileable or not self.site_filter_allows(site.name):
             return None
         if self.uniform_mask is not None:
-            return [self.uniform_mask] * site.num_heads
+            return self._if_it_pays(site, [self.uniform_mask] * site.num_heads)
         if self.plan is None:
             return None
         from ..plans import PlanMismatchError
@@ -129,4 +130,20 @@ class OptimizeState:
         masks = sp.masks_for(site.layout, self.step_range)
         if len(masks) != site.num_heads:
             raise PlanMismatchError([f"site {site.name}: {len(masks)} head masks in the plan, {site.num_heads} heads now"])
-        return masks
+        return self._if_it_pays(site, masks)
+
+    def _if_it_pays(self, site, masks: list[TileMask]) -> list[TileMask] | None:
+        """``masks``, or ``None`` where the cost model keeps the site dense (decided once per site, reason kept
+        in :attr:`cost_decisions`); see :mod:`vdit_compile.runtime.cost_model`."""
+        decision = self.cost_decisions.get(site.name)
+        if decision is None:
+            from ..masks.tile import frame_masks, mask_density
+            from .cost_model import should_rewrite
+
+            param = next(self.root.parameters(), None)
+            device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
+            lay = site.layout
+            density = 1.0 if lay.is_dynamic else mask_density(frame_masks(masks, lay.num_frames), lay)
+            decision = self.cost_decisions[site.name] = should_rewrite(device, dtype, lay, density, site.num_heads,
+                                                                       site.head_dim, self.config)
+        return masks if decision[0] else None

@@ -1,0 +1,191 @@
+"""The fast CPU tile-attention op (vdit_compile.ops.cpu_fast) against two independent oracles, and the cost model.
+
+Oracles: the float64 gather reference (ops/reference.py) and dense SDPA with the equivalent ``L x L``
+boolean mask.  Fresh random inputs; float32 and bfloat16 tolerances; text prefix/suffix, per-head
+different masks, dense heads, the log-sum-exp gradient.
+"""
+import pytest
+import torch
+
+import vdit_compile as vc
+from vdit_compile.layout import TokenLayout
+from vdit_compile.masks.tile import TileMask, frame_masks
+from vdit_compile.ops.cpu_fast import fast_attention, fast_attention_backward
+from vdit_compile.ops.reference import (
+    dense_masked_attention,
+    reference_tile_attention,
+    reference_tile_attention_backward,
+)
+from vdit_compile.runtime import cost_model as cm
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}  # relative L2 error
+
+CASES = [  # (T, P, prefix, suffix, masks per head)
+    (6, 8, 3, 2, ["g1w0", "dense", "g0w1", "g2w1"]),  # text both sides, per-head masks, a dense head
+    (5, 4, 0, 0, ["g0w0", "g0w0"]),  # no text, no full row at all
+    (4, 6, 5, 0, ["g1w1"]),  # one mask for every head, prefix only
+    (7, 3, 0, 4, ["g0w2", "dense", "dense"]),  # suffix only
+]
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _inputs(T, P, pre, suf, H, B=2, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lay = TokenLayout(T, P, 1, pre, suf)
+    return lay, [torch.randn(B, H, lay.seq_len, D, generator=g, dtype=torch.float64) for _ in range(3)]
+
+
+def _masks(names, T):
+    ms = [TileMask.parse(n) for n in names]
+    return frame_masks(ms, T) if len(ms) > 1 else frame_masks(ms, T)[:1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES)
+def test_forward_matches_reference_and_dense_masked_sdpa(case, dtype):
+    T, P, pre, suf, names = case
+    H = max(len(names), 2)
+    lay, (q, k, v) = _inputs(T, P, pre, suf, H, seed=len(names) + T)
+    fm = _masks(names, T)
+    out, lse = fast_attention(q.to(dtype), k.to(dtype), v.to(dtype), lay, fm, 0.3)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and out.shape == q.shape and lse.shape == q.shape[:3]
+    ref_out, ref_lse = reference_tile_attention(q, k, v, lay, fm, 0.3)
+    dense = dense_masked_attention(q, k, v, lay, fm, 0.3)
+    assert _rel(out, ref_out) < TOL[dtype] and _rel(out, dense) < TOL[dtype]
+    assert (lse.double() - ref_lse).abs().max().item() < (1e-5 if dtype == torch.float32 else 5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES[:2] + CASES[3:])
+def test_backward_matches_reference_and_autograd_of_dense_masked_sdpa(case, dtype):
+    T, P, pre, suf, names = case
+    H = max(len(names), 2)
+    lay, (q, k, v) = _inputs(T, P, pre, suf, H, seed=3 * T)
+    fm = _masks(names, T)
+    g = torch.Generator().manual_seed(7)
+    dout = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    dlse = torch.randn(q.shape[:3], generator=g, dtype=torch.float64)
+    qc, kc, vc_ = (x.to(dtype) for x in (q, k, v))
+    out, lse = fast_attention(qc, kc, vc_, lay, fm, 0.3)
+    ref_out, ref_lse = reference_tile_attention(q, k, v, lay, fm, 0.3)
+    # dense oracle: autograd through SDPA with the boolean mask (out term) and through logsumexp of the masked scores
+    qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+    dense_out = dense_masked_attention(qq, kk, vv, lay, fm, 0.3)
+    ids = lay.frame_ids()
+    keep = (fm.expand(H, T, T)[:, ids.clamp(min=0)][:, :, ids.clamp(min=0)] | (ids[:, None] < 0) | (ids[None, :] < 0))
+    dense_lse = torch.logsumexp(((qq @ kk.transpose(-1, -2)) * 0.3).masked_fill(~keep, float("-inf")), -1)
+    dense_grads = torch.autograd.grad((dense_out * dout).sum() + (dense_lse * dlse).sum(), (qq, kk, vv))
+    for dl in (None, dlse):  # without and with the lse gradient
+        got = fast_attention_backward(dout.to(dtype), None if dl is None else dl.float(), qc, kc, vc_, out, lse, lay, fm, 0.3)
+        ref = reference_tile_attention_backward(dout, torch.zeros_like(dlse) if dl is None else dl, q, k, v,
+                                                ref_out, ref_lse, lay, fm, 0.3)
+        for a, b, name in zip(got, ref, "qkv"):
+            assert a.dtype == dtype and a.shape == b.shape
+            assert _rel(a, b) < 2 * TOL[dtype], (name, dl is None)
+    for a, b, name in zip(got, dense_grads, "qkv"):
+        assert _rel(a, b) < 2 * TOL[dtype], name
+
+
+def test_op_runs_fast_path_on_cpu_and_opcheck():
+    """The registered op's CPU path equals the fast module (float32) and keeps float64 on the reference."""
+    from vdit_compile.ops.tile_attention import tile_attention  # noqa: F401  registers the op
+    lay, (q, k, v) = _inputs(4, 4, 2, 0, 2, seed=11)
+    q32, k32, v32 = (x.float().requires_grad_() for x in (q, k, v))
+    grid = [4, lay.height, lay.width, lay.height, lay.width]
+    out, lse = torch.ops.vdit.tile_attention(q32, k32, v32, 2, 0, grid, "g1w0,dense", 0.25)
+    fm = frame_masks([TileMask(1, 0), TileMask(dense=True)], 4)
+    f_out, f_lse = fast_attention(q32.detach(), k32.detach(), v32.detach(), lay, fm, 0.25)
+    assert torch.equal(out.detach(), f_out) and torch.equal(lse.detach(), f_lse)
+    (out.sum() + lse.sum()).backward()
+    ref = reference_tile_attention_backward(torch.ones_like(q), torch.ones_like(lse.double()), q, k, v,
+                                            *reference_tile_attention(q, k, v, lay, fm, 0.25), lay, fm, 0.25)
+    for a, b in zip((q32.grad, k32.grad, v32.grad), ref):
+        assert _rel(a, b) < 1e-5
+    torch.library.opcheck(torch.ops.vdit.tile_attention.default,
+                          (q32.detach().requires_grad_(), k32.detach(), v32.detach(), 2, 0, grid, "g1w0,dense", 0.25))
+
+
+def test_bad_inputs_are_explained():
+    lay, (q, k, v) = _inputs(4, 4, 0, 0, 2)
+    with pytest.raises(ValueError, match="CPU tensors of dtype"):
+        fast_attention(q, k, v, lay, frame_masks([TileMask(0, 1)], 4), 0.3)  # float64: the reference's job
+    with pytest.raises(ValueError, match="does not fit 2 heads x 4 frames"):
+        fast_attention(q.float(), k.float(), v.float(), lay, frame_masks([TileMask(0, 1)] * 3, 4), 0.3)
+
+
+# ---------------------------------------------------------------- cost model
+class _Cfg:
+    def __init__(self, mode):
+        self.cost_model = mode
+
+
+def test_cost_model_modes_and_reasons(monkeypatch):
+    big = TokenLayout(8, 256, 1, 0, 0)  # 2048 tokens: measured under "auto"
+    calls = []
+
+    def fake_timing(sc):
+        calls.append(sc)
+        return cm.Timing(dense_s=1.0, sparse_s=0.5 if sc.kept_frames <= 2 else 0.95)
+
+    monkeypatch.setattr(cm, "time_shape_class", fake_timing)
+    model = cm.CostModel(maxsize=2)
+    ok, why = cm.should_rewrite("cpu", torch.float32, big, 0.25, 4, 64, _Cfg("auto"), model)
+    assert ok and "pays" in why and calls[-1].kept_frames == 2
+    ok, why = cm.should_rewrite("cpu", torch.float32, big, 0.6, 4, 64, _Cfg("auto"), model)
+    assert not ok and "left dense by the cost model" in why and "x1.05" in why
+    cm.should_rewrite("cpu", torch.float32, big, 0.25, 4, 64, _Cfg("auto"), model)  # cached: no new timing
+    assert len(calls) == 2 and len(model) == 2
+    assert cm.should_rewrite("cpu", torch.float32, big, 0.6, 4, 64, _Cfg("always"), model)[0]  # override honoured
+    assert cm.should_rewrite("cuda", torch.float32, big, 0.6, 4, 64, _Cfg("auto"), model)[0]
+    tiny = TokenLayout(4, 16, 1, 8, 0)
+    ok, why = cm.should_rewrite("cpu", torch.float32, tiny, 0.6, 2, 16, _Cfg("auto"), model)
+    assert ok and "too small" in why and len(calls) == 2
+    assert not cm.should_rewrite("cpu", torch.float32, tiny, 0.95, 2, 16, _Cfg("measure"), model)[0]
+    with pytest.raises(ValueError, match="cost_model must be"):
+        vc.OptimizeConfig(cost_model="sometimes")
+
+
+def test_proxy_mask_has_the_density_asked_for():
+    lay = TokenLayout(16, 8, 1, 10, 6)
+    for kept in (1, 4, 8, 16):
+        fm = cm.proxy_frame_mask(16, kept)
+        assert (fm.sum(-1) == kept).all()
+        from vdit_compile.masks.tile import mask_density
+        assert cm.kept_frames_for(lay, mask_density(fm, lay)) == kept
+
+
+def test_real_timing_runs_and_is_cached():
+    """One real (small) measurement: both times positive, the second lookup is the cached object."""
+    sc = cm.ShapeClass("cpu", "float32", 4, 32, 0, 0, 2, 16, 2)
+    model = cm.CostModel()
+    t = model.timing(sc)
+    assert t.dense_s > 0 and t.sparse_s > 0 and model.timing(sc) is t
+
+
+def test_state_records_the_cost_decision(monkeypatch):
+    """optimize() with a uniform plan: a site the cost model rejects stays dense and its reason is recorded."""
+    from core_models import build_tiny
+
+    from vdit_compile.capture.install import state_of
+
+    monkeypatch.setattr(cm, "MIN_MEASURED_FLOPS", 0.0)
+    monkeypatch.setattr(cm, "time_shape_class", lambda sc: cm.Timing(dense_s=1.0, sparse_s=2.0))
+    model, kw = build_tiny("wan")
+    with torch.no_grad():
+        ref = model(**kw).sample
+    vc.optimize(model, plan=TileMask(0, 0), backend="eager", progress=False)
+    with torch.no_grad():
+        out = model(**kw).sample
+    st = state_of(model)
+    assert st.rewritten == set() and st.cost_decisions
+    assert all(not ok and "left dense by the cost model" in why for ok, why in st.cost_decisions.values())
+    assert torch.allclose(out, ref, atol=1e-5)
+    vc.restore(model)
+    vc.optimize(model, plan=TileMask(0, 0), backend="eager", progress=False, cost_model="always")
+    with torch.no_grad():
+        model(**kw)
+    assert state_of(model).rewritten and all(ok for ok, _ in state_of(model).cost_decisions.values())
+    vc.restore(model)
