@@ -17,7 +17,7 @@ import torch
 import vdit_compile
 from vdit_compile.calibration import CalibrationSettings, capture_transformer_inputs
 from vdit_compile.calibration.run import calibrate_model
-from vdit_compile.cli.model_spec import load_model
+from vdit_compile.models.spec import load_model
 
 CALIB = ["a red circle moving left", "a large blue square bouncing", "a small yellow triangle rotating",
          "a green diamond moving diagonally"]

@@ -157,7 +157,7 @@ def test_time_budget_ends_a_stage_early_and_says_so(setup, tmp_path):
 
 
 def test_embedded_adapter_pieces():
-    from vdit_compile.distill.adapter import load_adapter
+    from vdit_compile.distill.loading import load_adapter
     from vdit_compile.models.embedded import data
 
     a = load_adapter("embedded:tiny")

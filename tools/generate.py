@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     par, dev = _setup(args.parallel)
     rank = par.rank if par else 0
-    from vdit_compile.cli.model_spec import is_pipeline, load_model
+    from vdit_compile.models.spec import is_pipeline, load_model
 
     pipe = load_model(args.model)
     if not is_pipeline(pipe):

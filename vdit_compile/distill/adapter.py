@@ -4,7 +4,7 @@ Distillation never calls a pipeline's ``__call__``: it needs the pieces (text em
 without the prompt, the latent shape, the teacher's flow-matching schedule, the transformer's
 velocity, a decoder to frames).  :class:`ModelAdapter` names them; :func:`load_adapter` builds one
 for the embedded default, for a tiny random Wan model (tests), or for a pipeline given by a
-``vdit_compile.cli.model_spec`` spec that exposes the usual diffusers pieces.
+``vdit_compile.models.spec`` spec that exposes the usual diffusers pieces.
 """
 from __future__ import annotations
 
@@ -135,24 +135,3 @@ class TinyAdapter(ModelAdapter):
 
 
 # ------------------------------------------------------------------------------------------------
-_ADAPTERS: dict[str, Callable[..., ModelAdapter]] = {"tiny": lambda **kw: TinyAdapter(**kw)}
-
-
-def register_adapter(name: str, factory: Callable[..., ModelAdapter]) -> None:
-    _ADAPTERS[name] = factory
-
-
-def load_adapter(spec: str, device="cpu", latent_shape=None) -> ModelAdapter:
-    """Build the adapter for ``spec``: ``tiny``, ``embedded[:random|:tiny]`` or a ``vdit_compile.cli.model_spec`` spec."""
-    if spec in _ADAPTERS:
-        adapter = _ADAPTERS[spec]()
-    elif spec == "embedded" or spec.startswith("embedded:"):
-        from .adapter_embedded import EmbeddedAdapter
-
-        adapter = EmbeddedAdapter(device=device, spec=spec)
-    else:
-        from .adapter_embedded import adapter_from_spec
-
-        adapter = adapter_from_spec(spec, device=device, latent_shape=latent_shape)
-    adapter.transformer.to(device)
-    return adapter

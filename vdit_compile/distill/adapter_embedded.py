@@ -1,4 +1,4 @@
-"""Adapters for real pipelines: the embedded default, and pipelines from ``vdit_compile.cli.model_spec``.
+"""Adapters for real pipelines: the embedded default, and pipelines from ``vdit_compile.models.spec``.
 
 ``EmbeddedAdapter`` wraps :class:`vdit_compile.models.embedded.EmbeddedPipeline` (pixel space, no VAE).
 ``PipelineAdapter`` covers other diffusers flow-matching pipelines that expose ``transformer``,
@@ -21,7 +21,7 @@ class EmbeddedAdapter(ModelAdapter):
 
     def __init__(self, device="cpu", pipe=None, spec: str = "embedded"):
         if pipe is None:
-            from vdit_compile.cli.model_spec import load_model
+            from vdit_compile.models.spec import load_model
 
             pipe = load_model(spec)
         pipe.to(device)
@@ -87,8 +87,8 @@ class PipelineAdapter(ModelAdapter):
 
 
 def adapter_from_spec(spec: str, device="cpu", latent_shape=None) -> ModelAdapter:
-    """Adapter for any spec ``vdit_compile.cli.model_spec.load_model`` accepts."""
-    from vdit_compile.cli.model_spec import load_model
+    """Adapter for any spec ``vdit_compile.models.spec.load_model`` accepts."""
+    from vdit_compile.models.spec import load_model
 
     model = load_model(spec)
     from vdit_compile.models.embedded import EmbeddedPipeline

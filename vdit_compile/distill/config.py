@@ -23,7 +23,7 @@ class DistillConfigError(ValueError):
 @dataclass
 class DistillConfig:
     # --- what to distil -------------------------------------------------------------------------
-    model: str = "embedded"                 # "embedded", "tiny" (tests), or any vdit_compile.cli.model_spec spec
+    model: str = "embedded"                 # "embedded", "tiny" (tests), or any vdit_compile.models.spec spec
     out: str = "runs/fewstep"               # run directory (refused if it exists, unless --overwrite)
     prompts: Optional[str] = None           # text file, one prompt a line; None: the model's own prompt generator
     plan: Optional[str] = None              # a saved plan: the masks stage applies it instead of calibrating

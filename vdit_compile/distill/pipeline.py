@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import load_adapter
+from .loading import load_adapter
 from .config import DistillConfig
 from .schedule import FewStepSchedule, few_step_sample
 

@@ -79,7 +79,7 @@ def run_names(segments, variants: dict) -> dict[str, tuple[int, list[str]]]:
 
 def _segment_check(run: Path, S: int, device: str, prompts: int = 16) -> None:
     """The per-segment diagnostic of a finished MLCD stage, into ``RUN/mlcd/segments.json`` (printed too)."""
-    from .adapter import load_adapter
+    from .loading import load_adapter
     from .schedule import FewStepSchedule
     from .segments import load_student, format_rows, segment_errors
 

@@ -83,7 +83,7 @@ def score_runs(run_dirs, device="cpu", prompts: int | None = None, out: Path | N
     timings compare like for like and no inductor compile is paid per model."""
     from vdit_compile.eval.scorecard import render_table, scorecard, to_json
 
-    from .adapter import load_adapter
+    from .loading import load_adapter
     from .config import DistillConfig
     from .pipeline import load_run
 

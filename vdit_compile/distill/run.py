@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import load_adapter
+from .loading import load_adapter
 from .checkpoint import CheckpointError, atomic_write_text, latest_checkpoint, verify_checkpoint
 from .config import DistillConfig, DistillConfigError, build_arg_parser, resolve_config
 from .pool import build_pool

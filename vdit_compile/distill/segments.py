@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--student-cfg", action=argparse.BooleanOptionalAction, default=None,
                     help="the student guides itself (default: what the run's config.json says; baked in for a bare file)")
     a = ap.parse_args(argv)
-    from .adapter import load_adapter
+    from .loading import load_adapter
 
     adapter = load_adapter(a.model, device=a.device)
     schedule = FewStepSchedule.from_adapter(adapter, a.teacher_steps, a.segments)

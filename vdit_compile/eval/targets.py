@@ -64,7 +64,7 @@ def resolve_target(spec: str, device: str = "cpu") -> Target:
 
 
 def _load_spec(spec: str, device: str):
-    from ..cli.model_spec import ModelSpecError, load_model
+    from ..models.spec import ModelSpecError, load_model
 
     try:
         obj = load_model(spec)
