@@ -25,6 +25,16 @@ class OptimizeConfig:
         sites: site filter: glob patterns of site names to tile (``["blocks.*.attn1"]``) or a
             callable ``name -> bool``; other sites stay dense.
         progress: show progress bars.
+        fp8: FP8 linears (torchao float8 dynamic activation + weight, fused under torch.compile):
+            ``False``/``"off"``, ``True``/``"on"`` (error where the device or install cannot),
+            ``"auto"`` (warning and high precision there) or ``"emulate"`` (FP8 numerics in fp32 on
+            any device: quality studies only).  See :mod:`vdit_compile.wholestep.fp8`.
+        fp8_keep: extra glob patterns of linear names kept in high precision.
+        fp8_max_error: linears whose emulated FP8 relative error exceeds this stay high precision.
+        cache: step-caching policy, ``None`` or ``"taylorseer"`` / ``"fbc"``
+            (:mod:`vdit_compile.wholestep.caching`).
+        cache_threshold: the policy's knob (taylorseer: interval, default 2; fbc: residual change, 0.05).
+        cache_warmup / cache_order: steps always evaluated first; Taylor order (taylorseer).
     """
 
     error_budget: float = DEFAULT_ERROR_BUDGET
@@ -37,6 +47,13 @@ class OptimizeConfig:
     backend: str = "auto"
     sites: Sequence[str] | Callable[[str], bool] | None = None
     progress: bool = True
+    fp8: bool | str = False
+    fp8_keep: Sequence[str] | None = None
+    fp8_max_error: float = 0.05
+    cache: str | None = None
+    cache_threshold: float | None = None
+    cache_warmup: int = 3
+    cache_order: int = 1
 
     def __post_init__(self):
         if self.backend not in ("auto", "inductor", "eager"):
@@ -49,6 +66,15 @@ class OptimizeConfig:
             raise ValueError(f"calib_steps must be >= 1, found {self.calib_steps}")
         if self.candidates is not None:
             self.candidate_masks()  # validates the names
+        from .wholestep.caching import check_policy
+        from .wholestep.fp8 import normalize_mode
+
+        normalize_mode(self.fp8)
+        if not self.fp8_max_error > 0:
+            raise ValueError(f"fp8_max_error must be > 0, found {self.fp8_max_error}")
+        if isinstance(self.fp8_keep, str):
+            raise TypeError(f"fp8_keep must be a list of glob patterns, found the string {self.fp8_keep!r}")
+        check_policy(self.cache, self.cache_threshold, self.cache_warmup, self.cache_order)
 
     def candidate_masks(self) -> list[TileMask] | None:
         return None if self.candidates is None else [TileMask.parse(c) for c in self.candidates]
