@@ -11,8 +11,8 @@ Policies (``OptimizeConfig.cache``):
 
 * ``"taylorseer"`` (default policy): TaylorSeer (Liu et al. 2025, "From Reusing to Forecasting")
   applied to the transformer's output: the first ``warmup`` steps run, then one step in
-  ``interval`` runs and the steps between are forecast with a Taylor expansion (order
-  ``cache_order``, finite differences over the evaluated steps) of the output in the step index.
+  ``interval`` runs and the steps between are forecast with the finite-difference expansion (order
+  ``cache_order``; 0 = reuse) of the output in the step index, through the last evaluated steps.
   ``cache_threshold`` is the interval (an integer >= 2; default 2).
 * ``"fbc"``: diffusers' own First Block Cache hooks (``diffusers.hooks.apply_first_block_cache``):
   the first block always runs; when its residual changed by less than ``cache_threshold``
@@ -88,7 +88,7 @@ def _timestep(args, kwargs) -> float | None:
 class _Stream:
     """History of one stream (one call per step) of one sample."""
 
-    factors: list = field(default_factory=list)  # Taylor factors: value, 1st, 2nd difference (per step)
+    factors: list = field(default_factory=list)  # the last order + 1 evaluated (step, output) pairs
     last_eval_step: int = -1
     template: object = None  # the last real output (structure to fill)
 
@@ -213,20 +213,21 @@ class StepCache:
 
     # ------------------------------------------------------------------ TaylorSeer
     def _update(self, stream: _Stream, y: torch.Tensor, step: int) -> None:
-        y = y.detach()
-        new = [y]
-        if stream.factors and self.order >= 1:
-            gap = step - stream.last_eval_step
-            for k in range(min(self.order, len(stream.factors))):
-                new.append((new[k] - stream.factors[k]) / gap)
-        stream.factors = new
+        stream.factors = (stream.factors + [(step, y.detach())])[-(self.order + 1):]
         stream.last_eval_step = step
 
     def _forecast(self, stream: _Stream, step: int) -> torch.Tensor:
-        k = step - stream.last_eval_step
-        out = stream.factors[0]
-        coef = 1.0
-        for i, f in enumerate(stream.factors[1:], start=1):
-            coef = coef * k / i
-            out = out + coef * f
+        """The polynomial through the last ``order + 1`` evaluated (step, output) points, at ``step``.
+
+        TaylorSeer's finite-difference Taylor series, written in Newton/Lagrange form so that it stays
+        exact for polynomials of its order when the evaluated steps are unevenly spaced (warm-up, then
+        every ``interval``-th step)."""
+        pts = stream.factors
+        out = None
+        for j, (sj, yj) in enumerate(pts):
+            w = 1.0
+            for m, (sm, _) in enumerate(pts):
+                if m != j:
+                    w *= (step - sm) / (sj - sm)
+            out = yj * w if out is None else out + yj * w
         return out

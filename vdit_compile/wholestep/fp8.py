@@ -15,12 +15,13 @@ Which linears: every ``nn.Linear`` except
   recorded activations (or Gaussian ones without example inputs) above ``fp8_max_error``.
 
 The choice (quantised names, kept names with their reason and error) goes to the report.
-``emulate`` mode swaps the same linears for a quantise-dequantise module on any device: it
+``emulate`` mode gives the same linears a quantise-dequantise forward on any device: it
 measures FP8's *quality* cost on CPU, never its speed.  Everything is undone by ``restore``.
 """
 from __future__ import annotations
 
 import fnmatch
+import types
 import warnings
 from dataclasses import dataclass, field
 
@@ -76,15 +77,10 @@ def fp8_error(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     return float(err.norm() / ref.norm().clamp(min=1e-30))
 
 
-class EmulatedFp8Linear(torch.nn.Module):
-    """Stand-in for an ``nn.Linear`` running the FP8 numerics in fp32 (quality studies, any device)."""
-
-    def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
-        self.linear = linear
-
-    def forward(self, x):
-        return emulated_linear(x, self.linear.weight, self.linear.bias)
+def _emulated_forward(self, x):
+    """Instance-level ``forward`` of an emulated FP8 linear (the module tree and names stay as they are,
+    so PEFT / LoRA still finds ``nn.Linear`` targets by name)."""
+    return emulated_linear(x, self.weight, self.bias)
 
 
 # ---------------------------------------------------------------------------------------------- choice
@@ -207,7 +203,7 @@ class Fp8Linears:
     def __init__(self, module: torch.nn.Module, choice: Fp8Choice):
         self.module, self.choice = module, choice
         self._weights: dict = {}  # name -> (linear, original weight Parameter)  ("on")
-        self._modules: dict = {}  # name -> (parent, attr, original linear)     ("emulate")
+        self._emulated: list = []  # linears whose forward is the emulated one   ("emulate")
 
     def apply(self) -> "Fp8Linears":
         names = set(self.choice.quantized)
@@ -215,11 +211,9 @@ class Fp8Linears:
             return self
         if self.choice.mode == "emulate":
             for name in self.choice.quantized:
-                parent_name, _, attr = name.rpartition(".")
-                parent = self.module.get_submodule(parent_name) if parent_name else self.module
-                lin = getattr(parent, attr)
-                self._modules[name] = (parent, attr, lin)
-                setattr(parent, attr, EmulatedFp8Linear(lin))
+                lin = self.module.get_submodule(name)
+                lin.__dict__["forward"] = types.MethodType(_emulated_forward, lin)
+                self._emulated.append(lin)
             return self
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
@@ -236,7 +230,7 @@ class Fp8Linears:
     def undo(self) -> None:
         for lin, weight in self._weights.values():
             lin.weight = weight
-        for parent, attr, lin in self._modules.values():
-            setattr(parent, attr, lin)
+        for lin in self._emulated:
+            lin.__dict__.pop("forward", None)
         self._weights.clear()
-        self._modules.clear()
+        self._emulated.clear()
