@@ -69,6 +69,7 @@ def emulated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return y.to(x.dtype)
 
 
+@torch.no_grad()
 def fp8_error(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> float:
     """Relative L2 error of the FP8 linear against the fp32 one on activations ``x`` (..., in)."""
     x = x.reshape(-1, x.shape[-1]).float()
