@@ -49,7 +49,10 @@ def random_lora(transformer: torch.nn.Module, rank: int = 4, targets=(".attn1.",
     gen = torch.Generator().manual_seed(seed)
     sd = {}
     for name, m in transformer.named_modules():
-        if isinstance(m, torch.nn.Linear) and name.startswith("blocks.") and any(t in name for t in targets):
+        if type(m) is not torch.nn.Linear or ".lora_" in name:  # an adapter's own linears
+            continue
+        name = name.removesuffix(".base_layer")  # a linear that carries adapters already: its PEFT name
+        if name.startswith("blocks.") and any(t in name for t in targets):
             sd[f"{prefix}{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=gen) * std
             sd[f"{prefix}{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=gen) * std
     if not sd:
