@@ -61,6 +61,11 @@ def prepare_fp8(module: torch.nn.Module, cfg, example_call=None) -> WholeStep:
     ws.fp8_note = why
     if mode == "off":
         return ws
+    if mode == "on" and getattr(cfg, "backend", "auto") == "eager":
+        import warnings
+
+        warnings.warn("vdit-compile: fp8 with backend='eager' quantises activations unfused (often slower than "
+                      "bf16); use backend='auto' or 'inductor' so that inductor fuses the quantisation", stacklevel=3)
     acts = None
     if example_call is not None:
         acts = record_activations(module, lambda: example_call(type(module).forward.__get__(module)))

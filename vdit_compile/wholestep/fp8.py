@@ -150,9 +150,8 @@ def choose_linears(module: torch.nn.Module, mode: str, keep=(), max_error: float
         x = (activations or {}).get(name)
         if x is None:
             x = torch.randn(256, lin.in_features, generator=gen)
-        w = lin.weight.detach().float().cpu()
-        b = None if lin.bias is None else lin.bias.detach().float().cpu()
-        err = fp8_error(x, w, b)
+        dev = lin.weight.device  # the check runs where the weights are (GPU for large models)
+        err = fp8_error(x.to(dev), lin.weight.detach(), None if lin.bias is None else lin.bias.detach())
         choice.errors[name] = err
         if not err <= max_error:
             choice.kept[name] = f"error check: relative error {err:.4f} > fp8_max_error {max_error}"
