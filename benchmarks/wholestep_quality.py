@@ -27,9 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_variant(text: str, fp8_mode: str) -> tuple[str, dict]:
-    """``fp8`` | ``POLICY[:THRESHOLD]`` | ``fp8+POLICY[:THRESHOLD]`` -> (name, optimize options)."""
+    """``none`` | ``fp8`` | ``POLICY[:THRESHOLD]`` | ``fp8+POLICY[:THRESHOLD]`` -> (name, optimize options).
+
+    ``none`` is the optimised pipeline with neither (the compiled path's own difference to the reference)."""
     opts: dict = {}
     for part in text.split("+"):
+        if part == "none":
+            continue
         if part == "fp8":
             opts["fp8"] = fp8_mode
             continue
@@ -86,7 +90,14 @@ def main(argv=None) -> int:
         name, opts = parse_variant(text, args.fp8)
         if args.cache_warmup is not None and "cache" in opts:
             opts["cache_warmup"] = args.cache_warmup
-        vc.optimize(pipe, plan=vc.TileMask(dense=True), progress=False, **opts)
+        if "fp8" in opts:  # the FP8 error check on real activations: one recorded transformer call
+            from vdit_compile.calibration.inputs import capture_transformer_inputs
+
+            opts_call = dict(calib_inputs=capture_transformer_inputs(pipe, ps.prompts[:1], num_inference_steps=4,
+                                                                     max_calls=1, progress=False))
+        else:
+            opts_call = {}
+        vc.optimize(pipe, plan=vc.TileMask(dense=True), progress=False, **opts, **opts_call)
         try:
             card = scorecard(pipe, ps, steps=args.steps, batch_size=args.batch_size, reference=ref_clips, name=name)
             rep = report_of(pipe) or {}
