@@ -94,7 +94,7 @@ def main(argv=None) -> int:
             from vdit_compile.calibration.inputs import capture_transformer_inputs
 
             opts_call = dict(calib_inputs=capture_transformer_inputs(pipe, ps.prompts[:1], num_inference_steps=4,
-                                                                     max_calls=1, progress=False))
+                                                                     max_calls=1, device=None, progress=False))
         else:
             opts_call = {}
         vc.optimize(pipe, plan=vc.TileMask(dense=True), progress=False, **opts, **opts_call)

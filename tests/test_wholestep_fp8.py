@@ -1,7 +1,6 @@
 """FP8 linears: e4m3 rounding against a brute-force table, the choice of linears (role, sizes, error
 check, user globs), the device checks, the emulated path through optimize() and its undo; on an sm89+
 GPU with torchao, the real path against the emulated numerics."""
-import warnings
 
 import pytest
 import torch
@@ -9,8 +8,14 @@ import torch
 import vdit_compile as vc
 from vdit_compile import OptimizeConfig, TileMask
 from vdit_compile.wholestep import report_of
-from vdit_compile.wholestep.fp8 import (FP8_MAX, Fp8UnsupportedError, choose_linears, fp8_error, quantize_rows,
-                                        torchao_status)
+from vdit_compile.wholestep.fp8 import (
+    FP8_MAX,
+    Fp8UnsupportedError,
+    choose_linears,
+    fp8_error,
+    quantize_rows,
+    torchao_status,
+)
 
 
 def _e4m3_table() -> torch.Tensor:

@@ -6,10 +6,11 @@ import torch
 
 pytest.importorskip("peft", reason="LoRA loading needs peft (pip install -e '.[test]')")
 
-import vdit_compile as vc  # noqa: E402
-from core_models import MaskedSDPA, out_of, rel_err  # noqa: E402
-from vdit_compile import TileMask  # noqa: E402
-from vdit_compile.wholestep.lora import graphs_compiled, lora_pipeline, random_lora  # noqa: E402
+from core_models import MaskedSDPA, out_of, rel_err
+
+import vdit_compile as vc
+from vdit_compile import TileMask
+from vdit_compile.wholestep.lora import graphs_compiled, lora_pipeline, random_lora
 
 
 def test_lora_changes_on_optimized_pipeline_keep_the_rewrite():

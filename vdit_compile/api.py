@@ -188,7 +188,7 @@ def optimize(model_or_pipe, calib_prompts=None, calib_inputs=None, plan=None, co
                     state.plan = Plan.uniform(sites, plan, model=module)
         from . import wholestep
 
-        example = inputs[0] if plan is None else (list(calib_inputs)[0] if calib_inputs is not None else None)
+        example = inputs[0] if plan is None else (next(iter(calib_inputs)) if calib_inputs is not None else None)
         wholestep.attach(module, state, cfg, None if example is None else (lambda fwd: _call(fwd, example)))
         state.mode = "apply"
         install(module, state)

@@ -16,7 +16,13 @@ from __future__ import annotations
 import torch
 
 from .caching import StepCache
-from .fp8 import Fp8Linears, choose_linears, normalize_mode, record_activations, resolve_mode
+from .fp8 import (
+    Fp8Linears,
+    choose_linears,
+    normalize_mode,
+    record_activations,
+    resolve_mode,
+)
 
 __all__ = ["WholeStep", "attach", "detach", "report_of", "reset_cache"]
 

@@ -174,7 +174,10 @@ def device_supports_fp8(device: torch.device) -> tuple[bool, str]:
 def torchao_status() -> tuple[bool, str]:
     try:
         import torchao  # noqa: F401
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_  # noqa: F401
+        from torchao.quantization import (  # noqa: F401
+            Float8DynamicActivationFloat8WeightConfig,
+            quantize_,
+        )
     except Exception as exc:  # noqa: BLE001 - any import failure means the same to the user
         return False, (f"FP8 linears need torchao>={MIN_TORCHAO} (pip install 'vdit-compile[fp8]'); "
                        f"importing it failed: {exc!r}")
@@ -205,7 +208,7 @@ class Fp8Linears:
         self._weights: dict = {}  # name -> (linear, original weight Parameter)  ("on")
         self._emulated: list = []  # linears whose forward is the emulated one   ("emulate")
 
-    def apply(self) -> "Fp8Linears":
+    def apply(self) -> Fp8Linears:
         names = set(self.choice.quantized)
         if not names:
             return self
@@ -215,7 +218,11 @@ class Fp8Linears:
                 lin.__dict__["forward"] = types.MethodType(_emulated_forward, lin)
                 self._emulated.append(lin)
             return self
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            PerRow,
+            quantize_,
+        )
 
         lins = dict(_linears(self.module))
         self._weights = {n: (lins[n], lins[n].weight) for n in names}
