@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -57,6 +58,9 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=["taylorseer", "fbc"])
     ap.add_argument("--fp8", default="auto", choices=["on", "auto", "emulate"], help="what 'fp8' in a variant means")
     ap.add_argument("--cache-warmup", type=int, default=None)
+    ap.add_argument("--backend", default="eager", choices=["eager", "auto", "inductor"],
+                    help="optimize()'s backend: eager (default) measures the same numerics without inductor's "
+                         "compile time per variant")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
 
@@ -97,14 +101,16 @@ def main(argv=None) -> int:
                                                                      max_calls=1, device=None, progress=False))
         else:
             opts_call = {}
-        vc.optimize(pipe, plan=vc.TileMask(dense=True), progress=False, **opts, **opts_call)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*backend='eager' quantises.*")
+            vc.optimize(pipe, plan=vc.TileMask(dense=True), progress=False, backend=args.backend, **opts, **opts_call)
         try:
             card = scorecard(pipe, ps, steps=args.steps, batch_size=args.batch_size, reference=ref_clips, name=name)
             rep = report_of(pipe) or {}
         finally:
             vc.restore(pipe)
         acc = card.get("accuracy", {})
-        row = dict(variant=name, options=opts, psnr=card.get("psnr"), ssim=card.get("ssim"), accuracy=acc,
+        row = dict(variant=name, options=opts, backend=args.backend, psnr=card.get("psnr"), ssim=card.get("ssim"), accuracy=acc,
                    accuracy_delta_points={k: 100 * (acc[k] - ref_acc[k]) for k in acc if k in ref_acc},
                    seconds_per_video=card["seconds_per_video"])
         if rep.get("cache"):
