@@ -1,6 +1,8 @@
 """LoRA after optimize(): load, set_adapters, fuse/unfuse and unload on the optimised embedded pipeline keep
 the tile rewrite (checked against the eager LoRA'd model with the masked-dense oracle at every change),
 need no re-calibration, recompile at most once per change, and restore() still works."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -11,6 +13,15 @@ from core_models import MaskedSDPA, out_of, rel_err
 import vdit_compile as vc
 from vdit_compile import TileMask
 from vdit_compile.wholestep.lora import graphs_compiled, lora_pipeline, random_lora
+
+
+def _call_order(tr, sites):
+    """The oracle's site per SDPA call: Wan runs its blocks in order, self-attention (attn1, tiled) then
+    cross-attention (attn2, left alone) in each.  Built from the model, not from the order in which the
+    sites were discovered (graphs Dynamo already holds for this class can be reused across tests)."""
+    tiled = {s.name: s for s in sites if s.tileable}
+    cross = SimpleNamespace(tileable=False)
+    return [x for i in range(len(tr.blocks)) for x in (tiled[f"blocks.{i}.attn1"], cross)]
 
 
 def test_lora_changes_on_optimized_pipeline_keep_the_rewrite():
@@ -26,8 +37,12 @@ def test_lora_changes_on_optimized_pipeline_keep_the_rewrite():
     plan = vc.plan_of(pipe)
     with torch.no_grad():
         out0 = out_of(tr(**kw))
-    sites = vc.sites_of(pipe)
+    sites = _call_order(tr, vc.sites_of(pipe))
     assert sum(s.tileable for s in sites) == 2
+    # graphs one compilation of the forward gives (1 in a fresh process; Dynamo may split it when other
+    # models of this class were compiled with graph breaks earlier in the process, e.g. with cache="fbc")
+    per_compile = graphs_compiled(pipe)
+    assert per_compile >= 1
 
     def check(what, max_new_graphs):
         g0 = graphs_compiled(pipe)
@@ -39,7 +54,8 @@ def test_lora_changes_on_optimized_pipeline_keep_the_rewrite():
             dense = out_of(eager(**kw))
         assert rel_err(out, oracle) < 1e-5, what
         assert rel_err(out, dense) > 1e-3, f"{what}: output equals the dense model's, the rewrite is gone"
-        assert graphs_compiled(pipe) - g0 <= max_new_graphs, f"{what}: {graphs_compiled(pipe) - g0} new graphs"
+        new = graphs_compiled(pipe) - g0
+        assert new <= max_new_graphs * per_compile, f"{what}: {new} new graphs, {per_compile} per compilation"
         assert vc.plan_of(pipe) is plan  # no re-calibration
         return out
 
@@ -77,7 +93,7 @@ def test_lora_loaded_before_optimize_is_kept():
     vc.optimize(pipe, plan=TileMask(0, 0), calib_inputs=[kw], progress=False)
     with torch.no_grad():
         out = out_of(tr(**kw))
-        with MaskedSDPA(vc.sites_of(pipe), TileMask(0, 0)):
+        with MaskedSDPA(_call_order(tr, vc.sites_of(pipe)), TileMask(0, 0)):
             oracle = out_of(type(tr).forward(tr, **kw))
     assert rel_err(out, oracle) < 1e-5
     vc.restore(pipe)
