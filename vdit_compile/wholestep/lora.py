@@ -22,7 +22,9 @@ in a pipeline with diffusers' ``WanLoraLoaderMixin`` (the embedded DiT is a ``Wa
 from __future__ import annotations
 
 import torch
-from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin  # importable without peft (loading needs it)
+from diffusers.loaders.lora_pipeline import (
+    WanLoraLoaderMixin,  # importable without peft (loading needs it)
+)
 
 from ..models.embedded.pipeline import EmbeddedPipeline
 
