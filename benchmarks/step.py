@@ -11,6 +11,16 @@ the step: the time of the 32 self-attention calls alone (same shapes, same kerne
 
     python benchmarks/step.py --out $OUT                 # 29 and 93 frames (T = 8, 24), g = 1, 2
     python benchmarks/step.py --tiny --device cpu        # smoke test of the script on CPU
+    python benchmarks/step.py --fp8 --layers 8 --globals 1 --no-flex --kept-fraction 0.54 --out $OUT
+
+``--fp8`` adds two rows per mask: the tile rewrite with the rest of the step compiled by inductor
+(bf16), and the same with FP8 linears (``optimize(..., fp8="on")``: torchao float8 dynamic activation
++ weight, quantisation fused by inductor); each row records its first-call (compile) seconds and the
+FP8 report (linears quantised / kept).  ``--layers N`` builds the model with N of its 32 layers (same
+shapes per layer) to bound inductor's compile time; the step ratios are per-layer work, so they carry
+over, but the absolute step times are N/32 of the full model's.  ``--kept-fraction F`` (transformer
+evaluations a caching policy keeps, measured on the embedded model by benchmarks/wholestep_quality.py)
+adds the end-to-end estimate dense / (step x F) to those rows.
 """
 from __future__ import annotations
 
@@ -99,6 +109,39 @@ def attention_ms(fn_attn, H: int, L: int, D: int, layers: int, device: str, benc
     return layers * bench(lambda: fn_attn(q, k, v), rep=10 if device == "cuda" else 1)
 
 
+def whole_step_rows(model, step, bench, sink, mask, dense_ms, ref, tile_out, args, **ids):
+    """Rows ``tile + inductor`` and ``tile + FP8 linears`` (see the module doc); errors are recorded, not raised."""
+    import vdit_compile
+    from vdit_compile.wholestep import report_of
+
+    name = mask.name
+    for way, opts in ((f"ours {name} inductor", dict(backend="inductor")),
+                      (f"ours {name} + fp8", dict(backend="inductor", fp8="on"))):
+        try:
+            t0 = time.perf_counter()
+            vdit_compile.optimize(model, plan=mask, progress=False, **opts)
+            out = step().float()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            first_s = time.perf_counter() - t0
+            ms = bench(step, rep=2)
+            row = dict(ids, way=way, step_ms=ms, speedup=dense_ms / ms, first_call_s=round(first_s, 1),
+                       rel_diff_vs_dense=((out - ref).norm() / ref.norm()).item(),
+                       rel_diff_vs_tile_eager=((out - tile_out).norm() / tile_out.norm()).item(),
+                       layers=len(model.blocks))
+            rep = report_of(model)
+            if rep and rep["fp8"]["mode"] != "off":
+                row.update(fp8_quantized=len(rep["fp8"]["quantized"]), fp8_kept=rep["fp8"]["kept"])
+            if args.kept_fraction:
+                row.update(kept_fraction=args.kept_fraction, e2e_speedup_estimate=dense_ms / (ms * args.kept_fraction))
+            sink(row)
+        except Exception as exc:  # noqa: BLE001 - record and go on
+            sink(dict(ids, way=way, error=repr(exc)[:500]))
+        finally:
+            vdit_compile.restore(model)
+            torch._dynamo.reset()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", nargs="*", type=int, default=[24, 8], help="latent frames (24 = 93 video frames, 8 = 29)")
@@ -107,6 +150,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny config and resolution (script smoke test)")
     ap.add_argument("--no-flex", dest="flex", action="store_false")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--fp8", action="store_true", help="add tile + inductor (bf16) and tile + FP8 linears rows")
+    ap.add_argument("--layers", type=int, default=None, help="number of transformer layers (default: the config's)")
+    ap.add_argument("--kept-fraction", type=float, default=None,
+                    help="transformer evaluations kept by a caching policy (0-1]: adds e2e_speedup_estimate")
     args = ap.parse_args(argv)
 
     import diffusers
@@ -118,6 +165,8 @@ def main(argv=None) -> int:
     dev = args.device
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     cfg = TINY_CONFIG if args.tiny else OSP_CONFIG
+    if args.layers is not None:
+        cfg = dict(cfg, num_layers=args.layers)
     hh, ww = (4, 6) if args.tiny else (90, 160)
     text_len, text_dim = (8, cfg["text_dim"]) if args.tiny else (512, 4096)
     torch.manual_seed(0)
@@ -188,6 +237,8 @@ def main(argv=None) -> int:
                 # later frame count is not refused by the recompile limit (on the 2026-11-25 H100 run
                 # the third optimize() tiled 0 sites and ran dense; this reset was added after it).
                 torch._dynamo.reset()
+            if args.fp8:
+                whole_step_rows(model, step, bench, sink, mask, dense_ms, ref, ours_out, args, frames=T, tokens=L)
         del x, enc
         if dev == "cuda":
             torch.cuda.empty_cache()

@@ -191,10 +191,18 @@ def optimize(model_or_pipe, calib_prompts=None, calib_inputs=None, plan=None, co
                     from .plans import Plan
 
                     state.plan = Plan.uniform(sites, plan, model=module)
+        from . import wholestep
+
+        example = inputs[0] if plan is None else (next(iter(calib_inputs)) if calib_inputs is not None else None)
+        wholestep.attach(module, state, cfg, None if example is None else (lambda fwd: _call(fwd, example)))
         state.mode = "apply"
         install(module, state)
+        wholestep.attach_cache(module, state, cfg)
     except BaseException:
         uninstall(module)
+        from . import wholestep
+
+        wholestep.detach(state)
         state.close()
         raise
     return model_or_pipe
@@ -205,6 +213,9 @@ def restore(model_or_pipe):
     _, module = _split(model_or_pipe)
     state = uninstall(module)
     if state is not None:
+        from . import wholestep
+
+        wholestep.detach(state)
         state.close()
     return model_or_pipe
 

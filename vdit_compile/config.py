@@ -36,6 +36,16 @@ class OptimizeConfig:
         cost_model: ``"auto"`` (default: on CPU a site is rewritten only where the tile op is timed
             faster than dense SDPA at its shape and density), ``"measure"`` (time on every device),
             ``"always"`` (rewrite every tiled site); see :mod:`vdit_compile.runtime.cost_model`.
+        fp8: FP8 linears (torchao float8 dynamic activation + weight, fused under torch.compile):
+            ``False``/``"off"``, ``True``/``"on"`` (error where the device or install cannot),
+            ``"auto"`` (warning and high precision there) or ``"emulate"`` (FP8 numerics in fp32 on
+            any device: quality studies only).  See :mod:`vdit_compile.wholestep.fp8`.
+        fp8_keep: extra glob patterns of linear names kept in high precision.
+        fp8_max_error: linears whose emulated FP8 relative error exceeds this stay high precision.
+        cache: step-caching policy, ``None`` or ``"taylorseer"`` / ``"fbc"``
+            (:mod:`vdit_compile.wholestep.caching`).
+        cache_threshold: the policy's knob (taylorseer: interval, default 2; fbc: residual change, 0.05).
+        cache_warmup / cache_order: steps always evaluated first; Taylor order (taylorseer).
     """
 
     error_budget: float = DEFAULT_ERROR_BUDGET
@@ -53,6 +63,13 @@ class OptimizeConfig:
     step_ranges: int = 1
     kernel: KernelOptions | None = None
     cost_model: str = "auto"
+    fp8: bool | str = False
+    fp8_keep: Sequence[str] | None = None
+    fp8_max_error: float = 0.05
+    cache: str | None = None
+    cache_threshold: float | None = None
+    cache_warmup: int = 3
+    cache_order: int = 1
 
     def __post_init__(self):
         from .validation import check_candidates, check_error_budget, check_number, check_site_patterns
@@ -73,6 +90,15 @@ class OptimizeConfig:
             check_candidates(self.candidates)
             self.candidate_masks()  # validates the names
         from .masks.base import known_families
+        from .wholestep.caching import check_policy
+        from .wholestep.fp8 import normalize_mode
+
+        normalize_mode(self.fp8)
+        if not self.fp8_max_error > 0:
+            raise ValueError(f"fp8_max_error must be > 0, found {self.fp8_max_error}")
+        if isinstance(self.fp8_keep, str):
+            raise TypeError(f"fp8_keep must be a list of glob patterns, found the string {self.fp8_keep!r}")
+        check_policy(self.cache, self.cache_threshold, self.cache_warmup, self.cache_order)
 
         unknown = [f for f in self.families if f not in known_families()]
         if unknown:
