@@ -167,7 +167,9 @@ def optimize(model_or_pipe, calib_prompts=None, calib_inputs=None, plan=None, co
                                            list(cfg.candidates) if cfg.candidates is not None else None,
                                            num_prompts=len(calib_prompts) if calib_prompts is not None and calib_inputs is None else None,
                                            num_inputs=len(inputs),
-                                           num_inference_steps=cfg.calib_steps if calib_inputs is None else None)
+                                           num_inference_steps=cfg.calib_steps if calib_inputs is None else None,
+                                           families=list(cfg.families), step_ranges=cfg.step_ranges,
+                                           tile_tokens=cfg.tile_tokens)
             state.plan = build_plan(module, state.calibrators, settings, sites)
             state.calibrators = {}
         else:
