@@ -68,7 +68,7 @@ def main() -> None:
 
     import vdit_compile
     from vdit_compile.calibration import CalibrationSettings, capture_transformer_inputs
-    from vdit_compile.calibration.run import calibrate_model
+    from vdit_compile.calibration.run import build_plan
     from vdit_compile.eval.demo import CALIB_OFFSET
     from vdit_compile.eval.metrics import psnr
     from vdit_compile.eval.prompts import prompt_set
@@ -87,14 +87,16 @@ def main() -> None:
     calib = prompt_set(args.calib_prompts, CALIB_OFFSET).prompts
     inputs = capture_transformer_inputs(pipe, calib, num_inference_steps=args.calib_steps, device=None, progress=False)
     rows = []
-    for mode in args.modes.split(","):
-        families, ranges = parse_mode(mode)
+    modes = [(m, *parse_mode(m)) for m in args.modes.split(",")]
+    stats: dict = {}  # families -> (calibrators, sites, seconds): statistics do not depend on budget or ranges
+    for mode, families, ranges in modes:
+        if families not in stats:
+            stats[families] = collect(pipe, inputs, families, args.tile_tokens)
+        cals, sites, secs = stats[families]
         for b in (float(x) for x in args.budgets.split(",")):
-            t0 = time.perf_counter()
-            plan = calibrate_model(pipe, inputs, CalibrationSettings(
-                error_budget=b, num_prompts=len(calib), num_inference_steps=args.calib_steps,
-                families=list(families), step_ranges=ranges, tile_tokens=args.tile_tokens), progress=False)
-            secs = time.perf_counter() - t0
+            settings = CalibrationSettings(error_budget=b, num_prompts=len(calib), num_inference_steps=args.calib_steps,
+                                           families=list(families), step_ranges=ranges, tile_tokens=args.tile_tokens)
+            plan = build_plan(pipe.transformer, cals, settings, sites)
             vdit_compile.optimize(pipe, plan=plan, progress=False)
             try:
                 clips = sample(pipe, ps.prompts, ps.seeds, args.steps, None, 1, False).clips
@@ -109,8 +111,8 @@ def main() -> None:
             row = {"mode": mode, "budget": b, "mean_density": round(plan_density(plan, seen), 4),
                    "psnr_db": round(sum(vals) / len(vals), 2) if vals else float("inf"),
                    "tiled_sites": len(plan.tiled_sites()), "sites": len(plan.sites),
-                   "step_aware": plan.step_aware, "head_masks_by_family": fams,
-                   "calibration_seconds": round(secs, 1)}
+                   "step_ranges": [len(s.step_ranges) for s in plan.sites if s.step_ranges][:1] or [1],
+                   "head_masks_by_family": fams, "calibration_seconds": round(secs, 1)}
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.json:
@@ -120,6 +122,30 @@ def main() -> None:
           f"{len(ps)} scored prompts x {args.steps} steps")
     if args.curve:
         draw_curve(rows, args.curve)
+
+
+def collect(pipe, inputs, families, tile_tokens):
+    """Run calibration once for a family set and keep its calibrators and sites (plans at any budget and
+    step-range count are then built from them, as ``optimize`` would)."""
+    import vdit_compile
+    import vdit_compile.calibration.run as run_mod
+
+    kept = {}
+    original = run_mod.build_plan
+
+    def keep(module, calibrators, settings=None, sites=None):
+        kept.update(cals=dict(calibrators), sites=list(sites or []))
+        return original(module, calibrators, settings, sites)
+
+    t0 = time.perf_counter()
+    run_mod.build_plan = keep  # optimize imports it at call time; put back right after
+    try:
+        vdit_compile.optimize(pipe, calib_inputs=inputs, progress=False, families=tuple(families),
+                              tile_tokens=tile_tokens)
+    finally:
+        run_mod.build_plan = original
+        vdit_compile.restore(pipe)
+    return kept["cals"], kept["sites"], time.perf_counter() - t0
 
 
 def draw_curve(rows: list[dict], path: str) -> None:

@@ -158,6 +158,10 @@ def optimize(model_or_pipe, calib_prompts=None, calib_inputs=None, plan=None, co
             state.mode = "calibrate"
             install(module, state)
             _run_all(module, inputs, "calibrating attention", cfg.progress)
+            from .calibration.run import prepare_verification
+
+            if prepare_verification(state.calibrators, cfg):  # block-mass estimates: check the chosen masks exactly
+                _run_all(module, inputs, "verifying masks", cfg.progress)
             sites = state.site_list()
             if not any(s.tileable for s in sites):
                 raise NoAttentionFoundError(sites, name)

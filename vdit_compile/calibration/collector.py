@@ -113,7 +113,8 @@ class SiteResult:
 
 
 class _StepStats:
-    """Error accumulators of the calls at one timestep."""
+    """Error accumulators of the calls at one timestep (exact: squared output error and norm; mass method:
+    sum over query rows of the squared dropped mass, and the row count)."""
 
     __slots__ = ("err_sq", "norm_sq", "calls")
 
@@ -121,6 +122,17 @@ class _StepStats:
         self.err_sq = torch.zeros(num_heads, num_candidates, dtype=torch.float64)
         self.norm_sq = torch.zeros(num_heads, dtype=torch.float64)
         self.calls = 0
+
+
+def _ratio(steps: dict, keys, H: int, C: int) -> torch.Tensor:
+    err = torch.zeros(H, C, dtype=torch.float64)
+    norm = torch.zeros(H, dtype=torch.float64)
+    for t in keys:
+        s = steps.get(t)
+        if s is not None:
+            err += s.err_sq
+            norm += s.norm_sq
+    return (err / norm.clamp(min=1e-300)[:, None]).sqrt()
 
 
 class SiteCalibrator:
@@ -140,12 +152,19 @@ class SiteCalibrator:
         block_bytes: int | None = None,
         families: Iterable[str] = ("tile",),
         tile_tokens: int | None = None,
+        method: str = "exact",
     ):
         if layout is None:
             raise ValueError(f"site {name!r}: a SiteCalibrator needs a TokenLayout, found None")
         if num_heads < 1:
             raise ValueError(f"site {name!r}: num_heads must be >= 1, found {num_heads}")
+        if method not in ("exact", "mass", "auto"):
+            raise ValueError(f"site {name!r}: method must be 'exact', 'mass' or 'auto', found {method!r}")
         self.name, self.layout, self.num_heads = name, layout, int(num_heads)
+        self.method = method  # "auto": block mass statistics on CUDA, exact errors elsewhere (decided at the first call)
+        self._verify: list[int] | None = None  # mass method, second pass: candidate indices scored exactly
+        self._verified: dict[float | None, _StepStats] = {}
+        self.step_ranges: list[list] | None = None  # set by calibration.run.prepare_verification
         families = tuple(families)
         self.grid = calibration_grid(layout, candidates, families, tile_tokens)
         self.candidates = (dedupe_unit_candidates(candidates, self.grid) if candidates is not None
@@ -236,9 +255,62 @@ class SiteCalibrator:
         lay = self.check_call(q, k, v, padding_cut)
         B, H, L, D = q.shape
         scale = float(scale) if scale is not None else D ** -0.5
+        if self.method == "auto":
+            self.method = "mass" if q.is_cuda else "exact"
+        q, k, v = (self._unit_order(x, lay) for x in (q, k, v))
+        key = None if timestep is None else float(timestep)
+        if self._verify is not None:  # second pass of the mass method: exact errors of the candidates to verify
+            err, norm, _ = self._exact_pass(q, k, v, lay, scale, self._verify)
+            st = self._verified.setdefault(key, _StepStats(self.num_heads, len(self._verify)))
+            st.err_sq += err.cpu()
+            st.norm_sq += norm.cpu()
+            st.calls += 1
+            return
+        if self.method == "mass":
+            err, norm, mass = self._mass_pass(q, k, lay, scale)
+        else:
+            err, norm, mass = self._exact_pass(q, k, v, lay, scale, None)
+        qgroup_cpu = self._query_groups(lay)
+        self._mass_sum += mass.cpu()
+        self._mass_count += torch.bincount(qgroup_cpu, minlength=self.grid.num_units + 1).double() * B
+        self._text_tokens.append(lay.text_prefix + lay.text_suffix)
+        st = self._steps.get(key)
+        if st is None:
+            st = self._steps[key] = _StepStats(self.num_heads, len(self.candidates))
+        st.err_sq += err.cpu()
+        st.norm_sq += norm.cpu()
+        st.calls += 1
+        self.observations += 1
+
+    def _mass_pass(self, q, k, lay: TokenLayout, scale: float):
+        """Block mass statistics of one call (Triton on CUDA): ``(H, C)`` squared dropped mass summed over rows,
+        ``(H,)`` row count and ``(H, G, G)`` group mass.  Within a query unit the rows are taken to drop
+        equal mass (the row-wise square is not known from block sums; Jensen: this is a lower bound)."""
+        from ..kernels.block_stats_triton import block_mass, segments
+
+        B, H, L, _ = q.shape
+        N, U = self.grid.num_units, self.grid.unit_tokens
+        st, ln, grp = segments(lay.text_prefix, N, U, lay.text_suffix)
+        seg = block_mass(q, k, scale, st, ln).double()  # (B, H, S, S)
+        dev = seg.device
+        grp = grp.to(dev)
+        G = N + 1
+        mass = torch.zeros(B, H, G, G, dtype=torch.float64, device=dev)
+        mass = mass.index_add_(2, grp, torch.zeros(B, H, len(grp), G, dtype=torch.float64, device=dev)
+                               .index_add_(3, grp, seg))
+        rows = torch.bincount(grp.cpu(), weights=ln.double(), minlength=G).to(dev)  # query rows per group
+        drop = 1.0 - self._keep.to(device=dev, dtype=torch.float64)  # (C, G, G)
+        dropped = torch.einsum("bhij,cij->bhci", mass, drop)  # (B, H, C, G): mass each query group drops
+        err = (dropped.square() / rows.clamp(min=1)).sum((0, 3))
+        norm = torch.full((H,), float(B * L), dtype=torch.float64)
+        return err, norm, mass.sum(0)
+
+    def _exact_pass(self, q, k, v, lay: TokenLayout, scale: float, subset: list[int] | None):
+        """Exact squared output errors ``(H, C')`` of the candidates (``subset``: their indices; None: all),
+        the dense output's squared norm ``(H,)`` and the group mass ``(H, G, G)`` of one unit-ordered call."""
+        B, H, L, D = q.shape
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         dev = q.device
-        q, k, v = (self._unit_order(x, lay) for x in (q, k, v))
         qgroup_cpu = self._query_groups(lay)
         N, U, pre, suf = self.grid.num_units, self.grid.unit_tokens, lay.text_prefix, lay.text_suffix
         kf, vf = k.to(acc), v.to(acc)
@@ -246,9 +318,9 @@ class SiteCalibrator:
         v_vid = vf[:, :, pre : pre + N * U].reshape(B, H, N, U, -1)
         text_idx = torch.cat([torch.arange(pre), torch.arange(L - suf, L)]).to(dev)
         k_txt, v_txt = kf[:, :, text_idx], vf[:, :, text_idx]
-        keep = self._keep.to(device=dev, dtype=acc)
+        keep = (self._keep if subset is None else self._keep[subset]).to(device=dev, dtype=acc)
         qgroup = qgroup_cpu.to(dev)
-        C, G = len(self.candidates), N + 1
+        C, G = keep.shape[0], N + 1
         budget = self.block_bytes or DEFAULT_BLOCK_BYTES.get(dev.type, DEFAULT_BLOCK_BYTES["cuda"])
         # scores + exp (+ a temporary), per-group partials, candidate outputs and their differences
         per_row = B * H * (3 * L + 2 * G * D + C * (2 * D + 2 * G)) * torch.finfo(acc).bits // 8
@@ -278,17 +350,7 @@ class SiteCalibrator:
             z_c = (wk * l[:, :, None]).sum(-1)
             out_c = torch.einsum("bhcrg,bhrgd->bhcrd", wk, o).div_(z_c[..., None]).sub_(out_dense[:, :, None])
             err += out_c.square_().sum((0, 3, 4)).to(torch.float64)
-        self._mass_sum += mass.cpu()
-        self._mass_count += torch.bincount(qgroup_cpu, minlength=G).double() * B
-        self._text_tokens.append(lay.text_prefix + lay.text_suffix)
-        key = None if timestep is None else float(timestep)
-        st = self._steps.get(key)
-        if st is None:
-            st = self._steps[key] = _StepStats(self.num_heads, C)
-        st.err_sq += err.cpu()
-        st.norm_sq += norm.cpu()
-        st.calls += 1
-        self.observations += 1
+        return err, norm, mass
 
     # ------------------------------------------------------------------ results
     def unit_mass(self) -> torch.Tensor:
@@ -305,19 +367,43 @@ class SiteCalibrator:
         count = (self._mass_count @ fold).clamp(min=1)
         return (s / count[None, :, None]).float()
 
-    def candidate_errors(self, timesteps: Iterable | None = None) -> torch.Tensor:
+    def candidate_errors(self, timesteps: Iterable | None = None, verified: bool = True) -> torch.Tensor:
         """Relative L2 error ``(H, C)`` of every candidate against dense over the calls at ``timesteps``
-        (``None``: all observed data)."""
-        keys = list(self._steps) if timesteps is None else list(timesteps)
-        err = torch.zeros(self.num_heads, len(self.candidates), dtype=torch.float64)
-        norm = torch.zeros(self.num_heads, dtype=torch.float64)
-        for t in keys:
-            s = self._steps.get(t)
-            if s is not None:
-                err += s.err_sq
-                norm += s.norm_sq
-        return (err / norm.clamp(min=1e-300)[:, None]).sqrt()
+        (``None``: all observed data).
 
+        Mass method: the estimate (root mean square of the mass a row drops, docs/calibration.md); once a
+        verification pass ran (``verified``), the verified candidates carry their exact error and the others
+        ``inf`` (never chosen unverified)."""
+        keys = list(self._steps) if timesteps is None else list(timesteps)
+        est = _ratio(self._steps, keys, self.num_heads, len(self.candidates))
+        if not verified or not self._verified:
+            return est
+        out = torch.full_like(est, float("inf"))
+        out[:, self._verify] = _ratio(self._verified, keys, self.num_heads, len(self._verify))
+        return out
+
+    # ------------------------------------------------------------------ verification (mass method)
+    @property
+    def needs_verification(self) -> bool:
+        return self.method == "mass" and self.observations > 0 and not self._verified
+
+    def begin_verify(self, error_budget: float, max_density: float | None, ranges: list[list] | None,
+                     fallbacks: int = 3) -> list[int]:
+        """Switch to the verification pass: the next calls score, exactly, each head's chosen candidate (per
+        step range) and the next ``fallbacks`` denser ones feasible by the estimate, plus dense."""
+        dens = self.candidate_densities()
+        dense_idx = [c for c, m in enumerate(self.candidates) if m.dense]
+        chosen: set[int] = set(dense_idx)
+        for r in (ranges or [None]):
+            errs = self.candidate_errors(r, verified=False)
+            for h in range(self.num_heads):
+                ok = sorted((c for c in range(len(self.candidates)) if errs[h, c] <= error_budget
+                             and (max_density is None or dens[c] <= max_density + 1e-12)), key=lambda c: (dens[c], c))
+                chosen.update(ok[: 1 + fallbacks])
+        self._verify = sorted(chosen)
+        self._verified = {}
+        self.step_ranges = ranges
+        return self._verify
     def density_layout(self) -> TokenLayout:
         """The layout densities are reported for: for a per-call text length, the mean observed one."""
         if not self.layout.is_dynamic:

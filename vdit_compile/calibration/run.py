@@ -66,10 +66,11 @@ def build_plan(
         calibrators = {c.name: c for c in calibrators}
     if sites is None:
         sites = [_SiteStub(c.name, "video_self", c.layout, c.num_heads, "") for c in calibrators.values()]
-    ranges = choose_step_ranges({n: c for n, c in calibrators.items()
-                                 if any(s.name == n and s.kind in TILEABLE_KINDS and s.layout is not None
-                                        for s in sites)},
-                                settings.step_ranges, settings.error_budget, settings.max_density)
+    tileable = {n: c for n, c in calibrators.items()
+                if any(s.name == n and s.kind in TILEABLE_KINDS and s.layout is not None for s in sites)}
+    fixed = [c.step_ranges for c in tileable.values() if c.step_ranges is not None]
+    ranges = fixed[0] if fixed else choose_step_ranges(tileable, settings.step_ranges, settings.error_budget,
+                                                        settings.max_density)
     out: list[SitePlan] = []
     for s in sites:
         cal = calibrators.get(s.name)
@@ -118,6 +119,23 @@ def _site_plan(site, cal: SiteCalibrator, settings: CalibrationSettings, ranges:
 
 def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else 1.0
+
+
+def prepare_verification(calibrators: Mapping[str, SiteCalibrator], config) -> bool:
+    """Before a second pass over the calibration inputs: calibrators on block mass statistics (the ``mass``
+    method) choose their step ranges and masks from the estimate and switch to scoring, exactly, only the
+    chosen candidates and a few denser fallbacks (:meth:`SiteCalibrator.begin_verify`).  True when a
+    second pass is needed (``config``: an OptimizeConfig or CalibrationSettings)."""
+    cals = {n: c for n, c in calibrators.items() if c.needs_verification}
+    if not cals:
+        return False
+    budget, bound = config.error_budget, config.max_density
+    ranges = choose_step_ranges(calibrators, getattr(config, "step_ranges", 1), budget, bound)
+    for c in calibrators.values():
+        c.step_ranges = ranges
+    for c in cals.values():
+        c.begin_verify(budget, bound, ranges)
+    return True
 
 
 @dataclass

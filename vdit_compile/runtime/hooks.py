@@ -36,7 +36,7 @@ def observe_site(q, k, v, anchor, state_id: int, template_id: int, scale: float,
         cands = cfg.candidate_masks() if hasattr(cfg, "candidate_masks") else None
         cal = state.calibrators[site.name] = SiteCalibrator(
             site.name, site.layout, site.num_heads, cands, families=getattr(cfg, "families", ("tile",)),
-            tile_tokens=getattr(cfg, "tile_tokens", None))
+            tile_tokens=getattr(cfg, "tile_tokens", None), method="auto")
     q, k, v = (_as_bhld(t, x.detach()) for x in (q, k, v))
     from .timestep import call_timestep
 
