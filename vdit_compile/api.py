@@ -157,11 +157,10 @@ def optimize(model_or_pipe, calib_prompts=None, calib_inputs=None, plan=None, co
             inputs = _calibration_inputs(pipe, module, calib_prompts, calib_inputs, cfg)
             state.mode = "calibrate"
             install(module, state)
-            _run_all(module, inputs, "calibrating attention", cfg.progress)
-            from .calibration.run import prepare_verification
+            from .calibration.checkpoint import run_calibration_passes
 
-            if prepare_verification(state.calibrators, cfg):  # block-mass estimates: check the chosen masks exactly
-                _run_all(module, inputs, "verifying masks", cfg.progress)
+            # statistics (+ exact verification of block-mass choices), progress, kill -9 safe checkpoint
+            run_calibration_passes(module, inputs, state, _call, cfg, cfg.progress)
             sites = state.site_list()
             if not any(s.tileable for s in sites):
                 raise NoAttentionFoundError(sites, name)

@@ -30,6 +30,8 @@ class OptimizeConfig:
         families: mask families calibration searches (``vdit_compile.masks.known_families()``).
         step_ranges: number of denoising-step ranges a plan may give different masks (1 = one plan for
             every step; more = step-aware plans, one compilation per range).
+        calib_checkpoint: file where calibration statistics are saved after every transformer call (atomic);
+            a calibration interrupted (even by kill -9) resumes from it when run again with the same path.
     """
 
     error_budget: float = DEFAULT_ERROR_BUDGET
@@ -45,6 +47,7 @@ class OptimizeConfig:
     tile_tokens: int | None = None
     families: Sequence[str] = ("tile", "win3d", "spatial")
     step_ranges: int = 1
+    calib_checkpoint: str | None = None
 
     def __post_init__(self):
         if self.backend not in ("auto", "inductor", "eager"):

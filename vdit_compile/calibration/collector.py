@@ -4,10 +4,11 @@ A :class:`SiteCalibrator` is attached to one 3D attention site while the model r
 calibration inputs.  Every call of the site feeds it ``(q, k, v, scale)`` and the call's denoising
 timestep; it accumulates, per head,
 
-1. the **unit-by-unit attention mass**: units are the site's calibration grid (whole frames when only
-   frame-level families are searched, else the site's token tile, :func:`~.candidates.calibration_grid`)
-   and one group for all text tokens.  For query group ``i`` and key group ``j`` it sums, over query
-   tokens, the softmax probability falling on keys of group ``j``.  ``frame_mass()`` folds it to frames.
+1. the **frame-by-frame attention mass** (for ``plan show``): units are the site's calibration grid (whole
+   frames when only frame-level families are searched, else the site's token tile,
+   :func:`~.candidates.calibration_grid`) and one group for all text tokens; each call's unit-by-unit
+   mass (for query group ``i`` and key group ``j``, the sum over query tokens of the softmax probability
+   on keys of ``j``) is folded to frames at once, so memory stays ``O(H T^2)`` at any tile size.
 2. per **timestep** and for every candidate mask (every family, deduped at the grid), the squared L2
    distance between the masked attention output and the dense output, and the squared norm of the
    dense output, so that the relative error is taken over *all* calibration data of a range of steps.
@@ -170,9 +171,12 @@ class SiteCalibrator:
         self.candidates = (dedupe_unit_candidates(candidates, self.grid) if candidates is not None
                            else default_family_candidates(families, self.grid))
         self.block_bytes = block_bytes  # None: DEFAULT_BLOCK_BYTES of the inputs' device type
-        G = self.grid.num_units + 1
-        self._mass_sum = torch.zeros(num_heads, G, G, dtype=torch.float64)
-        self._mass_count = torch.zeros(G, dtype=torch.float64)
+        T = self.grid.num_frames
+        # frame-level mass (query frame, key frame; text last), folded from units at every call: O(H T^2) memory
+        self._mass_sum = torch.zeros(num_heads, T + 1, T + 1, dtype=torch.float64)
+        self._mass_count = torch.zeros(T + 1, dtype=torch.float64)
+        fid = torch.cat([torch.arange(T).repeat_interleave(self.grid.units_per_frame), torch.tensor([T])])
+        self._fold = torch.nn.functional.one_hot(fid, T + 1).double()  # (N+1, T+1): unit -> frame
         self._steps: dict[float | None, _StepStats] = {}
         self.observations = 0
         self._keep = keep_tables(self.candidates, self.grid)  # (C, G, G) float
@@ -271,8 +275,9 @@ class SiteCalibrator:
         else:
             err, norm, mass = self._exact_pass(q, k, v, lay, scale, None)
         qgroup_cpu = self._query_groups(lay)
-        self._mass_sum += mass.cpu()
-        self._mass_count += torch.bincount(qgroup_cpu, minlength=self.grid.num_units + 1).double() * B
+        fold = self._fold.to(mass.device)
+        self._mass_sum += torch.einsum("hij,ia,jb->hab", mass, fold, fold).cpu()
+        self._mass_count += (torch.bincount(qgroup_cpu, minlength=self.grid.num_units + 1).double() * B) @ self._fold
         self._text_tokens.append(lay.text_prefix + lay.text_suffix)
         st = self._steps.get(key)
         if st is None:
@@ -353,19 +358,10 @@ class SiteCalibrator:
         return err, norm, mass
 
     # ------------------------------------------------------------------ results
-    def unit_mass(self) -> torch.Tensor:
-        """Mean attention mass ``(H, N+1, N+1)`` [query unit, key unit] at the calibration grid; text last."""
-        count = self._mass_count.clamp(min=1)
-        return (self._mass_sum / count[None, :, None]).float()
-
     def frame_mass(self) -> torch.Tensor:
         """Mean attention mass ``(H, T+1, T+1)`` [query frame, key frame]; text is index ``T``."""
-        T, upf, N = self.grid.num_frames, self.grid.units_per_frame, self.grid.num_units
-        fid = torch.cat([torch.arange(T).repeat_interleave(upf), torch.tensor([T])])  # unit -> frame (text: T)
-        fold = torch.nn.functional.one_hot(fid, T + 1).double()  # (N+1, T+1)
-        s = torch.einsum("hij,ia,jb->hab", self._mass_sum, fold, fold)
-        count = (self._mass_count @ fold).clamp(min=1)
-        return (s / count[None, :, None]).float()
+        count = self._mass_count.clamp(min=1)
+        return (self._mass_sum / count[None, :, None]).float()
 
     def candidate_errors(self, timesteps: Iterable | None = None, verified: bool = True) -> torch.Tensor:
         """Relative L2 error ``(H, C)`` of every candidate against dense over the calls at ``timesteps``

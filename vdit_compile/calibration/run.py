@@ -29,6 +29,7 @@ class CalibrationSettings:
     families: list[str] | None = None  # mask families searched (None: OptimizeConfig's default)
     step_ranges: int = 1  # at most this many ranges of denoising steps with their own masks
     tile_tokens: int | None = None  # token tile target of window families (None: plans.default_tile's rule)
+    checkpoint: str | None = None  # resumable statistics file (OptimizeConfig.calib_checkpoint)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -44,6 +45,7 @@ class CalibrationSettings:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("checkpoint", None)  # where statistics were kept says nothing about the plan
         d["mask_rule"] = MASK_RULE
         return d
 
@@ -162,7 +164,7 @@ def calibrate_model(model_or_pipe, inputs: Sequence[dict], settings: Calibration
     extra = {"families": tuple(settings.families)} if settings.families is not None else {}
     config = OptimizeConfig(error_budget=settings.error_budget, max_density=settings.max_density,
                             candidates=settings.candidates, progress=progress, step_ranges=settings.step_ranges,
-                            tile_tokens=settings.tile_tokens, **extra)
+                            tile_tokens=settings.tile_tokens, calib_checkpoint=settings.checkpoint, **extra)
     try:
         optimize(model_or_pipe, calib_inputs=list(inputs), config=config)
         plan = plan_of(model_or_pipe)
