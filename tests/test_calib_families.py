@@ -135,7 +135,7 @@ def test_mass_method_estimates_then_verifies_exactly():
         ms.observe(q, k, v, 0.3, timestep=t)
     assert torch.allclose(ex.frame_mass(), ms.frame_mass(), atol=1e-5)  # same statistics, other path
     est = ms.candidate_errors()
-    assert torch.isfinite(est).all() and (est[:, [m.dense for m in ms.candidates].index(True)] == 0).all()
+    assert torch.isfinite(est).all() and (est[:, [m.dense for m in ms.candidates].index(True)] < 1e-6).all()
     budget = 0.2
     cfg = CalibrationSettings(error_budget=budget)
     assert prepare_verification({"s": ms}, cfg) and not prepare_verification({"s": ex}, cfg)

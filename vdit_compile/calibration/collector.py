@@ -261,8 +261,11 @@ class SiteCalibrator:
         scale = float(scale) if scale is not None else D ** -0.5
         if self.method == "auto":
             self.method = "mass" if q.is_cuda else "exact"
-        q, k, v = (self._unit_order(x, lay) for x in (q, k, v))
         key = None if timestep is None else float(timestep)
+        if self.method == "mass" and self._verify is None:
+            err, norm, mass = self._mass_pass(q, k, lay, scale)  # reads q, k in place (no unit-order copy)
+        else:
+            q, k, v = (self._unit_order(x, lay) for x in (q, k, v))
         if self._verify is not None:  # second pass of the mass method: exact errors of the candidates to verify
             err, norm, _ = self._exact_pass(q, k, v, lay, scale, self._verify)
             st = self._verified.setdefault(key, _StepStats(self.num_heads, len(self._verify)))
@@ -270,9 +273,7 @@ class SiteCalibrator:
             st.norm_sq += norm.cpu()
             st.calls += 1
             return
-        if self.method == "mass":
-            err, norm, mass = self._mass_pass(q, k, lay, scale)
-        else:
+        if self.method != "mass":
             err, norm, mass = self._exact_pass(q, k, v, lay, scale, None)
         qgroup_cpu = self._query_groups(lay)
         fold = self._fold.to(mass.device)
@@ -296,19 +297,25 @@ class SiteCalibrator:
         B, H, L, _ = q.shape
         N, U = self.grid.num_units, self.grid.unit_tokens
         st, ln, grp = segments(lay.text_prefix, N, U, lay.text_suffix)
-        seg = block_mass(q, k, scale, st, ln).double()  # (B, H, S, S)
+        index = None
+        if not self.grid.is_frames:  # unit order = text prefix, the permuted video tokens, text suffix
+            pre, nv = lay.text_prefix, lay.video_tokens
+            index = torch.cat([torch.arange(pre), pre + unit_permutation(self.grid), torch.arange(pre + nv, L)])
+        seg = block_mass(q, k, scale, st, ln, index)  # (B, H, S, S) float32
         dev = seg.device
         grp = grp.to(dev)
         G = N + 1
-        mass = torch.zeros(B, H, G, G, dtype=torch.float64, device=dev)
-        mass = mass.index_add_(2, grp, torch.zeros(B, H, len(grp), G, dtype=torch.float64, device=dev)
-                               .index_add_(3, grp, seg))
+        mass = torch.zeros(B, H, len(grp), G, device=dev).index_add_(3, grp, seg)
+        mass = torch.zeros(B, H, G, G, device=dev).index_add_(2, grp, mass)
         rows = torch.bincount(grp.cpu(), weights=ln.double(), minlength=G).to(dev)  # query rows per group
-        drop = 1.0 - self._keep.to(device=dev, dtype=torch.float64)  # (C, G, G)
-        dropped = torch.einsum("bhij,cij->bhci", mass, drop)  # (B, H, C, G): mass each query group drops
-        err = (dropped.square() / rows.clamp(min=1)).sum((0, 3))
+        total = mass.sum(-1)  # (B, H, G): every row's mass sums to one
+        err = torch.zeros(H, len(self.candidates), dtype=torch.float64, device=dev)
+        for c0 in range(0, len(self.candidates), 16):  # candidates in chunks: O(16 G^2) working memory
+            keep = self._keep[c0:c0 + 16].to(dev)
+            dropped = (total[:, :, None] - torch.einsum("bhij,cij->bhci", mass, keep)).clamp_(min=0).double()
+            err[:, c0:c0 + 16] = (dropped.square() / rows.clamp(min=1)).sum((0, 3))
         norm = torch.full((H,), float(B * L), dtype=torch.float64)
-        return err, norm, mass.sum(0)
+        return err, norm, mass.sum(0).double()
 
     def _exact_pass(self, q, k, v, lay: TokenLayout, scale: float, subset: list[int] | None):
         """Exact squared output errors ``(H, C')`` of the candidates (``subset``: their indices; None: all),

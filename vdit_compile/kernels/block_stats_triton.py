@@ -81,21 +81,24 @@ def block_mass_reference(q: torch.Tensor, k: torch.Tensor, scale: float, starts:
 if triton is not None:
 
     @triton.jit
-    def _lse_kernel(Q, K, LSE, sqb, sqh, sql, skb, skh, skl, H, L, scale2,
+    def _lse_kernel(Q, K, IDX, LSE, sqb, sqh, sql, skb, skh, skl, H, L, scale2,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    IEEE: tl.constexpr):
+                    IEEE: tl.constexpr, HAS_IDX: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         offs_n = tl.arange(0, BLOCK_N)
-        qp = Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :]
+        qrow = offs_m
+        if HAS_IDX:  # row i of the unit order is token IDX[i] of q / k: no permuted copy is made
+            qrow = tl.load(IDX + offs_m, mask=offs_m < L, other=0)
+        qp = Q + b * sqb + h * sqh + qrow[:, None] * sql + offs_d[None, :]
         q = tl.load(qp, mask=(offs_m[:, None] < L) & (offs_d[None, :] < D), other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         kb = K + b * skb + h * skh
-        for n0 in range(0, L, BLOCK_N):
+        for n0 in range(0, L, BLOCK_N):  # the row's lse does not depend on the key order: no index here
             cols = n0 + offs_n
             kt = tl.load(kb + cols[None, :] * skl + offs_d[:, None], mask=(cols[None, :] < L) & (offs_d[:, None] < D),
                          other=0.0)
@@ -107,12 +110,12 @@ if triton is not None:
             m_new = tl.maximum(m_i, tl.max(s, 1))
             l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
             m_i = m_new
-        tl.store(LSE + bh * L + offs_m, m_i + tl.log2(l_i), mask=offs_m < L)
+        tl.store(LSE + bh * L + qrow, m_i + tl.log2(l_i), mask=offs_m < L)  # indexed by token
 
     @triton.jit
-    def _mass_kernel(Q, K, LSE, STARTS, LENS, OUT, sqb, sqh, sql, skb, skh, skl, H, L, S, scale2,
+    def _mass_kernel(Q, K, IDX, LSE, STARTS, LENS, OUT, sqb, sqh, sql, skb, skh, skl, H, L, S, scale2,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     IEEE: tl.constexpr):
+                     IEEE: tl.constexpr, HAS_IDX: tl.constexpr):
         i = tl.program_id(0)  # query segment
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
@@ -130,12 +133,17 @@ if triton is not None:
             for r0 in range(0, ql, BLOCK_M):
                 rows = qs + r0 + offs_m
                 rmask = (r0 + offs_m) < ql
-                q = tl.load(qb + rows[:, None] * sql + offs_d[None, :], mask=rmask[:, None] & (offs_d[None, :] < D),
+                qrow = rows
+                if HAS_IDX:
+                    qrow = tl.load(IDX + rows, mask=rmask, other=0)
+                q = tl.load(qb + qrow[:, None] * sql + offs_d[None, :], mask=rmask[:, None] & (offs_d[None, :] < D),
                             other=0.0)
-                lse = tl.load(LSE + bh * L + rows, mask=rmask, other=0.0)
+                lse = tl.load(LSE + bh * L + qrow, mask=rmask, other=0.0)
                 for c0 in range(0, kl, BLOCK_N):
                     cols = ks + c0 + offs_n
                     cmask = (c0 + offs_n) < kl
+                    if HAS_IDX:
+                        cols = tl.load(IDX + cols, mask=cmask, other=0)
                     kt = tl.load(kb + cols[None, :] * skl + offs_d[:, None], mask=cmask[None, :] & (offs_d[:, None] < D),
                                  other=0.0)
                     if IEEE:
@@ -149,7 +157,7 @@ if triton is not None:
 
 
 def block_mass_triton(q: torch.Tensor, k: torch.Tensor, scale: float, starts: torch.Tensor, lens: torch.Tensor,
-                      block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+                      index: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
     """The Triton path of :func:`block_mass` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)."""
     if triton is None:
         raise RuntimeError("block_mass_triton needs Triton, which is not installed")
@@ -166,19 +174,28 @@ def block_mass_triton(q: torch.Tensor, k: torch.Tensor, scale: float, starts: to
     bd = max(16, triton.next_power_of_2(D))
     ieee = q.dtype == torch.float32
     scale2 = float(scale) * LOG2E
-    _lse_kernel[(triton.cdiv(L, block_m), B * H)](q, k, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
+    idx = index.to(device=dev, dtype=torch.int32) if index is not None else lse  # unused pointer when None
+    has_idx = index is not None
+    _lse_kernel[(triton.cdiv(L, block_m), B * H)](q, k, idx, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
                                                   k.stride(1), k.stride(2), H, L, scale2, D=D, BLOCK_M=block_m,
-                                                  BLOCK_N=block_n, BLOCK_D=bd, IEEE=ieee)
+                                                  BLOCK_N=block_n, BLOCK_D=bd, IEEE=ieee, HAS_IDX=has_idx)
     st, ln = starts.to(device=dev, dtype=torch.int32), lens.to(device=dev, dtype=torch.int32)
-    _mass_kernel[(S, B * H)](q, k, lse, st, ln, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                             k.stride(2), H, L, S, scale2, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, IEEE=ieee)
+    _mass_kernel[(S, B * H)](q, k, idx, lse, st, ln, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                             k.stride(2), H, L, S, scale2, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, IEEE=ieee,
+                             HAS_IDX=has_idx)
     return out
 
 
-def block_mass(q: torch.Tensor, k: torch.Tensor, scale: float | None, starts: torch.Tensor, lens: torch.Tensor
-               ) -> torch.Tensor:
-    """``(B, H, S, S)`` float32 segment mass (module doc): Triton on CUDA, the exact torch reduction elsewhere."""
+def block_mass(q: torch.Tensor, k: torch.Tensor, scale: float | None, starts: torch.Tensor, lens: torch.Tensor,
+               index: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, H, S, S)`` float32 segment mass (module doc): Triton on CUDA, the exact torch reduction elsewhere.
+
+    ``index`` (``(L,)``): segments are stated over ``q[:, :, index]`` / ``k[:, :, index]`` (the unit order), read
+    in place by the kernel (no permuted copy of ``q`` and ``k``)."""
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if q.is_cuda and triton is not None:
-        return block_mass_triton(q, k, scale, starts, lens)
+        return block_mass_triton(q, k, scale, starts, lens, index)
+    if index is not None:
+        idx = index.to(q.device)
+        q, k = q[:, :, idx], k[:, :, idx]
     return block_mass_reference(q, k, scale, starts, lens)
