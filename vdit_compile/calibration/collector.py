@@ -154,6 +154,7 @@ class SiteCalibrator:
         families: Iterable[str] = ("tile",),
         tile_tokens: int | None = None,
         method: str = "exact",
+        verify_rows: int = 2048,
     ):
         if layout is None:
             raise ValueError(f"site {name!r}: a SiteCalibrator needs a TokenLayout, found None")
@@ -164,6 +165,7 @@ class SiteCalibrator:
         self.name, self.layout, self.num_heads = name, layout, int(num_heads)
         self.method = method  # "auto": block mass statistics on CUDA, exact errors elsewhere (decided at the first call)
         self._verify: list[int] | None = None  # mass method, second pass: candidate indices scored exactly
+        self.verify_rows = int(verify_rows)  # query rows per call the verification scores (evenly spaced)
         self._verified: dict[float | None, _StepStats] = {}
         self.step_ranges: list[list] | None = None  # set by calibration.run.prepare_verification
         families = tuple(families)
@@ -267,7 +269,10 @@ class SiteCalibrator:
         else:
             q, k, v = (self._unit_order(x, lay) for x in (q, k, v))
         if self._verify is not None:  # second pass of the mass method: exact errors of the candidates to verify
-            err, norm, _ = self._exact_pass(q, k, v, lay, scale, self._verify)
+            rows = None
+            if L > self.verify_rows:  # evenly spaced query rows: every unit's share, unbiased sums of both terms
+                rows = torch.linspace(0, L - 1, self.verify_rows).round().long().unique()
+            err, norm, _ = self._exact_pass(q, k, v, lay, scale, self._verify, rows)
             st = self._verified.setdefault(key, _StepStats(self.num_heads, len(self._verify)))
             st.err_sq += err.cpu()
             st.norm_sq += norm.cpu()
@@ -317,9 +322,11 @@ class SiteCalibrator:
         norm = torch.full((H,), float(B * L), dtype=torch.float64)
         return err, norm, mass.sum(0).double()
 
-    def _exact_pass(self, q, k, v, lay: TokenLayout, scale: float, subset: list[int] | None):
+    def _exact_pass(self, q, k, v, lay: TokenLayout, scale: float, subset: list[int] | None,
+                    rows: torch.Tensor | None = None):
         """Exact squared output errors ``(H, C')`` of the candidates (``subset``: their indices; None: all),
-        the dense output's squared norm ``(H,)`` and the group mass ``(H, G, G)`` of one unit-ordered call."""
+        the dense output's squared norm ``(H,)`` and the group mass ``(H, G, G)`` of one unit-ordered call
+        (``rows``: only these query rows, unit order)."""
         B, H, L, D = q.shape
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         dev = q.device
@@ -331,7 +338,10 @@ class SiteCalibrator:
         text_idx = torch.cat([torch.arange(pre), torch.arange(L - suf, L)]).to(dev)
         k_txt, v_txt = kf[:, :, text_idx], vf[:, :, text_idx]
         keep = (self._keep if subset is None else self._keep[subset]).to(device=dev, dtype=acc)
+        if rows is not None:
+            q, qgroup_cpu = q[:, :, rows.to(dev)], qgroup_cpu[rows]
         qgroup = qgroup_cpu.to(dev)
+        Lq = q.shape[2]
         C, G = keep.shape[0], N + 1
         budget = self.block_bytes or DEFAULT_BLOCK_BYTES.get(dev.type, DEFAULT_BLOCK_BYTES["cuda"])
         # scores + exp (+ a temporary), per-group partials, candidate outputs and their differences
@@ -340,8 +350,8 @@ class SiteCalibrator:
         err = torch.zeros(H, C, dtype=torch.float64, device=dev)
         norm = torch.zeros(H, dtype=torch.float64, device=dev)
         mass = torch.zeros(H, G, G, dtype=torch.float64, device=dev)
-        for start in range(0, L, rows_per_block):
-            stop = min(L, start + rows_per_block)
+        for start in range(0, Lq, rows_per_block):
+            stop = min(Lq, start + rows_per_block)
             qb = q[:, :, start:stop].to(acc)
             m, l, o = _group_partials(qb, k_vid, v_vid, k_txt, v_txt, scale, N, U)
             qg = qgroup[start:stop]
