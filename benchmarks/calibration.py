@@ -69,8 +69,8 @@ def bench(name: str, method: str, device: torch.device, repeats: int = 3) -> dic
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, H, layout.seq_len, D, device=device, dtype=torch.bfloat16, generator=g) for _ in range(3))
     cal = SiteCalibrator(name, layout, H, families=ALL, method=method)
-    observe = lambda: cal.observe(q, k, v, D ** -0.5, timestep=500.0)  # noqa: E731
-    sdpa = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    observe = lambda: cal.observe(q, k, v, D ** -0.5, timestep=500.0)
+    sdpa = lambda: F.scaled_dot_product_attention(q, k, v)
     observe_ms = _timed(observe, device, repeats)
     sdpa_ms = _timed(sdpa, device, repeats)
     obs_peak, sdpa_peak = _peak_extra(observe, device), _peak_extra(sdpa, device)

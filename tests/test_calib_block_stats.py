@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from vdit_compile.kernels.block_stats_triton import block_mass, block_mass_reference, segments
+from vdit_compile.kernels.block_stats_triton import (
+    block_mass,
+    block_mass_reference,
+    segments,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +71,7 @@ print("OK")
 def test_triton_kernel_under_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", _INTERPRET], env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-c", _INTERPRET], env=env, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
 
 

@@ -8,7 +8,12 @@ from vdit_compile.calibration.candidates import default_family_candidates
 from vdit_compile.calibration.run import prepare_verification
 from vdit_compile.calibration.steps import choose_step_ranges
 from vdit_compile.layout import TokenLayout
-from vdit_compile.masks import SpatialWindow, TileMask, UnitGrid, Window3D, masks_density
+from vdit_compile.masks import (
+    TileMask,
+    UnitGrid,
+    Window3D,
+    masks_density,
+)
 from vdit_compile.plans import Plan
 
 ALL = ("tile", "win3d", "spatial")

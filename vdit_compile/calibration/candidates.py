@@ -9,7 +9,7 @@ Masks that keep every unit are dropped; ``dense`` (always last) stands for them.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -32,7 +32,7 @@ def family_candidates(family: str, num_frames: int) -> list[MaskSpec]:
     """The default search set of one family (before dedupe)."""
     T = num_frames
     if family == "tile":
-        return [TileMask(g, w) for g in range(0, min(T, 4) + 1) for w in range(0, min(T - 1, 2) + 1)]
+        return [TileMask(g, w) for g in range(min(T, 4) + 1) for w in range(min(T - 1, 2) + 1)]
     if family == "win3d":
         return [Window3D(t, h, w, g) for g in GLOBAL for t in WIN3D_T for h in WIN_HW for w in WIN_HW]
     if family == "spatial":

@@ -117,7 +117,7 @@ class _StepStats:
     """Error accumulators of the calls at one timestep (exact: squared output error and norm; mass method:
     sum over query rows of the squared dropped mass, and the row count)."""
 
-    __slots__ = ("err_sq", "norm_sq", "calls")
+    __slots__ = ("calls", "err_sq", "norm_sq")
 
     def __init__(self, num_heads: int, num_candidates: int):
         self.err_sq = torch.zeros(num_heads, num_candidates, dtype=torch.float64)
@@ -238,7 +238,7 @@ class SiteCalibrator:
                 f"site {self.name!r}: observe expects q, k, v of shape (B, H, L, D) with equal B, H, L; "
                 f"found q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}"
             )
-        B, H, L, D = q.shape
+        _, H, L, _ = q.shape
         if H != self.num_heads:
             raise ValueError(f"site {self.name!r}: calibrator was built for {self.num_heads} heads, observed {H}")
         lay = self._call_layout(L, padding_cut)
@@ -259,7 +259,7 @@ class SiteCalibrator:
         ``timestep``: the call's denoising timestep (step-aware plans choose masks per range of them).
         """
         lay = self.check_call(q, k, v, padding_cut)
-        B, H, L, D = q.shape
+        B, _, L, D = q.shape
         scale = float(scale) if scale is not None else D ** -0.5
         if self.method == "auto":
             self.method = "mass" if q.is_cuda else "exact"

@@ -10,8 +10,8 @@ within the error budget. Ties go to fewer ranges (fewer compilations).
 """
 from __future__ import annotations
 
-from itertools import combinations
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from itertools import combinations, pairwise
 
 import torch
 
@@ -60,9 +60,9 @@ def choose_step_ranges(calibrators: Mapping[str, SiteCalibrator] | Sequence[Site
     for k in range(2, min(max_ranges, S) + 1):
         for cut in combinations(range(1, S), k - 1):
             bounds = (0, *cut, S)
-            total = sum(cost(a, b) for a, b in zip(bounds, bounds[1:]))
+            total = sum(cost(a, b) for a, b in pairwise(bounds))
             if total < best - 1e-9 * max(1.0, best):
                 best, best_bounds = total, bounds
     if len(best_bounds) == 2:
         return None
-    return [ts[a:b] for a, b in zip(best_bounds, best_bounds[1:])]
+    return [ts[a:b] for a, b in pairwise(best_bounds)]

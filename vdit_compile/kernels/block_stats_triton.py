@@ -42,7 +42,7 @@ def segments(prefix: int, num_units: int, unit_tokens: int, suffix: int) -> tupl
         starts.append(prefix + u * unit_tokens), lens.append(unit_tokens), group.append(u)
     if suffix:
         starts.append(prefix + num_units * unit_tokens), lens.append(suffix), group.append(num_units)
-    as_t = lambda x: torch.tensor(x, dtype=torch.int64)  # noqa: E731
+    as_t = lambda x: torch.tensor(x, dtype=torch.int64)
     return as_t(starts), as_t(lens), as_t(group)
 
 
@@ -62,7 +62,7 @@ def block_mass_reference(q: torch.Tensor, k: torch.Tensor, scale: float, starts:
     """Exact ``(B, H, S, S)`` segment mass in float64 arithmetic on ``q``'s device (fp32 for fp16/bf16/fp32 inputs
     would lose little, but the reference is the oracle of the kernel tests)."""
     _check(q, k, starts, lens)
-    B, H, L, D = q.shape
+    B, H, L, _ = q.shape
     acc = torch.float64
     dev = q.device
     seg_of = torch.repeat_interleave(torch.arange(len(lens), device=dev), lens.to(dev))  # token -> segment
@@ -126,7 +126,7 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N)
         qb = Q + b * sqb + h * sqh
         kb = K + b * skb + h * skh
-        for j in range(0, S):
+        for j in range(S):
             ks = tl.load(STARTS + j)
             kl = tl.load(LENS + j)
             acc = tl.zeros([BLOCK_M], tl.float32)
