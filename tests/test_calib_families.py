@@ -100,6 +100,12 @@ def test_step_ranges_split_where_attention_changes_and_plan_round_trips(tmp_path
     assert late.densities[0] == pytest.approx(masks_density([late.masks[0]], layout, cal.grid))
     again = Plan.load(plan.save(tmp_path / "p.json"))
     assert again.to_dict() == plan.to_dict()
+    from vdit_compile.plans.show import format_table, write_heatmaps
+
+    table = format_table(again)
+    assert "step ranges" in table and "t >= 700" in table and "every lower t" in table
+    assert f"{cal.grid.tile_h}x{cal.grid.tile_w}" in table and "dense 2" in table
+    assert len(write_heatmaps(again, tmp_path / "maps")) == 1
     # without step ranges the worst steps decide: every head dense
     one = build_plan(torch.nn.Linear(2, 2), {cal.name: cal}, CalibrationSettings(error_budget=0.05))
     assert one.sites[0].status == "dense" and one.sites[0].step_ranges is None

@@ -174,13 +174,15 @@ def _head_mask(s: SitePlan, h: int):
 
 def _frame_keep(mask, s: SitePlan, T: int):
     """``(T, T)`` bool: query frame i keeps some key unit of frame j (for a frame tile mask, its frame mask)."""
+    import torch
+
     from ..masks.units import UnitGrid
 
     if s.layout is None or (s.tile is None and not mask.needs_tiles):
-        return mask.unit_mask(UnitGrid.frames(T, 1, 1)) if not mask.dense else [[True] * T for _ in range(T)]
+        return mask.unit_mask(UnitGrid.frames(T, 1, 1)) if not mask.dense else torch.ones(T, T, dtype=torch.bool)
     grid = s.unit_grid()
     if mask.dense:
-        return [[True] * T for _ in range(T)]
+        return torch.ones(T, T, dtype=torch.bool)
     um = mask.unit_mask(grid)
     upf = grid.units_per_frame
     return um.view(T, upf, T, upf).any(3).any(1)
