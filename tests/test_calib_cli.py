@@ -126,7 +126,7 @@ def test_calibrate_pipeline_and_errors(tmp_path, capsys):
     assert cli(["calibrate", f"{HELPERS}:tiny_wan", "--prompts", str(prompts), "-o", str(out)]) == 1
     assert "bare module, not a pipeline" in capsys.readouterr().err
     assert cli(["calibrate", f"{HELPERS}:tiny_wan", "--candidates", "g1x2", "-o", str(out)]) == 1
-    assert "unknown tile mask name 'g1x2'" in capsys.readouterr().err
+    assert "unknown mask 'g1x2'" in capsys.readouterr().err
 
 
 def test_frame_local_model_gets_sparse_masks_at_the_default_budget(tmp_path, capsys):
@@ -135,7 +135,9 @@ def test_frame_local_model_gets_sparse_masks_at_the_default_budget(tmp_path, cap
     import vdit_compile
 
     out = tmp_path / "plan.json"
-    assert cli(["calibrate", f"{HELPERS}:frame_local_dit", "-o", str(out)]) == 0
+    # frame tiles only (--families): values are near-constant inside a frame, so with every family a sub-frame
+    # window is sparser still within the budget; the frame tile answer is the one this model pins down
+    assert cli(["calibrate", f"{HELPERS}:frame_local_dit", "-o", str(out), "--families", "tile"]) == 0
     plan = Plan.load(out)
     (site,) = plan.tiled_sites()
     assert [m.name for m in site.masks] == ["g0w0", "g0w0"] and max(site.errors) < 1e-4

@@ -160,7 +160,10 @@ def optimize(model_or_pipe, calib_prompts=None, calib_inputs=None, plan=None, co
             inputs = _calibration_inputs(pipe, module, calib_prompts, calib_inputs, cfg)
             state.mode = "calibrate"
             install(module, state)
-            _run_all(module, inputs, "calibrating attention", cfg.progress)
+            from .calibration.checkpoint import run_calibration_passes
+
+            # statistics (+ exact verification of block-mass choices), progress, kill -9 safe checkpoint
+            run_calibration_passes(module, inputs, state, _call, cfg, cfg.progress)
             sites = state.site_list()
             if not any(s.tileable for s in sites):
                 raise NoAttentionFoundError(sites, name)
@@ -171,7 +174,9 @@ def optimize(model_or_pipe, calib_prompts=None, calib_inputs=None, plan=None, co
                                            list(cfg.candidates) if cfg.candidates is not None else None,
                                            num_prompts=len(calib_prompts) if calib_prompts is not None and calib_inputs is None else None,
                                            num_inputs=len(inputs),
-                                           num_inference_steps=cfg.calib_steps if calib_inputs is None else None)
+                                           num_inference_steps=cfg.calib_steps if calib_inputs is None else None,
+                                           families=list(cfg.families), step_ranges=cfg.step_ranges,
+                                           tile_tokens=cfg.tile_tokens)
             state.plan = build_plan(module, state.calibrators, settings, sites)
             state.calibrators = {}
         else:

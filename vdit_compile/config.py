@@ -46,6 +46,8 @@ class OptimizeConfig:
             (:mod:`vdit_compile.wholestep.caching`).
         cache_threshold: the policy's knob (taylorseer: interval, default 2; fbc: residual change, 0.05).
         cache_warmup / cache_order: steps always evaluated first; Taylor order (taylorseer).
+        calib_checkpoint: file where calibration statistics are saved after every transformer call (atomic);
+            a calibration interrupted (even by kill -9) resumes from it when run again with the same path.
     """
 
     error_budget: float = DEFAULT_ERROR_BUDGET
@@ -70,6 +72,7 @@ class OptimizeConfig:
     cache_threshold: float | None = None
     cache_warmup: int = 3
     cache_order: int = 1
+    calib_checkpoint: str | None = None
 
     def __post_init__(self):
         from .validation import check_candidates, check_error_budget, check_number, check_site_patterns

@@ -1,18 +1,21 @@
 """Per-site calibration statistics and the per-head mask search.
 
 A :class:`SiteCalibrator` is attached to one 3D attention site while the model runs on the
-calibration inputs.  Every call of the site feeds it ``(q, k, v, scale)``; it accumulates, per
-head,
+calibration inputs.  Every call of the site feeds it ``(q, k, v, scale)`` and the call's denoising
+timestep; it accumulates, per head,
 
-1. the **frame-by-frame attention mass**: for query group ``i`` and key group ``j`` (the ``T``
-   frames, then one group for all text tokens), the mean over query tokens of the softmax
-   probability falling on keys of group ``j``.  Rows sum to 1.
-2. for every candidate :class:`~vdit_compile.masks.TileMask`, the squared L2 distance between
-   the masked attention output and the dense output, and the squared norm of the dense output,
-   so that the relative error is taken over *all* calibration data of the site.
+1. the **frame-by-frame attention mass** (for ``plan show``): units are the site's calibration grid (whole
+   frames when only frame-level families are searched, else the site's token tile,
+   :func:`~.candidates.calibration_grid`) and one group for all text tokens; each call's unit-by-unit
+   mass (for query group ``i`` and key group ``j``, the sum over query tokens of the softmax probability
+   on keys of ``j``) is folded to frames at once, so memory stays ``O(H T^2)`` at any tile size.
+2. per **timestep** and for every candidate mask (every family, deduped at the grid), the squared L2
+   distance between the masked attention output and the dense output, and the squared norm of the
+   dense output, so that the relative error is taken over *all* calibration data of a range of steps.
 
-Both come out of one blockwise pass over the query rows: a block of ``r`` rows computes its
-``(B, H, r, L)`` scores, then per key group a log-sum-exp and a partial output
+Both come out of one blockwise pass over the query rows, in *unit order* (video tokens permuted so
+each unit is contiguous, :func:`~vdit_compile.masks.units.unit_permutation`): a block of ``r`` rows
+computes its ``(B, H, r, L)`` scores, then per key group a log-sum-exp and a partial output
 ``exp(s_g - m_g) @ v_g``.  Any mask's output is a flash-attention style merge of the partials of
 the groups it keeps, so all candidates cost one dense pass plus a small ``einsum``.  Peak memory
 is ``O(B * H * r * L)``, never ``L x L``; ``r`` is picked to keep the score block under
@@ -26,12 +29,15 @@ observed text length.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
 from ..layout import TokenLayout
-from ..masks.tile import TileMask, mask_density
+from ..masks.base import MaskSpec, masks_density
+from ..masks.tile import TileMask
+from ..masks.units import UnitGrid, unit_permutation
+from .candidates import calibration_grid, dedupe_unit_candidates, default_family_candidates, keep_tables
 
 #: Working-memory budget of one row block of ``observe`` (bytes); bounds memory to O(L x block).
 #: Larger on CUDA, where small blocks would leave the GPU idle.
@@ -39,32 +45,18 @@ DEFAULT_BLOCK_BYTES = {"cpu": 64 * 2**20, "cuda": 1024 * 2**20}
 
 
 def default_candidates(num_frames: int) -> list[TileMask]:
-    """The mask family searched by default: ``g in 0..min(T,4)``, ``w in 0..min(T-1,2)``, plus dense.
+    """The frame tile family searched by default: ``g in 0..min(T,4)``, ``w in 0..min(T-1,2)``, plus dense.
 
     Masks that keep every tile at this ``T`` are dropped (``dense`` stands for them) and masks
     with the same frame pattern at this ``T`` are kept once, the one with the smallest ``g``
     then ``w``: it is the more conservative choice when the plan is applied at another ``T``.
     """
-    T = num_frames
-    raw = [TileMask(g, w) for g in range(0, min(T, 4) + 1) for w in range(0, min(T - 1, 2) + 1)]
-    return dedupe_candidates(raw, T)
+    return default_family_candidates(["tile"], UnitGrid.frames(num_frames, 1, 1))
 
 
 def dedupe_candidates(candidates: Sequence[TileMask], num_frames: int) -> list[TileMask]:
     """Drop masks equal to another (earlier) one at ``num_frames``; all-kept masks become ``dense``."""
-    seen: set[bytes] = set()
-    out: list[TileMask] = []
-    full = torch.ones(num_frames, num_frames, dtype=torch.bool)
-    for m in list(candidates) + [TileMask(dense=True)]:
-        fm = m.frame_mask(num_frames)
-        if not m.dense and bool(fm.all()):
-            continue
-        key = fm.numpy().tobytes() if not torch.equal(fm, full) else b"dense"
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append(m)
-    return out
+    return dedupe_unit_candidates(candidates, UnitGrid.frames(num_frames, 1, 1))
 
 
 def _group_partials(qb, k_vid, v_vid, k_txt, v_txt, scale: float, T: int, P: int):
@@ -96,7 +88,7 @@ def _group_partials(qb, k_vid, v_vid, k_txt, v_txt, scale: float, T: int, P: int
 
 @dataclass
 class SiteResult:
-    """Outcome of calibrating one site.
+    """Outcome of calibrating one site (over all observed steps, or one range of them).
 
     ``masks``/``errors``/``densities`` are per head (the chosen mask, its relative L2 error on
     the calibration data, its density under the site's layout).  ``frame_mass`` is
@@ -105,11 +97,11 @@ class SiteResult:
     the least-error one inside the density bound was taken instead (``notes`` says so).
     """
 
-    masks: list[TileMask]
+    masks: list[MaskSpec]
     errors: list[float]
     densities: list[float]
     frame_mass: torch.Tensor
-    candidates: list[TileMask] = field(default_factory=list)
+    candidates: list[MaskSpec] = field(default_factory=list)
     candidate_errors: torch.Tensor | None = None  # (H, C)
     candidate_densities: list[float] = field(default_factory=list)
     within_budget: list[bool] = field(default_factory=list)
@@ -121,43 +113,101 @@ class SiteResult:
         return sum(self.densities) / len(self.densities) if self.densities else 1.0
 
 
+class _StepStats:
+    """Error accumulators of the calls at one timestep (exact: squared output error and norm; mass method:
+    sum over query rows of the squared dropped mass, and the row count)."""
+
+    __slots__ = ("calls", "err_sq", "norm_sq")
+
+    def __init__(self, num_heads: int, num_candidates: int):
+        self.err_sq = torch.zeros(num_heads, num_candidates, dtype=torch.float64)
+        self.norm_sq = torch.zeros(num_heads, dtype=torch.float64)
+        self.calls = 0
+
+
+def _ratio(steps: dict, keys, H: int, C: int) -> torch.Tensor:
+    err = torch.zeros(H, C, dtype=torch.float64)
+    norm = torch.zeros(H, dtype=torch.float64)
+    for t in keys:
+        s = steps.get(t)
+        if s is not None:
+            err += s.err_sq
+            norm += s.norm_sq
+    return (err / norm.clamp(min=1e-300)[:, None]).sqrt()
+
+
 class SiteCalibrator:
-    """Accumulates attention statistics of one site and picks per-head masks (see module doc)."""
+    """Accumulates attention statistics of one site and picks per-head masks (see module doc).
+
+    ``candidates``: the masks to score (``None``: every family in ``families`` with its default
+    parameters, :mod:`.candidates`); ``tile_tokens``: the token tile's target size for window families
+    (``None``: :func:`~vdit_compile.plans.default_tile`'s rule).
+    """
 
     def __init__(
         self,
         name: str,
         layout: TokenLayout,
         num_heads: int,
-        candidates: Sequence[TileMask] | None = None,
+        candidates: Sequence[MaskSpec] | None = None,
         block_bytes: int | None = None,
+        families: Iterable[str] = ("tile",),
+        tile_tokens: int | None = None,
+        method: str = "exact",
+        verify_rows: int = 2048,
     ):
         if layout is None:
             raise ValueError(f"site {name!r}: a SiteCalibrator needs a TokenLayout, found None")
         if num_heads < 1:
             raise ValueError(f"site {name!r}: num_heads must be >= 1, found {num_heads}")
+        if method not in ("exact", "mass", "auto"):
+            raise ValueError(f"site {name!r}: method must be 'exact', 'mass' or 'auto', found {method!r}")
         self.name, self.layout, self.num_heads = name, layout, int(num_heads)
-        T = layout.num_frames
-        self.candidates = dedupe_candidates(candidates, T) if candidates is not None else default_candidates(T)
+        self.method = method  # "auto": block mass statistics on CUDA, exact errors elsewhere (decided at the first call)
+        self._verify: list[int] | None = None  # mass method, second pass: candidate indices scored exactly
+        self.verify_rows = int(verify_rows)  # query rows per call the verification scores (evenly spaced)
+        self._verified: dict[float | None, _StepStats] = {}
+        self.step_ranges: list[list] | None = None  # set by calibration.run.prepare_verification
+        families = tuple(families)
+        self.grid = calibration_grid(layout, candidates, families, tile_tokens)
+        self.candidates = (dedupe_unit_candidates(candidates, self.grid) if candidates is not None
+                           else default_family_candidates(families, self.grid))
         self.block_bytes = block_bytes  # None: DEFAULT_BLOCK_BYTES of the inputs' device type
-        G = T + 1
-        self._mass_sum = torch.zeros(num_heads, G, G, dtype=torch.float64)
-        self._mass_count = torch.zeros(G, dtype=torch.float64)
-        self._err_sq = torch.zeros(num_heads, len(self.candidates), dtype=torch.float64)
-        self._norm_sq = torch.zeros(num_heads, dtype=torch.float64)
+        T = self.grid.num_frames
+        # frame-level mass (query frame, key frame; text last), folded from units at every call: O(H T^2) memory
+        self._mass_sum = torch.zeros(num_heads, T + 1, T + 1, dtype=torch.float64)
+        self._mass_count = torch.zeros(T + 1, dtype=torch.float64)
+        fid = torch.cat([torch.arange(T).repeat_interleave(self.grid.units_per_frame), torch.tensor([T])])
+        self._fold = torch.nn.functional.one_hot(fid, T + 1).double()  # (N+1, T+1): unit -> frame
+        self._steps: dict[float | None, _StepStats] = {}
         self.observations = 0
-        # (C, G, G) float keep tables: candidate c, query group, key group (text row/col always kept).
-        keep = torch.ones(len(self.candidates), G, G)
-        for c, m in enumerate(self.candidates):
-            keep[c, :T, :T] = m.frame_mask(T).float()
-        self._keep = keep
+        self._keep = keep_tables(self.candidates, self.grid)  # (C, G, G) float
         self._text_tokens: list[int] = []  # text tokens of every observed call (varies for dynamic layouts)
 
-    @staticmethod
-    def _query_groups(lay: TokenLayout) -> torch.Tensor:
-        T = lay.num_frames
-        return torch.cat([torch.full((lay.text_prefix,), T), torch.arange(T).repeat_interleave(lay.frame_tokens),
-                          torch.full((lay.text_suffix,), T)])
+    # ------------------------------------------------------------------ accumulators (all steps)
+    @property
+    def _err_sq(self) -> torch.Tensor:
+        return sum((s.err_sq for s in self._steps.values()), torch.zeros(self.num_heads, len(self.candidates),
+                                                                          dtype=torch.float64))
+
+    @property
+    def _norm_sq(self) -> torch.Tensor:
+        return sum((s.norm_sq for s in self._steps.values()), torch.zeros(self.num_heads, dtype=torch.float64))
+
+    @property
+    def timesteps(self) -> list:
+        """Observed timesteps, high first (``None``, calls without one, last)."""
+        known = sorted((t for t in self._steps if t is not None), reverse=True)
+        return known + ([None] if None in self._steps else [])
+
+    def step_calls(self, timestep) -> int:
+        s = self._steps.get(timestep)
+        return s.calls if s is not None else 0
+
+    def _query_groups(self, lay: TokenLayout) -> torch.Tensor:
+        N, U = self.grid.num_units, self.grid.unit_tokens
+        return torch.cat([torch.full((lay.text_prefix,), N), torch.arange(N).repeat_interleave(U),
+                          torch.full((lay.text_suffix,), N)])
 
     # ------------------------------------------------------------------ observe
     @torch.no_grad()
@@ -173,19 +223,22 @@ class SiteCalibrator:
             return TokenLayout(lay.num_frames, lay.height, lay.width, lay.text_prefix, L - fixed, lay.order)
         return None
 
-    def observe(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                padding_cut: bool = False) -> None:
-        """Accumulate statistics of one call; ``q, k, v`` are ``(B, H, L, D)`` on any device/dtype.
+    def _unit_order(self, x: torch.Tensor, lay: TokenLayout) -> torch.Tensor:
+        """``x`` with its video tokens permuted into unit order (a no-op on whole-frame units)."""
+        if self.grid.is_frames:
+            return x
+        pre, nv = lay.text_prefix, lay.video_tokens
+        perm = unit_permutation(self.grid, x.device)
+        return torch.cat([x[:, :, :pre], x[:, :, pre:pre + nv][:, :, perm], x[:, :, pre + nv:]], dim=2)
 
-        ``padding_cut``: the call's padded text tokens at the end of the sequence were cut off (only
-        its valid tokens are given), so a fixed text suffix may hold fewer tokens than the layout's.
-        """
+    def check_call(self, q, k, v, padding_cut: bool = False) -> TokenLayout:
+        """Validate one call's ``q, k, v`` and return its layout (clear errors otherwise)."""
         if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
             raise ValueError(
                 f"site {self.name!r}: observe expects q, k, v of shape (B, H, L, D) with equal B, H, L; "
                 f"found q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}"
             )
-        B, H, L, D = q.shape
+        _, H, L, _ = q.shape
         if H != self.num_heads:
             raise ValueError(f"site {self.name!r}: calibrator was built for {self.num_heads} heads, observed {H}")
         lay = self._call_layout(L, padding_cut)
@@ -195,30 +248,112 @@ class SiteCalibrator:
                 f"{self.layout.describe()} ({self.layout.seq_len} tokens); calibrate at one frame count and "
                 "resolution (a plan made at T frames applies at other frame counts, see docs/calibration.md)"
             )
+        return lay
+
+    def observe(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                padding_cut: bool = False, timestep: float | None = None) -> None:
+        """Accumulate statistics of one call; ``q, k, v`` are ``(B, H, L, D)`` on any device/dtype.
+
+        ``padding_cut``: the call's padded text tokens at the end of the sequence were cut off (only
+        its valid tokens are given), so a fixed text suffix may hold fewer tokens than the layout's.
+        ``timestep``: the call's denoising timestep (step-aware plans choose masks per range of them).
+        """
+        lay = self.check_call(q, k, v, padding_cut)
+        B, _, L, D = q.shape
         scale = float(scale) if scale is not None else D ** -0.5
+        if self.method == "auto":
+            self.method = "mass" if q.is_cuda else "exact"
+        key = None if timestep is None else float(timestep)
+        if self.method == "mass" and self._verify is None:
+            err, norm, mass = self._mass_pass(q, k, lay, scale)  # reads q, k in place (no unit-order copy)
+        else:
+            q, k, v = (self._unit_order(x, lay) for x in (q, k, v))
+        if self._verify is not None:  # second pass of the mass method: exact errors of the candidates to verify
+            rows = None
+            if L > self.verify_rows:  # evenly spaced query rows: every unit's share, unbiased sums of both terms
+                rows = torch.linspace(0, L - 1, self.verify_rows).round().long().unique()
+            err, norm, _ = self._exact_pass(q, k, v, lay, scale, self._verify, rows)
+            st = self._verified.setdefault(key, _StepStats(self.num_heads, len(self._verify)))
+            st.err_sq += err.cpu()
+            st.norm_sq += norm.cpu()
+            st.calls += 1
+            return
+        if self.method != "mass":
+            err, norm, mass = self._exact_pass(q, k, v, lay, scale, None)
+        qgroup_cpu = self._query_groups(lay)
+        fold = self._fold.to(mass.device)
+        self._mass_sum += torch.einsum("hij,ia,jb->hab", mass, fold, fold).cpu()
+        self._mass_count += (torch.bincount(qgroup_cpu, minlength=self.grid.num_units + 1).double() * B) @ self._fold
+        self._text_tokens.append(lay.text_prefix + lay.text_suffix)
+        st = self._steps.get(key)
+        if st is None:
+            st = self._steps[key] = _StepStats(self.num_heads, len(self.candidates))
+        st.err_sq += err.cpu()
+        st.norm_sq += norm.cpu()
+        st.calls += 1
+        self.observations += 1
+
+    def _mass_pass(self, q, k, lay: TokenLayout, scale: float):
+        """Block mass statistics of one call (Triton on CUDA): ``(H, C)`` squared dropped mass summed over rows,
+        ``(H,)`` row count and ``(H, G, G)`` group mass.  Within a query unit the rows are taken to drop
+        equal mass (the row-wise square is not known from block sums; Jensen: this is a lower bound)."""
+        from ..kernels.block_stats_triton import block_mass, segments
+
+        B, H, L, _ = q.shape
+        N, U = self.grid.num_units, self.grid.unit_tokens
+        st, ln, grp = segments(lay.text_prefix, N, U, lay.text_suffix)
+        index = None
+        if not self.grid.is_frames:  # unit order = text prefix, the permuted video tokens, text suffix
+            pre, nv = lay.text_prefix, lay.video_tokens
+            index = torch.cat([torch.arange(pre), pre + unit_permutation(self.grid), torch.arange(pre + nv, L)])
+        seg = block_mass(q, k, scale, st, ln, index)  # (B, H, S, S) float32
+        dev = seg.device
+        grp = grp.to(dev)
+        G = N + 1
+        mass = torch.zeros(B, H, len(grp), G, device=dev).index_add_(3, grp, seg)
+        mass = torch.zeros(B, H, G, G, device=dev).index_add_(2, grp, mass)
+        rows = torch.bincount(grp.cpu(), weights=ln.double(), minlength=G).to(dev)  # query rows per group
+        total = mass.sum(-1)  # (B, H, G): every row's mass sums to one
+        err = torch.zeros(H, len(self.candidates), dtype=torch.float64, device=dev)
+        for c0 in range(0, len(self.candidates), 16):  # candidates in chunks: O(16 G^2) working memory
+            keep = self._keep[c0:c0 + 16].to(dev)
+            dropped = (total[:, :, None] - torch.einsum("bhij,cij->bhci", mass, keep)).clamp_(min=0).double()
+            err[:, c0:c0 + 16] = (dropped.square() / rows.clamp(min=1)).sum((0, 3))
+        norm = torch.full((H,), float(B * L), dtype=torch.float64)
+        return err, norm, mass.sum(0).double()
+
+    def _exact_pass(self, q, k, v, lay: TokenLayout, scale: float, subset: list[int] | None,
+                    rows: torch.Tensor | None = None):
+        """Exact squared output errors ``(H, C')`` of the candidates (``subset``: their indices; None: all),
+        the dense output's squared norm ``(H,)`` and the group mass ``(H, G, G)`` of one unit-ordered call
+        (``rows``: only these query rows, unit order)."""
+        B, H, L, D = q.shape
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         dev = q.device
         qgroup_cpu = self._query_groups(lay)
-        T, P, pre, suf = lay.num_frames, lay.frame_tokens, lay.text_prefix, lay.text_suffix
+        N, U, pre, suf = self.grid.num_units, self.grid.unit_tokens, lay.text_prefix, lay.text_suffix
         kf, vf = k.to(acc), v.to(acc)
-        k_vid = kf[:, :, pre : pre + T * P]
-        v_vid = vf[:, :, pre : pre + T * P].reshape(B, H, T, P, -1)
+        k_vid = kf[:, :, pre : pre + N * U]
+        v_vid = vf[:, :, pre : pre + N * U].reshape(B, H, N, U, -1)
         text_idx = torch.cat([torch.arange(pre), torch.arange(L - suf, L)]).to(dev)
         k_txt, v_txt = kf[:, :, text_idx], vf[:, :, text_idx]
-        keep = self._keep.to(device=dev, dtype=acc)
+        keep = (self._keep if subset is None else self._keep[subset]).to(device=dev, dtype=acc)
+        if rows is not None:
+            q, qgroup_cpu = q[:, :, rows.to(dev)], qgroup_cpu[rows]
         qgroup = qgroup_cpu.to(dev)
-        C, G = len(self.candidates), T + 1
+        Lq = q.shape[2]
+        C, G = keep.shape[0], N + 1
         budget = self.block_bytes or DEFAULT_BLOCK_BYTES.get(dev.type, DEFAULT_BLOCK_BYTES["cuda"])
         # scores + exp (+ a temporary), per-group partials, candidate outputs and their differences
         per_row = B * H * (3 * L + 2 * G * D + C * (2 * D + 2 * G)) * torch.finfo(acc).bits // 8
         rows_per_block = max(1, min(L, budget // per_row))
-        err = torch.zeros(H, len(self.candidates), dtype=torch.float64, device=dev)
+        err = torch.zeros(H, C, dtype=torch.float64, device=dev)
         norm = torch.zeros(H, dtype=torch.float64, device=dev)
-        mass = torch.zeros(H, T + 1, T + 1, dtype=torch.float64, device=dev)
-        for start in range(0, L, rows_per_block):
-            stop = min(L, start + rows_per_block)
+        mass = torch.zeros(H, G, G, dtype=torch.float64, device=dev)
+        for start in range(0, Lq, rows_per_block):
+            stop = min(Lq, start + rows_per_block)
             qb = q[:, :, start:stop].to(acc)
-            m, l, o = _group_partials(qb, k_vid, v_vid, k_txt, v_txt, scale, T, P)
+            m, l, o = _group_partials(qb, k_vid, v_vid, k_txt, v_txt, scale, N, U)
             qg = qgroup[start:stop]
             # dense: merge all groups
             m_all = m.amax(-1, keepdim=True)
@@ -233,26 +368,60 @@ class SiteCalibrator:
             # kept scores are far below the dropped ones (exp underflow against the dense max) stays exact
             kr = keep[:, qg].bool()
             mk = torch.where(kr[None, None], m[:, :, None], float("-inf"))  # (B,H,C,r,G)
-            wk = torch.exp(mk - mk.amax(-1, keepdim=True))  # own frame is always kept: the max is finite
+            wk = torch.exp(mk - mk.amax(-1, keepdim=True))  # own unit is always kept: the max is finite
             z_c = (wk * l[:, :, None]).sum(-1)
             out_c = torch.einsum("bhcrg,bhrgd->bhcrd", wk, o).div_(z_c[..., None]).sub_(out_dense[:, :, None])
             err += out_c.square_().sum((0, 3, 4)).to(torch.float64)
-        self._mass_sum += mass.cpu()
-        self._mass_count += torch.bincount(qgroup_cpu, minlength=T + 1).double() * B
-        self._text_tokens.append(lay.text_prefix + lay.text_suffix)
-        self._err_sq += err.cpu()
-        self._norm_sq += norm.cpu()
-        self.observations += 1
+        return err, norm, mass
 
     # ------------------------------------------------------------------ results
     def frame_mass(self) -> torch.Tensor:
-        """Mean attention mass ``(H, T+1, T+1)`` [query group, key group]; text is index ``T``."""
+        """Mean attention mass ``(H, T+1, T+1)`` [query frame, key frame]; text is index ``T``."""
         count = self._mass_count.clamp(min=1)
         return (self._mass_sum / count[None, :, None]).float()
 
-    def candidate_errors(self) -> torch.Tensor:
-        """Relative L2 error ``(H, C)`` of every candidate against dense over all observed data."""
-        return (self._err_sq / self._norm_sq.clamp(min=1e-300)[:, None]).sqrt()
+    def candidate_errors(self, timesteps: Iterable | None = None, verified: bool = True) -> torch.Tensor:
+        """Relative L2 error ``(H, C)`` of every candidate against dense over the calls at ``timesteps``
+        (``None``: all observed data).
+
+        Mass method: the estimate (root mean square of the mass a row drops, docs/calibration.md); once a
+        verification pass ran (``verified``), the verified candidates carry their exact error and the others
+        ``inf`` (never chosen unverified)."""
+        keys = list(self._steps) if timesteps is None else list(timesteps)
+        est = _ratio(self._steps, keys, self.num_heads, len(self.candidates))
+        if not verified or not self._verified:
+            return est
+        out = torch.full_like(est, float("inf"))
+        out[:, self._verify] = _ratio(self._verified, keys, self.num_heads, len(self._verify))
+        return out
+
+    # ------------------------------------------------------------------ verification (mass method)
+    @property
+    def needs_verification(self) -> bool:
+        return self.method == "mass" and self.observations > 0 and not self._verified
+
+    def begin_verify(self, error_budget: float, max_density: float | None, ranges: list[list] | None,
+                     fallbacks: int = 3, slack: float = 2.5, sparse: int = 6) -> list[int]:
+        """Switch to the verification pass: the next calls score, exactly, per head (and step range) the
+        estimate's choice and the next ``fallbacks`` denser candidates feasible by the estimate, the ``sparse``
+        sparsest candidates whose estimate is within ``slack`` times the budget (the estimate overstates the real
+        error: real / estimate had a median of 0.40 on the embedded model, docs/calibration.md), and ``dense``."""
+        dens = self.candidate_densities()
+        dense_idx = [c for c, m in enumerate(self.candidates) if m.dense]
+        chosen: set[int] = set(dense_idx)
+        in_bound = [c for c in range(len(self.candidates)) if max_density is None or dens[c] <= max_density + 1e-12]
+        for r in (ranges or [None]):
+            errs = self.candidate_errors(r, verified=False)
+            for h in range(self.num_heads):
+                by_density = sorted(in_bound, key=lambda c: (dens[c], c))
+                strict = [c for c in by_density if errs[h, c] <= error_budget]
+                loose = [c for c in by_density if errs[h, c] <= error_budget * slack]
+                chosen.update(strict[: 1 + fallbacks])
+                chosen.update(loose[:sparse])
+        self._verify = sorted(chosen)
+        self._verified = {}
+        self.step_ranges = ranges
+        return self._verify
 
     def density_layout(self) -> TokenLayout:
         """The layout densities are reported for: for a per-call text length, the mean observed one."""
@@ -262,26 +431,18 @@ class SiteCalibrator:
         return self.layout.resolve(self.layout.static_tokens + n)
 
     def candidate_densities(self) -> list[float]:
-        T = self.layout.num_frames
         lay = self.density_layout()
-        return [mask_density(m.frame_mask(T), lay) for m in self.candidates]
+        return [masks_density([m], lay, self.grid) for m in self.candidates]
 
-    def result(self, error_budget: float, max_density: float | None = None) -> SiteResult:
-        """Choose per head the sparsest candidate with error <= ``error_budget`` (and density <= ``max_density``).
-
-        Ties in density go to the lower error, then to the earlier candidate (smaller ``g``, ``w``).
-        When nothing fits, the least-error candidate within ``max_density`` is taken (or the
-        sparsest candidate when even that bound cannot be met) and the head is reported as
-        over budget.
-        """
-        if self.observations == 0:
-            raise RuntimeError(f"site {self.name!r}: no calibration data was observed")
+    def choose(self, errs: torch.Tensor, dens: Sequence[float], error_budget: float,
+               max_density: float | None = None) -> tuple[list[int], list[str]]:
+        """Per head, the index of the sparsest candidate with error <= budget (and density <= bound), and a
+        note ("" when within budget).  See :meth:`result`."""
         if error_budget < 0:
             raise ValueError(f"error_budget must be >= 0, found {error_budget}")
-        errs = self.candidate_errors()
-        dens = self.candidate_densities()
-        masks, errors, densities, ok, notes = [], [], [], [], []
+        picks, notes = [], []
         order = range(len(self.candidates))
+        bound = "none" if max_density is None else f"{max_density:g}"
         for h in range(self.num_heads):
             e = errs[h].tolist()
             in_bound = [c for c in order if max_density is None or dens[c] <= max_density + 1e-12]
@@ -291,17 +452,32 @@ class SiteCalibrator:
                 note = ""
             elif in_bound:
                 best = min(in_bound, key=lambda c: (e[c], dens[c], c))
-                bound = "" if max_density is None else f" at density <= {max_density:g}"
-                note = (f"no mask within error {error_budget:g}{bound}; "
+                note = (f"no mask within error {error_budget:g} at density <= {bound}; "
                         f"took least-error {self.candidates[best].name} (error {e[best]:.4g})")
             else:
                 best = min(order, key=lambda c: (dens[c], e[c], c))
-                note = (f"no mask reaches density <= {max_density:g}; took sparsest "
+                note = (f"no mask reaches density <= {bound}; took sparsest "
                         f"{self.candidates[best].name} (density {dens[best]:.4g}, error {e[best]:.4g})")
-            masks.append(self.candidates[best])
-            errors.append(float(e[best]))
-            densities.append(float(dens[best]))
-            ok.append(not note)
+            picks.append(best)
             notes.append(note)
-        return SiteResult(masks, errors, densities, self.frame_mass(), list(self.candidates), errs.float(),
-                          dens, ok, notes, self.observations)
+        return picks, notes
+
+    def result(self, error_budget: float, max_density: float | None = None,
+               timesteps: Iterable | None = None) -> SiteResult:
+        """Choose per head the sparsest candidate with error <= ``error_budget`` (and density <= ``max_density``)
+        on the calls at ``timesteps`` (``None``: every observed call).
+
+        Ties in density go to the lower error, then to the earlier candidate (frame-level families first,
+        smaller parameters first).  When nothing fits, the least-error candidate within ``max_density`` is
+        taken (or the sparsest candidate when even that bound cannot be met) and the head is reported as
+        over budget.
+        """
+        if self.observations == 0:
+            raise RuntimeError(f"site {self.name!r}: no calibration data was observed")
+        errs = self.candidate_errors(timesteps)
+        dens = self.candidate_densities()
+        picks, notes = self.choose(errs, dens, error_budget, max_density)
+        obs = self.observations if timesteps is None else sum(self.step_calls(t) for t in timesteps)
+        return SiteResult([self.candidates[c] for c in picks], [float(errs[h, c]) for h, c in enumerate(picks)],
+                          [float(dens[c]) for c in picks], self.frame_mass(), list(self.candidates), errs.float(),
+                          dens, [not n for n in notes], notes, obs)

@@ -33,6 +33,15 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-density", type=density_float, default=None, help="also require density <= this (0..1]")
     p.add_argument("--candidates", default=None,
                    help="comma-separated masks to search, e.g. g0w0,g1w0,g1w1,dense (default: g0..4 x w0..2 + dense)")
+    p.add_argument("--families", default=None,
+                   help="comma-separated mask families to search (default: tile,win3d,spatial; 'tile' = frame tiles only)")
+    p.add_argument("--step-ranges", type=int, default=1,
+                   help="at most this many ranges of denoising steps with their own masks (default: 1 = same masks "
+                        "at every step)")
+    p.add_argument("--tile-tokens", type=int, default=None,
+                   help="tokens per token tile of window families (default: 128, or a quarter frame on small frames)")
+    p.add_argument("--checkpoint", metavar="FILE", default=None,
+                   help="save statistics here after every transformer call; rerun with it to resume after a crash")
     p.add_argument("--seed", type=int, default=0, help="seed of the pipeline's noise (prompt i uses seed + i)")
     p.add_argument("--heatmaps", metavar="DIR", help="also write the attention heatmaps of each site into DIR")
     p.set_defaults(func=run)
@@ -45,8 +54,17 @@ def _settings(args):
 
     cands = [c.strip() for c in args.candidates.split(",") if c.strip()] if args.candidates is not None else None
     check_candidates(cands, "--candidates")
-    settings = CalibrationSettings(error_budget=args.budget, max_density=args.max_density, candidates=cands)
+    fams = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
+    settings = CalibrationSettings(error_budget=args.budget, max_density=args.max_density, candidates=cands,
+                                   families=fams, step_ranges=args.step_ranges, tile_tokens=args.tile_tokens,
+                                   checkpoint=args.checkpoint)
     settings.candidate_masks()  # validates the names
+    if fams is not None:
+        from ..masks.base import known_families
+
+        unknown = [f for f in fams if f not in known_families()]
+        if unknown:
+            raise ValueError(f"unknown mask families {unknown}: known are {sorted(known_families())}")
     return settings
 
 

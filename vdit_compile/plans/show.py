@@ -22,19 +22,49 @@ def _fmt(x, spec=".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def family_summary(masks) -> str:
+    """Heads per family: ``"win3d 3, tile 2, dense 1"``."""
+    if not masks:
+        return "-"
+    fams = Counter("dense" if m.dense else m.family for m in masks)
+    return ", ".join(f"{f} {c}" for f, c in fams.most_common())
+
+
 def site_rows(plan: Plan) -> list[list[str]]:
     rows = []
     for s in plan.sites:
         errs = [e for e in s.errors if e is not None]
+        tile = "-" if not s.tiled else (f"{s.tile[0]}x{s.tile[1]}" if s.tile is not None else "frame")
+        masks = summarize_masks(s.masks) if s.masks else "dense"
+        if s.step_ranges:
+            masks = f"[{len(s.step_ranges)} step ranges, see below] " + masks
         rows.append([
             s.name, s.kind, s.layout.describe() if s.layout is not None else "-", str(s.num_heads), s.status,
-            summarize_masks(s.masks) if s.masks else "dense", _fmt(s.density if s.tiled or s.masks else 1.0),
-            _fmt(max(errs) if errs else None, ".4f"), s.reason,
+            tile, family_summary(s.masks) if s.tiled else "-", masks,
+            _fmt(s.density if s.tiled or s.masks else 1.0), _fmt(max(errs) if errs else None, ".4f"), s.reason,
         ])
     return rows
 
 
-HEADER = ["site", "kind", "layout", "heads", "status", "masks (per head)", "density", "max error", "note"]
+HEADER = ["site", "kind", "layout", "heads", "status", "tile", "families", "masks (per head)", "density",
+          "max error", "note"]
+
+
+def format_step_ranges(plan: Plan) -> list[str]:
+    """Per step-aware site and range: the timestep bound, the families and the masks per head."""
+    out = []
+    for s in plan.sites:
+        if not (s.tiled and s.step_ranges):
+            continue
+        out.append(f"{s.name}:")
+        prev = None
+        for r in s.step_ranges:
+            span = (f"t >= {r.min_timestep:g}" if r.min_timestep is not None else "every lower t") + \
+                (f" (and < {prev:g})" if prev is not None and r.min_timestep is not None else "")
+            dens = sum(r.densities) / len(r.densities) if r.densities else float("nan")
+            out.append(f"  {span}: density {dens:.3f}; {family_summary(r.masks)}; {' '.join(m.name for m in r.masks)}")
+            prev = r.min_timestep
+    return out
 
 
 def format_table(plan: Plan) -> str:
@@ -63,6 +93,9 @@ def format_table(plan: Plan) -> str:
         out.append(f"no site tiled ({len(plan.sites)} site(s))")
     out += ["", line(HEADER), line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
+    ranges = format_step_ranges(plan)
+    if ranges:
+        out += ["", "step ranges (masks per range of the denoising timestep, high first):"] + ranges
     return "\n".join(out) + "\n"
 
 
@@ -109,7 +142,7 @@ def write_heatmaps(plan: Plan, directory) -> list[Path]:
             im = ax.imshow(fm[h], cmap="magma", vmin=0.0, vmax=vmax, interpolation="nearest")
             mask = _head_mask(s, h)
             if mask is not None:
-                keep = mask.frame_mask(T)
+                keep = _frame_keep(mask, s, T)
                 for i in range(T):
                     for j in range(T):
                         if keep[i, j]:
@@ -137,3 +170,19 @@ def _head_mask(s: SitePlan, h: int):
     if not s.masks:
         return None
     return s.masks[h] if len(s.masks) > 1 else s.masks[0]
+
+
+def _frame_keep(mask, s: SitePlan, T: int):
+    """``(T, T)`` bool: query frame i keeps some key unit of frame j (for a frame tile mask, its frame mask)."""
+    import torch
+
+    from ..masks.units import UnitGrid
+
+    if s.layout is None or (s.tile is None and not mask.needs_tiles):
+        return mask.unit_mask(UnitGrid.frames(T, 1, 1)) if not mask.dense else torch.ones(T, T, dtype=torch.bool)
+    grid = s.unit_grid()
+    if mask.dense:
+        return torch.ones(T, T, dtype=torch.bool)
+    um = mask.unit_mask(grid)
+    upf = grid.units_per_frame
+    return um.view(T, upf, T, upf).any(3).any(1)

@@ -32,11 +32,17 @@ def observe_site(q, k, v, anchor, state_id: int, template_id: int, scale: float,
     if cal is None:
         from ..calibration.collector import SiteCalibrator
 
-        cands = state.config.candidate_masks() if hasattr(state.config, "candidate_masks") else None
-        cal = state.calibrators[site.name] = SiteCalibrator(site.name, site.layout, site.num_heads, cands)
+        cfg = state.config
+        cands = cfg.candidate_masks() if hasattr(cfg, "candidate_masks") else None
+        cal = state.calibrators[site.name] = SiteCalibrator(
+            site.name, site.layout, site.num_heads, cands, families=getattr(cfg, "families", ("tile",)),
+            tile_tokens=getattr(cfg, "tile_tokens", None), method="auto")
     q, k, v = (_as_bhld(t, x.detach()) for x in (q, k, v))
+    from .timestep import call_timestep
+
+    step = call_timestep(state.root, *state.call)  # statistics per denoising step (step-aware plans)
     if _nothing_masked(mask):
-        cal.observe(q, k, v, scale)
+        cal.observe(q, k, v, scale, timestep=step)
         return None
     lens = None if t.merged_heads else servable_lengths(mask, site.layout, q.shape[0], q.shape[2])
     if lens is None:
@@ -44,7 +50,8 @@ def observe_site(q, k, v, anchor, state_id: int, template_id: int, scale: float,
                         "at the end of the sequence during calibration (such calls run dense); it is not calibrated on it")
         return None
     for b, m in enumerate(lens):  # the valid tokens only: what the model (and the op) attend to
-        cal.observe(q[b:b + 1, :, :m], k[b:b + 1, :, :m], v[b:b + 1, :, :m], scale, padding_cut=True)
+        cal.observe(q[b:b + 1, :, :m], k[b:b + 1, :, :m], v[b:b + 1, :, :m], scale, padding_cut=True,
+                    timestep=step)
     return None
 
 

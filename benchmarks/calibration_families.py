@@ -1,0 +1,174 @@
+"""Density vs quality of calibrated plans on the embedded model, the demo's way: tile-only vs all families vs
+all families + step ranges, at several error budgets.
+
+    python benchmarks/calibration_families.py [--budgets 0.05,0.1] [--modes tile,all,all+steps3] [--json out.jsonl]
+        [--curve docs/calibration_curve.png]
+
+Like ``vdit-compile demo``: calibrate on the demo's calibration prompt(s) (``--calib-prompts``, 4 steps), sample
+its scored prompts (``--prompts``, 10 steps, fixed seeds) densely once and with each plan, and report
+
+* ``mean_density``: mean over *all* 3D sites and heads of the kept fraction of L x L (dense sites count 1.0);
+  a step-aware plan's is weighted by the share of the sampling calls falling in each step range;
+* ``psnr_db``: mean PSNR of the optimised clips vs the dense clips (``vdit_compile.eval.metrics.psnr``).
+
+``--curve`` draws PSNR vs density for every mode over the budgets (matplotlib PNG).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+MODES = {"tile": (("tile",), 1), "all": (("tile", "win3d", "spatial"), 1)}
+
+
+def parse_mode(name: str) -> tuple[tuple[str, ...], int]:
+    """``tile`` | ``all`` | ``<tile|all>+steps<K>``: the families and the step-range count of a mode."""
+    base, _, steps = name.partition("+steps")
+    if base not in MODES:
+        raise ValueError(f"unknown mode {name!r}: expected tile, all, or <tile|all>+steps<K>")
+    return MODES[base][0], int(steps) if steps else 1
+
+
+def plan_density(plan, call_timesteps: list) -> float:
+    """Mean head density over all 3D sites (dense ones 1.0), step ranges weighted by the sampling calls."""
+    from vdit_compile.plans.plan import TILEABLE_KINDS, step_range_index
+
+    sites = [s for s in plan.sites if s.kind in TILEABLE_KINDS and s.layout is not None]
+    per_call = []
+    for t in call_timesteps:
+        vals = []
+        for s in sites:
+            if not s.tiled:
+                vals += [1.0] * s.num_heads
+                continue
+            dens = s.densities
+            if s.step_ranges and t is not None:
+                dens = s.step_ranges[step_range_index(s.step_ranges, t)].densities
+            vals += list(dens) if len(dens) == s.num_heads else list(dens) * s.num_heads
+        per_call.append(sum(vals) / len(vals))
+    return sum(per_call) / len(per_call)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budgets", default="0.05,0.1")
+    ap.add_argument("--modes", default="tile,all,all+steps3")
+    ap.add_argument("--prompts", type=int, default=2, help="scored prompts (the demo's: 2)")
+    ap.add_argument("--steps", type=int, default=10, help="sampling steps (the demo's: 10)")
+    ap.add_argument("--calib-prompts", type=int, default=1, help="calibration prompts (the demo's: 1)")
+    ap.add_argument("--calib-steps", type=int, default=4, help="calibration steps per prompt (the demo's: 4)")
+    ap.add_argument("--tile-tokens", type=int, default=None, help="token tile of window families (default rule)")
+    ap.add_argument("--json", default=None, help="append one JSON line per (mode, budget)")
+    ap.add_argument("--curve", default=None, help="write the PSNR-vs-density picture here (PNG)")
+    args = ap.parse_args()
+
+    import vdit_compile
+    from vdit_compile.calibration import CalibrationSettings, capture_transformer_inputs
+    from vdit_compile.calibration.run import build_plan
+    from vdit_compile.eval.demo import CALIB_OFFSET
+    from vdit_compile.eval.metrics import psnr
+    from vdit_compile.eval.prompts import prompt_set
+    from vdit_compile.eval.sampling import sample
+    from vdit_compile.models.embedded import load_pipeline
+    from vdit_compile.runtime.timestep import call_timestep
+
+    torch.manual_seed(0)
+    pipe = load_pipeline(device="cpu")
+    ps = prompt_set(args.prompts)
+    seen: list = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(call_timestep(m, a, kw)), with_kwargs=True)
+    dense = sample(pipe, ps.prompts, ps.seeds, args.steps, None, 1, False).clips
+    hook.remove()
+    calib = prompt_set(args.calib_prompts, CALIB_OFFSET).prompts
+    inputs = capture_transformer_inputs(pipe, calib, num_inference_steps=args.calib_steps, device=None, progress=False)
+    rows = []
+    modes = [(m, *parse_mode(m)) for m in args.modes.split(",")]
+    stats: dict = {}  # families -> (calibrators, sites, seconds): statistics do not depend on budget or ranges
+    for mode, families, ranges in modes:
+        if families not in stats:
+            stats[families] = collect(pipe, inputs, families, args.tile_tokens)
+        cals, sites, secs = stats[families]
+        for b in (float(x) for x in args.budgets.split(",")):
+            settings = CalibrationSettings(error_budget=b, num_prompts=len(calib), num_inference_steps=args.calib_steps,
+                                           families=list(families), step_ranges=ranges, tile_tokens=args.tile_tokens)
+            plan = build_plan(pipe.transformer, cals, settings, sites)
+            vdit_compile.optimize(pipe, plan=plan, progress=False)
+            try:
+                clips = sample(pipe, ps.prompts, ps.seeds, args.steps, None, 1, False).clips
+            finally:
+                vdit_compile.restore(pipe)
+            vals = [v for v in psnr(clips, dense) if math.isfinite(v)]
+            fams: dict[str, int] = {}
+            for s in plan.sites:
+                for r in (s.step_ranges or []) or ([None] if s.tiled else []):
+                    for m in (r.masks if r is not None else s.masks):
+                        fams[m.family if not m.dense else "dense"] = fams.get(m.family if not m.dense else "dense", 0) + 1
+            row = {"mode": mode, "budget": b, "mean_density": round(plan_density(plan, seen), 4),
+                   "psnr_db": round(sum(vals) / len(vals), 2) if vals else float("inf"),
+                   "tiled_sites": len(plan.tiled_sites()), "sites": len(plan.sites),
+                   "step_ranges": [len(s.step_ranges) for s in plan.sites if s.step_ranges][:1] or [1],
+                   "head_masks_by_family": fams, "calibration_seconds": round(secs, 1)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.json:
+                with open(args.json, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+    print(f"embedded model on CPU; calibration {len(calib)} prompt(s) x {args.calib_steps} steps; "
+          f"{len(ps)} scored prompts x {args.steps} steps")
+    if args.curve:
+        draw_curve(rows, args.curve)
+
+
+def collect(pipe, inputs, families, tile_tokens):
+    """Run calibration once for a family set and keep its calibrators and sites (plans at any budget and
+    step-range count are then built from them, as ``optimize`` would)."""
+    import vdit_compile
+    import vdit_compile.calibration.run as run_mod
+
+    kept = {}
+    original = run_mod.build_plan
+
+    def keep(module, calibrators, settings=None, sites=None):
+        kept.update(cals=dict(calibrators), sites=list(sites or []))
+        return original(module, calibrators, settings, sites)
+
+    t0 = time.perf_counter()
+    run_mod.build_plan = keep  # optimize imports it at call time; put back right after
+    try:
+        vdit_compile.optimize(pipe, calib_inputs=inputs, progress=False, families=tuple(families),
+                              tile_tokens=tile_tokens)
+    finally:
+        run_mod.build_plan = original
+        vdit_compile.restore(pipe)
+    return kept["cals"], kept["sites"], time.perf_counter() - t0
+
+
+def draw_curve(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        pts = sorted((r["mean_density"], min(r["psnr_db"], 60.0), r["budget"]) for r in rows if r["mode"] == mode)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=mode)
+        for d, p, b in pts:
+            ax.annotate(f"{b:g}", (d, p), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set_xlabel("mean density over all 3D sites (1 = dense)")
+    ax.set_ylabel("PSNR vs dense (dB)")
+    ax.set_title("embedded model, CPU: calibrated plans (labels: error budget)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Calibration over every mask family, per step range, and on block-mass statistics with exact verification,
+against independent element-level oracles (dense softmax with each family's element mask, float64)."""
+import pytest
+import torch
+
+from vdit_compile.calibration import CalibrationSettings, SiteCalibrator, build_plan
+from vdit_compile.calibration.candidates import default_family_candidates
+from vdit_compile.calibration.run import prepare_verification
+from vdit_compile.calibration.steps import choose_step_ranges
+from vdit_compile.layout import TokenLayout
+from vdit_compile.masks import (
+    TileMask,
+    UnitGrid,
+    Window3D,
+    masks_density,
+)
+from vdit_compile.plans import Plan
+
+ALL = ("tile", "win3d", "spatial")
+
+
+def _rand(layout, B=1, H=2, D=8, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, layout.seq_len, D, generator=g, dtype=dtype) for _ in range(3)]
+
+
+def _masked(q, k, v, mask, scale):
+    s = (q @ k.transpose(-1, -2)) * scale
+    return torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v
+
+
+def _exact_errors(q, k, v, layout, grid, masks, scale):
+    dense = _masked(q, k, v, torch.ones(layout.seq_len, layout.seq_len, dtype=torch.bool), scale)
+    out = []
+    for m in masks:
+        em = torch.ones(layout.seq_len, layout.seq_len, dtype=torch.bool) if m.dense else m.element_mask(layout, grid)
+        o = _masked(q, k, v, em, scale)
+        out.append(((o - dense).pow(2).sum((0, 2, 3)) / dense.pow(2).sum((0, 2, 3))).sqrt())
+    return torch.stack(out, 1)  # (H, C)
+
+
+@pytest.mark.parametrize("layout", [TokenLayout(3, 4, 4, 2, 3), TokenLayout(4, 2, 6)])
+def test_every_family_scored_exactly_on_token_tiles(layout):
+    q, k, v = _rand(layout, B=2, seed=layout.seq_len)
+    cal = SiteCalibrator("s", layout, 2, families=ALL, tile_tokens=4, block_bytes=20000)
+    assert not cal.grid.is_frames and cal.grid.unit_tokens == 4
+    cal.observe(q, k, v, 0.5, timestep=900.0)
+    want = _exact_errors(q, k, v, layout, cal.grid, cal.candidates, 0.5)
+    assert torch.allclose(cal.candidate_errors(), want, atol=1e-9)
+    fams = {m.family for m in cal.candidates}
+    assert fams == {"tile", "win3d", "spatial"}
+    # frame mass folds the unit mass: rows sum to one and match a dense oracle's frame blocks
+    fm = cal.frame_mass().double()
+    rows = fm.sum(-1)[:, : layout.num_frames + (1 if layout.text_prefix + layout.text_suffix else 0)]
+    assert torch.allclose(rows, torch.ones_like(rows), atol=1e-6)
+
+
+def test_candidates_are_distinct_unit_masks_frame_level_first():
+    grid = UnitGrid(4, 4, 4, 2, 2)
+    cands = default_family_candidates(ALL, grid)
+    assert cands[-1].dense and cands[0].family == "tile"
+    keys = [m.unit_mask(grid).numpy().tobytes() for m in cands[:-1]]
+    assert len(set(keys)) == len(keys) and not any(m.unit_mask(grid).all() for m in cands[:-1])
+    first_window = next(i for i, m in enumerate(cands) if m.family != "tile")
+    assert all(m.family == "tile" for m in cands[:first_window])
+    # a 3D window equal to a frame tile at this grid is dropped in favour of the frame tile
+    assert Window3D(0, 2, 2) not in cands and TileMask(0, 0) in cands
+
+
+def _local(layout, grid, B=1, H=2, D=16, strength=8.0, seed=0):
+    """Each token's q/k carry a strong direction of its own unit: attention stays inside each unit."""
+    g = torch.Generator().manual_seed(seed)
+    c = grid.token_coords()
+    uid = (c[:, 0] * grid.units_per_frame + c[:, 1] * grid.tiles_w + c[:, 2]) % D
+    basis = torch.zeros(layout.seq_len, D, dtype=torch.float64)
+    basis[torch.arange(layout.video_tokens), uid] = strength
+    q = basis + 0.1 * torch.randn(B, H, layout.seq_len, D, generator=g, dtype=torch.float64)
+    k = basis + 0.1 * torch.randn(B, H, layout.seq_len, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, H, layout.seq_len, D, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+def test_step_ranges_split_where_attention_changes_and_plan_round_trips(tmp_path):
+    layout = TokenLayout(4, 4, 4)
+    cal = SiteCalibrator("blocks.0.attn1", layout, 2, families=ALL, tile_tokens=4)
+    for t, seed in ((900.0, 1), (700.0, 2)):  # early steps: global attention (random)
+        cal.observe(*_rand(layout, H=2, D=16, seed=seed, dtype=torch.float64), 0.25, timestep=t)
+    for t, seed in ((300.0, 3), (100.0, 4)):  # late steps: attention inside each token tile
+        cal.observe(*_local(layout, cal.grid, seed=seed), 0.25, timestep=t)
+    assert cal.timesteps == [900.0, 700.0, 300.0, 100.0]
+    ranges = choose_step_ranges([cal], 3, 0.05)
+    assert ranges == [[900.0, 700.0], [300.0, 100.0]]  # a third range gains nothing
+    plan = build_plan(torch.nn.Linear(2, 2), {cal.name: cal}, CalibrationSettings(error_budget=0.05, step_ranges=3))
+    sp = plan.sites[0]
+    assert sp.tiled and [r.min_timestep for r in sp.step_ranges] == [700.0, None]
+    late = sp.step_ranges[1]
+    assert all(m.needs_tiles for m in late.masks) and sp.tile == (cal.grid.tile_h, cal.grid.tile_w)
+    assert all(m.dense for m in sp.step_ranges[0].masks) and sp.masks == sp.step_ranges[0].masks
+    assert plan.step_range_of(800.0) == 0 and plan.step_range_of(150.0) == 1
+    assert late.densities[0] == pytest.approx(masks_density([late.masks[0]], layout, cal.grid))
+    again = Plan.load(plan.save(tmp_path / "p.json"))
+    assert again.to_dict() == plan.to_dict()
+    from vdit_compile.plans.show import format_table, write_heatmaps
+
+    table = format_table(again)
+    assert "step ranges" in table and "t >= 700" in table and "every lower t" in table
+    assert f"{cal.grid.tile_h}x{cal.grid.tile_w}" in table and "dense 2" in table
+    assert len(write_heatmaps(again, tmp_path / "maps")) == 1
+    # without step ranges the worst steps decide: every head dense
+    one = build_plan(torch.nn.Linear(2, 2), {cal.name: cal}, CalibrationSettings(error_budget=0.05))
+    assert one.sites[0].status == "dense" and one.sites[0].step_ranges is None
+
+
+def test_frame_level_choices_need_no_tile():
+    layout = TokenLayout(4, 2, 2)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.arange(4).repeat_interleave(4)
+    basis = torch.zeros(16, 16, dtype=torch.float64)
+    basis[torch.arange(16), ids] = 8.0  # frame-local attention: the frame tile g0w0 is exact
+    q, k = (basis + 0.1 * torch.randn(1, 2, 16, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(1, 2, 16, 16, generator=g, dtype=torch.float64)
+    cal = SiteCalibrator("s", layout, 2, families=ALL, tile_tokens=1)
+    cal.observe(q, k, v, 0.25)
+    sp = build_plan(torch.nn.Linear(2, 2), {"s": cal}, CalibrationSettings(error_budget=0.05)).sites[0]
+    assert sp.masks == [TileMask(0, 0)] * 2 and sp.tile is None
+
+
+def test_no_candidate_within_bounds_is_reported_not_crashing():
+    layout = TokenLayout(3, 2, 2)
+    cal = SiteCalibrator("s", layout, 2)
+    cal.observe(*_rand(layout), 0.5)
+    res = cal.result(0.0, max_density=None)  # only dense meets error 0; with no density bound: no None format
+    assert all(m.dense for m in res.masks)
+    res = cal.result(1e-12, max_density=0.5)
+    assert not any(res.within_budget) and "density <= 0.5" in res.notes[0]
+
+
+def test_mass_method_estimates_then_verifies_exactly():
+    layout = TokenLayout(4, 4, 4, 3, 0)
+    calls = [(_rand(layout, B=1, H=3, D=16, seed=s), t) for s, t in ((5, 900.0), (6, 500.0))]
+    calls.append(((_local(layout, UnitGrid(4, 4, 4, 2, 2), H=3)), 100.0))
+    ex = SiteCalibrator("s", layout, 3, families=ALL, tile_tokens=4, method="exact")
+    ms = SiteCalibrator("s", layout, 3, families=ALL, tile_tokens=4, method="mass")
+    for (q, k, v), t in calls:
+        ex.observe(q, k, v, 0.3, timestep=t)
+        ms.observe(q, k, v, 0.3, timestep=t)
+    assert torch.allclose(ex.frame_mass(), ms.frame_mass(), atol=1e-5)  # same statistics, other path
+    est = ms.candidate_errors()
+    assert torch.isfinite(est).all() and (est[:, [m.dense for m in ms.candidates].index(True)] < 1e-6).all()
+    budget = 0.2
+    cfg = CalibrationSettings(error_budget=budget)
+    assert prepare_verification({"s": ms}, cfg) and not prepare_verification({"s": ex}, cfg)
+    for (q, k, v), t in calls:  # the second pass
+        ms.observe(q, k, v, 0.3, timestep=t)
+    assert ms.observations == 3
+    got = ms.candidate_errors()
+    exact = ex.candidate_errors()
+    verified = torch.isfinite(got[0])
+    assert verified.sum() < len(ms.candidates) and torch.allclose(got[:, verified], exact[:, verified], atol=1e-9)
+    res = ms.result(budget)
+    assert all(e <= budget for e in res.errors)  # the budget holds with the real output error
+    assert res.errors == pytest.approx([float(exact[h, ms.candidates.index(m)]) for h, m in enumerate(res.masks)])
