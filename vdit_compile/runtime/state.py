@@ -132,18 +132,22 @@ class OptimizeState:
             raise PlanMismatchError([f"site {site.name}: {len(masks)} head masks in the plan, {site.num_heads} heads now"])
         return self._if_it_pays(site, masks)
 
-    def _if_it_pays(self, site, masks: list[TileMask]) -> list[TileMask] | None:
+    def _if_it_pays(self, site, masks: list[MaskSpec]) -> list[MaskSpec] | None:
         """``masks``, or ``None`` where the cost model keeps the site dense (decided once per site, reason kept
         in :attr:`cost_decisions`); see :mod:`vdit_compile.runtime.cost_model`."""
-        decision = self.cost_decisions.get(site.name)
+        key = site.name if self.step_range is None else f"{site.name}@range{self.step_range}"
+        decision = self.cost_decisions.get(key)
         if decision is None:
-            from ..masks.tile import frame_masks, mask_density
+            from ..masks.base import masks_density
+            from ..masks.units import UnitGrid
             from .cost_model import should_rewrite
 
             param = next(self.root.parameters(), None)
             device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
             lay = site.layout
-            density = 1.0 if lay.is_dynamic else mask_density(frame_masks(masks, lay.num_frames), lay)
-            decision = self.cost_decisions[site.name] = should_rewrite(device, dtype, lay, density, site.num_heads,
+            tile = self.tile_for(site) or (lay.height, lay.width)
+            grid = UnitGrid(lay.num_frames, lay.height, lay.width, *tile, frame_minor=lay.order == "HWT")
+            density = 1.0 if lay.is_dynamic else masks_density(masks, lay, grid)
+            decision = self.cost_decisions[key] = should_rewrite(device, dtype, lay, density, site.num_heads,
                                                                        site.head_dim, self.config)
         return masks if decision[0] else None
