@@ -366,7 +366,7 @@ def main(argv=None) -> int:
     ap.add_argument("--masks", nargs="*", default=MASKS)
     ap.add_argument("--no-flex", dest="flex", action="store_false")
     ap.add_argument("--fwd-only", action="store_true")
-    ap.add_argument("--paths", nargs="*", default=None, choices=list(PATH_ENV),
+    ap.add_argument("--paths", nargs="*", default=None, choices=list(PATH_OPTIONS),
                     help="time ours once per forward path, one row each (default: the automatic path)")
     ap.add_argument("--tune", action="store_true", help="sweep tile configs instead of benchmarking")
     ap.add_argument("--tune-kinds", nargs="*", default=None, choices=["fwd", "fwd_tma", "fwd_tma_ws", "dkdv", "dq"],

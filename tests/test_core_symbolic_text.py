@@ -307,9 +307,9 @@ def test_calibration_under_padding_sees_only_valid_tokens(name, monkeypatch):
     seen = []
     observe = SiteCalibrator.observe
 
-    def spy(self, q, k, v, scale=None, padding_cut=False):
+    def spy(self, q, k, v, scale=None, padding_cut=False, **kw):
         seen.append((self.name, q.shape[2], padding_cut))
-        return observe(self, q, k, v, scale, padding_cut)
+        return observe(self, q, k, v, scale, padding_cut, **kw)
 
     monkeypatch.setattr(SiteCalibrator, "observe", spy)
     model, kw = build_tiny(name)

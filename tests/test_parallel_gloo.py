@@ -126,7 +126,7 @@ def _model_cases(world_size):
         m, kw = build()
         with torch.no_grad():
             dense = _out(m(**kw))
-            vdit_compile.optimize(m, plan=parse_mask(mask))
+            vdit_compile.optimize(m, plan=parse_mask(mask), cost_model="always")
             ref = _out(m(**kw))
             vdit_compile.restore(m)
             for mode in modes:
@@ -134,7 +134,7 @@ def _model_cases(world_size):
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     try:
-                        vdit_compile.optimize(m, plan=parse_mask(mask), parallel=par)
+                        vdit_compile.optimize(m, plan=parse_mask(mask), parallel=par, cost_model="always")
                         got = _out(m(**kw))
                         res = dict(err=rel_err(got, ref), tile_vs_dense=rel_err(ref, dense), bytes=par.stats.total)
                     except Exception as exc:  # noqa: BLE001 - reported and asserted on

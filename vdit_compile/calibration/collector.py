@@ -442,7 +442,7 @@ class SiteCalibrator:
             raise ValueError(f"error_budget must be >= 0, found {error_budget}")
         picks, notes = [], []
         order = range(len(self.candidates))
-        bound = "none" if max_density is None else f"{max_density:g}"
+        bound = "" if max_density is None else f" at density <= {max_density:g}"
         for h in range(self.num_heads):
             e = errs[h].tolist()
             in_bound = [c for c in order if max_density is None or dens[c] <= max_density + 1e-12]
@@ -452,7 +452,7 @@ class SiteCalibrator:
                 note = ""
             elif in_bound:
                 best = min(in_bound, key=lambda c: (e[c], dens[c], c))
-                note = (f"no mask within error {error_budget:g} at density <= {bound}; "
+                note = (f"no mask within error {error_budget:g}{bound}; "
                         f"took least-error {self.candidates[best].name} (error {e[best]:.4g})")
             else:
                 best = min(order, key=lambda c: (dens[c], e[c], c))
