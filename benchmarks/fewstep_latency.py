@@ -47,8 +47,8 @@ def main(argv=None) -> int:
                    help="torch.set_float32_matmul_precision for teacher and students alike ('high': TF32 matmuls "
                         "and TF32 dots in the tile kernel); each value is one full pass")
     a = p.parse_args(argv)
-    from vdit_compile.distill.loading import load_adapter
     from vdit_compile.distill.config import DistillConfig
+    from vdit_compile.distill.loading import load_adapter
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -74,8 +74,9 @@ def time_steps(step, warmup, reps):
 
 
 def run(args) -> list[dict]:
-    import vdit_compile
     from diffusers import WanTransformer3DModel
+
+    import vdit_compile
     from vdit_compile import TileMask
     from vdit_compile.parallel import Parallel
 

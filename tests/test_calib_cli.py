@@ -77,6 +77,7 @@ def test_inspect_module(capsys):
 
 def test_calibrate_module_then_apply_plan(tmp_path, capsys):
     from calib_helpers import tiny_wan_module, wan_inputs
+
     import vdit_compile
 
     inputs = tmp_path / "inputs.pt"
@@ -98,8 +99,8 @@ def test_calibrate_module_then_apply_plan(tmp_path, capsys):
     model = tiny_wan_module()
     vdit_compile.optimize(model, plan=str(out), config=vdit_compile.config.OptimizeConfig(progress=False))
     vdit_compile.restore(model)
-    from diffusers import WanTransformer3DModel
     from calib_helpers import WAN_CONFIG
+    from diffusers import WanTransformer3DModel
 
     other = WanTransformer3DModel(**{**WAN_CONFIG, "num_layers": 3})
     with pytest.raises(ValueError, match="structure fingerprint differs"):
@@ -132,6 +133,7 @@ def test_calibrate_pipeline_and_errors(tmp_path, capsys):
 def test_frame_local_model_gets_sparse_masks_at_the_default_budget(tmp_path, capsys):
     """End to end: capture -> calibrate -> plan -> apply, on a model whose attention is frame-local."""
     from calib_helpers import frame_local_dit
+
     import vdit_compile
 
     out = tmp_path / "plan.json"
@@ -156,6 +158,7 @@ def test_frame_local_model_gets_sparse_masks_at_the_default_budget(tmp_path, cap
 
 def test_inspect_gets_pipeline_inputs_from_one_step():
     from argparse import Namespace
+
     from vdit_compile.cli.cmd_inspect import example_inputs_for
 
     pipe = _Pipe()

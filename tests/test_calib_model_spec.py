@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from vdit_compile.cli.model_spec import (
-    ModelSpecError, load_example_inputs, load_input_list, load_model, load_model_and_inputs,
+    ModelSpecError,
+    load_example_inputs,
+    load_input_list,
+    load_model,
+    load_model_and_inputs,
 )
 
 HELPERS = str(Path(__file__).with_name("calib_helpers.py"))

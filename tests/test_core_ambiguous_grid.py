@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from core_models import MaskedSDPA, out_of, rel_err
 
 import vdit_compile as vc
 from vdit_compile import TileMask
 from vdit_compile.capture import state_of
-
-from core_models import MaskedSDPA, out_of, rel_err
 
 C = T = 4
 

@@ -5,14 +5,13 @@ import warnings
 
 import pytest
 import torch
+from core_models import build_tiny, reference_output, with_valid_text
 
 import vdit_compile as vc
 from vdit_compile import OptimizeConfig, TileMask
 from vdit_compile.capture import state_of
 from vdit_compile.passes.registry import register_pass, registered_passes, unregister_pass
 from vdit_compile.plans import PlanMismatchError
-
-from core_models import build_tiny, reference_output, with_valid_text
 
 
 def _out(o):
@@ -185,6 +184,7 @@ def test_graph_shared_by_blocks_gets_each_blocks_masks():
     """A graph break in the block loop makes Dynamo compile one graph per block *class*, shared by
     every block; the rewrite resolves the running block at run time and applies its own masks."""
     from core_models import ManualDiT, ManualDiTGraphBreak
+
     from vdit_compile.plans import Plan
 
     _, kw = build_tiny("manual")

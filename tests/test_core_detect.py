@@ -4,11 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from core_models import build_tiny
 
 from vdit_compile.passes.attention import find_attention
 from vdit_compile.passes.grid import infer_grid
-
-from core_models import build_tiny
 
 Q = torch.randn(2, 3, 10, 8)
 K = torch.randn(2, 3, 10, 8)
@@ -94,6 +93,7 @@ def test_ambiguous_channel_axis_is_marked_guessed_or_refused():
 def test_token_order_probe_rejects_non_frame_major():
     """Same shapes, same cat, but tokens ordered H, W, T: the probe notices; the site stays dense."""
     from core_models import ManualDiT
+
     import vdit_compile as vc
 
     _, kw = build_tiny("manual")

@@ -10,12 +10,11 @@ import os
 
 import pytest
 import torch
+from core_models import build_tiny
 
 import vdit_compile as vc
 from vdit_compile import TileMask
 from vdit_compile.capture import state_of
-
-from core_models import build_tiny
 
 DEVICES = [
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),

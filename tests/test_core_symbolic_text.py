@@ -17,6 +17,7 @@ import warnings
 
 import pytest
 import torch
+from core_models import EXPECTED, TEXT, build_tiny, out_of, reference_output, rel_err, with_valid_text
 
 import vdit_compile as vc
 from vdit_compile import TileMask
@@ -25,8 +26,6 @@ from vdit_compile.capture import state_of
 from vdit_compile.layout import TokenLayout
 from vdit_compile.ops import dense_masked_attention
 from vdit_compile.runtime.padding import padded_tile_attention, valid_lengths
-
-from core_models import EXPECTED, TEXT, build_tiny, out_of, reference_output, rel_err, with_valid_text
 
 MODELS = ["mochi", "hunyuan15", "framepack"]
 VALID = (TEXT, 5)  # valid text tokens of the two prompts

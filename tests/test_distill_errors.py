@@ -1,6 +1,5 @@
 """Bad inputs get a clear error before any training starts, and nothing written is overwritten."""
 import json
-from pathlib import Path
 
 import pytest
 

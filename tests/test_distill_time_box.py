@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from vdit_compile.distill import DistillConfig
+from vdit_compile.distill import trainer as trainer_mod
 from vdit_compile.distill.checkpoint import latest_checkpoint
 from vdit_compile.distill.config import DistillConfigError
 from vdit_compile.distill.losses import mlcd_loss
-from vdit_compile.distill import trainer as trainer_mod
 from vdit_compile.distill.trainer import Interrupted, StageTrainer, autocast_factory, lr_factor
 
 

@@ -2,8 +2,15 @@
 import pytest
 import torch
 
-from vdit_compile.models.embedded import (CaptionTokenizer, EmbeddedPipeline, data, load_pipeline, read_config,
-                                          save_embedded, weights_available)
+from vdit_compile.models.embedded import (
+    CaptionTokenizer,
+    EmbeddedPipeline,
+    data,
+    load_pipeline,
+    read_config,
+    save_embedded,
+    weights_available,
+)
 from vdit_compile.models.embedded.pipeline import save_gif
 
 PROMPT = "a small red circle moving left slowly over a dark blue background"

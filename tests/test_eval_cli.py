@@ -1,8 +1,6 @@
 """`vdit-compile score` and `vdit-compile demo` end to end on the tiny random embedded model (CPU)."""
 import json
 
-import pytest
-
 from vdit_compile.cli.main import main
 
 

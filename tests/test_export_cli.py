@@ -1,10 +1,8 @@
 """``vdit-compile export``: a real export with --check, and every bad input giving a clear error."""
-import json
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("onnxruntime")
 

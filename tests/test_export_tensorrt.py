@@ -63,6 +63,7 @@ def test_missing_tensorrt_message():
 @pytest.mark.skipif(not _trt_available(), reason="needs torch_tensorrt, TensorRT and a CUDA device")
 def test_tensorrt_engine_fp16(tmp_path):  # pragma: no cover - not runnable on the machines of this project
     import tensorrt as trt
+
     from vdit_compile.export.tensorrt import check_tensorrt, to_tensorrt
 
     model, inputs = build_tiny("wan")

@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from family_cases import FAMILY_CASES, case_args, element_oracle
+
 from vdit_compile import TileMask, TokenLayout
 from vdit_compile.export.decompose import band_tile_attention, decompose_tile_attention
 from vdit_compile.export.onnx_attention import tile_attention_custom_node, tile_attention_onnx

@@ -8,14 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from core_models import build_tiny, out_of, rel_err
 from torch.overrides import TorchFunctionMode
 
 import vdit_compile as vc
 from vdit_compile import SpatialWindow, TileMask, Window3D
 from vdit_compile.capture import state_of
 from vdit_compile.plans import Plan, StepRange
-
-from core_models import build_tiny, out_of, rel_err
 
 
 class ElementMaskedSDPA(TorchFunctionMode):

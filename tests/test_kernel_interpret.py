@@ -68,11 +68,12 @@ def _cases():
 def _op_path_case():
     """The op end to end through the kernels (every family: frame tiles with a dense head, a 3D window and a
     spatial window on token tiles, so the reorder runs too) against SDPA with the family's element mask."""
+    import importlib
+
     import torch
 
     from vdit_compile import SpatialWindow, TileMask, TokenLayout, Window3D
     from vdit_compile.masks import UnitGrid
-    import importlib
 
     op_mod = importlib.import_module("vdit_compile.ops.tile_attention")
     from vdit_compile.ops.args import encode_masks, op_grid
@@ -126,7 +127,6 @@ def _tma_rules_case():
 def _run_group(group: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     from vdit_compile.kernels.checks import check_case
-
     from vdit_compile.kernels.options import current
 
     tma = group.startswith("tma_")
@@ -192,11 +192,10 @@ def test_forward_path_selection_without_gpu(monkeypatch):
 def test_two_segment_rule(monkeypatch):
     """The four-load mask lookup is chosen exactly when frames are at least a block long on both sides."""
     from vdit_compile import TokenLayout
+    from vdit_compile.kernels.options import kernel_options
     from vdit_compile.kernels.tile_attention_triton import two_segment_blocks
     from vdit_compile.kernels.visit import Side, tile_plan
     from vdit_compile.masks.tile import TileMask
-
-    from vdit_compile.kernels.options import kernel_options
 
     side = Side.of(TokenLayout(3, 5, 8, 7, 5))  # P = 40
     plan = tile_plan(side, side, TileMask(1, 0).frame_mask(3)[None], 1, "cpu")
@@ -244,7 +243,6 @@ def test_table_row_decides_tma_where_it_fits(monkeypatch, tmp_path):
     pytest.importorskip("triton")
     from vdit_compile.kernels import configs
     from vdit_compile.kernels import tile_attention_triton as tat
-
     from vdit_compile.kernels.options import kernel_options
 
     monkeypatch.setattr(tat, "_tma_misfit", lambda q, k, v, cfgs: None)

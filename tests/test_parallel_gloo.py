@@ -12,9 +12,9 @@ import warnings
 
 import pytest
 import torch
+from family_cases import FAMILY_CASES, case_args, element_oracle
 
 import vdit_compile
-from family_cases import FAMILY_CASES, case_args, element_oracle
 from vdit_compile import TileMask, TokenLayout
 from vdit_compile.masks import parse_mask
 from vdit_compile.masks.tile import frame_masks

@@ -11,7 +11,12 @@ from vdit_compile.cli.main import main as cli_main
 from vdit_compile.layout import TokenLayout
 from vdit_compile.masks import TileMask
 from vdit_compile.plans import (
-    PLAN_VERSION, Plan, PlanError, PlanMismatchError, model_fingerprint, structure_summary,
+    PLAN_VERSION,
+    Plan,
+    PlanError,
+    PlanMismatchError,
+    model_fingerprint,
+    structure_summary,
 )
 from vdit_compile.plans.show import format_table
 

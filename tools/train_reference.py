@@ -24,7 +24,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import random
 import shutil
 import signal
@@ -38,10 +37,21 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vdit_compile.models.embedded import (SCHEDULER_CONFIG, TEXT_ENCODER_CONFIG, TINY_TEXT_ENCODER_CONFIG,  # noqa: E402
-                                          TINY_TRANSFORMER_CONFIG, TRANSFORMER_CONFIG, WEIGHTS_DIR, CaptionTokenizer,
-                                          build_text_encoder, build_transformer, data, load_pipeline, save_embedded,
-                                          save_gif)
+from vdit_compile.models.embedded import (  # noqa: E402
+    SCHEDULER_CONFIG,
+    TEXT_ENCODER_CONFIG,
+    TINY_TEXT_ENCODER_CONFIG,
+    TINY_TRANSFORMER_CONFIG,
+    TRANSFORMER_CONFIG,
+    WEIGHTS_DIR,
+    CaptionTokenizer,
+    build_text_encoder,
+    build_transformer,
+    data,
+    load_pipeline,
+    save_embedded,
+    save_gif,
+)
 from vdit_compile.models.worlds import WORLDS
 
 GRID_PROMPTS = [

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import ops  # registers torch.ops.vdit.*
+from .api import NoAttentionFoundError, inspect_model, optimize, plan_of, restore, sites_of
+from .config import OptimizeConfig
 from .layout import TokenLayout
 from .masks import SpatialWindow, TileMask, Window3D, parse_mask
-from . import ops  # registers torch.ops.vdit.*
-from .config import OptimizeConfig
 from .passes.detect import AttentionSite
-from .api import NoAttentionFoundError, inspect_model, optimize, plan_of, restore, sites_of
-
 
 
 def __getattr__(name):

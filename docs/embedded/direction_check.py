@@ -1,9 +1,14 @@
 # Run from the repository root: PYTHONPATH=. python docs/embedded/direction_check.py [WEIGHTS_DIR [OUT.json [N]]]
 # (CPU: ~25 min on a busy 2-core box for N=6; seconds on a GPU)
 """Does the model follow motion-direction words? Opposite prompts, same seeds, 20 steps, g=3."""
-import json, sys, torch
+import json
+import sys
 from pathlib import Path
+
+import torch
+
 from vdit_compile.models.embedded import load_pipeline
+
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 pipe = load_pipeline(device=dev, weights=Path(sys.argv[1]) if len(sys.argv) > 1 else "default")
 out_path = sys.argv[2] if len(sys.argv) > 2 else "direction_check.json"

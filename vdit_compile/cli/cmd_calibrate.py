@@ -11,8 +11,16 @@ import argparse
 import sys
 
 from ..validation import budget_float, density_float, positive_int
-from .model_spec import (ModelSpecError, add_model_arguments, input_dtype, is_pipeline, load_for_cli, load_input_list,
-                         move_inputs, parse_pipe_kwargs)
+from .model_spec import (
+    ModelSpecError,
+    add_model_arguments,
+    input_dtype,
+    is_pipeline,
+    load_for_cli,
+    load_input_list,
+    move_inputs,
+    parse_pipe_kwargs,
+)
 
 
 def register(subparsers) -> argparse.ArgumentParser:

@@ -10,7 +10,6 @@ import argparse
 import sys
 
 from ..validation import positive_int
-
 from .model_spec import ModelSpecError, add_model_arguments, load_for_cli
 
 
@@ -77,12 +76,11 @@ def _preflight(args):
 
 def _check_plan_arg(plan: str) -> None:
     """A --plan that is not a mask name must be a readable plan file (checked before the model loads)."""
-    from ..masks.tile import TileMask
-    from ..plans import Plan
-
     from pathlib import Path
 
     from ..export.errors import ExportError
+    from ..masks.tile import TileMask
+    from ..plans import Plan
 
     try:
         TileMask.parse(plan)

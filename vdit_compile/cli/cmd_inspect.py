@@ -9,8 +9,15 @@ import argparse
 import json
 import sys
 
-from .model_spec import (ModelSpecError, add_model_arguments, input_dtype, is_pipeline, load_for_cli, move_inputs,
-                         parse_pipe_kwargs)
+from .model_spec import (
+    ModelSpecError,
+    add_model_arguments,
+    input_dtype,
+    is_pipeline,
+    load_for_cli,
+    move_inputs,
+    parse_pipe_kwargs,
+)
 
 DEFAULT_PROMPT = "a red circle moving left"
 

@@ -33,5 +33,5 @@ def run_show(args) -> int:
         if paths:
             print(f"\nwrote {len(paths)} heatmap(s) to {args.heatmaps}")
         else:
-            print(f"\nno heatmaps written: the plan has no calibrated attention mass (uniform or all-dense plan)")
+            print("\nno heatmaps written: the plan has no calibrated attention mass (uniform or all-dense plan)")
     return 0

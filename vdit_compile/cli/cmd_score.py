@@ -42,7 +42,6 @@ def run(args) -> int:
     from ..eval.sampling import sample
     from ..eval.scorecard import card_header
     from ..eval.targets import TargetError, apply_plan, resolve_target
-
     from ..validation import check_device, check_output_file
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

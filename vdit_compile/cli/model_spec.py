@@ -8,15 +8,15 @@ import json
 from typing import Any
 
 from ..models.spec import (  # noqa: F401  (re-exported for the commands)
+    DTYPES,
+    SPEC_HELP,
     ModelSpecError,
-    load_model,
-    load_model_and_inputs,
+    is_pipeline,
     load_example_inputs,
     load_input_list,
-    is_pipeline,
+    load_model,
+    load_model_and_inputs,
     move_inputs,
-    SPEC_HELP,
-    DTYPES,
 )
 
 

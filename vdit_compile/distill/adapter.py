@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import zlib
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .loading import load_adapter
 from .config import DistillConfig
+from .loading import load_adapter
 from .schedule import FewStepSchedule, few_step_sample
 
 log = logging.getLogger(__name__)

@@ -81,7 +81,7 @@ def _segment_check(run: Path, S: int, device: str, prompts: int = 16) -> None:
     """The per-segment diagnostic of a finished MLCD stage, into ``RUN/mlcd/segments.json`` (printed too)."""
     from .loading import load_adapter
     from .schedule import FewStepSchedule
-    from .segments import load_student, format_rows, segment_errors
+    from .segments import format_rows, load_student, segment_errors
 
     cfg = json.loads((run / "config.json").read_text())
     adapter = load_adapter(cfg["model"], device=device)

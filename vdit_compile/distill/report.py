@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import time
 from pathlib import Path
@@ -83,8 +82,8 @@ def score_runs(run_dirs, device="cpu", prompts: int | None = None, out: Path | N
     timings compare like for like and no inductor compile is paid per model."""
     from vdit_compile.eval.scorecard import render_table, scorecard, to_json
 
-    from .loading import load_adapter
     from .config import DistillConfig
+    from .loading import load_adapter
     from .pipeline import load_run
 
     run_dirs = [Path(r) for r in run_dirs]
@@ -95,7 +94,7 @@ def score_runs(run_dirs, device="cpu", prompts: int | None = None, out: Path | N
     if teacher is None:
         raise ValueError(f"model {cfg0.model!r} has no pipeline to act as the dense teacher")
     t_steps = cfg0.eval_teacher_steps
-    card, clips, _ = scorecard(teacher, n, steps=t_steps, batch_size=bs, name=f"teacher dense", progress=progress,
+    card, clips, _ = scorecard(teacher, n, steps=t_steps, batch_size=bs, name="teacher dense", progress=progress,
                                return_clips=True)
     cards = [card]
     lat = {f"teacher dense {t_steps}": latency(teacher, t_steps, "a small red circle moving left over a black background")}
@@ -155,7 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     p.add_argument("--prompts", type=int, default=None)
     a = p.parse_args(argv)
-    res = score_runs(a.runs, device=a.device, prompts=a.prompts, out=Path(a.out))
+    score_runs(a.runs, device=a.device, prompts=a.prompts, out=Path(a.out))
     print((Path(a.out) / "scorecard.md").read_text())
     return 0
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from .loading import load_adapter
 from .checkpoint import CheckpointError, atomic_write_text, latest_checkpoint, verify_checkpoint
 from .config import DistillConfig, DistillConfigError, build_arg_parser, resolve_config
+from .loading import load_adapter
 from .pool import build_pool
 from .schedule import FewStepSchedule
 from .stages import RunContext, stage_kd, stage_masks, stage_mlcd

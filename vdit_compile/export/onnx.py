@@ -50,8 +50,8 @@ class ExportResult:
 
 def _require_onnx():
     try:
-        import onnxscript  # noqa: F401
         import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
     except ImportError as exc:
         raise MissingDependencyError("ONNX export (onnx, onnxscript)", "onnx", exc) from exc
 
@@ -217,7 +217,7 @@ def to_onnx(
     module = unwrap_model(model)
     plan = resolve_plan(model, example_inputs, plan)
     specs: list[SiteSpec] = site_specs(plan)
-    dynamic_shapes, axis, r = None, None, 1
+    axis, r = None, 1
     names_out = output_names(module, example_inputs)
     table = {torch.ops.vdit.tile_attention.default: tile_attention_onnx if attention == "standard" else tile_attention_custom_node}
     with export_adapters(module, example_inputs):

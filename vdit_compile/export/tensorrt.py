@@ -155,9 +155,8 @@ def _torch_dtype(trt, dt):
 
 def check_tensorrt(path, model, example_inputs: Mapping[str, Any], plan, seed: int = 1234) -> tuple[float, bool]:
     """Relative L2 error of the engine vs the fp32 PyTorch rewritten model on fresh inputs, and pass/fail."""
-    from .check import _flat_outputs, fresh_inputs, rewritten_reference
-
     from ..plans import Plan
+    from .check import _flat_outputs, fresh_inputs, rewritten_reference
 
     runner = TensorRTRunner(path)
     if not isinstance(plan, Plan):

@@ -6,5 +6,4 @@ whether the kernels can run here.  The core's ``torch.ops.vdit.tile_attention`` 
 """
 from .visit import Side, TilePlan, VisitList, clear_cache, tile_plan
 
-
 __all__ = ["Side", "TilePlan", "VisitList", "clear_cache", "tile_plan"]

@@ -29,8 +29,8 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ..layout import TokenLayout
 from .attention import gather_tokens, parallel_tile_attention, shard_tokens
-from .ulysses import check_heads
 from .shard_rules import Shard, Unshardable, map_getitem, map_permute, map_view
+from .ulysses import check_heads
 
 _VIEW = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"}
 _PERMUTE = {"permute", "transpose", "movedim", "swapaxes", "swapdims", "t", "mT", "moveaxis"}

@@ -30,8 +30,8 @@ import torch.fx
 from ..layout import TokenLayout
 from .attention import AttnMatch, example_shape, find_attention
 from .grid import GridInfo
-from .probe import select_grid
 from .naming import RootNames, local_module_path, param_placeholders, rebase, strip_self
+from .probe import select_grid
 from .registry import register_pass
 from .split import known_equal, static_int, trace_sequence_split
 

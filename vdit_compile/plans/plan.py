@@ -25,7 +25,6 @@ from typing import Iterable, Sequence
 
 from ..layout import TokenLayout
 from ..masks.base import MaskSpec, masks_density, parse_mask
-from ..masks.tile import TileMask
 from ..masks.units import UnitGrid
 from .fingerprint import model_class_name, model_fingerprint, structure_summary
 

@@ -1,9 +1,9 @@
 """Human views of a plan: a text table of sites and PNG heatmaps of the calibrated attention mass."""
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
-import re
 
 from .plan import Plan, SitePlan
 

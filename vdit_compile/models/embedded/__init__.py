@@ -13,8 +13,15 @@ from . import data
 from .checkpoint import load_embedded, read_config, save_embedded
 from .pipeline import DEFAULT_GUIDANCE_SCALE, EmbeddedPipeline, EmbeddedPipelineOutput, save_gif, save_mp4
 from .tokenizer import CaptionTokenizer
-from .transformer import (SCHEDULER_CONFIG, TEXT_ENCODER_CONFIG, TINY_TEXT_ENCODER_CONFIG, TINY_TRANSFORMER_CONFIG,
-                          TRANSFORMER_CONFIG, build_text_encoder, build_transformer)
+from .transformer import (
+    SCHEDULER_CONFIG,
+    TEXT_ENCODER_CONFIG,
+    TINY_TEXT_ENCODER_CONFIG,
+    TINY_TRANSFORMER_CONFIG,
+    TRANSFORMER_CONFIG,
+    build_text_encoder,
+    build_transformer,
+)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 

@@ -8,9 +8,9 @@ caption, used for classifier-free guidance) encodes to all zeros.
 from __future__ import annotations
 
 import torch
-from torch import nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
 
 
 class EmbeddedTextEncoder(ModelMixin, ConfigMixin):
