@@ -15,8 +15,8 @@ import time
 import torch
 
 import vdit_compile
+from vdit_compile.api import calibrate_model
 from vdit_compile.calibration import CalibrationSettings, capture_transformer_inputs
-from vdit_compile.calibration.run import calibrate_model
 from vdit_compile.models.spec import load_model
 
 CALIB = ["a red circle moving left", "a large blue square bouncing", "a small yellow triangle rotating",

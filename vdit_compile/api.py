@@ -16,7 +16,7 @@ raising Dynamo's recompile limits.
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -25,6 +25,9 @@ from .capture.install import install, state_of, uninstall
 from .config import OptimizeConfig
 from .masks.base import MaskSpec
 from .runtime.state import OptimizeState
+
+if TYPE_CHECKING:
+    from .plans import Plan
 
 
 class NoAttentionFoundError(ValueError):
@@ -237,3 +240,32 @@ def sites_of(model_or_pipe) -> list:
     _, module = _split(model_or_pipe)
     state = state_of(module)
     return state.site_list() if state is not None else []
+
+
+def calibrate_model(model_or_pipe, inputs: Sequence[dict], settings=None,
+                    progress: bool = True) -> Plan:
+    """Calibrate ``model_or_pipe``'s transformer on recorded forward kwargs and return the plan.
+
+    Runs :func:`vdit_compile.optimize` in calibration mode (every 3D site feeds a
+    :class:`SiteCalibrator`), takes its plan and restores the model, so the caller gets the
+    plan and an untouched model.  ``settings`` bookkeeping (prompts, steps) goes into the plan.
+    """
+    from .calibration.run import CalibrationSettings
+
+    settings = settings or CalibrationSettings()
+    extra = {"families": tuple(settings.families)} if settings.families is not None else {}
+    config = OptimizeConfig(error_budget=settings.error_budget, max_density=settings.max_density,
+                            candidates=settings.candidates, progress=progress, step_ranges=settings.step_ranges,
+                            tile_tokens=settings.tile_tokens, calib_checkpoint=settings.checkpoint, **extra)
+    try:
+        optimize(model_or_pipe, calib_inputs=list(inputs), config=config)
+        plan = plan_of(model_or_pipe)
+    finally:
+        restore(model_or_pipe)
+    if plan is None:
+        raise RuntimeError("optimize() finished without producing a plan")
+    calib = settings.to_dict()
+    calib["num_inputs"] = len(inputs)
+    calib["candidates"] = (plan.calibration or {}).get("candidates", calib["candidates"])
+    plan.calibration = calib
+    return plan

@@ -147,33 +147,3 @@ class _SiteStub:
     layout: object
     num_heads: int
     reason: str
-
-
-def calibrate_model(model_or_pipe, inputs: Sequence[dict], settings: CalibrationSettings | None = None,
-                    progress: bool = True) -> Plan:
-    """Calibrate ``model_or_pipe``'s transformer on recorded forward kwargs and return the plan.
-
-    Runs :func:`vdit_compile.optimize` in calibration mode (every 3D site feeds a
-    :class:`SiteCalibrator`), takes its plan and restores the model, so the caller gets the
-    plan and an untouched model.  ``settings`` bookkeeping (prompts, steps) goes into the plan.
-    """
-    from ..api import optimize, plan_of, restore
-    from ..config import OptimizeConfig
-
-    settings = settings or CalibrationSettings()
-    extra = {"families": tuple(settings.families)} if settings.families is not None else {}
-    config = OptimizeConfig(error_budget=settings.error_budget, max_density=settings.max_density,
-                            candidates=settings.candidates, progress=progress, step_ranges=settings.step_ranges,
-                            tile_tokens=settings.tile_tokens, calib_checkpoint=settings.checkpoint, **extra)
-    try:
-        optimize(model_or_pipe, calib_inputs=list(inputs), config=config)
-        plan = plan_of(model_or_pipe)
-    finally:
-        restore(model_or_pipe)
-    if plan is None:
-        raise RuntimeError("optimize() finished without producing a plan")
-    calib = settings.to_dict()
-    calib["num_inputs"] = len(inputs)
-    calib["candidates"] = (plan.calibration or {}).get("candidates", calib["candidates"])
-    plan.calibration = calib
-    return plan

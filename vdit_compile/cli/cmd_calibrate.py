@@ -115,7 +115,7 @@ def collect_inputs(obj, example, args, settings) -> list[dict]:
 
 
 def run(args) -> int:
-    from ..calibration.run import calibrate_model
+    from ..api import calibrate_model
     from ..plans.show import format_table, write_heatmaps
 
     try:

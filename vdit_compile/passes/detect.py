@@ -28,14 +28,13 @@ import torch
 import torch.fx
 
 from ..layout import TokenLayout
+from ..plans.plan import TILEABLE_KINDS  # one definition: the plan format owns it
 from .attention import AttnMatch, example_shape, find_attention
 from .grid import GridInfo
 from .naming import RootNames, local_module_path, param_placeholders, rebase, strip_self
 from .probe import select_grid
 from .registry import register_pass
 from .split import known_equal, static_int, trace_sequence_split
-
-TILEABLE_KINDS = ("video_self", "joint_text_prefix", "joint_text_suffix")
 
 
 @dataclass
