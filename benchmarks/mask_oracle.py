@@ -1,0 +1,149 @@
+"""Mask oracle: the sparsest mask each head could have, per family set, budget and step range.
+
+    python benchmarks/mask_oracle.py [--budgets 0.05,0.1,0.2] [--tile-tokens 1] [--calib-prompts 1]
+        [--calib-steps 4] [--ranges 3] [--json out.jsonl]
+
+It records the q, k, v of every 3D attention site of the embedded model while the pipeline denoises the
+demo's calibration prompt(s) (the inputs calibration sees), then for every head scores every candidate of the
+family set on every recorded call, exactly: the masked output of dense softmax attention under the
+candidate's element mask (``MaskSpec.element_mask``) against the dense output, error = pooled relative L2 of
+the head's output over the calls (the calibrator's measure). Per head, the sparsest candidate within the budget
+wins; the table gives the mean density over all heads and sites (text included). ``--tile-tokens 1`` states the
+window families at token granularity (element level: the reachable bound); the default is the calibration
+tile, which makes the oracle the bound for what a calibrated plan of the same candidates can reach.
+``--ranges K`` adds the step-aware figure: the calls are split into K contiguous timestep ranges of equal
+size and each range picks its own masks (its density weighted by its calls).
+
+Compare a calibrated plan with it: ``benchmarks/calibration_families.py`` (same prompts and steps).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+
+class RecordSDPA(TorchFunctionMode):
+    """Keeps q, k, v (and the call's index) of every SDPA call at the transformer's tileable sites."""
+
+    def __init__(self, sites):
+        super().__init__()
+        self.sites, self.calls, self.records = sites, 0, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            from vdit_compile.passes.attention import _SDPA_SIG
+
+            site = self.sites[self.calls % len(self.sites)]
+            self.calls += 1
+            if site.tileable:
+                a = _SDPA_SIG.bind(*args, **kwargs).arguments
+                self.records.append((site, a["query"].detach(), a["key"].detach(), a["value"].detach(),
+                                     a.get("scale") or a["query"].shape[-1] ** -0.5))
+        return func(*args, **kwargs)
+
+
+def score_site(records, candidates, layout, grid):
+    """``(C, H)`` squared error and ``(H,)`` squared norm per call, as lists over calls."""
+    masks = torch.stack([c.element_mask(layout, grid) for c in candidates])  # (C, L, L)
+    errs, norms = [], []
+    for q, k, v, scale in records:
+        s = (q.double() @ k.double().transpose(-1, -2)) * scale  # (B, H, L, L)
+        dense = torch.softmax(s, -1) @ v.double()
+        e = []
+        for m in masks:
+            o = torch.softmax(s.masked_fill(~m, float("-inf")), -1) @ v.double()
+            e.append((o - dense).square().sum(dim=(0, 2, 3)))
+        errs.append(torch.stack(e))
+        norms.append(dense.square().sum(dim=(0, 2, 3)))
+    return errs, norms
+
+
+def choose(err, norm, dens, budget):
+    """Per head, the density of the sparsest candidate with pooled relative error <= budget."""
+    rel = (err / norm.clamp_min(1e-300)).sqrt()  # (C, H)
+    out = []
+    for h in range(rel.shape[1]):
+        ok = [c for c in range(rel.shape[0]) if rel[c, h] <= budget]
+        out.append(min(dens[c] for c in ok) if ok else 1.0)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budgets", default="0.05,0.1,0.2")
+    ap.add_argument("--families", default="tile;tile,win3d,spatial", help="family sets, ';'-separated")
+    ap.add_argument("--tile-tokens", type=int, default=None)
+    ap.add_argument("--calib-prompts", type=int, default=1)
+    ap.add_argument("--calib-steps", type=int, default=4)
+    ap.add_argument("--ranges", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    import vdit_compile as vc
+    from vdit_compile.calibration.candidates import default_family_candidates
+    from vdit_compile.calibration.inputs import capture_transformer_inputs
+    from vdit_compile.eval.demo import CALIB_OFFSET
+    from vdit_compile.eval.prompts import prompt_set
+    from vdit_compile.masks.units import UnitGrid
+    from vdit_compile.models.embedded import load_pipeline
+    from vdit_compile.plans import default_tile
+    from vdit_compile.runtime.timestep import call_timestep
+
+    torch.manual_seed(0)
+    pipe = load_pipeline(device="cpu")
+    calib = prompt_set(args.calib_prompts, CALIB_OFFSET).prompts
+    inputs = capture_transformer_inputs(pipe, calib, num_inference_steps=args.calib_steps, device=None, progress=False)
+    model = pipe.transformer
+    sites = vc.inspect_model(model, inputs[0])
+    per_site: dict = {}
+    steps = []
+    with torch.no_grad():
+        for kw in inputs:
+            rec = RecordSDPA(sites)
+            with rec:
+                model(**kw)
+            steps.append(call_timestep(model, (), kw))
+            for site, q, k, v, scale in rec.records:
+                per_site.setdefault(site.name, (site, []))[1].append((q, k, v, scale))
+    budgets = [float(b) for b in args.budgets.split(",")]
+    order = sorted(range(len(steps)), key=lambda i: -(steps[i] or 0))  # high timesteps first
+    K = max(1, min(args.ranges, len(steps)))
+    ranges = [order[i * len(order) // K:(i + 1) * len(order) // K] for i in range(K)]
+    for fams in args.families.split(";"):
+        families = tuple(fams.split(","))
+        rows = {b: {"whole": [], "steps": []} for b in budgets}
+        for name, (site, recs) in per_site.items():
+            lay = site.layout
+            tile = (1, 1) if args.tile_tokens == 1 else default_tile(lay, args.tile_tokens)
+            grid = UnitGrid(lay.num_frames, lay.height, lay.width, *tile)
+            cands = default_family_candidates(families, grid)
+            dens = [c.density(lay, grid) for c in cands]
+            errs, norms = score_site(recs, cands, lay, grid)
+            E, N = torch.stack(errs), torch.stack(norms)  # (calls, C, H), (calls, H)
+            for b in budgets:
+                rows[b]["whole"] += choose(E.sum(0), N.sum(0), dens, b)
+                per_range = [(len(r), choose(E[r].sum(0), N[r].sum(0), dens, b)) for r in ranges]
+                rows[b]["steps"].append(per_range)
+        for b in budgets:
+            whole = sum(rows[b]["whole"]) / len(rows[b]["whole"])
+            # step-aware: per range the mean over all heads of all sites, weighted by the range's calls
+            tot = 0.0
+            for i, r in enumerate(ranges):
+                vals = [d for site_ranges in rows[b]["steps"] for d in site_ranges[i][1]]
+                tot += len(r) * sum(vals) / len(vals)
+            row = {"families": fams, "budget": b, "tile_tokens": args.tile_tokens, "oracle_density": round(whole, 4),
+                   f"oracle_density_{K}_ranges": round(tot / len(steps), 4), "calls": len(steps),
+                   "sites": len(per_site)}
+            print(json.dumps(row), flush=True)
+            if args.json:
+                with open(args.json, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
