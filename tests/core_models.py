@@ -61,8 +61,10 @@ class ManualDiT(nn.Module):
     def forward(self, hidden_states, encoder_hidden_states=None, encoder_attention_mask=None):
         b, c, t, h, w = hidden_states.shape
         x = self.patch_embed(hidden_states)
-        if self.order == "HWT":  # not frame-major: detection must notice and leave it dense
+        if self.order == "HWT":  # frame-minor: detection confirms it and the op reorders the tokens
             x = x.permute(0, 1, 3, 4, 2)
+        elif self.order == "WTH":  # neither frame-major nor frame-minor: detection must leave it dense
+            x = x.permute(0, 1, 4, 2, 3)
         x = x.flatten(2).transpose(1, 2)
         n, video = 0, x.shape[1]
         if encoder_hidden_states is not None:  # joint attention over text + video; else video self-attention

@@ -160,3 +160,34 @@ def test_mass_method_estimates_then_verifies_exactly():
     res = ms.result(budget)
     assert all(e <= budget for e in res.errors)  # the budget holds with the real output error
     assert res.errors == pytest.approx([float(exact[h, ms.candidates.index(m)]) for h, m in enumerate(res.masks)])
+
+
+def test_frame_minor_site_statistics_equal_the_frame_major_ones():
+    """A site whose tokens are ordered (H, W, T) is calibrated in unit order: its candidate errors equal those of the
+    same tokens permuted frame-major (THW layout), for frame-level and window families alike."""
+    import torch
+
+    from vdit_compile.calibration.collector import SiteCalibrator
+    from vdit_compile.layout import TokenLayout
+
+    T, H, W, pre, suf = 4, 4, 6, 3, 2
+    thw = TokenLayout(T, H, W, pre, suf)
+    hwt = TokenLayout(T, H, W, pre, suf, order="HWT")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, thw.seq_len, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    # model-order index of the HWT token holding frame-major token (t, h, w)
+    idx = torch.arange(T * H * W).view(H, W, T).permute(2, 0, 1).reshape(-1)
+    to_hwt = torch.empty_like(idx)
+    to_hwt[idx] = torch.arange(idx.numel())
+
+    def as_hwt(x):
+        vid = x[:, :, pre:pre + T * H * W][:, :, to_hwt]
+        return torch.cat([x[:, :, :pre], vid, x[:, :, pre + T * H * W:]], dim=2)
+
+    for families in (("tile",), ("tile", "win3d", "spatial")):
+        a = SiteCalibrator("s", thw, 2, families=families, tile_tokens=4)
+        b = SiteCalibrator("s", hwt, 2, families=families, tile_tokens=4)
+        a.observe(q, k, v, 0.3)
+        b.observe(as_hwt(q), as_hwt(k), as_hwt(v), 0.3)
+        assert [c.name for c in a.candidates] == [c.name for c in b.candidates]
+        torch.testing.assert_close(b.candidate_errors(), a.candidate_errors())

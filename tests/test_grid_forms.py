@@ -190,9 +190,9 @@ def test_mixing_does_not_hide_tokens_that_are_not_frame_major():
 
 
 def test_every_interpretation_tried_is_listed_when_none_is_confirmed():
-    """Tokens in H, W, T order with 4 channels at 4 frames: both channel axes are probed and rejected."""
+    """Tokens in W, T, H order with 4 channels at 4 frames: both channel axes are probed and rejected."""
     torch.manual_seed(0)
-    model = ManualDiT(in_channels=4, order="HWT").eval()
+    model = ManualDiT(in_channels=4, order="WTH").eval()
     kw = {"hidden_states": _r(1, 4, 4, HH, WW, seed=1), "encoder_hidden_states": _text(24)}
     for s in _dense_sites(model, kw):
         assert "no interpretation of the video input was confirmed" in s.reason, s.reason

@@ -82,10 +82,11 @@ def calibration_grid(layout, candidates: Sequence[MaskSpec] | None, families: It
     else:
         fam = known_families()
         tiles = any(fam[f].needs_tiles for f in families if f in fam)
+    minor = layout.order == "HWT"  # frame-minor tokens: statistics are taken in unit order (reordered)
     if not tiles:
-        return UnitGrid.frames(layout.num_frames, layout.height, layout.width)
+        return UnitGrid.frames(layout.num_frames, layout.height, layout.width, frame_minor=minor)
     th, tw = default_tile(layout, tile_tokens)
-    return UnitGrid(layout.num_frames, layout.height, layout.width, th, tw)
+    return UnitGrid(layout.num_frames, layout.height, layout.width, th, tw, frame_minor=minor)
 
 
 def keep_tables(candidates: Sequence[MaskSpec], grid: UnitGrid) -> torch.Tensor:

@@ -224,8 +224,8 @@ class SiteCalibrator:
         return None
 
     def _unit_order(self, x: torch.Tensor, lay: TokenLayout) -> torch.Tensor:
-        """``x`` with its video tokens permuted into unit order (a no-op on whole-frame units)."""
-        if self.grid.is_frames:
+        """``x`` with its video tokens permuted into unit order (a no-op on whole-frame units of frame-major tokens)."""
+        if self.grid.in_unit_order:
             return x
         pre, nv = lay.text_prefix, lay.video_tokens
         perm = unit_permutation(self.grid, x.device)
@@ -303,7 +303,7 @@ class SiteCalibrator:
         N, U = self.grid.num_units, self.grid.unit_tokens
         st, ln, grp = segments(lay.text_prefix, N, U, lay.text_suffix)
         index = None
-        if not self.grid.is_frames:  # unit order = text prefix, the permuted video tokens, text suffix
+        if not self.grid.in_unit_order:  # unit order = text prefix, the permuted video tokens, text suffix
             pre, nv = lay.text_prefix, lay.video_tokens
             index = torch.cat([torch.arange(pre), pre + unit_permutation(self.grid), torch.arange(pre + nv, L)])
         seg = block_mass(q, k, scale, st, ln, index)  # (B, H, S, S) float32

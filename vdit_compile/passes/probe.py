@@ -30,7 +30,7 @@ sites stay dense and the reason lists every interpretation tried and why it was 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.fx
@@ -51,6 +51,7 @@ class ProbeResult:
     ok: bool | None
     detail: str = ""
     mixed: bool = False  # confirmed by the strongest response (tokens mixed before the site)
+    order: str = ""  # "HWT" when the tokens were confirmed frame-minor (the op reorders them; see layout.py)
 
 
 class _Stop(Exception):
@@ -160,16 +161,26 @@ def _check_order_runs(run, x: torch.Tensor, grid: GridInfo, layout) -> ProbeResu
     gen = torch.Generator(device="cpu").manual_seed(0)
     tol = 1e-6 * (1 + base.abs().max())
     first_miss = ""
+    minor = frames > 1 and lay.order != "TWH"  # frame-minor (H, W, T) tokens, until a frame says otherwise
     for f in range(frames):  # exact: a unit perturbation changes exactly the frame's token block
         changed = (perturbed(f, gen, 1.0).abs().amax(dim=others) > tol).nonzero().flatten().tolist()
         tf = f // patch_t
+        minor = minor and changed == [pre + p * T + tf for p in range(P)]
+        if minor:
+            continue
         want = list(range(pre + tf * P, pre + (tf + 1) * P))
+        if f and changed != want and all(
+                (perturbed(g, gen, 1.0).abs().amax(dim=others) > tol).nonzero().flatten().tolist()
+                == [pre + p * T + g // patch_t for p in range(P)] for g in range(f)):
+            first_miss = f"frames 0..{f - 1} changed frame-minor token sets, frame {f} did not"
         if changed != want:
             first_miss = (f"perturbing latent frame {f} changed tokens {_shown(changed)}, expected the frame-major "
                           f"block {want[0]}..{want[-1]}")
             if not set(want) <= set(changed):  # its own block unchanged: no mixing explains that
                 return ProbeResult(False, f"token-order probe: {first_miss}; video tokens are not frame-major here")
             break
+    if minor:
+        return ProbeResult(True, "frame-minor tokens (H, W, T): each latent frame changes every T-th token", order="HWT")
     if not first_miss:
         return ProbeResult(True)
     # tokens mixed before the site: a small perturbation (the linear response, no saturating norm) per frame
@@ -319,16 +330,17 @@ def _judge(gm, ctx, first, grid: GridInfo, memo: dict, probe_on: bool) -> tuple[
         else ProbeResult(None, "probe off")
     if res.ok is None and grid.certain:
         return ProbeResult(True), None
-    if res.ok is None and memo.get(key) == grid.axes:
-        return ProbeResult(True), f"{_CONFIRMED} on an earlier graph ({what})"
+    if res.ok is None and memo.get(key, (None, ""))[0] == grid.axes:
+        return ProbeResult(True, order=memo[key][1]), f"{_CONFIRMED} on an earlier graph ({what})"
     if res.ok is None and probe_on:  # no video input in this graph: run the model itself up to the site
         eager = probe_eager(ctx.state.root, ctx.state.call, first, grid)
         if eager.ok is None:
             return ProbeResult(None, f"{res.detail}; {eager.detail}"), None
-        res = ProbeResult(eager.ok, "; ".join(x for x in ("eager model run", eager.detail) if x), eager.mixed)
+        res = ProbeResult(eager.ok, "; ".join(x for x in ("eager model run", eager.detail) if x), eager.mixed,
+                          eager.order)
     if not res.ok:
         return res, None
-    memo[key] = grid.axes
+    memo[key] = (grid.axes, res.order)
     extra = [x for x in (what, res.detail) if x]
     return res, _CONFIRMED + (f" ({'; '.join(extra)})" if extra else "")
 
@@ -360,9 +372,13 @@ def select_grid(gm: torch.fx.GraphModule, ctx, detect_sites) -> tuple[list, Grid
         first = tile[0]
         res, note = _judge(gm, ctx, first, grid, memo, probe_on)
         if res.ok:
+            layout = first.site.layout
             for t in tile:
-                if note and t.site.layout == first.site.layout:
-                    t.notes.append(note)
+                if t.site.layout == layout:
+                    if note:
+                        t.notes.append(note)
+                    if res.order == "HWT":  # confirmed frame-minor: the op reorders these tokens into frames
+                        t.site.layout = replace(layout, order="HWT")
             return templates, grid, ""
         if res.ok is None:
             tried.append(f"{grid.guessed or grid.describe()}, and the token-order probe could not run to confirm it "
