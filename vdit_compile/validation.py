@@ -96,6 +96,18 @@ def check_site_filter(config, sites: Iterable) -> None:
 
 
 # ----------------------------------------------------------------------------------------- paths
+def _check_writable_ancestor(start: Path, path: Path, what: str) -> None:
+    """The nearest existing ancestor of ``start`` (itself included) must be a writable directory: missing
+    directories below it can then be created; a file there, or no write permission, is refused."""
+    probe = start
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{what} {path}: expected a path in a directory, but {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: directory {probe} is not writable")
+
+
 def check_output_file(path: Any, what: str = "output file") -> Path:
     """``path`` as a ``Path`` if a file can be written there; else a ``ValueError`` saying why not.
 
@@ -107,15 +119,7 @@ def check_output_file(path: Any, what: str = "output file") -> Path:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{what} {path}: expected a file path, found an existing directory")
-    parent = path.parent
-    while not parent.exists():
-        if parent.parent == parent:
-            break
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{what} {path}: expected a path in a directory, but {parent} is a file")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {path}: directory {parent} is not writable")
+    _check_writable_ancestor(path.parent, path, what)
     return path
 
 
@@ -126,13 +130,7 @@ def check_output_dir(path: Any, what: str = "output directory") -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{what} {path}: expected a directory, found a file")
-    probe = path
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ValueError(f"{what} {path}: expected a path in a directory, but {probe} is a file")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {path}: directory {probe} is not writable")
+    _check_writable_ancestor(path, path, what)
     return path
 
 

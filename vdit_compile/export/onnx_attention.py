@@ -122,6 +122,18 @@ def _text(x, pre: int, suf: int):
     return op.Concat(*parts, axis=2) if len(parts) > 1 else parts[0]
 
 
+def _merge_blocks(blocks: list, vals: list):
+    """Softmax over key blocks scored separately (scaled scores ``blocks[i]`` against values ``vals[i]``):
+    one shared maximum, then ``(out, lse)`` as if the blocks were one row (lse keeps its last axis of 1)."""
+    maxima = [op.ReduceMax(b, _ints([-1]), keepdims=1) for b in blocks]
+    m = op.Max(*maxima) if len(maxima) > 1 else maxima[0]
+    exps = [op.Exp(op.Sub(b, m)) for b in blocks]
+    sums = [op.ReduceSum(e, _ints([-1]), keepdims=1) for e in exps]
+    total = op.Sum(*sums) if len(sums) > 1 else sums[0]
+    parts = [op.MatMul(e, vals_i) for e, vals_i in zip(exps, vals)]
+    return op.Div(op.Sum(*parts) if len(parts) > 1 else parts[0], total), op.Add(op.Log(total), m)
+
+
 def _sparse_group(q, k, v, pre: int, suf: int, T, P, g: int, w: int, scale: float, np_dtype):
     """Exact frame tile attention ``(g, w)`` of one head group under a symbolic frame count ``T``: full rows
     (text, global frames) attend to everything; frame ``f >= g`` to text, global keys and frames ``f-w..f+w``."""
@@ -161,14 +173,7 @@ def _sparse_group(q, k, v, pre: int, suf: int, T, P, g: int, w: int, scale: floa
             sc = op.CastLike(op.Constant(value_float=float(scale)), s)
         s = op.Mul(s, sc)
         blocks.append(op.Add(s, bias) if i == len(keys) - 1 else s)
-    maxima = [op.ReduceMax(b, _ints([-1]), keepdims=1) for b in blocks]
-    m = op.Max(*maxima) if len(maxima) > 1 else maxima[0]
-    exps = [op.Exp(op.Sub(b, m)) for b in blocks]
-    sums = [op.ReduceSum(e, _ints([-1]), keepdims=1) for e in exps]
-    total = op.Sum(*sums) if len(sums) > 1 else sums[0]
-    lse = op.Add(op.Log(total), m)
-    parts = [op.MatMul(e, vals_i) for e, vals_i in zip(exps, vals)]
-    out = op.Div(op.Sum(*parts) if len(parts) > 1 else parts[0], total)
+    out, lse = _merge_blocks(blocks, vals)
     outs = [_slice(full_out, 0, head, 2), op.Reshape(out, _cat_dims(0, 0, -1, Dv))]
     lses = [_slice(full_lse, 0, head, 2), op.Reshape(lse, _cat_dims(0, 0, -1))]
     if suf:
@@ -218,14 +223,7 @@ def _unit_group(q, k, v, gb: GroupBands, unit_keys: np.ndarray, scale: float, np
             sc = op.CastLike(op.Constant(value_float=float(scale)), s)
         s = op.Mul(s, sc)
         blocks.append(s if bias is None else op.Add(s, bias))
-    maxima = [op.ReduceMax(b, _ints([-1]), keepdims=1) for b in blocks]
-    m = op.Max(*maxima) if len(maxima) > 1 else maxima[0]
-    exps = [op.Exp(op.Sub(b, m)) for b in blocks]
-    sums = [op.ReduceSum(e, _ints([-1]), keepdims=1) for e in exps]
-    total = op.Sum(*sums) if len(sums) > 1 else sums[0]
-    lse = op.Add(op.Log(total), m)
-    parts = [op.MatMul(e, vals_i) for e, vals_i in zip(exps, vals)]
-    out = op.Div(op.Sum(*parts) if len(parts) > 1 else parts[0], total)
+    out, lse = _merge_blocks(blocks, vals)
     out = op.Concat(full_out, op.Reshape(out, _cat_dims(0, 0, R * U, Dv)), axis=2)
     lse = op.Concat(full_lse, op.Reshape(lse, _cat_dims(0, 0, R * U)), axis=2)
     return _gather_const(out, gb.inverse, 2), _gather_const(lse, gb.inverse, 2)
