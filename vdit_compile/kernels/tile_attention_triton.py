@@ -1,10 +1,10 @@
-"""Python side of the Triton tile-sparse attention: launchers, autograd, op-facing entry points.
+"""Python side of the Triton tile-sparse attention: launchers and op-facing entry points.
 
-* :func:`tile_sparse_attention` -- general entry: any ``(H or 1, Tq, Tk)`` bool frame mask,
-  optional different key layout (rectangular: e.g. a sequence-parallel ring step),
-  differentiable (out and lse).
-* :func:`forward` / :func:`backward` -- the CUDA implementation of
-  ``torch.ops.vdit.tile_attention`` (integer mask arguments, ``g == -1`` dense head).
+* :func:`attention_forward` / :func:`attention_backward` -- launch the kernels on a :class:`~.visit.TilePlan`
+  (any ``(H or 1, Tq, Tk)`` unit mask, optionally a different key layout: the rectangular ring step of
+  :mod:`vdit_compile.parallel.rect`).
+* :func:`forward` / :func:`backward` -- the CUDA implementation of ``torch.ops.vdit.tile_attention`` in unit
+  space (:class:`~vdit_compile.ops.args.OpMasks`: any mask family, units = frames or token tiles).
 
 Inputs are ``(B, H, L, D)`` tensors with unit stride on ``D``; any other strides (e.g. a
 ``(B, L, H, D)`` tensor viewed with ``.transpose(1, 2)``) are passed to the kernel as they
