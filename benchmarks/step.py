@@ -12,6 +12,11 @@ the step: the time of the 32 self-attention calls alone (same shapes, same kerne
     python benchmarks/step.py --out $OUT                 # 29 and 93 frames (T = 8, 24), g = 1, 2
     python benchmarks/step.py --tiny --device cpu        # smoke test of the script on CPU
     python benchmarks/step.py --fp8 --layers 8 --globals 1 --no-flex --kept-fraction 0.54 --out $OUT
+    python benchmarks/step.py --frames 24 --globals --masks win3d-t4h1w1 --no-flex --out $OUT   # any mask family
+
+``--masks NAME ...`` times any registered mask (``vdit_compile.masks``: 3D windows, spatial windows across time,
+``-g`` unions) applied to every head, on the token tile the op picks for the site (``plans.default_tile``); its
+rows record the mask's density.  FlexAttention rows exist for the frame-tile masks (``--globals``) only.
 
 ``--fp8`` adds two rows per mask: the tile rewrite with the rest of the step compiled by inductor
 (bf16), and the same with FP8 linears (``optimize(..., fp8="on")``: torchao float8 dynamic activation
@@ -146,6 +151,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", nargs="*", type=int, default=[24, 8], help="latent frames (24 = 93 video frames, 8 = 29)")
     ap.add_argument("--globals", nargs="*", type=int, default=[1, 2], help="tile masks g (w = 0)")
+    ap.add_argument("--masks", nargs="*", default=[], help="other mask names (any family), e.g. win3d-t4h1w1")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="tiny config and resolution (script smoke test)")
     ap.add_argument("--no-flex", dest="flex", action="store_false")
@@ -161,6 +167,10 @@ def main(argv=None) -> int:
 
     import vdit_compile
     from vdit_compile import TileMask
+    from vdit_compile.layout import TokenLayout
+    from vdit_compile.masks import parse_mask
+    from vdit_compile.masks.base import masks_density
+    from vdit_compile.masks.units import UnitGrid, choose_tile
 
     dev = args.device
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -204,9 +214,14 @@ def main(argv=None) -> int:
         dense_ms = bench(step, rep=2)
         attn_dense = attention_ms(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), H, L, D, layers, dev, bench)
         sink(dict(frames=T, tokens=L, way="dense", step_ms=dense_ms, attn_ms=attn_dense, attn_share=attn_dense / dense_ms))
-        for g in args.globals:
-            mask = TileMask(g, 0)
-            if args.flex:
+        th, tw = choose_tile(hh // 2, ww // 2, min(128, max(1, P // 4)))   # plans.default_tile's rule
+        masks = [TileMask(g, 0) for g in args.globals] + [parse_mask(m) for m in args.masks]
+        for mask in masks:
+            g = getattr(mask, "g", None)
+            is_tile = isinstance(mask, TileMask)
+            unit_grid = UnitGrid(T, hh // 2, ww // 2, *((hh // 2, ww // 2) if is_tile else (th, tw)))
+            density = masks_density([mask], TokenLayout(T, hh // 2, ww // 2), unit_grid)
+            if args.flex and is_tile:
                 try:
                     with FlexSwap(L, P, T, g, dev) as fs:
                         flex_out = step().float()
@@ -222,13 +237,13 @@ def main(argv=None) -> int:
                 ours_out = step().float()
                 sites = [s for s in vdit_compile.sites_of(model) if s.tileable]
                 ms = bench(step, rep=2)
-                grid = [T, hh // 2, ww // 2, hh // 2, ww // 2]
+                grid = [T, hh // 2, ww // 2, *((hh // 2, ww // 2) if is_tile else (th, tw))]
                 attn = attention_ms(lambda q, k, v: torch.ops.vdit.tile_attention(q, k, v, 0, 0, grid, mask.name, D ** -0.5)[0],
                                     H, L, D, layers, dev, bench)
-                row = dict(frames=T, tokens=L, way=f"ours g{g}", step_ms=ms, speedup=dense_ms / ms, attn_ms=attn,
-                           attn_share=attn / ms, tiled_sites=len(sites),
+                row = dict(frames=T, tokens=L, way=f"ours {mask.name}", step_ms=ms, speedup=dense_ms / ms, attn_ms=attn,
+                           attn_share=attn / ms, tiled_sites=len(sites), density=density, tile=grid[3:5],
                            rel_diff_vs_dense=((ours_out - ref).norm() / ref.norm()).item())
-                if args.flex and flex_out is not None:
+                if args.flex and is_tile and flex_out is not None:
                     row["rel_diff_vs_flex"] = ((ours_out - flex_out).norm() / flex_out.norm()).item()
                 sink(row)
             finally:
