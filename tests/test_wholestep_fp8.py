@@ -123,6 +123,8 @@ def _fp8_gpu_ready():
 @pytest.mark.gpu
 @pytest.mark.skipif(_fp8_gpu_ready() is not None, reason=str(_fp8_gpu_ready()))
 def test_fp8_on_gpu_matches_emulated_numerics_and_restores():
+    """Real torchao FP8 kernels against the emulation of the same rounding.  Eager backend: the numerics are
+    the same as under inductor, and an inductor compile of the float8 subclass takes minutes (H100, 2026-12-07)."""
     from vdit_compile.models.embedded import load_pipeline
 
     pipe = load_pipeline(weights=None, device="cuda", dtype=torch.bfloat16)
@@ -135,9 +137,10 @@ def test_fp8_on_gpu_matches_emulated_numerics_and_restores():
     w0 = tr.blocks[0].ffn.net[0].proj.weight
     with torch.no_grad():
         ref = tr(**kw)[0].float()
-        vc.optimize(tr, plan=TileMask(dense=True), progress=False, fp8="emulate")
+        vc.optimize(tr, plan=TileMask(dense=True), progress=False, fp8="emulate", backend="eager")
         emu = tr(**kw)[0].float()
-        vc.optimize(tr, plan=TileMask(dense=True), progress=False, fp8="on")
+        with pytest.warns(UserWarning, match="unfused"):
+            vc.optimize(tr, plan=TileMask(dense=True), progress=False, fp8="on", backend="eager")
         rep = report_of(tr)["fp8"]
         assert rep["mode"] == "on" and rep["quantized"]
         w = tr.blocks[0].ffn.net[0].proj.weight
