@@ -158,3 +158,31 @@ def test_fused_kernel_on_gpu_index_and_short_segments(dtype):
         want = block_mass_reference(q[:, :, perm].double(), k[:, :, perm].double(), D ** -0.5, st, ln)
         tol = 2e-3 if dtype == torch.float32 else 2e-2
         assert ((got - want).abs() / ln.cuda().view(1, 1, -1, 1)).max().item() < tol, (pre, N, U, suf, D)
+
+
+@pytest.mark.parametrize("pre,suf", [(7, 3), (0, 0)])
+def test_mass_scores_match_dense_oracle(pre, suf):
+    """The calibrator's batched scoring (cached tables, one contraction per chunk) against a brute-force
+    score from the dense fp64 softmax: per candidate, per query unit, the mass its mask drops."""
+    from vdit_compile.calibration.candidates import keep_tables
+    from vdit_compile.calibration.collector import SiteCalibrator, _to_cpu
+    from vdit_compile.layout import TokenLayout
+    from vdit_compile.masks.units import unit_permutation
+
+    lay = TokenLayout(4, 4, 6, text_prefix=pre, text_suffix=suf)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, lay.seq_len, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    cal = SiteCalibrator("s", lay, 3, families=("tile", "win3d", "spatial"), tile_tokens=4, method="mass")
+    cal.observe(q, k, v, 0.4, timestep=3.0)
+    idx = torch.cat([torch.arange(pre), pre + unit_permutation(cal.grid), torch.arange(pre + lay.video_tokens, lay.seq_len)])
+    starts, lens, group = segments(pre, cal.grid.num_units, cal.grid.unit_tokens, suf)
+    seg_mass = _oracle(q[:, :, idx], k[:, :, idx], 0.4, starts, lens)
+    G = cal.grid.num_units + 1
+    oh = torch.nn.functional.one_hot(group, G).double()
+    mass = torch.einsum("bhst,si,tj->bhij", seg_mass, oh, oh)
+    dropped = torch.einsum("bhij,cij->bhci", mass, 1 - keep_tables(cal.candidates, cal.grid).double())
+    rows = (lens.double() @ oh).clamp(min=1)
+    want = ((dropped.square() / rows).sum((0, 3)) / (2 * lay.seq_len)).sqrt()
+    assert torch.allclose(cal.candidate_errors(), want, rtol=1e-5, atol=1e-7)
+    a, b = _to_cpu(torch.ones(2, 3), torch.zeros(4, dtype=torch.float32))
+    assert a.dtype == torch.float64 and a.shape == (2, 3) and b.shape == (4,)
