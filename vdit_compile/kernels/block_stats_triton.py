@@ -270,7 +270,8 @@ if triton is not None:
                             other=float("-inf"))
                 w = tl.exp2(x - lse[:, None])
                 for i in range(i0, il + 1):
-                    tl.atomic_add(ob + i * S + js, tl.sum(tl.where(rseg[:, None] == i, w, 0.0), 0), mask=jmask)
+                    tl.atomic_add(ob + i * S + js, tl.sum(tl.where(rseg[:, None] == i, w, 0.0), 0), mask=jmask,
+                                  sem="relaxed")
             tl.debug_barrier()  # the slot is read before the next tile overwrites it
 
 
