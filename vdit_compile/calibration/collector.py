@@ -28,8 +28,9 @@ observed text length.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 
@@ -42,6 +43,64 @@ from .candidates import calibration_grid, dedupe_unit_candidates, default_family
 #: Working-memory budget of one row block of ``observe`` (bytes); bounds memory to O(L x block).
 #: Larger on CUDA, where small blocks would leave the GPU idle.
 DEFAULT_BLOCK_BYTES = {"cpu": 64 * 2**20, "cuda": 1024 * 2**20}
+
+
+#: Working memory of one chunk of candidates scored at once from the group-mass matrix (bytes).
+_SCORE_CHUNK_BYTES = 128 * 2**20
+
+
+class _MassTables(NamedTuple):
+    """Per (grid, text lengths, device): what the block-mass path needs besides ``q, k``, built once."""
+
+    starts: torch.Tensor  # (S,) int64, CPU: segment starts in unit order
+    lens: torch.Tensor  # (S,) int64, CPU
+    index: torch.Tensor | None  # (L,) device: token of each unit-order position (None: tokens are in unit order)
+    group: torch.Tensor  # (S,) device: segment -> group (units, then text)
+    rows: torch.Tensor  # (G,) float64 device: query rows per group, clamped to >= 1
+    kernel_tables: tuple  # the fused kernel's (seg, ends) on the device
+
+
+@functools.lru_cache(maxsize=16)
+def _mass_tables(grid: UnitGrid, prefix: int, suffix: int, L: int, device: torch.device) -> _MassTables:
+    from ..kernels.block_stats_triton import segment_tables, segments
+
+    N, U = grid.num_units, grid.unit_tokens
+    st, ln, grp = segments(prefix, N, U, suffix)
+    index = None
+    if not grid.in_unit_order:  # unit order = text prefix, the permuted video tokens, text suffix
+        nv = N * U
+        index = torch.cat([torch.arange(prefix), prefix + unit_permutation(grid), torch.arange(prefix + nv, L)])
+        index = index.to(device=device, dtype=torch.int32)
+    rows = torch.bincount(grp, weights=ln.double(), minlength=N + 1).clamp(min=1)  # query rows per group
+    return _MassTables(st, ln, index, grp.to(device), rows.to(device), segment_tables(st, ln, device))
+
+
+@functools.lru_cache(maxsize=8)
+def _drop_tables(candidates: tuple, grid: UnitGrid, device: torch.device) -> torch.Tensor:
+    """``(C, G, G)`` bool on ``device``: the (query group, key group) pairs each candidate drops; shared by every
+    site calibrated on the same grid and candidates (1 byte per entry: 30 MB at the Wan-14B grid)."""
+    return keep_tables(list(candidates), grid).to(device) == 0
+
+
+def _fold_table(grid: UnitGrid) -> torch.Tensor:
+    """``(N+1, T+1)`` float64: unit -> frame (text -> text), the fold of unit mass to frame mass."""
+    T = grid.num_frames
+    fid = torch.cat([torch.arange(T).repeat_interleave(grid.units_per_frame), torch.tensor([T])])
+    return torch.nn.functional.one_hot(fid, T + 1).double()
+
+
+@functools.lru_cache(maxsize=16)
+def _fold_on(grid: UnitGrid, device: torch.device) -> torch.Tensor:
+    return _fold_table(grid).to(device)
+
+
+def _to_cpu(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """``xs`` on the CPU as float64 with one copy (one synchronisation) when they live on another device."""
+    if all(x.device.type == "cpu" for x in xs):
+        return [x.double() for x in xs]
+    dev = next(x.device for x in xs if x.device.type != "cpu")
+    flat = torch.cat([x.to(device=dev, dtype=torch.float64).reshape(-1) for x in xs]).cpu()
+    return [c.view(x.shape) for c, x in zip(flat.split([x.numel() for x in xs]), xs)]
 
 
 def default_candidates(num_frames: int) -> list[TileMask]:
@@ -177,8 +236,7 @@ class SiteCalibrator:
         # frame-level mass (query frame, key frame; text last), folded from units at every call: O(H T^2) memory
         self._mass_sum = torch.zeros(num_heads, T + 1, T + 1, dtype=torch.float64)
         self._mass_count = torch.zeros(T + 1, dtype=torch.float64)
-        fid = torch.cat([torch.arange(T).repeat_interleave(self.grid.units_per_frame), torch.tensor([T])])
-        self._fold = torch.nn.functional.one_hot(fid, T + 1).double()  # (N+1, T+1): unit -> frame
+        self._fold = _fold_table(self.grid)  # (N+1, T+1): unit -> frame
         self._steps: dict[float | None, _StepStats] = {}
         self.observations = 0
         self._keep = keep_tables(self.candidates, self.grid)  # (C, G, G) float
@@ -281,44 +339,44 @@ class SiteCalibrator:
         if self.method != "mass":
             err, norm, mass = self._exact_pass(q, k, v, lay, scale, None)
         qgroup_cpu = self._query_groups(lay)
-        fold = self._fold.to(mass.device)
-        self._mass_sum += torch.einsum("hij,ia,jb->hab", mass, fold, fold).cpu()
+        fold = self._fold if mass.device.type == "cpu" else _fold_on(self.grid, mass.device)
+        folded = torch.einsum("hij,ia,jb->hab", mass, fold, fold)  # (H, T+1, T+1), on the call's device
+        err, folded, norm = _to_cpu(err, folded, norm)  # one device -> host copy per call
+        self._mass_sum += folded
         self._mass_count += (torch.bincount(qgroup_cpu, minlength=self.grid.num_units + 1).double() * B) @ self._fold
         self._text_tokens.append(lay.text_prefix + lay.text_suffix)
         st = self._steps.get(key)
         if st is None:
             st = self._steps[key] = _StepStats(self.num_heads, len(self.candidates))
-        st.err_sq += err.cpu()
-        st.norm_sq += norm.cpu()
+        st.err_sq += err
+        st.norm_sq += norm
         st.calls += 1
         self.observations += 1
 
     def _mass_pass(self, q, k, lay: TokenLayout, scale: float):
         """Block mass statistics of one call (Triton on CUDA): ``(H, C)`` squared dropped mass summed over rows,
         ``(H,)`` row count and ``(H, G, G)`` group mass.  Within a query unit the rows are taken to drop
-        equal mass (the row-wise square is not known from block sums; Jensen: this is a lower bound)."""
-        from ..kernels.block_stats_triton import block_mass, segments
+        equal mass (the row-wise square is not known from block sums; Jensen: this is a lower bound).
+
+        Everything after the kernel stays on ``q``'s device: the segment tables, unit order and the candidates'
+        drop tables come from per-device caches (:func:`_mass_tables`, :func:`_drop_tables`), every candidate is
+        scored by one batched contraction per chunk over the group-mass matrix, and nothing is synchronised."""
+        from ..kernels.block_stats_triton import block_mass
 
         B, H, L, _ = q.shape
-        N, U = self.grid.num_units, self.grid.unit_tokens
-        st, ln, grp = segments(lay.text_prefix, N, U, lay.text_suffix)
-        index = None
-        if not self.grid.in_unit_order:  # unit order = text prefix, the permuted video tokens, text suffix
-            pre, nv = lay.text_prefix, lay.video_tokens
-            index = torch.cat([torch.arange(pre), pre + unit_permutation(self.grid), torch.arange(pre + nv, L)])
-        seg = block_mass(q, k, scale, st, ln, index)  # (B, H, S, S) float32
-        dev = seg.device
-        grp = grp.to(dev)
-        G = N + 1
-        mass = torch.zeros(B, H, len(grp), G, device=dev).index_add_(3, grp, seg)
-        mass = torch.zeros(B, H, G, G, device=dev).index_add_(2, grp, mass)
-        rows = torch.bincount(grp.cpu(), weights=ln.double(), minlength=G).to(dev)  # query rows per group
-        total = mass.sum(-1)  # (B, H, G): every row's mass sums to one
-        err = torch.zeros(H, len(self.candidates), dtype=torch.float64, device=dev)
-        for c0 in range(0, len(self.candidates), 16):  # candidates in chunks: O(16 G^2) working memory
-            keep = self._keep[c0:c0 + 16].to(dev)
-            dropped = (total[:, :, None] - torch.einsum("bhij,cij->bhci", mass, keep)).clamp_(min=0).double()
-            err[:, c0:c0 + 16] = (dropped.square() / rows.clamp(min=1)).sum((0, 3))
+        t = _mass_tables(self.grid, lay.text_prefix, lay.text_suffix, L, q.device)
+        seg = block_mass(q, k, scale, t.starts, t.lens, t.index, kernel=getattr(self, "mass_kernel", "fused"),
+                         tables=t.kernel_tables)  # (B, H, S, S) float32
+        G = self.grid.num_units + 1
+        mass = torch.zeros(B, H, len(t.group), G, device=seg.device).index_add_(3, t.group, seg)
+        mass = torch.zeros(B, H, G, G, device=seg.device).index_add_(2, t.group, mass)
+        drop = _drop_tables(tuple(self.candidates), self.grid, q.device)  # (C, G, G) bool: dropped pairs
+        C = drop.shape[0]
+        step = max(1, _SCORE_CHUNK_BYTES // (4 * G * G))
+        err = torch.empty(H, C, dtype=torch.float64, device=seg.device)
+        for c0 in range(0, C, step):  # one chunk at wan14b-size grids and below a few hundred units: one launch
+            dropped = torch.einsum("bhij,cij->bhci", mass, drop[c0:c0 + step].float()).double()  # (B, H, c, G)
+            err[:, c0:c0 + step] = (dropped.square_() / t.rows).sum((0, 3))
         norm = torch.full((H,), float(B * L), dtype=torch.float64)
         return err, norm, mass.sum(0).double()
 

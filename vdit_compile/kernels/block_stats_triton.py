@@ -10,11 +10,21 @@ contiguous *segments* (text prefix, the ``N`` units, text suffix), ``block_mass`
 A mask keeps or drops whole (unit, unit) pairs, so the mass it drops from every query unit follows from ``M``
 without touching ``q`` and ``k`` again.
 
-The Triton path is flash-style and never holds ``L x L``: pass 1 computes each row's log-sum-exp with an online
-softmax over key blocks; pass 2 (one program per query segment and head) recomputes the scores of one
-(query segment, key segment) tile at a time and sums ``exp(s - lse)``. Work: two ``Q K^T`` products, about
-the flops of one dense attention forward. :func:`block_mass_reference` is the exact torch fallback (CPU, or no
-Triton): blockwise over query rows, ``O(B H r L)`` memory.
+The Triton path is flash-style and never holds ``L x L``. Default (``fused``, one launch): a persistent program
+takes a block of query rows, sweeps the keys once in unit order with an online softmax (base 2, ``scale * log2 e``
+folded into one multiply), and keeps per row the log-sum-exp of every key segment it finishes (a key block of
+``BLOCK_N`` columns holds at most two segments when every segment is at least ``BLOCK_N`` long, the constexpr
+fast path; shorter segments take a loop over the block's segments); these ``S`` values per row go to the
+program's own scratch slot (``BLOCK_M x S`` float32, reused by its next tile, so memory is
+``programs x BLOCK_M x S`` whatever ``B, H, L``), and once the row's log-sum-exp is known they become masses
+``exp2(lse_rj - lse_r)``, summed over the block's rows per query segment and added (``atomic_add``) into ``M``.
+Work: one ``Q K^T`` product and one ``exp2`` per score (a dense forward does two products and one ``exp``).
+The earlier ``twopass`` path (pass 1: row log-sum-exp; pass 2: one program per query segment and head
+recomputing ``exp(s - lse)`` per (query segment, key segment) tile: two products and two exps per score, and
+segment-aligned blocks, so a 130-token unit costs three 64-wide blocks) is kept for comparison.
+:func:`block_mass_reference` is the exact torch fallback (CPU, or no Triton): blockwise over query rows,
+``O(B H r L)`` memory. The fused path sums with atomics: bitwise results may differ between runs (by float
+rounding of up to three block partials per entry).
 """
 from __future__ import annotations
 
@@ -156,9 +166,174 @@ if triton is not None:
             tl.store(OUT + (bh * S + i) * S + j, tl.sum(acc, 0))
 
 
+#: Fixed tile configurations of the fused kernel by head dimension (no autotuning: calibration calls each shape a
+#: handful of times, an autotune sweep would cost more than it saves).  ``block_n`` is lowered to the shortest
+#: segment's length when that is smaller (power of two, >= 16), so the two-segment fast path applies.
+FUSED_CONFIGS = {  # max head dim: (block_m, block_n, num_warps, num_stages)
+    64: (128, 64, 4, 3),
+    128: (128, 64, 8, 3),
+    256: (64, 64, 8, 2),
+}
+#: Persistent programs per SM of the fused kernel (each owns a ``block_m x S`` float32 scratch slot).
+PROGRAMS_PER_SM = 2
+
+
+def fused_config(head_dim: int, min_segment: int) -> dict:
+    """``block_m, block_n, num_warps, num_stages`` of the fused kernel for this head dimension (``FUSED_CONFIGS``)."""
+    for d in sorted(FUSED_CONFIGS):
+        if head_dim <= d:
+            bm, bn, w, st = FUSED_CONFIGS[d]
+            break
+    else:
+        raise ValueError(f"block statistics support head dims up to {max(FUSED_CONFIGS)}, found {head_dim}")
+    if min_segment < bn:  # keep the two-segment fast path when the shortest segment allows it
+        bn = max(16, 1 << (int(min_segment).bit_length() - 1)) if min_segment >= 16 else bn
+    return {"block_m": bm, "block_n": bn, "num_warps": w, "num_stages": st}
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fused_kernel(Q, K, IDX, SEG, ENDS, SCR, OUT, sqb, sqh, sql, skb, skh, skl, H, L, S, n_row_blocks, total,
+                      scale2, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_S: tl.constexpr, IEEE: tl.constexpr, HAS_IDX: tl.constexpr, TWO_SEG: tl.constexpr):
+        pid = tl.program_id(0)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_s = tl.arange(0, BLOCK_S)
+        scr = SCR + pid * S * BLOCK_M  # this program's slot: (S, BLOCK_M) per-row, per-key-segment log2-sum-exp
+        for tile in range(pid, total, tl.num_programs(0)):
+            bh = tile // n_row_blocks
+            r0 = (tile % n_row_blocks) * BLOCK_M
+            b, h = bh // H, bh % H
+            rows = r0 + offs_m  # positions in unit order
+            rmask = rows < L
+            qrow = rows
+            if HAS_IDX:  # position i of the unit order is token IDX[i] of q / k: read in place
+                qrow = tl.load(IDX + rows, mask=rmask, other=0)
+            q = tl.load(Q + b * sqb + h * sqh + qrow[:, None] * sql + offs_d[None, :],
+                        mask=rmask[:, None] & (offs_d[None, :] < D), other=0.0)
+            kb = K + b * skb + h * skh
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M], tl.float32)  # the open key segment's sum, relative to m_i
+            for n0 in range(0, L, BLOCK_N):
+                cols = n0 + offs_n
+                cmask = cols < L
+                kcol = cols
+                if HAS_IDX:
+                    kcol = tl.load(IDX + cols, mask=cmask, other=0)
+                kt = tl.load(kb + kcol[None, :] * skl + offs_d[:, None], mask=cmask[None, :] & (offs_d[:, None] < D),
+                             other=0.0)
+                if IEEE:
+                    s = tl.dot(q, kt, input_precision="ieee")
+                else:
+                    s = tl.dot(q, kt)
+                s = tl.where(cmask[None, :], s * scale2, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                acc = acc * alpha
+                l_i = l_i * alpha
+                m_i = m_new
+                sj = tl.load(SEG + cols, mask=cmask, other=S)  # key segment of each column
+                j0 = tl.load(SEG + n0)
+                jl = tl.load(SEG + tl.minimum(n0 + BLOCK_N, L) - 1)
+                bend = n0 + BLOCK_N
+                if TWO_SEG:  # every segment >= BLOCK_N: the block holds j0 (maybe ending here) and at most jl after it
+                    x0 = tl.sum(tl.where(sj[None, :] == j0, p, 0.0), 1)
+                    x1 = tl.sum(tl.where(sj[None, :] > j0, p, 0.0), 1)  # padded columns have p = 0
+                    l_i += x0 + x1
+                    t0 = acc + x0
+                    fin = tl.load(ENDS + j0) <= bend
+                    tl.store(scr + j0 * BLOCK_M + offs_m, m_i + tl.log2(t0), mask=offs_m < tl.where(fin, BLOCK_M, 0))
+                    acc = tl.where(fin, x1, t0)  # jl (if any) cannot end in this block
+                else:
+                    for j in range(j0, jl + 1):
+                        x = tl.sum(tl.where(sj[None, :] == j, p, 0.0), 1)
+                        l_i += x
+                        t = tl.where(j == j0, acc, 0.0) + x
+                        fin = tl.load(ENDS + j) <= bend
+                        tl.store(scr + j * BLOCK_M + offs_m, m_i + tl.log2(t), mask=offs_m < tl.where(fin, BLOCK_M, 0))
+                        acc = tl.where(fin, 0.0, t)
+            tl.debug_barrier()  # the slot's stores are visible to every thread of the program
+            lse = m_i + tl.log2(l_i)
+            rseg = tl.load(SEG + rows, mask=rmask, other=S)  # query segment of each row
+            i0 = tl.load(SEG + r0)
+            il = tl.load(SEG + tl.minimum(r0 + BLOCK_M, L) - 1)
+            ob = OUT + bh * S * S
+            for s0 in range(0, S, BLOCK_S):
+                js = s0 + offs_s
+                jmask = js < S
+                x = tl.load(scr + js[None, :] * BLOCK_M + offs_m[:, None], mask=rmask[:, None] & jmask[None, :],
+                            other=float("-inf"))
+                w = tl.exp2(x - lse[:, None])
+                for i in range(i0, il + 1):
+                    tl.atomic_add(ob + i * S + js, tl.sum(tl.where(rseg[:, None] == i, w, 0.0), 0), mask=jmask,
+                                  sem="relaxed")
+            tl.debug_barrier()  # the slot is read before the next tile overwrites it
+
+
+def _programs(device: torch.device, total: int) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:  # the interpreter
+        sms = 2
+    return max(1, min(total, sms * PROGRAMS_PER_SM))
+
+
+def block_mass_fused(q: torch.Tensor, k: torch.Tensor, scale: float, starts: torch.Tensor, lens: torch.Tensor,
+                     index: torch.Tensor | None = None, block_m: int | None = None, block_n: int | None = None,
+                     num_warps: int | None = None, num_stages: int | None = None, programs: int | None = None,
+                     block_s: int = 64, tables: tuple | None = None) -> torch.Tensor:
+    """The fused one-launch path (module doc); ``None`` settings come from :func:`fused_config`, ``programs``
+    (persistent programs) from the device's SM count.  ``tables``: ``(seg, ends)`` int32 on ``q``'s device
+    (:func:`segment_tables`), to skip building them per call."""
+    if triton is None:
+        raise RuntimeError("block_mass_fused needs Triton, which is not installed")
+    _check(q, k, starts, lens)
+    B, H, L, D = q.shape
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    dev = q.device
+    S = len(lens)
+    cfg = fused_config(D, int(lens.min()))
+    bm, bn = block_m or cfg["block_m"], block_n or cfg["block_n"]
+    opts = {"num_warps": num_warps or cfg["num_warps"], "num_stages": num_stages or cfg["num_stages"]}
+    seg, ends = tables if tables is not None else segment_tables(starts, lens, dev)
+    n_rb = triton.cdiv(L, bm)
+    total = B * H * n_rb
+    nprog = programs or _programs(dev, total)
+    scratch = torch.empty(nprog * S * bm, dtype=torch.float32, device=dev)
+    out = torch.zeros(B, H, S, S, dtype=torch.float32, device=dev)
+    idx = index.to(device=dev, dtype=torch.int32) if index is not None else seg  # unused pointer when None
+    _fused_kernel[(nprog,)](q, k, idx, seg, ends, scratch, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
+                            k.stride(1), k.stride(2), H, L, S, n_rb, total, float(scale) * LOG2E, D=D, BLOCK_M=bm,
+                            BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_S=block_s,
+                            IEEE=q.dtype == torch.float32, HAS_IDX=index is not None,
+                            TWO_SEG=bool(int(lens.min()) >= bn), **opts)
+    return out
+
+
+def segment_tables(starts: torch.Tensor, lens: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(seg, ends)`` int32 on ``device``: each position's segment, each segment's end (exclusive)."""
+    seg = torch.repeat_interleave(torch.arange(len(lens), dtype=torch.int32), lens)
+    return seg.to(device), (starts + lens).to(device=device, dtype=torch.int32)
+
+
 def block_mass_triton(q: torch.Tensor, k: torch.Tensor, scale: float, starts: torch.Tensor, lens: torch.Tensor,
-                      index: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
-    """The Triton path of :func:`block_mass` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)."""
+                      index: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64,
+                      kernel: str = "twopass", **config) -> torch.Tensor:
+    """The Triton path of :func:`block_mass` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
+
+    ``kernel``: ``"fused"`` (:func:`block_mass_fused`, which takes ``config``) or ``"twopass"``."""
+    if kernel == "fused":
+        return block_mass_fused(q, k, scale, starts, lens, index, **config)
+    if kernel != "twopass":
+        raise ValueError(f"kernel must be 'fused' or 'twopass', found {kernel!r}")
     if triton is None:
         raise RuntimeError("block_mass_triton needs Triton, which is not installed")
     _check(q, k, starts, lens)
@@ -187,14 +362,17 @@ def block_mass_triton(q: torch.Tensor, k: torch.Tensor, scale: float, starts: to
 
 
 def block_mass(q: torch.Tensor, k: torch.Tensor, scale: float | None, starts: torch.Tensor, lens: torch.Tensor,
-               index: torch.Tensor | None = None) -> torch.Tensor:
+               index: torch.Tensor | None = None, kernel: str = "fused", tables: tuple | None = None) -> torch.Tensor:
     """``(B, H, S, S)`` float32 segment mass (module doc): Triton on CUDA, the exact torch reduction elsewhere.
 
     ``index`` (``(L,)``): segments are stated over ``q[:, :, index]`` / ``k[:, :, index]`` (the unit order), read
-    in place by the kernel (no permuted copy of ``q`` and ``k``)."""
+    in place by the kernel (no permuted copy of ``q`` and ``k``).  ``kernel``: ``"fused"`` or ``"twopass"``
+    (CUDA only); ``tables``: :func:`segment_tables` of ``starts, lens`` on ``q``'s device (fused kernel)."""
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if q.is_cuda and triton is not None:
-        return block_mass_triton(q, k, scale, starts, lens, index)
+        if kernel == "fused":
+            return block_mass_fused(q, k, scale, starts, lens, index, tables=tables)
+        return block_mass_triton(q, k, scale, starts, lens, index, kernel=kernel)
     if index is not None:
         idx = index.to(q.device)
         q, k = q[:, :, idx], k[:, :, idx]
