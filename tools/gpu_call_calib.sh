@@ -14,6 +14,11 @@ nvidia-smi --query-gpu=name --format=csv,noheader; python3 -c "import torch, tri
 git log --oneline -1 2>/dev/null
 timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_calib_block_stats.py > $OUT/gpu-tests.log 2>&1
 echo "gpu tests rc=$?"; tail -3 $OUT/gpu-tests.log
+if [ -n "${WITH_FP8_TEST:-}" ]; then   # the eager FP8 GPU test (issue 20) rides along when asked
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/torchao-*.whl 2>&1 | tail -1
+  PYTHONPATH=$PWD:/tmp/site timeout 45 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_wholestep_fp8.py > $OUT/gpu-fp8.log 2>&1
+  echo "fp8 gpu test rc=$?"; tail -2 $OUT/gpu-fp8.log
+fi
 timeout 80 python3 benchmarks/calibration.py --methods mass --kernels fused,twopass --sweep cogvideox5b-49f,wan1.3b-81f-480p \
     --json $OUT/calib.jsonl > $OUT/calib.log 2>&1
 echo "calibration rc=$?"; grep -m1 "device vs cpu" $OUT/calib.log
