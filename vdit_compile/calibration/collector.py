@@ -34,6 +34,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 import torch
 
+from ..kernels.block_stats_triton import DEFAULT_MASS_KERNEL
 from ..layout import TokenLayout
 from ..masks.base import MaskSpec, masks_density
 from ..masks.tile import TileMask
@@ -200,8 +201,11 @@ class SiteCalibrator:
 
     ``candidates``: the masks to score (``None``: every family in ``families`` with its default
     parameters, :mod:`.candidates`); ``tile_tokens``: the token tile's target size for window families
-    (``None``: :func:`~vdit_compile.plans.default_tile`'s rule).
+    (``None``: :func:`~vdit_compile.plans.default_tile`'s rule).  ``mass_kernel``: the block-statistics kernel
+    on CUDA (:data:`~vdit_compile.kernels.block_stats_triton.DEFAULT_MASS_KERNEL`).
     """
+
+    mass_kernel = DEFAULT_MASS_KERNEL
 
     def __init__(
         self,
@@ -365,7 +369,7 @@ class SiteCalibrator:
 
         B, H, L, _ = q.shape
         t = _mass_tables(self.grid, lay.text_prefix, lay.text_suffix, L, q.device)
-        seg = block_mass(q, k, scale, t.starts, t.lens, t.index, kernel=getattr(self, "mass_kernel", "fused"),
+        seg = block_mass(q, k, scale, t.starts, t.lens, t.index, kernel=self.mass_kernel,
                          tables=t.kernel_tables)  # (B, H, S, S) float32
         G = self.grid.num_units + 1
         mass = torch.zeros(B, H, len(t.group), G, device=seg.device).index_add_(3, t.group, seg)
