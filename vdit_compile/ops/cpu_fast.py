@@ -69,21 +69,24 @@ class _PartialGroup:
 
 @dataclass(frozen=True)
 class _Run:
-    """Query frames ``f0 .. f0+nf-1`` of heads ``h0 .. h0+nh-1`` whose kept frames are the contiguous
-    ranges ``[s0 + ds*i, s0 + ds*i + c)`` (``ds >= 0``): their keys are a strided view of ``k``."""
+    """One fused call on strided views (no gather): heads ``h0 .. h0+nh-1``, ``n`` items per head; item ``i``
+    is query frames ``[q0 + i*qstep, + qn)`` against key frames ``[k0 + i*kstep, + kn)`` (items' keys overlap
+    for windows, ``0 < kstep < kn``, and are the same rows for ``kstep = 0``)."""
 
     h0: int
     nh: int
-    f0: int
-    nf: int
-    s0: int
-    ds: int
-    c: int
+    n: int
+    q0: int
+    qstep: int
+    qn: int
+    k0: int
+    kstep: int
+    kn: int
 
 
 @dataclass(frozen=True)
 class _Plan:
-    runs: tuple[_Run, ...]  # the pairs whose kept frames are one range ...
+    runs: tuple[_Run, ...]  # the pairs whose kept frames are one range, as strided calls ...
     rest: tuple[_PartialGroup, ...]  # ... the others with at least one kept frame, by kept count ...
     empty: torch.Tensor | None  # ... and the (H, T) pairs that keep no frame (None: there are none)
 
@@ -99,8 +102,16 @@ def _groups(fm: torch.Tensor, sel: torch.Tensor, T: int) -> tuple[_PartialGroup,
     return tuple(out)
 
 
-def _runs(fm: torch.Tensor) -> tuple[tuple[_Run, ...], torch.Tensor]:
-    """Runs of range pairs (merged over consecutive heads with equal runs) and the mask of pairs they cover."""
+def _runs(fm: torch.Tensor, threads: int) -> tuple[tuple[_Run, ...], torch.Tensor]:
+    """The strided calls covering every pair whose kept frames are one range, and the mask of those pairs.
+
+    Per head, consecutive query frames whose ranges have the same length and starts ``ds >= 0`` apart
+    form a run (a window: ``ds > 0``, one item per query frame; rows with the same keys: ``ds = 0``, one
+    item with all their rows); heads with equal runs are merged when consecutive; single-item runs of
+    the same shape whose query and key starts step evenly become one call (e.g. the two clamped ends
+    of a band); a single-item run is split into just enough items (``nh * n >= threads``) to keep every
+    thread of the kernel busy.
+    """
     H, T, _ = fm.shape
     covered = torch.zeros(H, T, dtype=torch.bool)
     per_head: list[list[list[int]]] = []
@@ -125,40 +136,74 @@ def _runs(fm: torch.Tensor) -> tuple[tuple[_Run, ...], torch.Tensor]:
         per_head.append(runs)
     by_run: dict[tuple, list[int]] = {}
     for h, runs in enumerate(per_head):
-        for r in runs:
-            by_run.setdefault(tuple(r), []).append(h)
-    out = []
-    for key, heads in by_run.items():
+        for f0, nf, s0, ds, c in runs:
+            item = (nf, 1, 1, ds, c) if ds else (1, 0, nf, 0, c)  # (n, qstep, qn, kstep, kn)
+            by_run.setdefault((f0, s0) + item, []).append(h)
+    calls = []
+    for (f0, s0, n, qstep, qn, kstep, kn), heads in by_run.items():
         start = prev = heads[0]
         for h in heads[1:] + [None]:
             if h is not None and h == prev + 1:
                 prev = h
                 continue
-            out.append(_Run(start, prev - start + 1, *key))
+            calls.append(_Run(start, prev - start + 1, n, f0, qstep, qn, s0, kstep, kn))
             if h is not None:
                 start = prev = h
-    return tuple(out), covered
+    return tuple(_split(c, threads) for c in _chain(calls)), covered
+
+
+def _chain(calls: list[_Run]) -> list[_Run]:
+    """Merge single-item calls of one shape whose query / key starts step evenly (``kstep >= 0``) into one."""
+    out, singles = [], {}
+    for c in calls:
+        if c.n == 1:
+            singles.setdefault((c.h0, c.nh, c.qn, c.kn), []).append(c)
+        else:
+            out.append(c)
+    for group in singles.values():
+        group.sort(key=lambda c: c.q0)
+        cur = group[0]
+        for c in group[1:]:
+            qstep, kstep = c.q0 - cur.q0, c.k0 - cur.k0
+            if cur.n == 1 and kstep >= 0:
+                cur = _Run(cur.h0, cur.nh, 2, cur.q0, qstep, cur.qn, cur.k0, kstep, cur.kn)
+            elif (c.q0 - cur.q0, c.k0 - cur.k0) == (cur.n * cur.qstep, cur.n * cur.kstep):
+                cur = _Run(cur.h0, cur.nh, cur.n + 1, cur.q0, cur.qstep, cur.qn, cur.k0, cur.kstep, cur.kn)
+            else:
+                out.append(cur)
+                cur = c
+        out.append(cur)
+    return out
+
+
+def _split(c: _Run, threads: int) -> _Run:
+    """A single-item call split in ``n`` (a divisor of its query frames) items, just enough for ``nh * n``
+    to reach the thread count (the kernel's backward parallelises over items only)."""
+    if c.n > 1 or c.nh >= threads:
+        return c
+    n = next((d for d in range(1, c.qn + 1) if c.qn % d == 0 and c.nh * d >= threads), c.qn)
+    return _Run(c.h0, c.nh, n, c.q0, c.qn // n, c.qn // n, c.k0, 0, c.kn)
 
 
 @lru_cache(maxsize=64)
-def _plan_cached(H: int, T: int, mask_bytes: bytes) -> _Plan:
+def _plan_cached(H: int, T: int, mask_bytes: bytes, threads: int) -> _Plan:
     fm = torch.frombuffer(bytearray(mask_bytes), dtype=torch.bool).view(H, T, T)
-    runs, covered = _runs(fm)
+    runs, covered = _runs(fm, threads)
     empty = fm.sum(-1) == 0
     return _Plan(runs, _groups(fm, ~covered & ~empty, T), empty if bool(empty.any()) else None)
 
 
-def _plan(frame_mask: torch.Tensor, H: int, T: int) -> _Plan:
+def _plan(frame_mask: torch.Tensor, H: int, T: int, threads: int) -> _Plan:
     """The grouping of :func:`fast_attention` for this mask (cached: a model reuses few masks).
 
-    The cache is a bounded per-process LRU (64 entries) keyed by the mask's bits; it only holds
+    The cache is a bounded per-process LRU (64 entries) keyed by the mask's bits and the thread count; it only holds
     small index tensors on the CPU, no model state.
     """
     if frame_mask.shape[-2:] != (T, T) or frame_mask.dim() != 3 or frame_mask.shape[0] not in (1, H):
         raise ValueError(f"frame mask of shape {tuple(frame_mask.shape)} does not fit {H} heads x {T} frames "
                          f"(expected (1 or {H}, {T}, {T}))")
     fm = frame_mask.to(device="cpu", dtype=torch.bool).expand(H, T, T).contiguous()
-    return _plan_cached(H, T, bytes(fm.flatten().to(torch.uint8).tolist()))
+    return _plan_cached(H, T, bytes(fm.flatten().to(torch.uint8).tolist()), threads)
 
 
 def _frames(x: torch.Tensor, layout: TokenLayout, row0: int | None = None) -> torch.Tensor:
@@ -196,16 +241,11 @@ def _view(x: torch.Tensor, b: int, h0: int, nh: int, row0: int, n: int, step: in
                         x.storage_offset() + b * st[0] + h0 * st[1] + row0 * st[2])
 
 
-def _run_items(r: _Run, P: int, threads: int) -> tuple[int, int, int, int]:
-    """``(n, qstep, qrows, kstep)``: a run's items (the kernel's batch-of-heads axis is ``nh x n``).
-
-    A window (``ds > 0``) has one item per query frame; a run of rows with the same keys (``ds = 0``)
-    gives each head one item with all its rows, split in ``n`` (a divisor of ``nf``) just enough for
-    ``nh * n`` to reach the thread count."""
-    if r.ds:
-        return r.nf, P, P, r.ds * P
-    n = next((d for d in range(1, r.nf + 1) if r.nf % d == 0 and r.nh * d >= threads), r.nf)
-    return n, r.nf // n * P, r.nf // n * P, 0
+def _items(x: torch.Tensor, b: int, r: _Run, P: int, row0: int, keys: bool = False) -> torch.Tensor:
+    """The ``(nh, n, rows, Dh)`` query (or key) rows of a run's items in ``x``, whose video starts at ``row0``."""
+    if keys:
+        return _view(x, b, r.h0, r.nh, row0 + r.k0 * P, r.n, r.kstep * P, r.kn * P)
+    return _view(x, b, r.h0, r.nh, row0 + r.q0 * P, r.n, r.qstep * P, r.qn * P)
 
 
 def _check(q, k, v, layout: TokenLayout) -> None:
@@ -273,7 +313,7 @@ def _forward(q, k, v, layout: TokenLayout, frame_mask: torch.Tensor, scale: floa
     Dv = v.shape[-1]
     T, P = layout.num_frames, layout.frame_tokens
     pre, suf = layout.text_prefix, layout.text_suffix
-    plan = _plan(frame_mask, H, T)
+    plan = _plan(frame_mask, H, T, par.threads)
     out = q.new_empty(B, H, L, Dv)
     lse = torch.empty(B, H, L, dtype=torch.float32)
     for rs in _text_rows(layout):  # text rows see every key
@@ -288,12 +328,10 @@ def _forward(q, k, v, layout: TokenLayout, frame_mask: torch.Tensor, scale: floa
     lse_v4 = lse_v[..., None]
     for b in range(B):
         for r in plan.runs:
-            n, qstep, qrows, kstep = _run_items(r, P, par.threads)
-            o, l = par(_FLASH, _view(q, b, r.h0, r.nh, pre + r.f0 * P, n, qstep, qrows),
-                          _view(k, b, r.h0, r.nh, pre + r.s0 * P, n, kstep, r.c * P),
-                          _view(v, b, r.h0, r.nh, pre + r.s0 * P, n, kstep, r.c * P), scale=scale)
-            _view(out_v, b, r.h0, r.nh, r.f0 * P, n, qstep, qrows).copy_(o)
-            _view(lse_v4, b, r.h0, r.nh, r.f0 * P, n, qstep, qrows)[..., 0].copy_(l)
+            o, l = par(_FLASH, _items(q, b, r, P, pre), _items(k, b, r, P, pre, keys=True),
+                       _items(v, b, r, P, pre, keys=True), scale=scale)
+            _items(out_v, b, r, P, 0).copy_(o)
+            _items(lse_v4, b, r, P, 0)[..., 0].copy_(l)
     if plan.rest:
         qf, kf, vf = _frames(q, layout), _frames(k, layout), _frames(v, layout)
         of, lf = _frames(out_v, layout, 0), _frames(lse_v4, layout, 0)  # views of the contiguous workspaces
@@ -335,7 +373,7 @@ def _backward(dout, dlse, q, k, v, out, lse, layout: TokenLayout, frame_mask: to
     B, H, L, D = q.shape
     T, P = layout.num_frames, layout.frame_tokens
     pre, suf = layout.text_prefix, layout.text_suffix
-    plan = _plan(frame_mask, H, T)
+    plan = _plan(frame_mask, H, T, par.threads)
     dtype = q.dtype
     lse = lse.float()
     if dlse is not None and bool(dlse.any()):  # one extra column (module doc), stripped from the gradients at the end
@@ -370,21 +408,22 @@ def _backward(dout, dlse, q, k, v, out, lse, layout: TokenLayout, frame_mask: to
             d[:, :, L - suf:] += g[:, :, pre:]
     for b in range(B):  # video rows x video keys: the runs
         for r in plan.runs:
-            n, qstep, qrows, kstep = _run_items(r, P, par.threads)
-            qv = (b, r.h0, r.nh, pre + r.f0 * P, n, qstep, qrows)
-            kv = (b, r.h0, r.nh, pre + r.s0 * P, n, kstep, r.c * P)
-            gq, gk, gv = par(_FLASH_BWD, _view(dout, *qv), _view(q, *qv), _view(k, *kv), _view(v, *kv), _view(out, *qv),
-                                    _view(lse4, *qv)[..., 0], 0.0, False, scale=scale)
+            gq, gk, gv = par(_FLASH_BWD, _items(dout, b, r, P, pre), _items(q, b, r, P, pre),
+                             _items(k, b, r, P, pre, keys=True), _items(v, b, r, P, pre, keys=True),
+                             _items(out, b, r, P, pre), _items(lse4, b, r, P, pre)[..., 0], 0.0, False, scale=scale)
             if pre + suf:
-                _view(dq, *qv).add_(gq)
+                _items(dq, b, r, P, pre).add_(gq)
             else:
-                _view(dq, *qv).copy_(gq)
+                _items(dq, b, r, P, pre).copy_(gq)
             for d, g in ((dk, gk), (dv, gv)):
-                if r.ds == 0:  # every item's keys are the same rows
-                    _view(d, *kv[:5], 0, r.c * P)[:, 0].add_(g[:, 0] if n == 1 else g.sum(1))
+                if r.kstep == 0:  # every item's keys are the same rows
+                    _view(d, b, r.h0, r.nh, pre + r.k0 * P, 1, 0, r.kn * P)[:, 0].add_(g[:, 0] if r.n == 1 else g.sum(1))
                     continue
-                for j in range(r.c):  # key frame s0 + j of item i is frame s0 + ds*i + j: nf distinct frames
-                    _view(d, b, r.h0, r.nh, pre + (r.s0 + j) * P, n, kstep, P).add_(g[:, :, j * P:(j + 1) * P])
+                step = min(r.kstep, r.kn)  # key frames [j0, j0 + step) of the items are distinct frames
+                for j0 in range(0, r.kn, step):
+                    j1 = min(j0 + step, r.kn)
+                    _view(d, b, r.h0, r.nh, pre + (r.k0 + j0) * P, r.n, r.kstep * P, (j1 - j0) * P).add_(
+                        g[:, :, j0 * P:j1 * P])
     if plan.rest:  # video rows x video keys: the gathered groups
         qf, kf, vf, of, dof = (_frames(x, layout) for x in (q, k, v, out, dout))
         lf = _frames(lse4, layout)
