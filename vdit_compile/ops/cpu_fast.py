@@ -12,7 +12,7 @@ The work is split into key *segments* whose results are merged by log-sum-exp:
 * **text rows** (prefix, suffix) see every key: one call each on views of ``q`` and ``k``.
 * **video rows x text keys**: one call for every video row of every head against the text keys
   (a view of ``k``; prefix and suffix are concatenated, a copy of the text keys only).
-* **video rows x video keys**, from the plan (:func:`_plan`, built once per mask and head count):
+* **video rows x video keys**, from the plan (:func:`_plan`, built once per mask, head and thread count):
 
   - **runs**: (head, query frame) pairs whose kept frames are one contiguous range, for
     consecutive query frames whose ranges start ``ds >= 0`` frames apart (a window: ``ds = 1``; rows
@@ -20,7 +20,8 @@ The work is split into key *segments* whose results are merged by log-sum-exp:
     consecutive heads with equal runs.  Their queries and keys are strided views of ``q`` / ``k``
     (overlapping for windows) that the kernel reads in place: no gather and no copy, with or
     without text (the views start after the text prefix).  ``ds = 0`` runs give each item all their
-    rows at once (fewer, larger items), split just enough to keep every thread busy.
+    rows at once (fewer, larger items), split just enough to keep every thread busy; single-item
+    runs of one shape whose starts step evenly share one call (the two clamped ends of a band).
   - **rest**: pairs whose kept frames are not one range (e.g. a global frame plus a window): pairs
     with the same kept count are gathered (whole frames, contiguous copies) and computed in one call.
 
