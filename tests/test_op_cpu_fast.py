@@ -189,3 +189,109 @@ def test_state_records_the_cost_decision(monkeypatch):
         model(**kw)
     assert state_of(model).rewritten and all(ok for ok, _ in state_of(model).cost_decisions.values())
     vc.restore(model)
+
+
+# ---------------------------------------------------------------- segments, strided runs, odd inputs
+def _random_masks(H, T, g, empty_rows=False):
+    """Per-head masks mixing every shape the planner tells apart: windows (runs), clamped bands (merged
+    single-item runs), global frames + windows (gathered rest), random rows, and optionally empty rows."""
+    f = torch.arange(T)
+    band = cm.proxy_frame_mask(T, max(1, T // 2))[0]
+    win = (f[None, :] - f[:, None]).abs() <= 1
+    glob_win = win | (f[None, :] == 0)
+    rand = torch.rand(T, T, generator=g) < 0.4
+    masks = [band, win, glob_win, rand, torch.ones(T, T, dtype=torch.bool)]
+    out = torch.stack([masks[h % len(masks)] for h in range(H)])
+    if empty_rows:
+        out[0, T // 2] = False
+    return out
+
+
+def _fast_vs_reference(lay, fm, q, k, v, dout, dlse, dtype, scale=0.3):
+    qc, kc, vc_ = (x.to(dtype) for x in (q, k, v))
+    out, lse = fast_attention(qc, kc, vc_, lay, fm, scale)
+    ref_out, ref_lse = reference_tile_attention(q, k, v, lay, fm, scale)
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    assert _rel(out, ref_out) < TOL[dtype]
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin)  # rows that keep nothing: -inf, as the reference
+    assert (lse.double()[fin] - ref_lse[fin]).abs().max().item() < (1e-5 if dtype == torch.float32 else 5e-2)
+    for dl in (None, dlse):
+        got = fast_attention_backward(dout.to(dtype), dl, qc, kc, vc_, out, lse, lay, fm, scale)
+        ref = reference_tile_attention_backward(dout, torch.zeros_like(dlse) if dl is None else dl, q, k, v,
+                                                ref_out, ref_lse, lay, fm, scale)
+        for a, b, name in zip(got, ref, "qkv"):
+            assert a.dtype == dtype and a.shape == b.shape and torch.isfinite(a).all()
+            assert _rel(a, b) < 2 * TOL[dtype], (name, dl is None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("T, P, pre, suf, H, empty", [
+    (8, 5, 0, 0, 5, False),  # odd tokens per frame, no text: every head shape, heads differ
+    (7, 3, 4, 0, 5, True),  # prefix only, a row that keeps nothing (text keys only)
+    (6, 4, 0, 3, 6, False),  # suffix only
+    (9, 2, 3, 2, 5, True),  # both text sides
+    (5, 7, 0, 0, 2, True),  # no text and a row that keeps nothing: out 0, lse -inf
+])
+def test_segments_and_runs_match_reference_on_random_masks(T, P, pre, suf, H, empty, threads, dtype):
+    g = torch.Generator().manual_seed(T * 100 + P * 10 + H)
+    lay = TokenLayout(T, P, 1, pre, suf)
+    fm = _random_masks(H, T, g, empty_rows=empty)
+    q, k, v, dout = (torch.randn(2, H, lay.seq_len, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    dlse = torch.randn(q.shape[:3], generator=g, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _fast_vs_reference(lay, fm, q, k, v, dout, dlse, dtype)
+        assert torch.get_num_threads() == threads  # the bookkeeping's single thread is undone
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_band_masks_need_no_gather_and_few_calls():
+    """A band (the clamped ends keep the same frames) is one window call plus one call for both ends."""
+    from vdit_compile.ops.cpu_fast import _plan
+    plan = _plan(cm.proxy_frame_mask(16, 8), 4, 16, 2)
+    assert not plan.rest and plan.empty is None and len(plan.runs) == 2
+    win, ends = sorted(plan.runs, key=lambda r: r.n, reverse=True)
+    assert (win.n, win.qn, win.kstep, win.kn) == (8, 1, 1, 8)
+    assert (ends.n, ends.q0, ends.qstep, ends.qn, ends.k0, ends.kstep) == (2, 0, 12, 4, 0, 8)
+    one_head = _plan(torch.ones(1, 6, 6, dtype=torch.bool), 1, 6, 2).runs  # dense, one head: split for 2 threads
+    assert [(r.n, r.qn, r.kstep) for r in one_head] == [(2, 3, 0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous_inputs(dtype):
+    """q, k, v as transposes of (B, L, H, D) tensors (what a model's attention passes): read in place."""
+    g = torch.Generator().manual_seed(5)
+    lay = TokenLayout(6, 4, 1, 3, 2)
+    H = 4
+    fm = _random_masks(H, 6, g)
+    q, k, v, dout = (torch.randn(2, lay.seq_len, H, 8, generator=g, dtype=torch.float64).transpose(1, 2)
+                     for _ in range(4))
+    dlse = torch.randn(q.shape[:3], generator=g, dtype=torch.float64)
+    _fast_vs_reference(lay, fm, q, k, v, dout, dlse, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_mask_family_through_the_op(dtype):
+    """The registered op (CPU fast path) against each family's element-level oracle, forward and backward."""
+    from family_cases import FAMILY_CASES, case_args, element_oracle
+
+    from vdit_compile.ops.tile_attention import tile_attention  # noqa: F401  registers the op
+    for i, (lay, tile, names) in enumerate(FAMILY_CASES):
+        g = torch.Generator().manual_seed(40 + i)
+        H = len(names)
+        q, k, v, dout = (torch.randn(2, H, lay.seq_len, 8, generator=g, dtype=torch.float64) for _ in range(4))
+        dlse = torch.randn(q.shape[:3], generator=g, dtype=torch.float64)
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+        ref_out, ref_lse = element_oracle(qq, kk, vv, lay, tile, names, 0.3)
+        ref = torch.autograd.grad((ref_out * dout).sum() + (ref_lse * dlse).sum(), (qq, kk, vv))
+        qc, kc, vc_ = (x.to(dtype).requires_grad_() for x in (q, k, v))
+        out, lse = torch.ops.vdit.tile_attention(qc, kc, vc_, *case_args(lay, tile, names), 0.3)
+        assert _rel(out, ref_out) < TOL[dtype], names
+        assert (lse.double() - ref_lse).abs().max().item() < (1e-5 if dtype == torch.float32 else 5e-2), names
+        got = torch.autograd.grad((out * dout.to(dtype)).sum() + (lse * dlse.float()).sum(), (qc, kc, vc_))
+        for a, b, name in zip(got, ref, "qkv"):
+            assert _rel(a, b) < 2 * TOL[dtype], (names, name)

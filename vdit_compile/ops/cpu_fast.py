@@ -1,4 +1,4 @@
-"""Fast CPU implementation of tile attention: torch's fused CPU attention on gathered key blocks.
+"""Fast CPU implementation of tile attention: torch's fused CPU attention on the kept key blocks.
 
 Why: the gather reference (:mod:`.reference`) upcasts to float32 and runs unfused matmul +
 logsumexp + exp per query frame, so on CPU it is slower than the dense SDPA it replaces even at
@@ -7,24 +7,36 @@ kernel (``aten::_scaled_dot_product_flash_attention_for_cpu``, the kernel behind
 CPU, which also returns the log-sum-exp) on only the kept keys, in the input dtype (float32 or
 bfloat16; the kernel accumulates in float32), and never builds an ``L x L`` mask.
 
-How the work is batched (the "plan", built once per mask and head count, see :func:`_plan`):
+The work is split into key *segments* whose results are merged by log-sum-exp:
 
-* **full rows**: text rows, the rows of frames that keep every frame (the global frames of a
-  ``TileMask``) and every row of a dense head see all keys.  Heads with the same set of such
-  frames form one call on ``k[:, heads]`` directly (no key gather).
-* **partial rows**: every (head, query frame) whose row keeps ``c < T`` frames.  All such pairs
-  with the same ``c`` are stacked along the batch-of-heads axis: their ``c`` kept key frames are
-  gathered once (whole frames, contiguous copies) behind the text keys, and one fused call
-  computes all of them.
-* **runs** (forward, layouts without text): pairs whose kept frames are one contiguous range, for
-  consecutive query frames starting 0 or 1 frame apart (a window), need no gather at all: their
-  keys are an overlapping strided view of ``k`` that the kernel reads in place.
+* **text rows** (prefix, suffix) see every key: one call each on views of ``q`` and ``k``.
+* **video rows x text keys**: one call for every video row of every head against the text keys
+  (a view of ``k``; prefix and suffix are concatenated, a copy of the text keys only).
+* **video rows x video keys**, from the plan (:func:`_plan`, built once per mask, head and thread count):
 
-The backward calls the fused kernel's explicit backward on the same gathered blocks (no
-autograd graph, no recomputation beyond the gather) and scatters the key/value gradients back
-with ``index_add_`` into float32 accumulators.  The log-sum-exp gradient ``dlse`` is honoured
-by one extra head-dim column: with ``v' = [v, 1]``, ``out' = [out, 0]``, ``dout' = [dout, dlse]``
-the kernel's ``ds = p * (dout' v'^T - rowsum(dout' * out'))`` equals the exact
+  - **runs**: (head, query frame) pairs whose kept frames are one contiguous range, for
+    consecutive query frames whose ranges start ``ds >= 0`` frames apart (a window: ``ds = 1``; rows
+    that keep the same range, e.g. global frames or the clamped ends of a band: ``ds = 0``) and
+    consecutive heads with equal runs.  Their queries and keys are strided views of ``q`` / ``k``
+    (overlapping for windows) that the kernel reads in place: no gather and no copy, with or
+    without text (the views start after the text prefix).  ``ds = 0`` runs give each item all their
+    rows at once (fewer, larger items), split just enough to keep every thread busy; single-item
+    runs of one shape whose starts step evenly share one call (the two clamped ends of a band).
+  - **rest**: pairs whose kept frames are not one range (e.g. a global frame plus a window): pairs
+    with the same kept count are gathered (whole frames, contiguous copies) and computed in one call.
+
+  Without text the video segment is the whole result; with text the forward merges the two
+  segments by log-sum-exp (``lse = logaddexp(l_v, l_t)``, ``out = o_v e^{l_v - lse} + o_t e^{l_t - lse}``).
+
+The backward needs no merge and no recomputation of the merged statistics: the fused kernel's
+explicit backward of one segment, given the *final* ``out`` and ``lse`` of its rows (not the
+segment's own), computes ``p = exp(s - lse)`` (the final probabilities of the segment's keys) and
+``ds = p * (dp - rowsum(dout * out))`` with the final ``out``, i.e. exactly that segment's share of
+the gradient; the query gradients of a row's segments are summed, key/value gradients are summed
+over the segments that use a key (float32 accumulators, cast to the input dtype at the end).  The
+log-sum-exp gradient ``dlse`` is honoured by one extra head-dim column added once to the inputs:
+with ``v' = [v, 1]``, ``out' = [out, 0]``, ``dout' = [dout, dlse]`` the kernel's
+``ds = p * (dout' v'^T - rowsum(dout' * out'))`` equals the exact
 ``p * (dout v^T - rowsum(dout * out) + dlse)`` (see ``reference_tile_attention_backward``); the
 column is only added when ``dlse`` is non-zero (sequence parallelism's merged attention).
 
@@ -32,6 +44,7 @@ The reference stays the oracle (tests) and the float64 path.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -47,13 +60,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
-class _FullGroup:
-    heads: torch.Tensor | None  # (G,) head indices, None = every head in order
-    frames: torch.Tensor  # (n,) query frames whose rows keep every frame (text rows always included)
-    all_frames: bool  # frames == arange(T): the group's rows are every row
-
-
-@dataclass(frozen=True)
 class _PartialGroup:
     heads: torch.Tensor  # (G,) head of each (head, query frame) pair
     qframes: torch.Tensor  # (G,) query frame of each pair
@@ -64,25 +70,26 @@ class _PartialGroup:
 
 @dataclass(frozen=True)
 class _Run:
-    """Query frames ``f0 .. f0+nf-1`` of heads ``h0 .. h0+nh-1`` whose kept frames are the contiguous
-    ranges ``[s0 + ds*i, s0 + ds*i + c)`` (``ds`` 0 or 1): without text their keys are a strided view
-    of ``k`` (no gather at all)."""
+    """One fused call on strided views (no gather): heads ``h0 .. h0+nh-1``, ``n`` items per head; item ``i``
+    is query frames ``[q0 + i*qstep, + qn)`` against key frames ``[k0 + i*kstep, + kn)`` (items' keys overlap
+    for windows, ``0 < kstep < kn``, and are the same rows for ``kstep = 0``)."""
 
     h0: int
     nh: int
-    f0: int
-    nf: int
-    s0: int
-    ds: int
-    c: int
+    n: int
+    q0: int
+    qstep: int
+    qn: int
+    k0: int
+    kstep: int
+    kn: int
 
 
 @dataclass(frozen=True)
 class _Plan:
-    full: tuple[_FullGroup, ...]
-    partial: tuple[_PartialGroup, ...]  # every partial pair (layouts with text)
-    runs: tuple[_Run, ...]  # the pairs whose kept frames are a range (layouts without text) ...
-    rest: tuple[_PartialGroup, ...]  # ... and the others
+    runs: tuple[_Run, ...]  # the pairs whose kept frames are one range, as strided calls ...
+    rest: tuple[_PartialGroup, ...]  # ... the others with at least one kept frame, by kept count ...
+    empty: torch.Tensor | None  # ... and the (H, T) pairs that keep no frame (None: there are none)
 
 
 def _groups(fm: torch.Tensor, sel: torch.Tensor, T: int) -> tuple[_PartialGroup, ...]:
@@ -96,133 +103,150 @@ def _groups(fm: torch.Tensor, sel: torch.Tensor, T: int) -> tuple[_PartialGroup,
     return tuple(out)
 
 
-def _runs(fm: torch.Tensor, partial: torch.Tensor) -> tuple[tuple[_Run, ...], torch.Tensor]:
-    """Runs of range pairs (merged over consecutive heads with equal runs) and the mask of pairs they cover."""
+def _runs(fm: torch.Tensor, threads: int) -> tuple[tuple[_Run, ...], torch.Tensor]:
+    """The strided calls covering every pair whose kept frames are one range, and the mask of those pairs.
+
+    Per head, consecutive query frames whose ranges have the same length and starts ``ds >= 0`` apart
+    form a run (a window: ``ds > 0``, one item per query frame; rows with the same keys: ``ds = 0``, one
+    item with all their rows); heads with equal runs are merged when consecutive; single-item runs of
+    the same shape whose query and key starts step evenly become one call (e.g. the two clamped ends
+    of a band); a single-item run is split into just enough items (``nh * n >= threads``) to keep every
+    thread of the kernel busy.
+    """
     H, T, _ = fm.shape
     covered = torch.zeros(H, T, dtype=torch.bool)
-    per_key: dict[tuple, list[int]] = {}
+    per_head: list[list[list[int]]] = []
     for h in range(H):
-        cur = None  # [f0, nf, s0, ds, c]
+        runs: list[list[int]] = []  # [f0, nf, s0, ds, c]
+        cur = None
         for f in range(T):
-            if not partial[h, f]:
-                cur = None
-                continue
             kept = fm[h, f].nonzero().flatten()
-            s, c = int(kept[0]), kept.numel()
-            if int(kept[-1]) - s + 1 != c:  # not a contiguous range
+            if kept.numel() == 0 or int(kept[-1]) - int(kept[0]) + 1 != kept.numel():  # empty or not a range
                 cur = None
                 continue
+            s, c = int(kept[0]), kept.numel()
             covered[h, f] = True
             if cur is not None and cur[0] + cur[1] == f and cur[4] == c and (
-                    (cur[1] == 1 and s - cur[2] in (0, 1)) or (cur[1] > 1 and s == cur[2] + cur[3] * cur[1])):
+                    (cur[1] == 1 and s >= cur[2]) or (cur[1] > 1 and s == cur[2] + cur[3] * cur[1])):
                 if cur[1] == 1:
                     cur[3] = s - cur[2]
                 cur[1] += 1
             else:
                 cur = [f, 1, s, 0, c]
-                per_key.setdefault(("h", h), []).append(cur)
-        for r in per_key.get(("h", h), []):
-            per_key.setdefault(tuple(r), []).append(h)
-    runs = []
-    for key, heads in per_key.items():
-        if key[0] == "h":
-            continue
+                runs.append(cur)
+        per_head.append(runs)
+    by_run: dict[tuple, list[int]] = {}
+    for h, runs in enumerate(per_head):
+        for f0, nf, s0, ds, c in runs:
+            item = (nf, 1, 1, ds, c) if ds else (1, 0, nf, 0, c)  # (n, qstep, qn, kstep, kn)
+            by_run.setdefault((f0, s0) + item, []).append(h)
+    calls = []
+    for (f0, s0, n, qstep, qn, kstep, kn), heads in by_run.items():
         start = prev = heads[0]
         for h in heads[1:] + [None]:
             if h is not None and h == prev + 1:
                 prev = h
                 continue
-            runs.append(_Run(start, prev - start + 1, *key))
+            calls.append(_Run(start, prev - start + 1, n, f0, qstep, qn, s0, kstep, kn))
             if h is not None:
                 start = prev = h
-    return tuple(runs), covered
+    return tuple(_split(c, threads) for c in _chain(calls)), covered
+
+
+def _chain(calls: list[_Run]) -> list[_Run]:
+    """Merge single-item calls of one shape whose query / key starts step evenly (``kstep >= 0``) into one."""
+    out, singles = [], {}
+    for c in calls:
+        if c.n == 1:
+            singles.setdefault((c.h0, c.nh, c.qn, c.kn), []).append(c)
+        else:
+            out.append(c)
+    for group in singles.values():
+        group.sort(key=lambda c: c.q0)
+        cur = group[0]
+        for c in group[1:]:
+            qstep, kstep = c.q0 - cur.q0, c.k0 - cur.k0
+            if cur.n == 1 and kstep >= 0:
+                cur = _Run(cur.h0, cur.nh, 2, cur.q0, qstep, cur.qn, cur.k0, kstep, cur.kn)
+            elif (c.q0 - cur.q0, c.k0 - cur.k0) == (cur.n * cur.qstep, cur.n * cur.kstep):
+                cur = _Run(cur.h0, cur.nh, cur.n + 1, cur.q0, cur.qstep, cur.qn, cur.k0, cur.kstep, cur.kn)
+            else:
+                out.append(cur)
+                cur = c
+        out.append(cur)
+    return out
+
+
+def _split(c: _Run, threads: int) -> _Run:
+    """A single-item call split in ``n`` (a divisor of its query frames) items, just enough for ``nh * n``
+    to reach the thread count (the kernel's backward parallelises over items only)."""
+    if c.n > 1 or c.nh >= threads:
+        return c
+    n = next((d for d in range(1, c.qn + 1) if c.qn % d == 0 and c.nh * d >= threads), c.qn)
+    return _Run(c.h0, c.nh, n, c.q0, c.qn // n, c.qn // n, c.k0, 0, c.kn)
 
 
 @lru_cache(maxsize=64)
-def _plan_cached(H: int, T: int, mask_bytes: bytes) -> _Plan:
+def _plan_cached(H: int, T: int, mask_bytes: bytes, threads: int) -> _Plan:
     fm = torch.frombuffer(bytearray(mask_bytes), dtype=torch.bool).view(H, T, T)
-    full_rows = fm.all(-1)  # (H, T)
-    by_set: dict[tuple, list[int]] = {}
-    for h in range(H):
-        by_set.setdefault(tuple(full_rows[h].nonzero().flatten().tolist()), []).append(h)
-    full = []
-    for frames, heads in by_set.items():
-        hs = None if len(heads) == H else torch.tensor(heads)
-        full.append(_FullGroup(hs, torch.tensor(frames, dtype=torch.long), len(frames) == T))
-    runs, covered = _runs(fm, ~full_rows)
-    return _Plan(tuple(full), _groups(fm, ~full_rows, T), runs, _groups(fm, ~full_rows & ~covered, T))
+    runs, covered = _runs(fm, threads)
+    empty = fm.sum(-1) == 0
+    return _Plan(runs, _groups(fm, ~covered & ~empty, T), empty if bool(empty.any()) else None)
 
 
-def _plan(frame_mask: torch.Tensor, H: int, T: int) -> _Plan:
+def _plan(frame_mask: torch.Tensor, H: int, T: int, threads: int) -> _Plan:
     """The grouping of :func:`fast_attention` for this mask (cached: a model reuses few masks).
 
-    The cache is a bounded per-process LRU (64 entries) keyed by the mask's bits; it only holds
+    The cache is a bounded per-process LRU (64 entries) keyed by the mask's bits and the thread count; it only holds
     small index tensors on the CPU, no model state.
     """
     if frame_mask.shape[-2:] != (T, T) or frame_mask.dim() != 3 or frame_mask.shape[0] not in (1, H):
         raise ValueError(f"frame mask of shape {tuple(frame_mask.shape)} does not fit {H} heads x {T} frames "
                          f"(expected (1 or {H}, {T}, {T}))")
     fm = frame_mask.to(device="cpu", dtype=torch.bool).expand(H, T, T).contiguous()
-    return _plan_cached(H, T, bytes(fm.flatten().to(torch.uint8).tolist()))
+    return _plan_cached(H, T, bytes(fm.flatten().to(torch.uint8).tolist()), threads)
 
 
-def _frames(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """``(B, H*T, P*D)``: the video tokens of a ``(B, H, L, D)`` tensor, one row per (head, frame).
+def _frames(x: torch.Tensor, layout: TokenLayout, row0: int | None = None) -> torch.Tensor:
+    """``(B, H*T, P*D)``: the video tokens of a ``(B, H, L, D)`` tensor (starting at row ``row0``, by
+    default after the text prefix), one row per (head, frame).
 
-    A view without text, else one copy; row ``h*T + f`` holds frame ``f`` of head ``h``, so gathers and
-    scatters of whole frames are ``index_select`` / ``index_copy_`` / ``index_add_`` of contiguous rows
-    (an order of magnitude faster on CPU than advanced indexing over two dimensions).
+    A view of a contiguous tensor without text, else one copy; row ``h*T + f`` holds frame ``f`` of head
+    ``h``, so gathers and scatters of whole frames are ``index_select`` / ``index_copy_`` / ``index_add_``
+    of contiguous rows (an order of magnitude faster on CPU than advanced indexing over two dimensions).
     """
-    B, H, L, D = x.shape
+    B, H, _, D = x.shape
     T, P = layout.num_frames, layout.frame_tokens
-    return x[:, :, layout.text_prefix:L - layout.text_suffix].reshape(B, H * T, P * D)
+    row0 = layout.text_prefix if row0 is None else row0
+    return x[:, :, row0:row0 + T * P].reshape(B, H * T, P * D)
 
 
 def _text(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """``(B, H, pre+suf, D)``: the text tokens (prefix then suffix)."""
+    """``(B, H, pre+suf, D)``: the text tokens (prefix then suffix; a view unless both are present)."""
     pre, suf, L = layout.text_prefix, layout.text_suffix, x.shape[2]
     if not suf:
         return x[:, :, :pre]
     return torch.cat([x[:, :, :pre], x[:, :, L - suf:]], dim=2) if pre else x[:, :, L - suf:]
 
 
-def _full_rows(layout: TokenLayout, g: _FullGroup) -> torch.Tensor | None:
-    """Token rows of a full group (text + its frames' rows), ``None`` for every row."""
-    if g.all_frames:
-        return None
-    pre, suf, P = layout.text_prefix, layout.text_suffix, layout.frame_tokens
-    L = layout.seq_len
-    vid = (pre + g.frames[:, None] * P + torch.arange(P)[None, :]).flatten()
-    return torch.cat([torch.arange(pre), vid, torch.arange(L - suf, L)])
+def _text_rows(layout: TokenLayout) -> list[slice]:
+    pre, suf, L = layout.text_prefix, layout.text_suffix, layout.seq_len
+    return [s for s in (slice(0, pre), slice(L - suf, L)) if s.stop > s.start]
 
 
-def _take(x: torch.Tensor, heads: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor:
-    if heads is not None:
-        x = x.index_select(1, heads)
-    if rows is not None:
-        x = x.index_select(2, rows)
-    return x
+def _view(x: torch.Tensor, b: int, h0: int, nh: int, row0: int, n: int, step: int, rows: int) -> torch.Tensor:
+    """``(nh, n, rows, Dh)`` strided view of batch row ``b``, heads ``h0 ..`` of a 4-D ``(B, H, L, Dh)``
+    tensor: item ``i`` is rows ``row0 + i*step .. + rows`` (items overlap when ``step < rows``)."""
+    st = x.stride()
+    return x.as_strided((nh, n, rows, x.shape[3]), (st[1], step * st[2], st[2], st[3]),
+                        x.storage_offset() + b * st[0] + h0 * st[1] + row0 * st[2])
 
 
-def _put(dst: torch.Tensor, heads: torch.Tensor | None, rows: torch.Tensor | None, src: torch.Tensor) -> None:
-    if heads is None and rows is None:
-        dst.copy_(src)
-    elif rows is None:
-        dst[:, heads] = src
-    elif heads is None:
-        dst[:, :, rows] = src
-    else:
-        dst[:, heads[:, None], rows[None, :]] = src
-
-
-def _gather_keys(text: torch.Tensor, frames: torch.Tensor, g: _PartialGroup, T: int, Dh: int) -> torch.Tensor:
-    """``(B, G, text + c*P, Dh)``: each pair's text keys, then its kept frames' keys."""
-    B = frames.shape[0]
-    G = g.heads.shape[0]
-    kept = frames.index_select(1, g.kflat).view(B, G, -1, Dh)  # (B, G, c*P, Dh)
-    if text.shape[2] == 0:
-        return kept
-    return torch.cat([text.index_select(1, g.heads), kept], dim=2)
+def _items(x: torch.Tensor, b: int, r: _Run, P: int, row0: int, keys: bool = False) -> torch.Tensor:
+    """The ``(nh, n, rows, Dh)`` query (or key) rows of a run's items in ``x``, whose video starts at ``row0``."""
+    if keys:
+        return _view(x, b, r.h0, r.nh, row0 + r.k0 * P, r.n, r.kstep * P, r.kn * P)
+    return _view(x, b, r.h0, r.nh, row0 + r.q0 * P, r.n, r.qstep * P, r.qn * P)
 
 
 def _check(q, k, v, layout: TokenLayout) -> None:
@@ -234,6 +258,44 @@ def _check(q, k, v, layout: TokenLayout) -> None:
     layout.check_seq_len(q.shape[2])
 
 
+@contextmanager
+def _serial_bookkeeping():
+    """Run everything but the fused kernels on one thread; yields ``par(fn, *args, **kw)``, which runs one
+    kernel call with the caller's thread count (``par.threads``).
+
+    The copies, additions and gathers around the kernels are small memory-bound operations: a second
+    thread gains little on them, and every parallel region waits for its slowest thread, which on a
+    shared (oversubscribed) CPU is often descheduled: 8 strided additions of 2 MB took 156 ms on 2
+    threads and 2.7 ms on one under load 7 on 2 cores (the kernels themselves keep every thread).
+    The thread count is process-wide state: it is restored on exit, also on error.
+    """
+    n = torch.get_num_threads()
+
+    def par(fn, *args, **kw):
+        if n == 1:
+            return fn(*args, **kw)
+        torch.set_num_threads(n)
+        try:
+            return fn(*args, **kw)
+        finally:
+            torch.set_num_threads(1)
+
+    par.threads = n
+    if n == 1:
+        yield par
+        return
+    torch.set_num_threads(1)
+    try:
+        yield par
+    finally:
+        torch.set_num_threads(n)
+
+
+def _unit_stride(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The kernel reads any strides but a contiguous head dim; copy only tensors without one."""
+    return tuple(x if x.stride(-1) == 1 else x.contiguous() for x in xs)
+
+
 def fast_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, frame_mask: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,78 +304,57 @@ def fast_attention(
     Returns ``out`` ``(B, H, L, Dv)`` in ``q.dtype`` and ``lse`` ``(B, H, L)`` float32.
     """
     _check(q, k, v, layout)
+    with _serial_bookkeeping() as par:
+        return _forward(q, k, v, layout, frame_mask, scale, par)
+
+
+def _forward(q, k, v, layout: TokenLayout, frame_mask: torch.Tensor, scale: float, par):
+    q, k, v = _unit_stride(q, k, v)
     B, H, L, D = q.shape
     Dv = v.shape[-1]
     T, P = layout.num_frames, layout.frame_tokens
-    plan = _plan(frame_mask, H, T)
+    pre, suf = layout.text_prefix, layout.text_suffix
+    plan = _plan(frame_mask, H, T, par.threads)
     out = q.new_empty(B, H, L, Dv)
     lse = torch.empty(B, H, L, dtype=torch.float32)
-    for g in plan.full:
-        rows = _full_rows(layout, g)
-        if rows is not None and rows.numel() == 0:
-            continue  # no text and no full frame (the kernel divides by the row count)
-        o, l = _FLASH(_take(q, g.heads, rows), _take(k, g.heads, None), _take(v, g.heads, None), scale=scale)
-        _put(out, g.heads, rows, o)
-        _put(lse, g.heads, rows, l)
-    groups, runs = (plan.partial, ()) if layout.text_prefix + layout.text_suffix else (plan.rest, plan.runs)
-    if runs:
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    for b in range(B) if runs else ():
-        for r in runs:
-            o, l = _FLASH(_run_view(q, b, r, P), _run_view(k, b, r, P, keys=True), _run_view(v, b, r, P, keys=True),
-                          scale=scale)
-            _run_view(out, b, r, P).copy_(o)
-            _run_view(lse, b, r, P).copy_(l)
-    if not groups:
-        return out, lse
-    qf, kf, vf = _frames(q, layout), _frames(k, layout), _frames(v, layout)
-    kt, vt = _text(k, layout), _text(v, layout)
-    of, lf = _frames(out, layout), _frames(lse[..., None], layout)  # copies when there is text: written back below
-    for g in groups:
-        G = g.heads.shape[0]
-        o, l = _FLASH(qf.index_select(1, g.qflat).view(B, G, P, D), _gather_keys(kt, kf, g, T, D),
-                      _gather_keys(vt, vf, g, T, Dv), scale=scale)
-        of.index_copy_(1, g.qflat, o.contiguous().view(B, G, P * Dv))
-        lf.index_copy_(1, g.qflat, l.contiguous())
-    _unframe(out, of, layout)
-    _unframe(lse[..., None], lf, layout)
-    return out, lse
-
-
-def _run_view(x: torch.Tensor, b: int, r: _Run, P: int, keys: bool = False) -> torch.Tensor:
-    """Strided view of batch row ``b`` of a contiguous ``(B, H, L[, Dh])`` tensor (layout without text):
-    the run's query rows ``(nh, nf, P[, Dh])``, or with ``keys`` its key rows ``(nh, nf, c*P, Dh)``
-    (overlapping windows: consecutive query frames start ``ds`` frames apart)."""
-    Dh = x.shape[3] if x.dim() == 4 else 1
-    off = x.storage_offset() + b * x.stride(0) + r.h0 * x.stride(1)
-    if keys:
-        size, stride, off = (r.nh, r.nf, r.c * P), (x.stride(1), r.ds * P * Dh, Dh), off + r.s0 * P * Dh
+    for rs in _text_rows(layout):  # text rows see every key
+        o, l = par(_FLASH, q[:, :, rs], k, v, scale=scale)
+        out[:, :, rs] = o
+        lse[:, :, rs] = l
+    # the video rows' attention over the video keys: into out / lse directly without text, else into workspaces
+    if pre + suf:
+        out_v, lse_v = q.new_empty(B, H, T * P, Dv), torch.empty(B, H, T * P, dtype=torch.float32)
     else:
-        size, stride, off = (r.nh, r.nf, P), (x.stride(1), P * Dh, Dh), off + r.f0 * P * Dh
-    if x.dim() == 4:
-        size, stride = size + (Dh,), stride + (1,)
-    return x.as_strided(size, stride, off)
-
-
-def _unframe(dst: torch.Tensor, framed: torch.Tensor, layout: TokenLayout) -> None:
-    """Write a :func:`_frames` workspace back into ``dst``'s video rows (no-op when it is a view of them)."""
-    B, H, L, Dh = dst.shape
-    vid = dst[:, :, layout.text_prefix:L - layout.text_suffix]
-    if framed.data_ptr() != vid.data_ptr() or not vid.is_contiguous():
-        vid.copy_(framed.view(B, H, -1, Dh))
-
-
-def _flash_backward(dout, dlse, q, k, v, out, lse, scale):
-    """Gradients of one fused call; ``dlse`` (or ``None``) through the extra column (module doc)."""
-    if dlse is not None:  # one extra column: q' = [q, 0], k' = [k, 0], v' = [v, 1], out' = [out, 0], dout' = [dout, dlse]
-        q, k, out = (torch.cat([x, torch.zeros_like(x[..., :1])], -1) for x in (q, k, out))
-        v = torch.cat([v, torch.ones_like(v[..., :1])], -1)
-        dout = torch.cat([dout, dlse[..., None].to(dout.dtype)], -1)
-    dq, dk, dv = _FLASH_BWD(dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(),
-                            lse.contiguous(), 0.0, False, scale=scale)
-    if dlse is not None:
-        dq, dk, dv = dq[..., :-1], dk[..., :-1], dv[..., :-1]
-    return dq, dk, dv
+        out_v, lse_v = out, lse
+    lse_v4 = lse_v[..., None]
+    for b in range(B):
+        for r in plan.runs:
+            o, l = par(_FLASH, _items(q, b, r, P, pre), _items(k, b, r, P, pre, keys=True),
+                       _items(v, b, r, P, pre, keys=True), scale=scale)
+            _items(out_v, b, r, P, 0).copy_(o)
+            _items(lse_v4, b, r, P, 0)[..., 0].copy_(l)
+    if plan.rest:
+        qf, kf, vf = _frames(q, layout), _frames(k, layout), _frames(v, layout)
+        of, lf = _frames(out_v, layout, 0), _frames(lse_v4, layout, 0)  # views of the contiguous workspaces
+        for g in plan.rest:
+            G = g.heads.shape[0]
+            o, l = par(_FLASH, qf.index_select(1, g.qflat).view(B, G, P, D), kf.index_select(1, g.kflat).view(B, G, -1, D),
+                          vf.index_select(1, g.kflat).view(B, G, -1, Dv), scale=scale)
+            of.index_copy_(1, g.qflat, o.contiguous().view(B, G, P * Dv))
+            lf.index_copy_(1, g.qflat, l.contiguous())
+    if plan.empty is not None:  # rows that keep no frame: nothing from the video keys
+        rows = plan.empty.repeat_interleave(P, dim=1)
+        out_v.masked_fill_(rows[None, :, :, None], 0)
+        lse_v.masked_fill_(rows[None], float("-inf"))
+    if not pre + suf:
+        return out, lse
+    o_t, l_t = par(_FLASH, q[:, :, pre:L - suf], _text(k, layout), _text(v, layout), scale=scale)
+    l_all = torch.logaddexp(lse_v, l_t)
+    merged = out_v.float().mul_((lse_v - l_all).exp_()[..., None])
+    merged.addcmul_(o_t, (l_t - l_all).exp_()[..., None])
+    out[:, :, pre:L - suf] = merged
+    lse[:, :, pre:L - suf] = l_all
+    return out, lse
 
 
 def fast_attention_backward(
@@ -321,88 +362,99 @@ def fast_attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``(out, lse)`` w.r.t. ``q, k, v``; same contract as the reference backward.
 
-    Query gradients are written once per row; key/value gradients are summed over the groups that
-    use a key, in float32, and cast to the input dtype at the end.  The fused kernel returns its
-    gradients token-major (memory ``(B, keys, G, D)``), so the accumulators are token-major too
-    (``(B, P, H*T, D)``: row ``h*T + f`` of every token slot) and take them without a copy.
+    Every segment of the forward runs the fused backward with the final ``out`` / ``lse`` of its rows
+    (module doc); gradients are summed in float32 and cast to the input dtype at the end.
     """
     _check(q, k, v, layout)
+    with _serial_bookkeeping() as par:
+        return _backward(dout, dlse, q, k, v, out, lse, layout, frame_mask, scale, par)
+
+
+def _backward(dout, dlse, q, k, v, out, lse, layout: TokenLayout, frame_mask: torch.Tensor, scale: float, par):
     B, H, L, D = q.shape
-    Dv = v.shape[-1]
     T, P = layout.num_frames, layout.frame_tokens
     pre, suf = layout.text_prefix, layout.text_suffix
-    ntext = pre + suf
-    plan = _plan(frame_mask, H, T)
+    plan = _plan(frame_mask, H, T, par.threads)
+    dtype = q.dtype
     lse = lse.float()
-    use_dlse = dlse is not None and bool(dlse.any())
-    acc = {"k": (torch.zeros(B, ntext, H, D), torch.zeros(B, P, H * T, D)),
-           "v": (torch.zeros(B, ntext, H, Dv), torch.zeros(B, P, H * T, Dv))}
-    dq = torch.empty_like(q)
-    # the gathered groups, not the strided runs: the fused backward is slower on the runs' overlapping
-    # views (they are made contiguous) than on one gathered call per kept count (measured, 2 threads)
-    groups = plan.partial
-    if groups:
+    if dlse is not None and bool(dlse.any()):  # one extra column (module doc), stripped from the gradients at the end
+        q, k, out = (torch.cat([x, x.new_zeros(x.shape[:-1] + (1,))], -1) for x in (q, k, out))
+        v = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], -1)
+        dout = torch.cat([dout, dlse.to(dout.dtype)[..., None]], -1)
+        cut = True
+    else:
+        cut = False
+    q, k, v, out, dout = _unit_stride(q, k, v, out, dout)
+    Dq, Dw = q.shape[-1], v.shape[-1]
+    lse4 = lse[..., None]
+    f32 = torch.float32
+    # query rows get their first gradient by assignment: the text rows and, with text, the video rows from the
+    # text keys; without text from their one video segment (a run, a rest group, or zero for empty pairs)
+    dq = torch.empty(B, H, L, Dq, dtype=f32)
+    dk = torch.zeros(B, H, L, Dq, dtype=f32)
+    dv = torch.zeros(B, H, L, Dw, dtype=f32)
+    for rs in _text_rows(layout):  # text rows x every key
+        gq, gk, gv = par(_FLASH_BWD, dout[:, :, rs], q[:, :, rs], k, v, out[:, :, rs], lse[:, :, rs], 0.0, False,
+                                scale=scale)
+        dq[:, :, rs] = gq
+        dk += gk
+        dv += gv
+    if pre + suf:  # video rows x text keys
+        vid = slice(pre, L - suf)
+        gq, gk, gv = par(_FLASH_BWD, dout[:, :, vid], q[:, :, vid], _text(k, layout), _text(v, layout), out[:, :, vid],
+                                lse[:, :, vid], 0.0, False, scale=scale)
+        dq[:, :, vid] = gq
+        for d, g in ((dk, gk), (dv, gv)):
+            d[:, :, :pre] += g[:, :, :pre]
+            d[:, :, L - suf:] += g[:, :, pre:]
+    for b in range(B):  # video rows x video keys: the runs
+        for r in plan.runs:
+            gq, gk, gv = par(_FLASH_BWD, _items(dout, b, r, P, pre), _items(q, b, r, P, pre),
+                             _items(k, b, r, P, pre, keys=True), _items(v, b, r, P, pre, keys=True),
+                             _items(out, b, r, P, pre), _items(lse4, b, r, P, pre)[..., 0], 0.0, False, scale=scale)
+            if pre + suf:
+                _items(dq, b, r, P, pre).add_(gq)
+            else:
+                _items(dq, b, r, P, pre).copy_(gq)
+            for d, g in ((dk, gk), (dv, gv)):
+                if r.kstep == 0:  # every item's keys are the same rows
+                    _view(d, b, r.h0, r.nh, pre + r.k0 * P, 1, 0, r.kn * P)[:, 0].add_(g[:, 0] if r.n == 1 else g.sum(1))
+                    continue
+                step = min(r.kstep, r.kn)  # key frames [j0, j0 + step) of the items are distinct frames
+                for j0 in range(0, r.kn, step):
+                    j1 = min(j0 + step, r.kn)
+                    _view(d, b, r.h0, r.nh, pre + (r.k0 + j0) * P, r.n, r.kstep * P, (j1 - j0) * P).add_(
+                        g[:, :, j0 * P:j1 * P])
+    if plan.rest:  # video rows x video keys: the gathered groups
         qf, kf, vf, of, dof = (_frames(x, layout) for x in (q, k, v, out, dout))
-        lf = _frames(lse[..., None], layout)
-        dlf = _frames(dlse.float()[..., None], layout) if use_dlse else None
-        kt, vt = _text(k, layout), _text(v, layout)
-        dq_tok = q.new_empty(B, P, H * T, D)  # token-major query gradients of the partial rows
-        for g in groups:
+        lf = _frames(lse4, layout)
+        dqf, dkf, dvf = (_frames(x, layout) for x in (dq, dk, dv))
+        for g in plan.rest:
             G, c = g.kframes.shape
 
-            def rows(x, Dh, g=g, G=G):
-                return x.index_select(1, g.qflat).view(B, G, P, Dh)
+            def rows(x, g=g, G=G):
+                return x.index_select(1, g.qflat).view(B, G, P, -1)
 
-            dq_g, dk_g, dv_g = _flash_backward(rows(dof, Dv), rows(dlf, 1)[..., 0] if use_dlse else None, rows(qf, D),
-                                               _gather_keys(kt, kf, g, T, D), _gather_keys(vt, vf, g, T, Dv),
-                                               rows(of, Dv), rows(lf, 1)[..., 0], scale)
-            dq_tok.index_copy_(2, g.qflat, _token_major(dq_g))
-            for name, grad in (("k", dk_g), ("v", dv_g)):
-                acc_text, acc_vid = acc[name]
-                tm = _token_major(grad)  # (B, ntext + c*P, G, Dh)
-                if ntext:
-                    acc_text.index_add_(2, g.heads, tm[:, :ntext].float())
-                vid = tm[:, ntext:].unflatten(1, (c, P))
+            gq, gk, gv = par(_FLASH_BWD, rows(dof), rows(qf), kf.index_select(1, g.kflat).view(B, G, c * P, Dq),
+                                    vf.index_select(1, g.kflat).view(B, G, c * P, Dw), rows(of), rows(lf)[..., 0],
+                                    0.0, False, scale=scale)
+            gq = gq.reshape(B, G, P * Dq).float()
+            if pre + suf:
+                dqf.index_add_(1, g.qflat, gq)
+            else:
+                dqf.index_copy_(1, g.qflat, gq)
+            for d, grad in ((dkf, gk), (dvf, gv)):
+                grad = grad.float().unflatten(2, (c, P))
                 for j in range(c):
-                    acc_vid.index_add_(2, g.heads * T + g.kframes[:, j], vid[:, j].float())
-        # every partial row once; full rows (below) overwrite the rest
-        dq[:, :, pre:L - suf].view(B, H, T, P, D).copy_(dq_tok.view(B, P, H, T, D).permute(0, 2, 3, 1, 4))
-    all_heads = torch.arange(H)
-    for g in plan.full:
-        rows = _full_rows(layout, g)
-        if rows is not None and rows.numel() == 0:
-            continue
-        dlse_g = _take(dlse, g.heads, rows) if use_dlse else None
-        dq_g, dk_g, dv_g = _flash_backward(_take(dout, g.heads, rows), dlse_g, _take(q, g.heads, rows),
-                                           _take(k, g.heads, None), _take(v, g.heads, None),
-                                           _take(out, g.heads, rows), _take(lse, g.heads, rows), scale)
-        _put(dq, g.heads, rows, dq_g)
-        idx = g.heads if g.heads is not None else all_heads
-        for name, grad in (("k", dk_g), ("v", dv_g)):
-            acc_text, acc_vid = acc[name]
-            tm = _token_major(grad)  # (B, L, G, Dh)
-            if ntext:
-                acc_text.index_add_(2, idx, torch.cat([tm[:, :pre], tm[:, L - suf:]], 1).float())
-            vid = tm[:, pre:L - suf].unflatten(1, (T, P))
-            for f in range(T):
-                acc_vid.index_add_(2, idx * T + f, vid[:, f].float())
-
-    def assemble(like, acc_text, acc_vid):
-        Dh = like.shape[-1]
-        grad = torch.empty_like(like)
-        grad[:, :, pre:L - suf].view(B, H, T, P, Dh).copy_(acc_vid.view(B, P, H, T, Dh).permute(0, 2, 3, 1, 4))
-        if pre:
-            grad[:, :, :pre] = acc_text[:, :pre].transpose(1, 2)
-        if suf:
-            grad[:, :, L - suf:] = acc_text[:, pre:].transpose(1, 2)
-        return grad
-
-    return dq, assemble(k, *acc["k"]), assemble(v, *acc["v"])
-
-
-def _token_major(grad: torch.Tensor) -> torch.Tensor:
-    """``(B, G, N, Dh)`` -> ``(B, N, G, Dh)``, contiguous (free for the fused kernel's own layout)."""
-    return grad.transpose(1, 2).contiguous()
+                    d.index_add_(1, g.heads * T + g.kframes[:, j], grad[:, :, j].reshape(B, G, -1))
+        if pre + suf:  # the frame workspaces were copies: write them back
+            for d, f in ((dq, dqf), (dk, dkf), (dv, dvf)):
+                d[:, :, pre:L - suf] = f.view(B, H, T * P, -1)
+    if plan.empty is not None and not pre + suf:  # rows that keep nothing (and no text): zero gradient
+        dq.masked_fill_(plan.empty.repeat_interleave(P, dim=1)[None, :, :, None], 0)
+    if cut:
+        dq, dk, dv = dq[..., :-1], dk[..., :-1], dv[..., :-1]
+    return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 
 def fast_applies(q: torch.Tensor) -> bool:

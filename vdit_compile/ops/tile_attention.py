@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- unit-space backends
 def _cpu_forward(q, k, v, layout, om: OpMasks, scale):
-    """CPU: :mod:`.cpu_fast` (torch's fused attention on gathered key units) for float32/bf16/fp16, the exact
+    """CPU: :mod:`.cpu_fast` (torch's fused attention on the kept key units) for float32/bf16/fp16, the exact
     gather reference for float64 (the tests' oracle)."""
     impl = fast_attention if fast_applies(q) else reference_tile_attention
     return impl(q, k, v, layout, om.unit_mask(), scale)
