@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import ast
+import gc
 import re
+import weakref
 from pathlib import Path
 
+import pytest
 import torch
-from core_models import build_tiny
+from core_models import build_tiny, out_of
 
 import vdit_compile as vc
 
@@ -82,3 +85,39 @@ def test_kernel_options_travel_with_the_model():
         vc.restore(model)
     assert seen and all(s == opts for s in seen)
     assert current() != opts  # outside the model's calls the defaults are back
+
+
+def _run_and_drop(name: str, **optimize_kw):
+    """Optimise a tiny model, run it, drop the user's references; the weak reference that is left."""
+    model, kw = build_tiny(name)
+    vc.optimize(model, **optimize_kw)
+    with torch.no_grad():
+        model(**kw)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    return ref
+
+
+@pytest.mark.parametrize("name,optimize_kw", [
+    ("wan", {"plan": vc.TileMask(1, 0)}),  # apply mode only
+    ("wan", {"calib_inputs": None, "progress": False}),  # calibrate, then apply: two backends
+    ("hunyuan15", {"plan": vc.TileMask(1, 0)}),  # graph breaks: graphs of a block's own frame, shared
+])
+def test_an_optimised_model_is_freed_after_del(name, optimize_kw):
+    # Dynamo keeps every backend it saw in a process-wide table (eval_frame.cached_backends): the backend
+    # must reach the model only weakly, or each optimised model lives as long as the process
+    if "calib_inputs" in optimize_kw:
+        optimize_kw = dict(optimize_kw, calib_inputs=[build_tiny(name)[1]])
+    assert _run_and_drop(name, **optimize_kw)() is None
+
+
+def test_a_freed_models_graphs_do_not_serve_the_next_one():
+    assert _run_and_drop("wan", plan=vc.TileMask(1, 0))() is None
+    model, kw = build_tiny("wan")
+    with torch.no_grad():
+        dense = out_of(model(**kw))
+        vc.optimize(model, plan=vc.TileMask(dense=True))
+        out = out_of(model(**kw))
+    vc.restore(model)
+    assert torch.allclose(out, dense, atol=1e-5, rtol=1e-4)
