@@ -121,3 +121,92 @@ def test_a_freed_models_graphs_do_not_serve_the_next_one():
         out = out_of(model(**kw))
     vc.restore(model)
     assert torch.allclose(out, dense, atol=1e-5, rtol=1e-4)
+
+
+def _pyproject_extras() -> dict[str, list[str]]:
+    import tomllib
+
+    data = tomllib.loads((PKG.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    return data["project"]["optional-dependencies"]
+
+
+def test_each_optional_module_names_an_extra_of_pyproject_that_installs_it():
+    from vdit_compile._optional import EXTRAS
+
+    extras = _pyproject_extras()
+    for module, extra in EXTRAS.items():
+        dists = [re.split(r"[<>=!~ ]", d)[0].replace("-", "_") for d in extras[extra]]
+        assert module in dists, (module, extra, dists)
+
+
+def test_a_missing_optional_dependency_names_the_feature_and_the_pip_extra(monkeypatch):
+    import sys
+
+    from vdit_compile._optional import MissingDependencyError, available, optional, require
+    from vdit_compile.export.errors import ExportError
+    from vdit_compile.export.errors import MissingDependencyError as ExportMissing
+
+    monkeypatch.setitem(sys.modules, "torchao", None)  # an entry of None makes `import torchao` fail
+    with pytest.raises(MissingDependencyError) as info:
+        require("torchao", why="FP8 linears")
+    msg = str(info.value)
+    assert msg.startswith("FP8 linears: torchao is not available here") and msg.endswith('pip install "vdit-compile[fp8]"')
+    assert info.value.extra == "fp8" and isinstance(info.value, ImportError)
+    assert optional("torchao") is None
+    with pytest.raises(ExportMissing) as info:  # a subsystem's own type: export's is also an ExportError
+        require("torchao", why="x", error=ExportMissing)
+    assert isinstance(info.value, ExportError) and isinstance(info.value, MissingDependencyError)
+    assert str(info.value).startswith("x: torchao is not available here") and info.value.extra == "fp8"
+    with pytest.raises(KeyError, match="not an optional dependency"):
+        require("numpy")
+    assert available("torch") and not available("no_such_module_vdit")
+
+
+def test_fp8_without_torchao_says_which_extra(monkeypatch):
+    import sys
+
+    from vdit_compile.wholestep.fp8 import torchao_status
+
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    monkeypatch.delitem(sys.modules, "torchao.quantization", raising=False)
+    ok, why = torchao_status()
+    assert not ok and 'pip install "vdit-compile[fp8]"' in why and "FP8 linears" in why
+
+
+def test_optional_dependencies_stay_lazy():
+    import subprocess
+    import sys
+
+    code = ("import sys, vdit_compile, vdit_compile.export, vdit_compile.wholestep; "
+            "print(sorted(m for m in ('onnx', 'onnxscript', 'onnxruntime', 'torch_tensorrt', 'tensorrt', 'torchao') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PKG.parent, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_no_import_guards_outside_the_optional_helper():
+    # one helper imports optional dependencies; our own subpackages ship together and are imported plainly.
+    # Left: the Triton kernels' own import (a GPU-only fallback), a user's module named by a model spec, a world
+    # package, and the MP4 writer's codec plugin (imageio-ffmpeg is no extra of ours)
+    allowed = {"_optional.py", "kernels/tile_attention_triton.py", "models/spec.py", "models/embedded/pipeline.py"}
+    guarded = [str(p.relative_to(PKG)) for p in PKG.rglob("*.py")
+               if re.search(r"except \(?(ImportError|ModuleNotFoundError)", p.read_text(encoding="utf-8"))]
+    assert sorted(set(guarded) - allowed) == []
+
+
+def test_a_refused_dynamic_frame_range_is_a_typed_error_with_torchs_suggestion():
+    from vdit_compile.export.errors import DynamicFramesError
+    from vdit_compile.export.graph import FRAMES_DIM, export_program
+
+    class Bounded(torch.nn.Module):  # a RoPE-like table bounds the frame count at 16
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.randn(16, 4))
+
+        def forward(self, hidden_states):
+            return hidden_states + self.table[: hidden_states.shape[1]]
+
+    shapes = {"hidden_states": {1: torch.export.Dim(FRAMES_DIM, min=2, max=64)}}
+    with pytest.raises(DynamicFramesError) as info:
+        export_program(Bounded(), {"hidden_states": torch.randn(2, 4, 4)}, shapes)
+    assert info.value.suggested is not None and info.value.suggested[1] == 16

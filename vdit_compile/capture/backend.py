@@ -55,12 +55,10 @@ class PassContext:
 
 
 def is_dense_3d(site) -> bool:
-    """A 3D (video self / joint) attention site that cannot be tiled: the user is warned."""
-    from ..passes.detect import TILEABLE_KINDS
+    """A 3D (video self / joint) attention site that cannot be tiled: the user is warned.
 
-    if site.layout is not None:
-        return False
-    return site.kind in TILEABLE_KINDS or site.reason.startswith(("3D attention", "joint attention"))
+    Read from the site's typed fields (kind, layout, ``video``), never from its human-readable reason."""
+    return bool(getattr(site, "dense_3d", False))
 
 
 def resolve_backend(name: str, device_type: str) -> str:
