@@ -210,3 +210,40 @@ def test_a_refused_dynamic_frame_range_is_a_typed_error_with_torchs_suggestion()
     with pytest.raises(DynamicFramesError) as info:
         export_program(Bounded(), {"hidden_states": torch.randn(2, 4, 4)}, shapes)
     assert info.value.suggested is not None and info.value.suggested[1] == 16
+
+
+@pytest.mark.parametrize("name", ["wan", "cogvideox", "cogvideox15", "kandinsky5", "hunyuan15"])
+def test_export_reads_the_video_input_as_the_compile_path_does(name):
+    from vdit_compile.export.shapes import frames_axis, spatial_axes, temporal_patch
+    from vdit_compile.passes.grid import infer_grid, patch_sizes
+
+    model, kw = build_tiny(name)
+    grid, why = infer_grid(model, (), kw)
+    assert grid is not None, why
+    hs = kw["hidden_states"]
+    assert frames_axis(model, hs) == grid.axes.index("T")
+    assert spatial_axes(model, hs) == (grid.axes.index("H"), grid.axes.index("W"))
+    assert temporal_patch(model) == patch_sizes(model)[0]
+    assert hs.shape[frames_axis(model, hs)] // temporal_patch(model) == grid.frames
+
+
+def test_export_has_no_grid_or_naming_code_of_its_own():
+    text = {p.name: p.read_text(encoding="utf-8") for p in (PKG / "export").glob("*.py")}
+    # the config's patch sizes and channels are read by passes/grid.py; module paths normalised by passes/naming.py
+    assert not any(re.search(r"[\"']patch_size|[\"']in_channels|\b_modules\b", t) for t in text.values())
+
+
+@pytest.mark.parametrize("path", ["blocks.0.attn1", "L['self'].blocks[0].attn1", "self._modules.blocks._modules.0.attn1",
+                                  "L['self'].__dict__['_modules']['blocks'].0.attn1"])
+def test_one_site_naming_for_dynamo_and_export_spellings(path):
+    from vdit_compile.passes.naming import normalize_source, strip_self
+
+    assert strip_self(normalize_source(path)) == "blocks.0.attn1"
+
+
+def test_exported_sdpa_nodes_carry_the_compile_paths_site_names():
+    from vdit_compile.export.graph import export_program, sdpa_nodes
+
+    model, kw = build_tiny("wan")
+    names = {s.name for s in vc.inspect_model(model, kw) if s.tileable}
+    assert names and names <= set(sdpa_nodes(export_program(model, kw)))

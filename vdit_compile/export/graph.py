@@ -24,6 +24,7 @@ import torch
 from ..layout import TokenLayout
 from ..masks.base import MaskSpec
 from ..ops.args import encode_masks, op_grid
+from ..passes.naming import module_path
 from .errors import DynamicFramesError, ExportError
 
 log = logging.getLogger(__name__)
@@ -97,21 +98,9 @@ def suggested_range(message: str, dim_name: str) -> tuple[int | None, int | None
 
 
 def site_of(node: torch.fx.Node) -> str | None:
-    """Module path of the innermost module a node was traced in (``blocks.0.attn1``), or ``None``."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return None
-    path = list(stack.values())[-1][0]
-    return _normalise_path(path)
-
-
-def _normalise_path(path: str) -> str:
-    # strict export spells paths like "L['self'].blocks[0].attn1" or "L__self___blocks_0_attn1" on some versions
-    for prefix in ("L['self'].", "L['self']", "self."):
-        if path.startswith(prefix):
-            path = path[len(prefix):]
-    path = path.replace("[", ".").replace("]", "").replace("'", "")
-    return re.sub(r"(^|\.)(__dict__\.)?_modules\.", r"\1", path)
+    """Module path of the innermost module a node was traced in (``blocks.0.attn1``), or ``None``: the
+    compile path's site naming (:func:`vdit_compile.passes.naming.module_path`), so plan names match."""
+    return module_path(node)
 
 
 def sdpa_nodes(ep: torch.export.ExportedProgram) -> dict[str, list[torch.fx.Node]]:
