@@ -130,3 +130,45 @@ def test_frame_minor_tokens_are_tiled_and_match_the_oracle():
         finally:
             vc.restore(model)
     assert rel_err(out, ref) < 1e-5 and rel_err(out, dense) > 1e-4
+
+
+def _classify(fn, grid, *args):
+    from vdit_compile.passes.detect import classify, dataflow_graph
+
+    graphs = []
+    torch.compile(fn, backend=lambda gm, _: graphs.append(gm) or gm.forward, dynamic=False, fullgraph=True)(*args)
+    gm = graphs[-1]  # static shapes: this call's lengths, not a symbol shared with an earlier call
+    return classify(find_attention(gm)[0], grid, "no grid in this test", dataflow_graph(gm))
+
+
+def test_classify_returns_a_typed_classification():
+    import dataclasses
+
+    from vdit_compile.kinds import SiteKind
+    from vdit_compile.passes.detect import Classification
+    from vdit_compile.passes.grid import GridInfo
+
+    sdpa = FORMS["sdpa"][0]
+    grid = GridInfo(2, 10, 1, 1, "test")  # 10 frames of one token: the 10 tokens are the video
+    c = _classify(sdpa, grid, Q, K, V)
+    assert isinstance(c, Classification) and c.kind is SiteKind.VIDEO_SELF and c.kind.tileable
+    assert (c.layout.num_frames, c.heads, c.head_dim, c.merged, c.reason, c.video) == (10, 3, 8, False, "", False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.kind = SiteKind.OTHER
+    assert _classify(sdpa, GridInfo(2, 5, 2, 1, "test"), Q[..., :2, :], K[..., :2, :], V[..., :2, :]).kind is SiteKind.SPATIAL
+    none = _classify(sdpa, None, Q, K, V)
+    assert none.kind is SiteKind.OTHER and none.layout is None and "no grid in this test" in none.reason
+    # more tokens than the video and no cat to split them: 3D attention left dense, flagged by a field
+    joint = _classify(sdpa, GridInfo(2, 4, 2, 1, "test"), Q, K, V)
+    assert joint.kind is SiteKind.OTHER and joint.video and joint.layout is None
+
+
+def test_dense_3d_is_read_from_typed_fields_not_from_the_reason():
+    from vdit_compile.capture.backend import is_dense_3d
+    from vdit_compile.kinds import SiteKind
+    from vdit_compile.passes.detect import AttentionSite
+
+    assert is_dense_3d(AttentionSite("a", SiteKind.OTHER, None, 2, 8, reason="anything at all", video=True))
+    assert not is_dense_3d(AttentionSite("a", SiteKind.OTHER, None, 2, 8, reason="3D attention, joint attention"))
+    assert is_dense_3d(AttentionSite("a", SiteKind.JOINT_TEXT_SUFFIX, None, 2, 8))
+    assert str(SiteKind.VIDEO_SELF) == f"{SiteKind.VIDEO_SELF}" == "video_self" == SiteKind.VIDEO_SELF

@@ -125,10 +125,7 @@ def _calibration_inputs(pipe, module, calib_prompts, calib_inputs, cfg: Optimize
 def _check_parallel(parallel):
     if parallel is None:
         return None
-    try:
-        from . import parallel as _par  # noqa: F401
-    except ImportError as exc:
-        raise ValueError(f"parallel={parallel!r} needs vdit_compile.parallel, which cannot be imported ({exc})") from exc
+    from . import parallel as _par  # noqa: F401 - registers the sequence-parallel pass
     return parallel
 
 

@@ -5,6 +5,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Mapping, Sequence
 
+from ..kinds import SiteKind
 from ..masks.base import MaskSpec, parse_mask
 from ..plans.fingerprint import model_class_name, model_fingerprint, structure_summary
 from ..plans.plan import DEFAULT_ERROR_BUDGET, TILEABLE_KINDS, Plan, SitePlan, StepRange
@@ -67,7 +68,7 @@ def build_plan(
     if not isinstance(calibrators, Mapping):
         calibrators = {c.name: c for c in calibrators}
     if sites is None:
-        sites = [_SiteStub(c.name, "video_self", c.layout, c.num_heads, "") for c in calibrators.values()]
+        sites = [_SiteStub(c.name, SiteKind.VIDEO_SELF, c.layout, c.num_heads, "") for c in calibrators.values()]
     tileable = {n: c for n, c in calibrators.items()
                 if any(s.name == n and s.kind in TILEABLE_KINDS and s.layout is not None for s in sites)}
     fixed = [c.step_ranges for c in tileable.values() if c.step_ranges is not None]

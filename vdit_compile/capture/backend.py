@@ -8,6 +8,7 @@ default, calibration, graphs that call back into Python) or inductor's compiled 
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -54,12 +55,10 @@ class PassContext:
 
 
 def is_dense_3d(site) -> bool:
-    """A 3D (video self / joint) attention site that cannot be tiled: the user is warned."""
-    from ..passes.detect import TILEABLE_KINDS
+    """A 3D (video self / joint) attention site that cannot be tiled: the user is warned.
 
-    if site.layout is not None:
-        return False
-    return site.kind in TILEABLE_KINDS or site.reason.startswith(("3D attention", "joint attention"))
+    Read from the site's typed fields (kind, layout, ``video``), never from its human-readable reason."""
+    return bool(getattr(site, "dense_3d", False))
 
 
 def resolve_backend(name: str, device_type: str) -> str:
@@ -78,9 +77,18 @@ def _device_type(example_inputs) -> str:
 
 
 def make_backend(state: OptimizeState):
-    """A fresh backend callable bound to ``state`` (a new one per mode, so Dynamo recompiles)."""
+    """A fresh backend callable bound to ``state`` (a new one per mode, so Dynamo recompiles).
+
+    It holds the state (and through it the model) only weakly: Dynamo keeps every backend it has seen in a
+    process-wide table until ``torch._dynamo.reset()`` (``eval_frame.cached_backends``), so a strong reference
+    here would keep each optimised model alive for the life of the process.
+    """
+    state_ref = weakref.ref(state)
 
     def vdit_backend(gm: torch.fx.GraphModule, example_inputs):
+        state = state_ref()
+        if state is None:  # the model was freed; Dynamo cannot compile for it any more
+            raise RuntimeError("vdit-compile: the optimised model this graph belongs to was freed")
         args, kwargs = state.call
         grid, why = infer_grid(state.root, args, kwargs)
         backend = resolve_backend(getattr(state.config, "backend", "auto"), _device_type(example_inputs))

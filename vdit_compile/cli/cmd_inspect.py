@@ -67,11 +67,8 @@ def sites_to_json(sites) -> list[dict]:
 
 
 def run(args) -> int:
-    try:
-        from .. import inspect_model
-    except ImportError as exc:
-        print(f"error: vdit_compile.inspect_model is not available in this installation ({exc})", file=sys.stderr)
-        return 1
+    from .. import inspect_model
+
     try:
         obj, example = load_for_cli(args)
         inputs = example_inputs_for(obj, example, args)

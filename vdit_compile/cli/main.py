@@ -25,13 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vdit-compile", description="Make video diffusion transformers fast.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in COMMANDS.items():
-        try:
-            mod = importlib.import_module(f"vdit_compile.cli.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"vdit_compile.cli.{module}":
-                raise
-            continue
-        mod.register(sub)
+        importlib.import_module(f"vdit_compile.cli.{module}").register(sub)
     return parser
 
 

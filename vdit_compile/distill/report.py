@@ -133,12 +133,7 @@ def score_runs(run_dirs, device="cpu", prompts: int | None = None, out: Path | N
 
 def final_scorecard(run_dir, adapter, device) -> dict | None:
     """The scorecard at the end of a run (``RUN/scorecard.json`` and ``.md``); skipped with a warning when the
-    model has no pipeline (the tiny test model) or the EVAL module is missing."""
-    try:
-        import vdit_compile.eval.scorecard  # noqa: F401
-    except ImportError as exc:
-        log.warning("scorecard skipped: vdit_compile.eval.scorecard is not importable (%s)", exc)
-        return None
+    model has no pipeline (the tiny test model)."""
     if adapter.pipe is None:
         log.warning("scorecard skipped: model %r has no pipeline to serve as the teacher", adapter.name)
         return None

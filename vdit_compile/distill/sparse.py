@@ -15,18 +15,9 @@ import torch
 log = logging.getLogger(__name__)
 
 
-class SparseUnavailable(RuntimeError):
-    """The core's optimize() is not importable in this checkout."""
-
-
 def _optimize():
-    try:
-        from vdit_compile import optimize
-    except ImportError as exc:
-        raise SparseUnavailable(
-            f"the masks and kd stages need vdit_compile.optimize (the core) and it is not importable here ({exc}); "
-            f"run with --stages mlcd"
-        ) from exc
+    from vdit_compile import optimize
+
     return optimize
 
 

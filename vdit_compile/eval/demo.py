@@ -17,7 +17,6 @@ Defaults are sized for a 2-core CPU in under 3 minutes (see docs/eval/DEMO.md fo
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,10 +74,8 @@ def fast_run_dir() -> Optional[Path]:
     Looked up as ``vdit_compile.distill.SHIPPED_RUN`` (a path) or ``vdit_compile.distill.shipped_run()``
     when the distill package defines them, else ``vdit_compile/distill/shipped/``.
     """
-    try:
-        from .. import distill
-    except ImportError:
-        return None
+    from .. import distill
+
     candidates = []
     if callable(getattr(distill, "shipped_run", None)):
         try:
@@ -129,12 +126,9 @@ def _timing(s: Samples) -> dict:
 
 
 def _optimize(pipe, opts: DemoOptions, report: DemoReport, echo) -> bool:
-    try:
-        from .. import optimize, plan_of
-    except ImportError as exc:
-        report.missing.append(f"calibration + rewrite: vdit_compile.optimize is not available ({exc})")
-        _say(f"MISSING: vdit_compile.optimize cannot be imported ({exc}); no optimised pipeline to show", echo)
-        return False
+    from .. import optimize, plan_of
+    from ..plans.show import format_table, write_heatmaps
+
     calib = prompt_set(opts.calib_prompts, CALIB_OFFSET, world=opts.world).prompts
     _say(f"calibrating tile masks on {len(calib)} other prompt(s), {opts.calib_steps} step(s) each ...", echo)
     kw = {"calib_steps": opts.calib_steps, "progress": opts.progress}
@@ -147,14 +141,8 @@ def _optimize(pipe, opts: DemoOptions, report: DemoReport, echo) -> bool:
     plan_path = opts.out / "plan.json"
     plan.save(plan_path)
     report.files.append(str(plan_path))
-    try:
-        from ..plans.show import format_table, write_heatmaps
-    except ImportError as exc:
-        report.missing.append(f"plan table / heatmaps: vdit_compile.plans.show not available ({exc})")
-        report.plan_table = json.dumps(plan.to_dict(), indent=1)[:4000]
-    else:
-        report.plan_table = format_table(plan)
-        report.files += [str(p) for p in write_heatmaps(plan, opts.out / "heatmaps")]
+    report.plan_table = format_table(plan)
+    report.files += [str(p) for p in write_heatmaps(plan, opts.out / "heatmaps")]
     _say("attention sites and chosen masks:\n" + report.plan_table, echo)
     report.steps_done.append("calibrate + rewrite")
     return True

@@ -42,14 +42,9 @@ def resolve_target(spec: str, device: str = "cpu") -> Target:
     """``embedded`` / ``embedded:tiny`` / any model spec, or a distillation run directory."""
     path = Path(spec)
     if is_distill_run(path):
-        try:
-            from ..distill import load_run
-            from ..distill.config import DistillConfig
-        except ImportError as exc:
-            raise TargetError(
-                f"{spec} looks like a distillation run (config.json + schedule.json) but vdit_compile.distill "
-                f"cannot be imported ({exc})"
-            ) from exc
+        from ..distill import load_run
+        from ..distill.config import DistillConfig
+
         pipe = load_run(path, device=device)
         teacher_spec = DistillConfig.load(path / "config.json").model
         teacher_spec = "embedded:tiny" if teacher_spec == "tiny" else teacher_spec
@@ -78,13 +73,11 @@ def _load_spec(spec: str, device: str):
 
 
 def apply_plan(pipe, plan: Optional[str]):
-    """``vdit_compile.optimize(pipe, plan=plan)``; clear error when the core's optimize is not available."""
+    """``vdit_compile.optimize(pipe, plan=plan)``; a clear error when the plan file is missing."""
     if plan is None:
         return pipe
     if not Path(plan).is_file():
         raise TargetError(f"--plan {plan}: no such file (expected a plan JSON written by `vdit-compile calibrate`)")
-    try:
-        from .. import optimize
-    except ImportError as exc:
-        raise TargetError(f"--plan needs vdit_compile.optimize, which is not available in this installation ({exc})") from exc
+    from .. import optimize
+
     return optimize(pipe, plan=plan)

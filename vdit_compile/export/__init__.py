@@ -11,9 +11,9 @@ See docs/export.md.
 """
 from __future__ import annotations
 
-from .errors import ExportError, MissingDependencyError, ShapeError
+from .errors import DynamicFramesError, ExportError, MissingDependencyError, ShapeError
 
-__all__ = ["ExportError", "MissingDependencyError", "ShapeError", "to_onnx", "read_metadata", "OnnxRunner",
+__all__ = ["DynamicFramesError", "ExportError", "MissingDependencyError", "ShapeError", "to_onnx", "read_metadata", "OnnxRunner",
            "check_export", "to_tensorrt"]
 
 

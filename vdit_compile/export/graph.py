@@ -24,11 +24,14 @@ import torch
 from ..layout import TokenLayout
 from ..masks.base import MaskSpec
 from ..ops.args import encode_masks, op_grid
-from .errors import ExportError
+from ..passes.naming import module_path
+from .errors import DynamicFramesError, ExportError
 
 log = logging.getLogger(__name__)
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
+#: name of the dynamic latent-frame dimension of a dynamic-frame export
+FRAMES_DIM = "latent_frames"
 
 
 @dataclass(frozen=True)
@@ -62,16 +65,27 @@ def export_program(model: torch.nn.Module, example_inputs: Mapping, dynamic_shap
         try:
             return torch.export.export(model, (), dict(example_inputs), dynamic_shapes=dynamic_shapes, strict=strict)
         except Exception as exc:  # noqa: BLE001 - report both attempts below
-            if dynamic_shapes is not None and "Constraints violated" in str(exc):
-                raise ExportError(
+            if dynamic_shapes is not None and is_constraint_violation(exc):
+                text = str(exc)  # torch states its suggested range only in the message: read it here, once
+                raise DynamicFramesError(
                     f"{type(model).__name__} cannot be exported with a dynamic frame count in the requested range "
-                    f"(the model specialises or bounds it; export with fixed frames or another range): {str(exc).strip()[:1500]}"
-                ) from exc
+                    f"(the model specialises or bounds it; export with fixed frames or another range): {text.strip()[:1500]}",
+                    suggested_range(text, FRAMES_DIM)) from exc
             errors.append(f"strict={strict}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:400]}")
     raise ExportError(
         f"torch.export could not trace {type(model).__name__} with the given inputs"
         + (" and a dynamic frame count" if dynamic_shapes else "") + ":\n  " + "\n  ".join(errors)
     )
+
+
+def is_constraint_violation(exc: BaseException) -> bool:
+    """torch.export refused a dynamic dimension: ``ConstraintViolationError``, or the ``UserError`` of type
+    ``CONSTRAINT_VIOLATION`` that torch.export wraps it in (told by type, not by message)."""
+    from torch._dynamo.exc import UserError, UserErrorType
+    from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
+
+    return isinstance(exc, ConstraintViolationError) or (
+        isinstance(exc, UserError) and getattr(exc, "error_type", None) is UserErrorType.CONSTRAINT_VIOLATION)
 
 
 def suggested_range(message: str, dim_name: str) -> tuple[int | None, int | None] | None:
@@ -84,21 +98,9 @@ def suggested_range(message: str, dim_name: str) -> tuple[int | None, int | None
 
 
 def site_of(node: torch.fx.Node) -> str | None:
-    """Module path of the innermost module a node was traced in (``blocks.0.attn1``), or ``None``."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return None
-    path = list(stack.values())[-1][0]
-    return _normalise_path(path)
-
-
-def _normalise_path(path: str) -> str:
-    # strict export spells paths like "L['self'].blocks[0].attn1" or "L__self___blocks_0_attn1" on some versions
-    for prefix in ("L['self'].", "L['self']", "self."):
-        if path.startswith(prefix):
-            path = path[len(prefix):]
-    path = path.replace("[", ".").replace("]", "").replace("'", "")
-    return re.sub(r"(^|\.)(__dict__\.)?_modules\.", r"\1", path)
+    """Module path of the innermost module a node was traced in (``blocks.0.attn1``), or ``None``: the
+    compile path's site naming (:func:`vdit_compile.passes.naming.module_path`), so plan names match."""
+    return module_path(node)
 
 
 def sdpa_nodes(ep: torch.export.ExportedProgram) -> dict[str, list[torch.fx.Node]]:

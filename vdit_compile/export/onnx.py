@@ -17,9 +17,10 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .. import __version__
+from .._optional import require
 from ..plans import Plan, model_class_name, model_fingerprint, unwrap_model
 from .adapters import export_adapters
-from .errors import ExportError, MissingDependencyError
+from .errors import DynamicFramesError, ExportError, MissingDependencyError
 from .graph import SiteSpec, export_program, rewrite_sites
 from .plan_sites import resolve_plan, site_specs
 
@@ -49,11 +50,8 @@ class ExportResult:
 
 
 def _require_onnx():
-    try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError as exc:
-        raise MissingDependencyError("ONNX export (onnx, onnxscript)", "onnx", exc) from exc
+    for name in ("onnx", "onnxscript"):
+        require(name, why="ONNX export", error=MissingDependencyError)
 
 
 def check_output_path(path, overwrite: bool) -> Path:
@@ -117,6 +115,7 @@ def output_names(model: torch.nn.Module, example_inputs: Mapping) -> list[str]:
 
 def _frames_dynamic_shapes(model, example_inputs: Mapping, frames_dim: int | None, min_frames: int, max_frames: int | None):
     """``dynamic_shapes`` making the frame axis of ``hidden_states`` dynamic (others static)."""
+    from .graph import FRAMES_DIM
     from .shapes import frames_axis, temporal_patch
 
     if "hidden_states" not in example_inputs:
@@ -124,7 +123,7 @@ def _frames_dynamic_shapes(model, example_inputs: Mapping, frames_dim: int | Non
     hs = example_inputs["hidden_states"]
     axis = frames_axis(model, hs) if frames_dim is None else frames_dim
     r = temporal_patch(model)
-    latent = torch.export.Dim("latent_frames", min=min_frames, max=max_frames)
+    latent = torch.export.Dim(FRAMES_DIM, min=min_frames, max=max_frames)
     dim = latent * r if r > 1 else latent
     if hs.shape[axis] % r:
         raise ExportError(f"hidden_states has {hs.shape[axis]} frames on axis {axis}, not a multiple of the temporal patch {r}")
@@ -136,16 +135,14 @@ def _frames_dynamic_shapes(model, example_inputs: Mapping, frames_dim: int | Non
 def _export_dynamic(module, example_inputs, specs, frames_dim, min_frames, max_frames):
     """Export with a dynamic frame axis; when the model bounds the frame count (e.g. a RoPE table) and
     no explicit ``max_frames`` was asked, retry once with the range torch.export suggests."""
-    from .graph import suggested_range
-
     lo = min_frames if min_frames is not None else max([s.max_global for s in specs] + [0]) + 1
     lo, hi = max(lo, 2), max_frames
     for attempt in range(2):
         shapes, axis, r = _frames_dynamic_shapes(module, example_inputs, frames_dim, lo, hi)
         try:
             return export_program(module, example_inputs, shapes), axis, r
-        except ExportError as exc:
-            fix = suggested_range(str(exc), "latent_frames")
+        except DynamicFramesError as exc:
+            fix = exc.suggested
             if attempt or max_frames is not None or fix is None or (fix[0] or lo) > (fix[1] or 10**9):
                 raise
             lo, hi = max(lo, fix[0] or lo), fix[1]

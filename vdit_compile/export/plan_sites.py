@@ -32,25 +32,21 @@ def _mask_name(plan) -> MaskSpec | None:
 
 
 def _inspect(model, example_inputs: Mapping):
-    try:
-        from .. import inspect_model
-    except ImportError:
-        inspect_model = None
-    if inspect_model is None:
-        return None
+    from .. import inspect_model
+
     return inspect_model(model, dict(example_inputs))
 
 
 def attached_plan(model) -> Plan | None:
     """The plan a model rewritten by ``vdit_compile.optimize`` carries, if any."""
-    try:
-        from .. import plan_of
+    from .. import plan_of
 
+    try:
         plan = plan_of(model)
-        if isinstance(plan, Plan):
-            return plan
-    except (ImportError, TypeError):
-        pass
+    except TypeError:  # neither a module nor a pipeline with .transformer
+        plan = None
+    if isinstance(plan, Plan):
+        return plan
     for obj in (model, getattr(model, "transformer", None), unwrap_model(model) if model is not None else None):
         for attr in ("vdit_plan", "_vdit_plan"):
             plan = getattr(obj, attr, None)
@@ -84,8 +80,6 @@ def resolve_plan(model, example_inputs: Mapping, plan) -> Plan:
     sites = None
     if isinstance(plan, MaskSpec):
         sites = _inspect(model, example_inputs)
-        if sites is None:
-            raise ExportError("a uniform mask plan needs vdit_compile.inspect_model (the core) to find the sites")
         plan = Plan.uniform(sites, plan, module)
     if not isinstance(plan, Plan):
         raise ExportError(f"plan must be a Plan, a JSON path, a MaskSpec or a mask name, found {type(plan).__name__}")

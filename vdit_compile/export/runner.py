@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
+from .._optional import require
 from .errors import MissingDependencyError, ShapeError
 from .onnx import read_metadata
 
@@ -59,10 +60,7 @@ class OnnxRunner:
     """Run an exported transformer with ONNX Runtime: ``runner(**forward_kwargs) -> {output name: array}``."""
 
     def __init__(self, path, providers=None, threads: int | None = None):
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise MissingDependencyError("ONNX Runtime", "onnx", exc) from exc
+        ort = require("onnxruntime", why="ONNX Runtime", error=MissingDependencyError)
         self.path = Path(path)
         self.meta = read_metadata(self.path)
         if "inputs" not in self.meta:

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import torch
 
 from .. import __version__
+from .._optional import require
 from ..plans import model_class_name, model_fingerprint, unwrap_model
 from .adapters import export_adapters
 from .decompose import decompose_tile_attention
@@ -34,11 +35,7 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 
 def require_torch_tensorrt():
     """Import torch_tensorrt or raise :class:`MissingDependencyError` naming ``vdit-compile[trt]``."""
-    try:
-        import torch_tensorrt  # noqa: WPS433
-    except Exception as exc:  # ImportError, or a broken TensorRT install raising at import
-        raise MissingDependencyError("TensorRT export (torch-tensorrt and tensorrt)", "trt", exc) from exc
-    return torch_tensorrt
+    return require("torch_tensorrt", why="TensorRT export (torch-tensorrt and tensorrt)", error=MissingDependencyError)
 
 
 def prepare_for_tensorrt(model, example_inputs: Mapping[str, Any], plan=None):
@@ -104,11 +101,7 @@ class TensorRTRunner:
     """Run a serialized engine written by :func:`to_tensorrt` (TensorRT 10 tensor API, CUDA tensors)."""
 
     def __init__(self, path):
-        try:
-            import tensorrt as trt
-        except Exception as exc:
-            raise MissingDependencyError("TensorRT", "trt", exc) from exc
-        self.trt = trt
+        self.trt = trt = require("tensorrt", why="TensorRT", error=MissingDependencyError)
         self.path = Path(path)
         self.meta = json.loads(Path(str(path) + ".json").read_text(encoding="utf-8"))
         self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(self.path.read_bytes())

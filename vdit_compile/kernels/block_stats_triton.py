@@ -33,12 +33,10 @@ import math
 
 import torch
 
-try:  # Triton is optional: CPU-only installs use the torch fallback
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is absent
-    triton = None
-    tl = None
+from .._optional import optional
+
+triton = optional("triton")  # Triton is optional: CPU-only installs use the torch fallback
+tl = optional("triton.language") if triton is not None else None
 
 LOG2E = 1.4426950408889634
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from .._optional import available
+
 SPEC_HELP = ("MODEL: 'embedded', 'embedded:random', 'embedded:tiny' (or 'textured', 'textured:...': the textured "
              "world's model), a diffusers pretrained directory, a config.json, "
              "'DiffusersClass:config.json', or 'module:factory' / 'file.py:factory'")
@@ -137,8 +139,8 @@ def _from_path(path: Path):
                                  f"for a random init from the config use '{name}:{path / 'config.json'}'")
         try:
             return cls.from_pretrained(str(path), local_files_only=True).eval()
-        except ValueError as exc:  # e.g. Wan's fp32-kept modules need `accelerate` for from_pretrained
-            if "low_cpu_mem_usage" not in str(exc):
+        except ValueError:  # e.g. Wan's fp32-kept modules need `accelerate` for from_pretrained (low_cpu_mem_usage)
+            if available("accelerate"):  # told by the install, not by diffusers' message text
                 raise
             return _from_config_and_safetensors(cls, path)
     raise ModelSpecError(f"directory {path} has neither model_index.json (pipeline) nor config.json (model)")

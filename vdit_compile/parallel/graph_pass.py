@@ -27,7 +27,9 @@ import torch
 import torch.fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from ..kinds import TILEABLE_KINDS
 from ..layout import TokenLayout
+from ..passes.registry import register_pass
 from .attention import gather_tokens, parallel_tile_attention, shard_tokens
 from .shard_rules import Shard, Unshardable, map_getitem, map_permute, map_view
 from .ulysses import check_heads
@@ -374,7 +376,7 @@ def _find_layout(gm, sites):
             found.add((site.num_frames, site.frame_tokens))
             continue
         lay = getattr(site, "layout", None)
-        if lay is not None and getattr(site, "kind", "") in ("video_self", "joint_text_prefix", "joint_text_suffix"):
+        if lay is not None and getattr(site, "kind", "") in TILEABLE_KINDS:
             found.add((lay.num_frames, lay.frame_tokens))
     if len(found) != 1:
         raise Unshardable(f"need one video token layout across attention sites, found {sorted(found) or 'none'}")
@@ -450,9 +452,4 @@ def sequence_parallel_pass(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModul
     return new
 
 
-try:  # the core's pass registry (absent in stripped-down installs)
-    from ..passes.registry import register_pass
-except ImportError:  # pragma: no cover
-    pass
-else:
-    register_pass("sequence_parallel", 300)(sequence_parallel_pass)
+register_pass("sequence_parallel", 300)(sequence_parallel_pass)

@@ -21,14 +21,14 @@ and a reason: it stays dense.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 import torch
 import torch.fx
 
+from ..kinds import TILEABLE_KINDS, SiteKind
 from ..layout import TokenLayout
-from ..plans.plan import TILEABLE_KINDS  # one definition: the plan format owns it
 from .attention import AttnMatch, example_shape, find_attention
 from .grid import GridInfo
 from .naming import RootNames, local_module_path, param_placeholders, rebase, strip_self
@@ -42,16 +42,22 @@ class AttentionSite:
     """One attention site: stable module-path name, kind, token layout (or ``None``) and why."""
 
     name: str
-    kind: str
+    kind: SiteKind | str  # a SiteKind (plain strings from older callers compare equal)
     layout: TokenLayout | None
     num_heads: int
     head_dim: int
     reason: str = ""
     form: str = "sdpa"
+    video: bool = False  # 3D attention over the video whose layout is unknown (kind ``other``): see Classification
 
     @property
     def tileable(self) -> bool:
         return self.kind in TILEABLE_KINDS and self.layout is not None
+
+    @property
+    def dense_3d(self) -> bool:
+        """A 3D (video self / joint) attention site that cannot be tiled: the user is warned it stays dense."""
+        return self.layout is None and (self.kind in TILEABLE_KINDS or self.video)
 
     def describe(self) -> str:
         lay = self.layout.describe() if self.layout is not None else "-"
@@ -98,6 +104,23 @@ def is_padding_mask(mask, seq_len, square: bool = True) -> bool:
 is_key_padding_mask = is_padding_mask  # the earlier name
 
 
+@dataclass(frozen=True)
+class Classification:
+    """What :func:`classify` found for one match: kind, token layout (``None``: left dense) and why.
+
+    ``video`` marks a site that attends over the video grid in 3D although its layout could not be
+    established (kind ``other``): the user is warned that it stays dense (:func:`~vdit_compile.capture.backend.is_dense_3d`).
+    """
+
+    kind: SiteKind
+    layout: TokenLayout | None = None
+    reason: str = ""
+    heads: int = 0
+    head_dim: int = 0
+    merged: bool = False  # q is (B*H, L, D): viewed as (B*H, 1, L, D)
+    video: bool = False
+
+
 def _dynamic_layout(grid: GridInfo, split) -> tuple[TokenLayout | None, str]:
     """Token layout from a split whose sides may be symbolic: a fixed side stays an int, a symbolic one
     becomes the layout's ``dynamic_text`` (its length is read from the sequence at each call)."""
@@ -108,7 +131,7 @@ def _dynamic_layout(grid: GridInfo, split) -> tuple[TokenLayout | None, str]:
     return TokenLayout(grid.frames, grid.height, grid.width, pre or 0, suf or 0, "THW", dyn), ""
 
 
-def _symbolic_self(m: AttnMatch, grid: GridInfo, dfg: nx.DiGraph, qs, ks, heads, head_dim, merged):
+def _symbolic_self(m: AttnMatch, grid: GridInfo, dfg: nx.DiGraph, qs, ks, base: Classification) -> Classification:
     """Queries and keys of symbolic lengths that are not provably equal (Framepack slices each of them by the
     text length, and each slice gets a fresh symbol): self-attention when both sequences are built the same
     way, fixed tokens and video at the same places and the per-call text on the same side.  At run time the
@@ -120,63 +143,65 @@ def _symbolic_self(m: AttnMatch, grid: GridInfo, dfg: nx.DiGraph, qs, ks, heads,
     lk = _dynamic_layout(grid, sk)[0] if sk is not None else None
     if lq is None or lq != lk:
         why = why_q or why_k or f"queries {lq.describe() if lq else '?'}, keys {lk.describe() if lk else '?'}"
-        return "other", None, (f"3D attention with a symbolic sequence length: queries (q{qs}) and keys (k{ks}) are not "
-                               f"provably the same tokens ({why}); left dense"), heads, head_dim, merged
-    return _finish(m, lq, ks[-2], heads, head_dim, merged)
+        return replace(base, reason=(f"3D attention with a symbolic sequence length: queries (q{qs}) and keys (k{ks}) "
+                                     f"are not provably the same tokens ({why}); left dense"), video=True)
+    return _finish(m, lq, ks[-2], base)
 
 
-def classify(m: AttnMatch, grid: GridInfo | None, grid_reason: str, dfg: nx.DiGraph):
-    """``(kind, layout, reason, heads, head_dim, merged)`` of one match.
+def classify(m: AttnMatch, grid: GridInfo | None, grid_reason: str, dfg: nx.DiGraph) -> Classification:
+    """The :class:`Classification` of one match.
 
     The sequence length may be symbolic (text trimmed by value); the grid never is, so such a
     site is joint attention whose text side has a per-call length (``TokenLayout.dynamic_text``).
     """
     qs, ks = example_shape(m.q), example_shape(m.k)
     if qs is None or ks is None or len(qs) not in (3, 4):
-        return "other", None, f"q/k shapes unknown or not (B, H, L, D): {qs}, {ks}", 0, 0, False
+        return Classification(SiteKind.OTHER, reason=f"q/k shapes unknown or not (B, H, L, D): {qs}, {ks}")
     merged = len(qs) == 3
     heads, head_dim = (1 if merged else static_int(qs[1])), static_int(qs[-1])
     if heads is None or head_dim is None:
-        return "other", None, f"symbolic head count or head dim (q{qs}): left dense", 0, 0, merged
+        return Classification(SiteKind.OTHER, reason=f"symbolic head count or head dim (q{qs}): left dense", merged=merged)
+    other = Classification(SiteKind.OTHER, heads=heads, head_dim=head_dim, merged=merged)
     lq, lk = qs[-2], ks[-2]
     if grid is None:
-        return "other", None, f"video grid unknown ({grid_reason})", heads, head_dim, merged
+        return replace(other, reason=f"video grid unknown ({grid_reason})")
     N, P, T = grid.video_tokens, grid.height * grid.width, grid.frames
     symbolic = static_int(lq) is None or static_int(lk) is None
     if not known_equal(lq, lk):
         if static_int(lq) is None and static_int(lk) is None:
-            return _symbolic_self(m, grid, dfg, qs, ks, heads, head_dim, merged)
+            return _symbolic_self(m, grid, dfg, qs, ks, other)
         sq = static_int(lq)  # a fixed and a per-call length: different tokens, so cross-attention
-        kind = "cross" if sq is None or sq >= N else "other"
-        return kind, None, f"queries attend to {lk} other tokens (cross-attention), never tiled", heads, head_dim, merged
+        kind = SiteKind.CROSS if sq is None or sq >= N else SiteKind.OTHER
+        return replace(other, kind=kind, reason=f"queries attend to {lk} other tokens (cross-attention), never tiled")
     if symbolic:
         split, why = trace_sequence_split(dfg, m.q, lq, N)
         if split is None:
-            return "other", None, (f"3D attention with a symbolic sequence length (q{qs}), token layout unknown: {why}; "
-                                   "left dense"), heads, head_dim, merged
+            return replace(other, video=True, reason=(f"3D attention with a symbolic sequence length (q{qs}), token "
+                                                      f"layout unknown: {why}; left dense"))
     elif lq == N:
         split, why = (0, 0), ""
     elif lq > N:
         split, why = trace_sequence_split(dfg, m.q, lq, N)
     elif lq == P and T > 1:
-        return "spatial", None, "attention within one frame (factorised spatial)", heads, head_dim, merged
+        return replace(other, kind=SiteKind.SPATIAL, reason="attention within one frame (factorised spatial)")
     elif lq == T and T > 1:
-        return "temporal", None, "attention along time per pixel (factorised temporal)", heads, head_dim, merged
+        return replace(other, kind=SiteKind.TEMPORAL, reason="attention along time per pixel (factorised temporal)")
     else:
-        return "other", None, f"{lq} tokens do not relate to the {T}x{grid.height}x{grid.width} video grid", heads, head_dim, merged
-    if split is None:
-        return "other", None, "joint attention, token layout unknown: " + why, heads, head_dim, merged
-    layout, why = _dynamic_layout(grid, split)
+        return replace(other, reason=f"{lq} tokens do not relate to the {T}x{grid.height}x{grid.width} video grid")
+    layout = None
+    if split is not None:
+        layout, why = _dynamic_layout(grid, split)
     if layout is None:
-        return "other", None, "joint attention, token layout unknown: " + why, heads, head_dim, merged
-    return _finish(m, layout, lk, heads, head_dim, merged)
+        return replace(other, video=True, reason="joint attention, token layout unknown: " + why)
+    return _finish(m, layout, lk, other)
 
 
-def _finish(m: AttnMatch, layout: TokenLayout, lk, heads, head_dim, merged):
+def _finish(m: AttnMatch, layout: TokenLayout, lk, base: Classification) -> Classification:
     """Kind of a site whose layout is established; problems the op cannot honour leave it dense."""
     pre_text = layout.text_prefix or layout.dynamic_text == "prefix"
     suf_text = layout.text_suffix or layout.dynamic_text == "suffix"
-    kind = "video_self" if not (pre_text or suf_text) else "joint_text_suffix" if suf_text else "joint_text_prefix"
+    kind = (SiteKind.VIDEO_SELF if not (pre_text or suf_text)
+            else SiteKind.JOINT_TEXT_SUFFIX if suf_text else SiteKind.JOINT_TEXT_PREFIX)
     problems = list(m.problems)  # tokens on both sides (Framepack: packed history, then text) are fine for the op
     # an (L, L) mask only where the text is trimmed per call (HunyuanVideo 1.5); fixed-length sites keep the
     # key-padding-only rule they always had
@@ -184,8 +209,8 @@ def _finish(m: AttnMatch, layout: TokenLayout, lk, heads, head_dim, merged):
         ms = example_shape(m.mask)
         problems.append(f"attention mask {ms} (not a text-padding mask) cannot be honoured by the tile op")
     if problems:
-        return kind, None, "; ".join(problems) + ": left dense", heads, head_dim, merged
-    return kind, layout, "", heads, head_dim, merged
+        return replace(base, kind=kind, reason="; ".join(problems) + ": left dense")
+    return replace(base, kind=kind, layout=layout)
 
 
 def _aliases(gm, example_inputs, root_names: RootNames | None) -> tuple[list, dict]:
@@ -238,7 +263,8 @@ def detect_sites(gm: torch.fx.GraphModule, example_inputs, grid: GridInfo | None
     out, seen = [], {}
     for m in matches:
         local = local_module_path(m.out) or "self"  # no module stack: the frame's own module
-        kind, layout, reason, heads, hd, merged = classify(m, grid, grid_reason, dfg)
+        c = classify(m, grid, grid_reason, dfg)
+        layout, reason = c.layout, c.reason
         anchor, anchor_local = _anchor_for(m, local, params, dfg)
         name, alias, prefix = _site_name(local, aliases)
         shared = bool(prefix)  # a block's own frame: the same graph may serve every block of its class
@@ -253,8 +279,8 @@ def detect_sites(gm: torch.fx.GraphModule, example_inputs, grid: GridInfo | None
             name = f"{name}#{k}"
         if shared and anchor is None and layout is not None:
             layout, reason = None, "graph shared by several modules and no parameter identifies the instance"
-        site = AttentionSite(name, kind, layout, heads, hd, reason, m.form)
-        out.append(SiteTemplate(site, m, local, anchor, anchor_local, shared, merged, alias=alias))
+        site = AttentionSite(name, c.kind, layout, c.heads, c.head_dim, reason, m.form, video=c.video)
+        out.append(SiteTemplate(site, m, local, anchor, anchor_local, shared, c.merged, alias=alias))
     return out
 
 

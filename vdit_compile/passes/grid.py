@@ -289,6 +289,23 @@ def _video_candidates(model, vi: VideoInput, ps, primary: bool) -> tuple[list[Gr
     return out, notes
 
 
+def video_axes(model, x: torch.Tensor) -> tuple[GridInfo | None, str]:
+    """How one batched 5-D video tensor (``hidden_states``) is laid out, without a probe: export's frame and
+    spatial axes come from here, so export and the compile path read a video input the same way.
+
+    The interpretation shape and config fix (``certain``, or the Conv3d patch-embedding guess), else the best
+    supported one whose channel axis holds the config's input channels (:func:`_video_candidates`' order);
+    ``None`` and why when none does.  Patch sizes play no part (export checks divisibility itself).
+    """
+    cands, notes = _video_candidates(model, VideoInput("hidden_states", x), (1, 1, 1), primary=True)
+    c = _in_channels(model)
+    for g in cands[:1]:
+        if g.certain or g.guessed or (c is not None and x.shape[g.axes.index("C")] == c):
+            return g, ""
+    shown = "; ".join(g.describe() for g in cands)
+    return None, "; ".join(notes) or f"config in_channels={c}; interpretations: {shown}"
+
+
 def grid_candidates(model, args: tuple, kwargs: dict) -> tuple[list[GridInfo], str]:
     """Every consistent interpretation of the call's video input(s), most likely first, and what was ruled out.
 

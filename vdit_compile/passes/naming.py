@@ -20,11 +20,15 @@ _PATTERNS = [
     (re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]"), r".\1"),
     (re.compile(r"\['([^']+)'\]"), r".\1"),
     (re.compile(r"\[(\d+)\]"), r".\1"),
+    (re.compile(r"(^|\.)(?:__dict__\.)?_modules\."), r"\1"),  # torch.export's dotted ``_modules.`` spelling
 ]
 
 
 def normalize_source(src: str) -> str:
-    """``L['self'].__dict__['_modules']['blocks'].0.attn1`` -> ``self.blocks.0.attn1``."""
+    """``L['self'].__dict__['_modules']['blocks'].0.attn1`` -> ``self.blocks.0.attn1``.
+
+    Dynamo's source strings and torch.export's ``nn_module_stack`` paths (``blocks.0.attn1``, or strict
+    export's ``L['self'].blocks[0].attn1``) both go through here: one spelling of a site's name."""
     s = src
     if s.startswith("L['self']"):
         s = "self" + s[len("L['self']"):]
@@ -42,6 +46,13 @@ def local_module_path(node: torch.fx.Node) -> str | None:
         return None
     path, _cls = list(stack.values())[-1]
     return normalize_source(path if isinstance(path, str) else str(path))
+
+
+def module_path(node: torch.fx.Node) -> str | None:
+    """Root-relative module path (``blocks.0.attn1``) a node was traced in, for graphs traced from the root
+    model (torch.export; ``""`` for the root itself), or ``None`` without a module stack."""
+    local = local_module_path(node)
+    return strip_self(local) if local is not None else None
 
 
 def _source_name(node) -> str | None:

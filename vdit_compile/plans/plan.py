@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..kinds import TILEABLE_KINDS  # noqa: F401 - re-exported: the plan format's tileable kinds
 from ..layout import TokenLayout
 from ..masks.base import MaskSpec, masks_density, parse_mask
 from ..masks.units import UnitGrid
@@ -32,7 +33,6 @@ PLAN_FORMAT = "vdit-compile-plan"
 PLAN_VERSION = 2
 #: versions this code reads (1: frame tiles only, no tile/step ranges)
 READABLE_VERSIONS = (1, 2)
-TILEABLE_KINDS = ("video_self", "joint_text_prefix", "joint_text_suffix")
 
 #: Default per-head budget on the relative L2 error of the attention output (see docs/calibration.md).
 DEFAULT_ERROR_BUDGET = 0.05

@@ -123,12 +123,8 @@ def time_shape_class(sc: ShapeClass) -> Timing:
     Runs on real tensors even when called from inside a compile backend (any active fake mode is
     suspended: the decision is made while the rewrite pass runs).
     """
-    try:
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
-    except ImportError:  # pragma: no cover - older torch
-        import contextlib
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-        unset_fake_temporarily = contextlib.nullcontext
     with unset_fake_temporarily():
         return _time_shape_class(sc)
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .._optional import MissingDependencyError, install_hint, require
+
 #: Linears kept in high precision by role (glob patterns on module names).
 KEEP_PATTERNS = ("patch_embedding*", "condition_embedder.*", "*time_embed*", "*time_proj*", "*text_embed*",
                  "*timestep_embed*", "*caption_projection*", "proj_out", "norm_out*", "*pos_embed*", "*x_embedder*",
@@ -173,14 +175,12 @@ def device_supports_fp8(device: torch.device) -> tuple[bool, str]:
 
 def torchao_status() -> tuple[bool, str]:
     try:
-        import torchao  # noqa: F401
-        from torchao.quantization import (  # noqa: F401
-            Float8DynamicActivationFloat8WeightConfig,
-            quantize_,
-        )
-    except Exception as exc:  # noqa: BLE001 - any import failure means the same to the user
-        return False, (f"FP8 linears need torchao>={MIN_TORCHAO} (pip install 'vdit-compile[fp8]'); "
-                       f"importing it failed: {exc!r}")
+        quant = require("torchao.quantization", why=f"FP8 linears (torchao>={MIN_TORCHAO})")
+    except MissingDependencyError as exc:
+        return False, str(exc)
+    if not all(hasattr(quant, n) for n in ("Float8DynamicActivationFloat8WeightConfig", "quantize_")):
+        return False, (f"FP8 linears need torchao>={MIN_TORCHAO}; the installed one lacks Float8DynamicActivationFloat8"
+                       f"WeightConfig. Install it with: {install_hint('fp8')}")
     return True, ""
 
 
