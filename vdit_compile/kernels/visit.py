@@ -18,6 +18,11 @@ tensor arithmetic on the inputs' device (GPU or CPU), so a build takes milliseco
 at 120k tokens, and it is cached per (layouts, mask, block sizes, device).
 
 Heads that share a mask share one *pattern*; ``head_pattern[h]`` selects it.
+
+Padded units (:mod:`.padding`): a :class:`Side` may say that only the first ``frame_valid`` of every
+``frame_tokens`` tokens of a unit are real.  A key block that holds pad is then always masked (the kernels
+drop pad keys there), and a block of pad alone, on either side, is never visited: its keys never attend, its
+query rows are discarded.
 """
 from __future__ import annotations
 
@@ -34,11 +39,14 @@ class Side:
     length: int
     text_prefix: int
     num_frames: int
-    frame_tokens: int
+    frame_tokens: int  # the stride of a frame / unit
+    frame_valid: int = 0  # real tokens at the start of each frame (0: all ``frame_tokens``); the rest is pad
 
     def __post_init__(self):
         if self.num_frames < 1 or self.frame_tokens < 1 or self.text_prefix < 0:
             raise ValueError(f"invalid side layout {self}")
+        if not 0 <= self.frame_valid <= self.frame_tokens:
+            raise ValueError(f"invalid side layout {self}: frame_valid must be in 0..frame_tokens")
         if self.text_prefix + self.num_frames * self.frame_tokens > self.length:
             raise ValueError(
                 f"layout of {self.text_prefix} prefix + {self.num_frames}x{self.frame_tokens} video tokens "
@@ -52,6 +60,29 @@ class Side:
     @property
     def num_segments(self) -> int:
         return self.num_frames + 2
+
+    @property
+    def valid_tokens(self) -> int:
+        """Real tokens per frame (``frame_tokens`` unless padded)."""
+        return self.frame_valid or self.frame_tokens
+
+    @property
+    def padded(self) -> bool:
+        return self.valid_tokens < self.frame_tokens
+
+    def pad_before(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Number of pad tokens among token indices ``[0, tokens)`` (pad sits at the end of every frame)."""
+        P, V = self.frame_tokens, self.valid_tokens
+        rel = (tokens - self.text_prefix).clamp(0, self.num_frames * P)
+        return torch.div(rel, P, rounding_mode="floor") * (P - V) + (rel % P - V).clamp(min=0)
+
+    def block_pad(self, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per block: whether it holds any pad token, and whether it holds nothing else."""
+        n = -(-self.length // block)
+        first = torch.arange(n, device=device) * block
+        end = torch.clamp(first + block, max=self.length)
+        npad = self.pad_before(end) - self.pad_before(first)
+        return npad > 0, npad == end - first
 
     @classmethod
     def of(cls, layout) -> "Side":
@@ -122,6 +153,11 @@ def block_classes(ext: torch.Tensor, qside: Side, kside: Side, block_q: int, blo
     area = ((qhi - qlo + 1)[:, None] * (khi - klo + 1)[None, :]).to(torch.int32)
     keep = count > 0
     partial = keep & ((count < area) | qoob[:, None] | koob[None, :])
+    if qside.padded or kside.padded:  # padded units: pad keys masked, blocks of pad alone skipped
+        _, q_all_pad = qside.block_pad(block_q, dev)
+        k_any_pad, k_all_pad = kside.block_pad(block_k, dev)
+        keep = keep & ~q_all_pad[:, None] & ~k_all_pad[None, :]
+        partial = keep & (partial | k_any_pad[None, :])
     return keep, partial
 
 
@@ -184,9 +220,10 @@ class TilePlan:
         return self._max_kept
 
     def kept_fraction(self) -> torch.Tensor:
-        """Exact kept fraction of ``Lq x Lk`` per head (text included), for FLOP counting."""
+        """Exact kept fraction of ``Lq x Lk`` per head (text included; pad tokens count as never kept), for FLOP
+        counting."""
         def seg_sizes(s: Side):
-            sizes = torch.full((s.num_segments,), s.frame_tokens, dtype=torch.float64)
+            sizes = torch.full((s.num_segments,), s.valid_tokens, dtype=torch.float64)
             sizes[0], sizes[-1] = s.text_prefix, s.length - s.video_end
             return sizes
 
