@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 OPS = ["HGMMA", "MUFU.EX2", "FMNMX", "FADD", "FMUL", "FFMA", "SHFL", "BAR", "UTMALDG", "LDGSTS", "LDG", "SYNCS", "LDL", "STL"]
-POINTERS = {"HeadPat": "*i32", "RowOrder": "*i32", "Offsets": "*i32", "NumUnmasked": "*i32", "Cols": "*i32",
+POINTERS = {"HeadPat": "*i32", "RowOrder": "*i32", "Offsets": "*i32", "NumUnmasked": "*i32", "NumPadTail": "*i32", "Cols": "*i32",
             "EMask": "*i8", "LSE": "*fp32", "Delta": "*fp32"}
 TENSORS = ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")  # pointers of the input dtype
 SMEM_PER_SM = 232448

@@ -6,14 +6,16 @@ block and walks the same kept key blocks as the forward.  Both recompute ``p`` f
 saved log-sum-exp.  ``delta_i = rowsum(dO * O)_i - dlse_i`` folds the gradient of the
 returned LSE in (ring / sequence-parallel merges differentiate through it).
 
-Padded units (``KPAD``, :mod:`.padding`): pad keys are masked in every boundary block of both passes, so
-they get no ``dK, dV`` and give no ``dQ``; pad query rows come with zero ``dO`` and ``dlse`` (the op's gather
-fills them), so they add nothing to ``dK, dV``, and their ``dQ`` is discarded.
+Padded units (``KPAD``, :mod:`.padding`): the ``dq`` pass drops pad keys in its masked blocks and pad tails
+(``PAD_TAIL``, one column predicate), so they give no ``dQ``; in the ``dk/dv`` pass pad keys are masked in masked
+blocks and run unmasked in pad tails, so their own ``dK, dV`` rows hold anything and are never read back; pad
+query rows come with zero ``dO`` and ``dlse`` (the op's gather fills them), so they add nothing to ``dK, dV``,
+and their ``dQ`` is discarded.
 """
 import triton
 import triton.language as tl
 
-from ._fwd import _load_rows, _segments, _tile_keep, _unpadded
+from ._fwd import _load_rows, _segments, _tile_keep, _unpadded, _visit_span
 
 
 @triton.jit
@@ -185,6 +187,7 @@ def _dq_inner(
     d0, d0_ok, d1, d1_ok,
     HEAD_D: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, TWO_SEG: tl.constexpr, KPAD: tl.constexpr,
+    PAD_TAIL: tl.constexpr = False,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     for it in range(lo, hi):
@@ -208,6 +211,8 @@ def _dq_inner(
             if KPAD:
                 n_ok = n_ok & _unpadded(offs_n, k_pre, k_P, k_U, k_vid_end)
             p = tl.where(keep & n_ok[None, :], p, 0.0)
+        elif PAD_TAIL:
+            p = tl.where(_unpadded(offs_n, k_pre, k_P, k_U, k_vid_end)[None, :], p, 0.0)
         ds = (p * (dp - delta[:, None])).to(k0.dtype)
         dq0 = tl.dot(ds, k0, dq0, input_precision=DOT_PREC)
         if BD1 > 0:
@@ -223,7 +228,7 @@ def tile_dq_kernel(
     stride_vb, stride_vh, stride_vl,
     stride_dob, stride_doh, stride_dol,
     stride_dqb, stride_dqh, stride_dql,
-    HeadPat, RowOrder, Offsets, NumUnmasked, Cols, EMask,
+    HeadPat, RowOrder, Offsets, NumUnmasked, NumPadTail, Cols, EMask,
     H, Lq, Lk, n_rows,
     q_pre, q_P, q_vid_end, nseg_q,
     k_pre, k_P, k_vid_end, nseg_k, k_U,
@@ -237,12 +242,8 @@ def tile_dq_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    pat = tl.load(HeadPat + h)
-    qb = tl.load(RowOrder + pat * n_rows + pid)
-    row = pat * n_rows + qb
-    start = tl.load(Offsets + row)
-    mid = start + tl.load(NumUnmasked + row)
-    end = tl.load(Offsets + row + 1)
+    pat, qb, start, tail, mid, end = _visit_span(HeadPat, RowOrder, Offsets, NumUnmasked, NumPadTail, pid, h, n_rows,
+                                                 KPAD)
 
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < Lq
@@ -274,9 +275,15 @@ def tile_dq_kernel(
     emask_base = EMask + pat * nseg_q * nseg_k
     dq0, dq1 = _dq_inner(
         dq0, dq1, q0, q1, do0, do1, lse2, delta, segq, segq0, k_base, v_base, stride_kl, stride_vl,
-        Cols, emask_base, start, mid, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, k_U, qk_scale,
+        Cols, emask_base, start, tail, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, k_U, qk_scale,
         d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_N, False, DOT_PREC, TWO_SEG, KPAD,
     )
+    if KPAD:
+        dq0, dq1 = _dq_inner(
+            dq0, dq1, q0, q1, do0, do1, lse2, delta, segq, segq0, k_base, v_base, stride_kl, stride_vl,
+            Cols, emask_base, tail, mid, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, k_U, qk_scale,
+            d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_N, False, DOT_PREC, TWO_SEG, KPAD, True,
+        )
     dq0, dq1 = _dq_inner(
         dq0, dq1, q0, q1, do0, do1, lse2, delta, segq, segq0, k_base, v_base, stride_kl, stride_vl,
         Cols, emask_base, mid, end, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, k_U, qk_scale,

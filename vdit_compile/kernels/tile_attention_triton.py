@@ -243,7 +243,7 @@ def attention_forward(q, k, v, plan: TilePlan, scale: float, cfgs: KernelConfigs
     kernel[(vl.n_rows, B * H)](
         q, k, v, out, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        plan.head_pattern, vl.row_order, vl.offsets, vl.num_unmasked, vl.cols, plan.ext,
+        plan.head_pattern, vl.row_order, vl.offsets, vl.num_unmasked, vl.num_pad_tail, vl.cols, plan.ext,
         H, Lq, Lk, vl.n_rows, *_sides(plan), scale * LOG2E,
         HEAD_D=D, BD0=bd0, BD1=bd1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         DOT_PREC=_dot_prec(q.dtype), TWO_SEG=two_segment_blocks(plan, cfg.block_m, cfg.block_n), KPAD=plan.kside.padded,
@@ -288,7 +288,7 @@ def attention_backward(dout, dlse, q, k, v, out, lse, plan: TilePlan, scale: flo
     tile_dq_kernel[(vq.n_rows, B * H)](
         q, k, v, dout, lse, delta, dq,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
-        plan.head_pattern, vq.row_order, vq.offsets, vq.num_unmasked, vq.cols, plan.ext,
+        plan.head_pattern, vq.row_order, vq.offsets, vq.num_unmasked, vq.num_pad_tail, vq.cols, plan.ext,
         *common, vq.n_rows, *_sides(plan), scale * LOG2E, scale,
         HEAD_D=D, BD0=bd0, BD1=bd1, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
         DOT_PREC=_dot_prec(q.dtype), TWO_SEG=two_segment_blocks(plan, c.block_m, c.block_n), KPAD=plan.kside.padded,

@@ -20,9 +20,11 @@ at 120k tokens, and it is cached per (layouts, mask, block sizes, device).
 Heads that share a mask share one *pattern*; ``head_pattern[h]`` selects it.
 
 Padded units (:mod:`.padding`): a :class:`Side` may say that only the first ``frame_valid`` of every
-``frame_tokens`` tokens of a unit are real.  A key block that holds pad is then always masked (the kernels
-drop pad keys there), and a block of pad alone, on either side, is never visited: its keys never attend, its
-query rows are discarded.
+``frame_tokens`` tokens of a unit are real.  A block of pad alone, on either side, is never visited (its keys
+never attend, its query rows are discarded).  A fully kept block whose keys include pad is a *pad tail*: in the
+query-major lists (forward, ``dq``) it sits at the end of the row's unmasked entries (``num_pad_tail`` of them)
+and the kernels drop its pad keys with one column predicate instead of the segment lookup; in the key-major
+``dk/dv`` lists it is simply unmasked (the pad keys' own gradients are computed and never read back).
 """
 from __future__ import annotations
 
@@ -122,6 +124,8 @@ class VisitList:
     n_cols: int
     block_rows: int
     block_cols: int
+    #: int32 (patterns * n_rows,): the last this many of a row's unmasked entries are pad tails (padded units)
+    num_pad_tail: torch.Tensor | None = None
 
     @property
     def num_visits(self) -> int:
@@ -153,34 +157,46 @@ def block_classes(ext: torch.Tensor, qside: Side, kside: Side, block_q: int, blo
     area = ((qhi - qlo + 1)[:, None] * (khi - klo + 1)[None, :]).to(torch.int32)
     keep = count > 0
     partial = keep & ((count < area) | qoob[:, None] | koob[None, :])
-    if qside.padded or kside.padded:  # padded units: pad keys masked, blocks of pad alone skipped
+    if qside.padded or kside.padded:  # padded units: blocks of pad alone are skipped (pad tails: see pad_tails)
         _, q_all_pad = qside.block_pad(block_q, dev)
-        k_any_pad, k_all_pad = kside.block_pad(block_k, dev)
+        _, k_all_pad = kside.block_pad(block_k, dev)
         keep = keep & ~q_all_pad[:, None] & ~k_all_pad[None, :]
-        partial = keep & (partial | k_any_pad[None, :])
+        partial = partial & keep
     return keep, partial
 
 
-def csr_from_blocks(keep: torch.Tensor, partial: torch.Tensor, block_rows: int, block_cols: int) -> VisitList:
-    """Pack ``(Hp, R, C)`` block classes into CSR rows, unmasked entries first.
+def pad_tails(keep: torch.Tensor, partial: torch.Tensor, kside: Side, block_k: int) -> torch.Tensor | None:
+    """``(Hp, nQ, nK)`` bool: visited, unmasked blocks whose keys include pad (``None`` when keys are not padded)."""
+    if not kside.padded:
+        return None
+    k_any_pad, _ = kside.block_pad(block_k, keep.device)
+    return keep & ~partial & k_any_pad[None, None, :]
 
-    One ``nonzero`` over ``[fully kept | partial]`` laid side by side (``R x 2C`` per pattern) yields every
-    row's entries already in CSR order -- its fully kept columns, then its partial ones -- so no scatter or
-    sort is needed.  Why: on the GPU each op costs a launch and ``nonzero`` a host sync, and the build time
-    (BENCHMARKS.md: up to 16.6 ms for all three lists with two ``nonzero`` per list) follows the op count.
+
+
+def csr_from_blocks(keep: torch.Tensor, partial: torch.Tensor, block_rows: int, block_cols: int,
+                    tail: torch.Tensor | None = None) -> VisitList:
+    """Pack ``(Hp, R, C)`` block classes into CSR rows, unmasked entries first (pad ``tail`` ones last of those).
+
+    One ``nonzero`` over ``[fully kept | pad tails | partial]`` laid side by side (``R x 3C`` per pattern) yields
+    every row's entries already in CSR order, so no scatter or sort is needed.  Why: on the GPU each op costs a
+    launch and ``nonzero`` a host sync, and the build time (BENCHMARKS.md: up to 16.6 ms for all three lists with
+    two ``nonzero`` per list) follows the op count.
     """
     hp, R, C = keep.shape
     dev = keep.device
-    both = torch.cat(((keep & ~partial), partial), dim=2).reshape(hp * R, 2 * C)
+    tail = torch.zeros_like(keep) if tail is None else tail
+    both = torch.cat(((keep & ~partial & ~tail), tail, partial), dim=2).reshape(hp * R, 3 * C)
     idx = both.nonzero(as_tuple=True)[1]
     per_row = both.sum(1)
     offsets = torch.zeros(hp * R + 1, dtype=torch.int32, device=dev)
     offsets[1:] = per_row.cumsum(0)
-    nfull = both[:, :C].sum(1, dtype=torch.int32)
-    needs = idx >= C
-    cols = torch.where(needs, idx - C, idx).to(torch.int32)
+    nfull = both[:, :2 * C].sum(1, dtype=torch.int32)
+    ntail = both[:, C:2 * C].sum(1, dtype=torch.int32)
+    needs = idx >= 2 * C
+    cols = (idx % C).to(torch.int32)
     order = torch.argsort(per_row.view(hp, R), dim=1, descending=True, stable=True).to(torch.int32)
-    return VisitList(offsets, nfull, cols, needs, order.contiguous(), R, C, block_rows, block_cols)
+    return VisitList(offsets, nfull, cols, needs, order.contiguous(), R, C, block_rows, block_cols, ntail)
 
 
 @dataclass
@@ -207,10 +223,11 @@ class TilePlan:
         key = (block_q, block_k, transposed)
         if key not in self._lists:
             keep, partial = block_classes(self.ext, self.qside, self.kside, block_q, block_k)
-            if transposed:
+            if transposed:  # dk/dv: a pad tail runs unmasked (the pad keys are the row's own, their grads unread)
                 self._lists[key] = csr_from_blocks(keep.transpose(1, 2), partial.transpose(1, 2), block_k, block_q)
             else:
-                self._lists[key] = csr_from_blocks(keep, partial, block_q, block_k)
+                tail = pad_tails(keep, partial, self.kside, block_k)
+                self._lists[key] = csr_from_blocks(keep, partial, block_q, block_k, tail)
         return self._lists[key]
 
     def max_kept(self) -> float:
