@@ -32,6 +32,8 @@ from typing import Sequence
 
 import torch
 
+from ..kernels.options import current as current_kernel_options
+from ..kernels.options import kernel_options
 from .args import OpMasks, check_inputs, encode_masks, op_grid
 from .cpu_fast import fast_applies, fast_attention, fast_attention_backward
 from .reference import lse_dtype, reference_tile_attention, reference_tile_attention_backward
@@ -177,15 +179,20 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.args = (text_prefix, text_suffix, list(grid), masks, scale)
+    ctx.kernel_options = current_kernel_options()
 
 
 def _autograd_backward(ctx, dout, dlse):
+    """The backward op under the forward's kernel options. Why: they live in a context variable, and the autograd
+    engine runs CUDA backward functions on its own device thread, which would otherwise see the defaults."""
     q, k, v, out, lse = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     if dlse is None:
         dlse = torch.zeros_like(lse)
-    dq, dk, dv = torch.ops.vdit.tile_attention_backward(dout.contiguous(), dlse.contiguous(), q, k, v, out, lse, *ctx.args)
+    with kernel_options(ctx.kernel_options):
+        dq, dk, dv = torch.ops.vdit.tile_attention_backward(dout.contiguous(), dlse.contiguous(), q, k, v, out, lse,
+                                                             *ctx.args)
     return dq, dk, dv, None, None, None, None, None
 
 
