@@ -12,7 +12,7 @@ frame, the op pads every unit to ``unit_stride`` tokens by the rule of ``vdit_co
 ``--pad-max-waste`` sets its waste limit; ``--plain-too`` times the unpadded op on the same inputs too,
 ``ours_plain_*``, so each row compares both on one card).  ``--budget S`` keeps the run inside ``S`` seconds:
 FlexAttention (compiles per mask, the slow part) is skipped once too little time is left, and shapes that
-would start past the budget are skipped (rows say so).
+would start past the budget are skipped (rows say so); ``--flex-shapes`` limits Flex to some shapes.
 
 For every shape of ``benchmarks/attention.py`` and every mask: the site's token tile
 (``plans.default_tile``: about 128 tokens, a divisor of the frame; ``--padded`` rounds the frame up to
@@ -126,7 +126,8 @@ def run_shape(name: str, masks: list[str], args, sink, deadline: float) -> None:
     pre = layout.text_prefix
     if args.auto_pad and base["unit_stride"] != grid.unit_tokens:  # the padded gather in and out
         pu = PaddedUnits(grid, pre, layout.text_suffix, base["unit_stride"])
-        reorder = lambda: [pu.to_kernel(x) for x in (q, k, v)] + [pu.from_kernel(pu.to_kernel(q))]  # noqa: E731
+        qp = pu.to_kernel(q.detach())
+        reorder = lambda: [pu.to_kernel(x) for x in (q, k, v)] + [pu.from_kernel(qp)]  # noqa: E731
     else:
         reorder = lambda: [to_units(x, pre, grid) for x in (q, k, v)] + [from_units(q, pre, grid)]  # noqa: E731
     base.update(cudnn_fwd_ms=cudnn_fwd, cudnn_fwdbwd_ms=cudnn_fb, cudnn_fwd_tflops=full / cudnn_fwd / 1e9,
@@ -156,9 +157,10 @@ def run_shape(name: str, masks: list[str], args, sink, deadline: float) -> None:
             row["ours_error"] = type(exc).__name__ + ": " + str(exc)[:300]
             sink(row)
             continue
-        if args.flex and time.monotonic() + FLEX_SECONDS > deadline:
+        flex_here = args.flex and (args.flex_shapes is None or name in args.flex_shapes)
+        if flex_here and time.monotonic() + FLEX_SECONDS > deadline:
             row["flex_skipped"] = "budget"
-        elif args.flex:
+        elif flex_here:
             try:
                 bm = create_block_mask(flex_mask_mod(spec, grid, layout), None, None, L, L, device="cuda", _compile=True)
                 qu, ku, vu = (to_units(x.detach(), pre, grid).requires_grad_() for x in (q, k, v))
@@ -198,6 +200,7 @@ def main(argv=None) -> None:
     ap.add_argument("--budget", type=float, default=None, help="seconds: skip Flex, then shapes, past this")
     ap.add_argument("--tile-tokens", type=int, default=None)
     ap.add_argument("--no-flex", dest="flex", action="store_false")
+    ap.add_argument("--flex-shapes", nargs="*", default=None, help="run FlexAttention at these shapes only")
     ap.add_argument("--fwd-only", action="store_true")
     ap.add_argument("--rep", type=int, default=60)
     ap.add_argument("--out", default=None, help="JSONL file")
