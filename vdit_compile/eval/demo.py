@@ -40,8 +40,10 @@ class DemoOptions:
     prompts: int = 2
     steps: int = 10
     calib_prompts: int = 1
-    calib_steps: int = 4
+    calib_steps: Optional[int] = None  # None: ``steps`` (calibrate on the timesteps the sampler runs)
     error_budget: Optional[float] = None
+    families: Optional[tuple] = None  # mask families to search (None: OptimizeConfig's default)
+    step_ranges: int = 1
     fast: bool = False
     fast_steps: Optional[int] = None
     tiny: bool = False
@@ -136,10 +138,13 @@ def _optimize(pipe, opts: DemoOptions, report: DemoReport, echo) -> bool:
         _say(f"MISSING: vdit_compile.optimize cannot be imported ({exc}); no optimised pipeline to show", echo)
         return False
     calib = prompt_set(opts.calib_prompts, CALIB_OFFSET, world=opts.world).prompts
-    _say(f"calibrating tile masks on {len(calib)} other prompt(s), {opts.calib_steps} step(s) each ...", echo)
-    kw = {"calib_steps": opts.calib_steps, "progress": opts.progress}
+    steps = opts.calib_steps or opts.steps
+    _say(f"calibrating tile masks on {len(calib)} other prompt(s), {steps} step(s) each ...", echo)
+    kw = {"calib_steps": steps, "progress": opts.progress, "step_ranges": opts.step_ranges}
     if opts.error_budget is not None:
         kw["error_budget"] = opts.error_budget
+    if opts.families is not None:
+        kw["families"] = tuple(opts.families)
     t0 = time.perf_counter()
     optimize(pipe, calib_prompts=calib, **kw)
     report.latency["calibration_seconds"] = time.perf_counter() - t0
