@@ -37,22 +37,7 @@ def parse_mode(name: str) -> tuple[tuple[str, ...], int]:
 
 def plan_density(plan, call_timesteps: list) -> float:
     """Mean head density over all 3D sites (dense ones 1.0), step ranges weighted by the sampling calls."""
-    from vdit_compile.plans.plan import TILEABLE_KINDS, step_range_index
-
-    sites = [s for s in plan.sites if s.kind in TILEABLE_KINDS and s.layout is not None]
-    per_call = []
-    for t in call_timesteps:
-        vals = []
-        for s in sites:
-            if not s.tiled:
-                vals += [1.0] * s.num_heads
-                continue
-            dens = s.densities
-            if s.step_ranges and t is not None:
-                dens = s.step_ranges[step_range_index(s.step_ranges, t)].densities
-            vals += list(dens) if len(dens) == s.num_heads else list(dens) * s.num_heads
-        per_call.append(sum(vals) / len(vals))
-    return sum(per_call) / len(per_call)
+    return plan.mean_density(call_timesteps)
 
 
 def main() -> None:
@@ -74,20 +59,18 @@ def main() -> None:
     import vdit_compile
     from vdit_compile.calibration import CalibrationSettings, capture_transformer_inputs
     from vdit_compile.calibration.run import build_plan
-    from vdit_compile.eval.demo import CALIB_OFFSET
+    from vdit_compile.eval.demo import CALIB_OFFSET, record_timesteps
     from vdit_compile.eval.metrics import psnr
     from vdit_compile.eval.prompts import prompt_set
     from vdit_compile.eval.sampling import sample
     from vdit_compile.models.embedded import load_pipeline
     from vdit_compile.plans.plan import TILEABLE_KINDS
-    from vdit_compile.runtime.timestep import call_timestep
 
     torch.manual_seed(0)
     pipe = load_pipeline(device="cpu")
     ps = prompt_set(args.prompts)
     seen: list = []
-    hook = pipe.transformer.register_forward_pre_hook(
-        lambda m, a, kw: seen.append(call_timestep(m, a, kw)), with_kwargs=True)
+    hook = record_timesteps(pipe, seen)
     dense = sample(pipe, ps.prompts, ps.seeds, args.steps, None, 1, False).clips
     hook.remove()
     calib = prompt_set(args.calib_prompts, CALIB_OFFSET).prompts

@@ -55,19 +55,33 @@ def _allocate(cal: SiteCalibrator, sums: list, weights: list, dens: list[float],
     in_bound = [max_density is None or d <= max_density + 1e-12 for d in dens]
     picks: list[list[int]] = [[0] * cal.num_heads for _ in sums]
     for h in range(cal.num_heads):
-        cap = max(float(err_all[h, single[h]]), (floor * error_budget) ** 2 * float(norm_all[h])) * (1 + 1e-9)
-        options = []
-        for r, (e, n) in enumerate(sums):
-            lim = error_budget ** 2 * float(n[h]) * (1 + 1e-9)
-            eh = e[h].tolist()
-            feas = [c for c in range(len(dens)) if in_bound[c] and eh[c] <= lim]
-            if not feas or own[r][1][h]:  # nothing within the budget here: the range's own (reported) choice
-                feas = [own[r][0][h]]
-            options.append(_pareto([(weights[r] * dens[c], eh[c], c) for c in feas]))
-        best = _cheapest(options, cap)
+        fixed = [own[r][0][h] if own[r][1][h] else None for r in range(len(sums))]  # over budget: reported as such
+        best = allocate_head([e[h].tolist() for e, _ in sums], [float(n[h]) for _, n in sums], weights, dens,
+                             error_budget, single[h], in_bound, fixed, floor)
         for r in range(len(sums)):
             picks[r][h] = best[r] if best is not None else own[r][0][h]
     return picks
+
+
+def allocate_head(errs: Sequence[Sequence[float]], norms: Sequence[float], weights: Sequence[float],
+                  dens: Sequence[float], error_budget: float, single: int, in_bound: Sequence[bool] | None = None,
+                  fixed: Sequence[int | None] | None = None, floor: float = POOLED_FLOOR) -> list[int] | None:
+    """One head's candidate per range (``None`` when no combination fits): ``errs[r][c]`` is candidate ``c``'s
+    squared output error summed over range ``r``'s calls, ``norms[r]`` the dense output's squared norm there,
+    ``weights[r]`` the range's calls, ``single`` the step-agnostic choice; ``fixed[r]`` forces a range's
+    candidate (no candidate within the budget there).  Least ``sum_r weights[r] * dens[c_r]`` such that every
+    range's relative error is within the budget and the summed squared error is at most ``single``'s or
+    ``(floor * budget)^2 * sum(norms)``, whichever is larger (module doc)."""
+    cap = max(sum(e[single] for e in errs), (floor * error_budget) ** 2 * sum(norms)) * (1 + 1e-9)
+    options = []
+    for r, (eh, n) in enumerate(zip(errs, norms)):
+        lim = error_budget ** 2 * n * (1 + 1e-9)
+        if fixed is not None and fixed[r] is not None:
+            feas = [fixed[r]]
+        else:
+            feas = [c for c in range(len(dens)) if (in_bound is None or in_bound[c]) and eh[c] <= lim]
+        options.append(_pareto([(weights[r] * dens[c], eh[c], c) for c in feas]))
+    return _cheapest(options, cap)
 
 
 def _pareto(opts: list[tuple[float, float, int]]) -> list[tuple[float, float, tuple]]:

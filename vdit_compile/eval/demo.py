@@ -64,6 +64,7 @@ class DemoReport:
     plan_table: str = ""
     latency: dict = field(default_factory=dict)
     cost_model: list[str] = field(default_factory=list)
+    plan_density: Optional[float] = None  # Plan.mean_density over the sampler's calls (all 3D sites)
     seconds: float = 0.0
 
 
@@ -124,6 +125,16 @@ def _load_world(opts: DemoOptions, echo):
     pipe = w.load_pipeline(device=opts.device)
     _say(f"model: {opts.world} (shipped weights)", echo)
     return pipe
+
+
+def record_timesteps(pipe, calls: list):
+    """A forward pre-hook on ``pipe.transformer`` appending each call's timestep to ``calls`` (None: no module)."""
+    from ..runtime.timestep import call_timestep
+
+    module = getattr(pipe, "transformer", None)
+    if not isinstance(module, torch.nn.Module):
+        return None
+    return module.register_forward_pre_hook(lambda m, a, kw: calls.append(call_timestep(m, a, kw)), with_kwargs=True)
 
 
 def _timing(s: Samples) -> dict:
@@ -267,7 +278,13 @@ def run_demo(opts: DemoOptions, echo: Callable[[str], None] = print) -> DemoRepo
     ps = prompt_set(opts.prompts, world=opts.world)
     _say(f"prompts ({opts.steps} sampling steps each):\n" + "\n".join(f"  [{s}] {p}" for p, s in zip(ps.prompts, ps.seeds)), echo)
 
-    dense = sample(pipe, ps.prompts, ps.seeds, opts.steps, None, 1, opts.progress, desc="dense sampling")
+    calls: list = []  # the sampler's timesteps: a step-aware plan's density is weighted by its calls per range
+    hook = record_timesteps(pipe, calls)
+    try:
+        dense = sample(pipe, ps.prompts, ps.seeds, opts.steps, None, 1, opts.progress, desc="dense sampling")
+    finally:
+        if hook is not None:
+            hook.remove()
     dense_card = card_header(pipe, "dense (reference)", opts.steps, None, len(ps), 1)
     dense_card.update(score_clips(dense.clips, ps, None, clf))
     dense_card.update(_timing(dense))
@@ -285,7 +302,12 @@ def run_demo(opts: DemoOptions, echo: Callable[[str], None] = print) -> DemoRepo
         report.latency["optimised_seconds_per_video"] = opt.seconds_per_video
         report.latency["optimised_first_call_seconds"] = opt.first_batch_seconds
         report.latency["speedup"] = dense.seconds_per_video / opt.seconds_per_video
-        report.latency["tiled_sites"] = len(plan_of_pipe(pipe).tiled_sites())
+        plan = plan_of_pipe(pipe)
+        report.latency["tiled_sites"] = len(plan.tiled_sites())
+        report.plan_density = plan.mean_density(calls)
+        _say(f"plan: mean density over all 3D sites (a dense site counts 1.0"
+             f"{', step ranges weighted by the sampling calls' if plan.step_aware else ''}): "
+             f"{report.plan_density:.3f}", echo)
         report.latency["optimised_attention"] = attention_profile(pipe, ps.prompts[0], ps.seeds[0])
         report.cost_model = _cost_model_lines(pipe)
         from ..capture.install import state_of
