@@ -53,8 +53,19 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="append one JSON line per (mode, budget)")
     ap.add_argument("--curve", default=None, help="write the PSNR-vs-density picture here (PNG)")
     ap.add_argument("--markdown", default=None, help="write the table (with command, machine, date) here")
+    ap.add_argument("--replot", default=None,
+                    help="run nothing: draw --curve and write --markdown from the rows of this JSON lines file "
+                         "(runs split over several processes)")
     args = ap.parse_args()
     args.calib_steps = args.calib_steps or args.steps
+    if args.replot:
+        with open(args.replot) as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+        if args.curve:
+            draw_curve(rows, args.curve)
+        if args.markdown:
+            write_markdown(rows, args.markdown, args.calib_prompts, args.calib_steps, args.prompts, args.steps)
+        return
 
     import vdit_compile
     from vdit_compile.calibration import CalibrationSettings, capture_transformer_inputs
