@@ -2,7 +2,7 @@
 
 Writes into ``--out`` (default ./vdit-demo): plan.json, heatmaps/*.png, dense_vs_optimised.gif (dense
 left, tile-sparse right), summary.json.  ``--fast`` adds the distilled few-step model when its weights
-are shipped (says so when they are not).  Defaults fit a 2-core CPU in under 3 minutes.
+are shipped (says so when they are not).  Defaults fit an idle 2-core CPU in a few minutes (calibration on 10 steps: about 80 s).
 """
 from __future__ import annotations
 

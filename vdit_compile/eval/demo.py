@@ -13,7 +13,7 @@ reported as missing, with the import error, and skipped):
    dense on the same seeds) and a side-by-side GIF (dense left, optimised right);
 7. ``fast=True``: the same for the distilled few-step weights, when shipped.
 
-Defaults are sized for a 2-core CPU in under 3 minutes (see docs/eval/DEMO.md for the measurement).
+Defaults are sized for a 2-core CPU: a few minutes; calibration on 10 steps takes about 80 s of it (docs/calibration.md).
 """
 from __future__ import annotations
 
