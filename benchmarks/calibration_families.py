@@ -2,16 +2,18 @@
 all families + step ranges, at several error budgets.
 
     python benchmarks/calibration_families.py [--budgets 0.05,0.1] [--modes tile,all,all+steps3] [--json out.jsonl]
-        [--curve docs/calibration_curve.png]
+        [--curve docs/calibration_curve.png] [--markdown table.md]
 
-Like ``vdit-compile demo``: calibrate on the demo's calibration prompt(s) (``--calib-prompts``, 4 steps), sample
-its scored prompts (``--prompts``, 10 steps, fixed seeds) densely once and with each plan, and report
+Like ``vdit-compile demo``: calibrate on the demo's calibration prompt(s) (``--calib-prompts``; ``--calib-steps``,
+default the sampling steps, as the demo), sample its scored prompts (``--prompts``, 10 steps, fixed seeds) densely
+once and with each plan (every tiled site rewritten: no cost model), and report
 
 * ``mean_density``: mean over *all* 3D sites and heads of the kept fraction of L x L (dense sites count 1.0);
   a step-aware plan's is weighted by the share of the sampling calls falling in each step range;
 * ``psnr_db``: mean PSNR of the optimised clips vs the dense clips (``vdit_compile.eval.metrics.psnr``).
 
-``--curve`` draws PSNR vs density for every mode over the budgets (matplotlib PNG).
+``--curve`` draws PSNR vs density for every mode over the budgets (matplotlib PNG); ``--markdown`` writes the
+table with the command, the machine and the date beside it.
 """
 from __future__ import annotations
 
@@ -35,22 +37,7 @@ def parse_mode(name: str) -> tuple[tuple[str, ...], int]:
 
 def plan_density(plan, call_timesteps: list) -> float:
     """Mean head density over all 3D sites (dense ones 1.0), step ranges weighted by the sampling calls."""
-    from vdit_compile.plans.plan import TILEABLE_KINDS, step_range_index
-
-    sites = [s for s in plan.sites if s.kind in TILEABLE_KINDS and s.layout is not None]
-    per_call = []
-    for t in call_timesteps:
-        vals = []
-        for s in sites:
-            if not s.tiled:
-                vals += [1.0] * s.num_heads
-                continue
-            dens = s.densities
-            if s.step_ranges and t is not None:
-                dens = s.step_ranges[step_range_index(s.step_ranges, t)].densities
-            vals += list(dens) if len(dens) == s.num_heads else list(dens) * s.num_heads
-        per_call.append(sum(vals) / len(vals))
-    return sum(per_call) / len(per_call)
+    return plan.mean_density(call_timesteps)
 
 
 def main() -> None:
@@ -60,28 +47,41 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=2, help="scored prompts (the demo's: 2)")
     ap.add_argument("--steps", type=int, default=10, help="sampling steps (the demo's: 10)")
     ap.add_argument("--calib-prompts", type=int, default=1, help="calibration prompts (the demo's: 1)")
-    ap.add_argument("--calib-steps", type=int, default=4, help="calibration steps per prompt (the demo's: 4)")
+    ap.add_argument("--calib-steps", type=int, default=None,
+                    help="calibration steps per prompt (default: --steps, as the demo)")
     ap.add_argument("--tile-tokens", type=int, default=None, help="token tile of window families (default rule)")
     ap.add_argument("--json", default=None, help="append one JSON line per (mode, budget)")
     ap.add_argument("--curve", default=None, help="write the PSNR-vs-density picture here (PNG)")
+    ap.add_argument("--markdown", default=None, help="write the table (with command, machine, date) here")
+    ap.add_argument("--replot", default=None,
+                    help="run nothing: draw --curve and write --markdown from the rows of this JSON lines file "
+                         "(runs split over several processes)")
     args = ap.parse_args()
+    args.calib_steps = args.calib_steps or args.steps
+    if args.replot:
+        with open(args.replot) as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+        if args.curve:
+            draw_curve(rows, args.curve)
+        if args.markdown:
+            write_markdown(rows, args.markdown, args.calib_prompts, args.calib_steps, args.prompts, args.steps)
+        return
 
     import vdit_compile
     from vdit_compile.calibration import CalibrationSettings, capture_transformer_inputs
     from vdit_compile.calibration.run import build_plan
-    from vdit_compile.eval.demo import CALIB_OFFSET
+    from vdit_compile.eval.demo import CALIB_OFFSET, record_timesteps
     from vdit_compile.eval.metrics import psnr
     from vdit_compile.eval.prompts import prompt_set
     from vdit_compile.eval.sampling import sample
     from vdit_compile.models.embedded import load_pipeline
-    from vdit_compile.runtime.timestep import call_timestep
+    from vdit_compile.plans.plan import TILEABLE_KINDS
 
     torch.manual_seed(0)
     pipe = load_pipeline(device="cpu")
     ps = prompt_set(args.prompts)
     seen: list = []
-    hook = pipe.transformer.register_forward_pre_hook(
-        lambda m, a, kw: seen.append(call_timestep(m, a, kw)), with_kwargs=True)
+    hook = record_timesteps(pipe, seen)
     dense = sample(pipe, ps.prompts, ps.seeds, args.steps, None, 1, False).clips
     hook.remove()
     calib = prompt_set(args.calib_prompts, CALIB_OFFSET).prompts
@@ -97,7 +97,7 @@ def main() -> None:
             settings = CalibrationSettings(error_budget=b, num_prompts=len(calib), num_inference_steps=args.calib_steps,
                                            families=list(families), step_ranges=ranges, tile_tokens=args.tile_tokens)
             plan = build_plan(pipe.transformer, cals, settings, sites)
-            vdit_compile.optimize(pipe, plan=plan, progress=False)
+            vdit_compile.optimize(pipe, plan=plan, progress=False, cost_model="always")
             try:
                 clips = sample(pipe, ps.prompts, ps.seeds, args.steps, None, 1, False).clips
             finally:
@@ -110,7 +110,8 @@ def main() -> None:
                         fams[m.family if not m.dense else "dense"] = fams.get(m.family if not m.dense else "dense", 0) + 1
             row = {"mode": mode, "budget": b, "mean_density": round(plan_density(plan, seen), 4),
                    "psnr_db": round(sum(vals) / len(vals), 2) if vals else float("inf"),
-                   "tiled_sites": len(plan.tiled_sites()), "sites": len(plan.sites),
+                   "tiled_sites": len(plan.tiled_sites()),
+                   "sites": sum(s.kind in TILEABLE_KINDS and s.layout is not None for s in plan.sites),
                    "step_ranges": [len(s.step_ranges) for s in plan.sites if s.step_ranges][:1] or [1],
                    "head_masks_by_family": fams, "calibration_seconds": round(secs, 1)}
             rows.append(row)
@@ -122,6 +123,30 @@ def main() -> None:
           f"{len(ps)} scored prompts x {args.steps} steps")
     if args.curve:
         draw_curve(rows, args.curve)
+    if args.markdown:
+        write_markdown(rows, args.markdown, len(calib), args.calib_steps, len(ps), args.steps)
+
+
+def write_markdown(rows: list[dict], path: str, calib_prompts: int, calib_steps: int, prompts: int, steps: int) -> None:
+    """The rows as a markdown table, under the command that made them, the machine and the date."""
+    import datetime
+    import os
+    import platform
+    import shlex
+    import sys
+
+    cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    head = (f"`{cmd}`: {datetime.date.today().isoformat()}, {platform.machine()} CPU ({os.cpu_count()} cores), "
+            f"torch {torch.__version__}; calibration {calib_prompts} prompt(s) x {calib_steps} steps, "
+            f"{prompts} scored prompts x {steps} steps.\n\n")
+    lines = ["| budget | mode | mean density (all 3D sites) | PSNR vs dense (dB) | tiled sites | step ranges "
+             "| heads by family (all ranges) |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["budget"], r["mode"])):
+        fams = ", ".join(f"{k} {v}" for k, v in sorted(r["head_masks_by_family"].items()))
+        lines.append(f"| {r['budget']:g} | {r['mode']} | {r['mean_density']:.3f} | {r['psnr_db']:.2f} | "
+                     f"{r['tiled_sites']} of {r['sites']} | {r['step_ranges'][0]} | {fams} |")
+    with open(path, "w") as fh:
+        fh.write(head + "\n".join(lines) + "\n")
 
 
 def collect(pipe, inputs, families, tile_tokens):

@@ -1,7 +1,7 @@
 """Mask oracle: the sparsest mask each head could have, per family set, budget and step range.
 
     python benchmarks/mask_oracle.py [--budgets 0.05,0.1,0.2] [--tile-tokens 1] [--calib-prompts 1]
-        [--calib-steps 4] [--ranges 3] [--json out.jsonl]
+        [--calib-steps 10] [--ranges 3] [--json out.jsonl]
 
 It records the q, k, v of every 3D attention site of the embedded model while the pipeline denoises the
 demo's calibration prompt(s) (the inputs calibration sees), then for every head scores every candidate of the
@@ -12,7 +12,9 @@ wins; the table gives the mean density over all heads and sites (text included).
 window families at token granularity (element level: the reachable bound); the default is the calibration
 tile, which makes the oracle the bound for what a calibrated plan of the same candidates can reach.
 ``--ranges K`` adds the step-aware figure: the calls are split into K contiguous timestep ranges of equal
-size and each range picks its own masks (its density weighted by its calls).
+size and each range gets its own masks by calibration's rule (``calibration.steps.allocate_head``: each range
+within the budget on its own calls, the pooled error at most the step-agnostic choice's or half the budget;
+its density weighted by its calls). ``--calib-steps`` defaults to 10, the demo's calibration since 2026-12-07.
 
 Compare a calibrated plan with it: ``benchmarks/calibration_families.py`` (same prompts and steps).
 """
@@ -63,13 +65,36 @@ def score_site(records, candidates, layout, grid):
     return errs, norms
 
 
-def choose(err, norm, dens, budget):
-    """Per head, the density of the sparsest candidate with pooled relative error <= budget."""
+def pick(err, norm, dens, budget):
+    """Per head, the index of the sparsest candidate with pooled relative error <= budget (ties: lower error, then
+    the earlier candidate; dense, last, has error 0)."""
     rel = (err / norm.clamp_min(1e-300)).sqrt()  # (C, H)
     out = []
     for h in range(rel.shape[1]):
         ok = [c for c in range(rel.shape[0]) if rel[c, h] <= budget]
-        out.append(min(dens[c] for c in ok) if ok else 1.0)
+        out.append(min(ok, key=lambda c: (dens[c], float(rel[c, h]), c)))
+    return out
+
+
+def choose(err, norm, dens, budget):
+    """Per head, the density of the sparsest candidate with pooled relative error <= budget."""
+    return [dens[c] for c in pick(err, norm, dens, budget)]
+
+
+def choose_ranges(E, N, ranges, dens, budget):
+    """Step-aware, calibration's rule (``vdit_compile.calibration.steps.allocate_head``): per head one candidate per
+    range, each range within the budget on its own calls, the pooled squared error at most the step-agnostic
+    choice's or (budget/2)^2 of the norm; least call-weighted density. Per range, the heads' densities."""
+    from vdit_compile.calibration.steps import allocate_head
+
+    single = pick(E.sum(0), N.sum(0), dens, budget)
+    out = [[] for _ in ranges]
+    for h in range(E.shape[2]):
+        errs = [E[r].sum(0)[:, h].tolist() for r in ranges]
+        norms = [float(N[r].sum(0)[h]) for r in ranges]
+        got = allocate_head(errs, norms, [len(r) for r in ranges], dens, budget, single[h])
+        for i, c in enumerate(got):
+            out[i].append(dens[c])
     return out
 
 
@@ -79,7 +104,7 @@ def main() -> None:
     ap.add_argument("--families", default="tile;tile,win3d,spatial", help="family sets, ';'-separated")
     ap.add_argument("--tile-tokens", type=int, default=None)
     ap.add_argument("--calib-prompts", type=int, default=1)
-    ap.add_argument("--calib-steps", type=int, default=4)
+    ap.add_argument("--calib-steps", type=int, default=10)
     ap.add_argument("--ranges", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -127,8 +152,7 @@ def main() -> None:
             E, N = torch.stack(errs), torch.stack(norms)  # (calls, C, H), (calls, H)
             for b in budgets:
                 rows[b]["whole"] += choose(E.sum(0), N.sum(0), dens, b)
-                per_range = [(len(r), choose(E[r].sum(0), N[r].sum(0), dens, b)) for r in ranges]
-                rows[b]["steps"].append(per_range)
+                rows[b]["steps"].append(list(zip(map(len, ranges), choose_ranges(E, N, ranges, dens, b))))
         for b in budgets:
             whole = sum(rows[b]["whole"]) / len(rows[b]["whole"])
             # step-aware: per range the mean over all heads of all sites, weighted by the range's calls

@@ -191,3 +191,51 @@ def test_frame_minor_site_statistics_equal_the_frame_major_ones():
         b.observe(as_hwt(q), as_hwt(k), as_hwt(v), 0.3)
         assert [c.name for c in a.candidates] == [c.name for c in b.candidates]
         torch.testing.assert_close(b.candidate_errors(), a.candidate_errors())
+
+
+def test_step_ranges_share_the_pooled_error_of_the_step_agnostic_choice():
+    """allocate_ranges against brute force: per head the least call-weighted density over every combination of
+    one candidate per range, each range within the budget, the pooled squared error at most the step-agnostic
+    choice's or (floor * budget)^2 of the norm; never sparser than each range alone would be."""
+    from itertools import product
+
+    from vdit_compile.calibration.collector import _StepStats
+    from vdit_compile.calibration.steps import POOLED_FLOOR, allocate_ranges
+
+    layout = TokenLayout(4, 2, 2)
+    cal = SiteCalibrator("s", layout, 3)  # frame tiles: a handful of candidates, dense last
+    C, H = len(cal.candidates), 3
+    dens = cal.candidate_densities()
+    g = torch.Generator().manual_seed(0)
+    ts = [900.0, 600.0, 300.0, 100.0]
+    for t in ts:
+        st = cal._steps[t] = _StepStats(H, C)
+        st.norm_sq += 1.0
+        sparse = 1 - torch.tensor(dens, dtype=torch.float64)  # sparser masks err more, with noise
+        st.err_sq += (0.012 * sparse * (1 + torch.rand(H, C, generator=g, dtype=torch.float64) * 3)) ** 2
+        st.err_sq[:, -1] = 0.0
+        st.calls = 1
+    cal.observations = len(ts)
+    ranges = [[900.0, 600.0], [300.0], [100.0]]
+    budget = 0.02
+    picks = allocate_ranges(cal, ranges, budget)
+    err = [cal.error_sums(r) for r in ranges]
+    e_all, n_all = cal.error_sums()
+    single, _ = cal.choose((e_all / n_all[:, None]).sqrt(), dens, budget)
+    w = [len(r) for r in ranges]
+    for h in range(H):
+        cap = max(float(e_all[h, single[h]]), (POOLED_FLOOR * budget) ** 2 * float(n_all[h]))
+        best = None
+        for combo in product(range(C), repeat=len(ranges)):
+            if any(float(e[h, c]) > budget ** 2 * float(n[h]) for (e, n), c in zip(err, combo)):
+                continue
+            if sum(float(e[h, c]) for (e, _), c in zip(err, combo)) > cap * (1 + 1e-9):
+                continue
+            cost = sum(wr * dens[c] for wr, c in zip(w, combo))
+            best = cost if best is None else min(best, cost)
+        got = [picks[r][h] for r in range(len(ranges))]
+        assert sum(wr * dens[c] for wr, c in zip(w, got)) == pytest.approx(best)
+        assert sum(float(e[h, c]) for (e, _), c in zip(err, got)) <= cap * (1 + 1e-9)
+        own = [cal.result(budget, None, r).masks[h] for r in ranges]
+        assert all(dens[c] >= own_m.density(layout, cal.grid) - 1e-12 for c, own_m in zip(got, own))
+    assert any(picks[r] != picks[0] for r in range(1, len(ranges)))  # the ranges do differ here

@@ -39,6 +39,7 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
         assert (out / "plan.json").is_file() and (out / "dense_vs_optimised.gif").is_file()
         assert [c["name"] for c in summary["cards"]][:2] == ["dense (reference)", "tile-sparse"]
         assert "blocks.0.attn1" in text
+        assert "mean density over all 3D sites" in text and 0 < summary["plan_density"] <= 1
     from vdit_compile.eval.demo import fast_run_dir
 
     if fast_run_dir() is None:
@@ -46,3 +47,15 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     else:
         assert any(c["name"].startswith("distilled") for c in summary["cards"]), [c["name"] for c in summary["cards"]]
     assert "demo finished" in text
+
+
+def test_demo_options_reach_the_demo(monkeypatch):
+    """--families and --step-ranges go to optimize through DemoOptions; --calib-steps defaults to --steps."""
+    import vdit_compile.eval.demo as demo
+
+    got = []
+    monkeypatch.setattr(demo, "run_demo", lambda opts: got.append(opts))
+    assert main(["demo", "--tiny", "--steps", "3", "--families", "tile, win3d", "--step-ranges", "2"]) == 0
+    assert got[0].families == ("tile", "win3d") and got[0].step_ranges == 2 and got[0].calib_steps is None
+    assert main(["demo", "--tiny", "--calib-steps", "2"]) == 0
+    assert got[1].families is None and got[1].step_ranges == 1 and got[1].calib_steps == 2

@@ -185,7 +185,7 @@ class _StepStats:
         self.calls = 0
 
 
-def _ratio(steps: dict, keys, H: int, C: int) -> torch.Tensor:
+def _sums(steps: dict, keys, H: int, C: int) -> tuple[torch.Tensor, torch.Tensor]:
     err = torch.zeros(H, C, dtype=torch.float64)
     norm = torch.zeros(H, dtype=torch.float64)
     for t in keys:
@@ -193,7 +193,7 @@ def _ratio(steps: dict, keys, H: int, C: int) -> torch.Tensor:
         if s is not None:
             err += s.err_sq
             norm += s.norm_sq
-    return (err / norm.clamp(min=1e-300)[:, None]).sqrt()
+    return err, norm
 
 
 class SiteCalibrator:
@@ -449,13 +449,22 @@ class SiteCalibrator:
         Mass method: the estimate (root mean square of the mass a row drops, docs/calibration.md); once a
         verification pass ran (``verified``), the verified candidates carry their exact error and the others
         ``inf`` (never chosen unverified)."""
+        err, norm = self.error_sums(timesteps, verified)
+        return (err / norm.clamp(min=1e-300)[:, None]).sqrt()
+
+    def error_sums(self, timesteps: Iterable | None = None, verified: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two sums of :meth:`candidate_errors` over the calls at ``timesteps``: squared output error
+        ``(H, C)`` (``inf`` for candidates a verification pass did not score) and the dense output's squared
+        norm ``(H,)``.  Sums over disjoint sets of calls add up (step ranges, :mod:`.steps`)."""
         keys = list(self._steps) if timesteps is None else list(timesteps)
-        est = _ratio(self._steps, keys, self.num_heads, len(self.candidates))
+        H, C = self.num_heads, len(self.candidates)
+        err, norm = _sums(self._steps, keys, H, C)
         if not verified or not self._verified:
-            return est
-        out = torch.full_like(est, float("inf"))
-        out[:, self._verify] = _ratio(self._verified, keys, self.num_heads, len(self._verify))
-        return out
+            return err, norm
+        v_err, v_norm = _sums(self._verified, keys, H, len(self._verify))
+        out = torch.full_like(err, float("inf"))
+        out[:, self._verify] = v_err
+        return out, v_norm
 
     # ------------------------------------------------------------------ verification (mass method)
     @property
@@ -525,20 +534,23 @@ class SiteCalibrator:
         return picks, notes
 
     def result(self, error_budget: float, max_density: float | None = None,
-               timesteps: Iterable | None = None) -> SiteResult:
+               timesteps: Iterable | None = None, picks: Sequence[int] | None = None) -> SiteResult:
         """Choose per head the sparsest candidate with error <= ``error_budget`` (and density <= ``max_density``)
         on the calls at ``timesteps`` (``None``: every observed call).
 
         Ties in density go to the lower error, then to the earlier candidate (frame-level families first,
         smaller parameters first).  When nothing fits, the least-error candidate within ``max_density`` is
         taken (or the sparsest candidate when even that bound cannot be met) and the head is reported as
-        over budget.
+        over budget.  ``picks`` (a candidate index per head) overrides the choice: the masks of a step range
+        allocated with the other ranges (:func:`~.steps.allocate_ranges`); notes still say which heads have no
+        candidate within the budget on these calls.
         """
         if self.observations == 0:
             raise RuntimeError(f"site {self.name!r}: no calibration data was observed")
         errs = self.candidate_errors(timesteps)
         dens = self.candidate_densities()
-        picks, notes = self.choose(errs, dens, error_budget, max_density)
+        own, notes = self.choose(errs, dens, error_budget, max_density)
+        picks = own if picks is None else list(picks)
         obs = self.observations if timesteps is None else sum(self.step_calls(t) for t in timesteps)
         return SiteResult([self.candidates[c] for c in picks], [float(errs[h, c]) for h, c in enumerate(picks)],
                           [float(dens[c]) for c in picks], self.frame_mass(), list(self.candidates), errs.float(),

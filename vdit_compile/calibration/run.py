@@ -10,7 +10,7 @@ from ..masks.base import MaskSpec, parse_mask
 from ..plans.fingerprint import model_class_name, model_fingerprint, structure_summary
 from ..plans.plan import DEFAULT_ERROR_BUDGET, TILEABLE_KINDS, Plan, SitePlan, StepRange
 from .collector import SiteCalibrator
-from .steps import choose_step_ranges
+from .steps import allocate_ranges, choose_step_ranges
 
 #: How masks generalise to another frame count; recorded in every plan (docs/calibration.md).
 MASK_RULE = ("units-v2: per head a mask spec stated in units (frames or the site's token tile), kept as is at any T, "
@@ -96,7 +96,11 @@ def _site_plan(site, cal: SiteCalibrator, settings: CalibrationSettings, ranges:
     """The site's plan entry: per-head masks (per step range when ``ranges`` is given), its token tile (None
     when every chosen mask is frame-level: no reorder at run time) and the calibration evidence."""
     budget, bound = settings.error_budget, settings.max_density
-    results = [cal.result(budget, bound, r) for r in ranges] if ranges else [cal.result(budget, bound)]
+    if ranges:
+        picks = allocate_ranges(cal, ranges, budget, bound)
+        results = [cal.result(budget, bound, r, p) for r, p in zip(ranges, picks)]
+    else:
+        results = [cal.result(budget, bound)]
     res = results[0]
     chosen = [m for r in results for m in r.masks]
     if all(m.dense for m in chosen):

@@ -13,7 +13,7 @@ reported as missing, with the import error, and skipped):
    dense on the same seeds) and a side-by-side GIF (dense left, optimised right);
 7. ``fast=True``: the same for the distilled few-step weights, when shipped.
 
-Defaults are sized for a 2-core CPU in under 3 minutes (see docs/eval/DEMO.md for the measurement).
+Defaults are sized for a 2-core CPU: a few minutes; calibration on 10 steps takes about 80 s of it (docs/calibration.md).
 """
 from __future__ import annotations
 
@@ -39,8 +39,10 @@ class DemoOptions:
     prompts: int = 2
     steps: int = 10
     calib_prompts: int = 1
-    calib_steps: int = 4
+    calib_steps: Optional[int] = None  # None: ``steps`` (calibrate on the timesteps the sampler runs)
     error_budget: Optional[float] = None
+    families: Optional[tuple] = None  # mask families to search (None: OptimizeConfig's default)
+    step_ranges: int = 1
     fast: bool = False
     fast_steps: Optional[int] = None
     tiny: bool = False
@@ -61,6 +63,7 @@ class DemoReport:
     plan_table: str = ""
     latency: dict = field(default_factory=dict)
     cost_model: list[str] = field(default_factory=list)
+    plan_density: Optional[float] = None  # Plan.mean_density over the sampler's calls (all 3D sites)
     seconds: float = 0.0
 
 
@@ -121,6 +124,16 @@ def _load_world(opts: DemoOptions, echo):
     return pipe
 
 
+def record_timesteps(pipe, calls: list):
+    """A forward pre-hook on ``pipe.transformer`` appending each call's timestep to ``calls`` (None: no module)."""
+    from ..runtime.timestep import call_timestep
+
+    module = getattr(pipe, "transformer", None)
+    if not isinstance(module, torch.nn.Module):
+        return None
+    return module.register_forward_pre_hook(lambda m, a, kw: calls.append(call_timestep(m, a, kw)), with_kwargs=True)
+
+
 def _timing(s: Samples) -> dict:
     return {"seconds_per_video": s.seconds_per_video, "first_call_seconds": s.first_batch_seconds}
 
@@ -130,10 +143,13 @@ def _optimize(pipe, opts: DemoOptions, report: DemoReport, echo) -> bool:
     from ..plans.show import format_table, write_heatmaps
 
     calib = prompt_set(opts.calib_prompts, CALIB_OFFSET, world=opts.world).prompts
-    _say(f"calibrating tile masks on {len(calib)} other prompt(s), {opts.calib_steps} step(s) each ...", echo)
-    kw = {"calib_steps": opts.calib_steps, "progress": opts.progress}
+    steps = opts.calib_steps or opts.steps
+    _say(f"calibrating tile masks on {len(calib)} other prompt(s), {steps} step(s) each ...", echo)
+    kw = {"calib_steps": steps, "progress": opts.progress, "step_ranges": opts.step_ranges}
     if opts.error_budget is not None:
         kw["error_budget"] = opts.error_budget
+    if opts.families is not None:
+        kw["families"] = tuple(opts.families)
     t0 = time.perf_counter()
     optimize(pipe, calib_prompts=calib, **kw)
     report.latency["calibration_seconds"] = time.perf_counter() - t0
@@ -250,7 +266,13 @@ def run_demo(opts: DemoOptions, echo: Callable[[str], None] = print) -> DemoRepo
     ps = prompt_set(opts.prompts, world=opts.world)
     _say(f"prompts ({opts.steps} sampling steps each):\n" + "\n".join(f"  [{s}] {p}" for p, s in zip(ps.prompts, ps.seeds)), echo)
 
-    dense = sample(pipe, ps.prompts, ps.seeds, opts.steps, None, 1, opts.progress, desc="dense sampling")
+    calls: list = []  # the sampler's timesteps: a step-aware plan's density is weighted by its calls per range
+    hook = record_timesteps(pipe, calls)
+    try:
+        dense = sample(pipe, ps.prompts, ps.seeds, opts.steps, None, 1, opts.progress, desc="dense sampling")
+    finally:
+        if hook is not None:
+            hook.remove()
     dense_card = card_header(pipe, "dense (reference)", opts.steps, None, len(ps), 1)
     dense_card.update(score_clips(dense.clips, ps, None, clf))
     dense_card.update(_timing(dense))
@@ -268,7 +290,12 @@ def run_demo(opts: DemoOptions, echo: Callable[[str], None] = print) -> DemoRepo
         report.latency["optimised_seconds_per_video"] = opt.seconds_per_video
         report.latency["optimised_first_call_seconds"] = opt.first_batch_seconds
         report.latency["speedup"] = dense.seconds_per_video / opt.seconds_per_video
-        report.latency["tiled_sites"] = len(plan_of_pipe(pipe).tiled_sites())
+        plan = plan_of_pipe(pipe)
+        report.latency["tiled_sites"] = len(plan.tiled_sites())
+        report.plan_density = plan.mean_density(calls)
+        _say(f"plan: mean density over all 3D sites (a dense site counts 1.0"
+             f"{', step ranges weighted by the sampling calls' if plan.step_aware else ''}): "
+             f"{report.plan_density:.3f}", echo)
         report.latency["optimised_attention"] = attention_profile(pipe, ps.prompts[0], ps.seeds[0])
         report.cost_model = _cost_model_lines(pipe)
         from ..capture.install import state_of

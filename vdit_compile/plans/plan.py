@@ -275,6 +275,27 @@ class Plan:
     def tiled_sites(self) -> list[SitePlan]:
         return [s for s in self.sites if s.tiled]
 
+    def mean_density(self, call_timesteps: Sequence | None = None) -> float:
+        """Mean head density over *all* 3D sites (a dense site counts 1.0: issue 17's measure); a step-aware
+        plan's is the mean over ``call_timesteps`` (the sampler's calls) of each call's range (``None``: the
+        first range's masks, i.e. the plan's default)."""
+        sites = [s for s in self.sites if s.kind in TILEABLE_KINDS and s.layout is not None]
+        if not sites:
+            return 1.0
+        per_call = []
+        for t in (call_timesteps or [None]):
+            vals: list[float] = []
+            for s in sites:
+                if not s.tiled:
+                    vals += [1.0] * s.num_heads
+                    continue
+                dens = s.densities
+                if s.step_ranges and t is not None:
+                    dens = s.step_ranges[step_range_index(s.step_ranges, t)].densities
+                vals += list(dens) if len(dens) == s.num_heads else list(dens) * s.num_heads
+            per_call.append(sum(vals) / len(vals))
+        return sum(per_call) / len(per_call)
+
     def masks_for(self, name: str, layout: TokenLayout) -> list[MaskSpec] | None:
         """Masks for site ``name`` at ``layout``; ``None`` when the plan leaves the site dense."""
         sp = self.site(name)
