@@ -289,14 +289,8 @@ def block_mass_fused(q: torch.Tensor, k: torch.Tensor, scale: float, starts: tor
     """The fused one-launch path (module doc); ``None`` settings come from :func:`fused_config`, ``programs``
     (persistent programs) from the device's SM count.  ``tables``: ``(seg, ends)`` int32 on ``q``'s device
     (:func:`segment_tables`), to skip building them per call."""
-    if triton is None:
-        raise RuntimeError("block_mass_fused needs Triton, which is not installed")
-    _check(q, k, starts, lens)
+    q, k = _launch_inputs("block_mass_fused", q, k, starts, lens)
     B, H, L, D = q.shape
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
     dev = q.device
     S = len(lens)
     cfg = fused_config(D, int(lens.min()))
@@ -317,6 +311,14 @@ def block_mass_fused(q: torch.Tensor, k: torch.Tensor, scale: float, starts: tor
     return out
 
 
+def _launch_inputs(what: str, q: torch.Tensor, k: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor):
+    """Checked ``q, k`` with unit stride on the head dimension (the kernels load rows of ``D`` contiguous values)."""
+    if triton is None:
+        raise RuntimeError(f"{what} needs Triton, which is not installed")
+    _check(q, k, starts, lens)
+    return (q if q.stride(-1) == 1 else q.contiguous()), (k if k.stride(-1) == 1 else k.contiguous())
+
+
 def segment_tables(starts: torch.Tensor, lens: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(seg, ends)`` int32 on ``device``: each position's segment, each segment's end (exclusive)."""
     seg = torch.repeat_interleave(torch.arange(len(lens), dtype=torch.int32), lens)
@@ -333,14 +335,8 @@ def block_mass_triton(q: torch.Tensor, k: torch.Tensor, scale: float, starts: to
         return block_mass_fused(q, k, scale, starts, lens, index, **config)
     if kernel != "twopass":
         raise ValueError(f"kernel must be 'fused' or 'twopass', found {kernel!r}")
-    if triton is None:
-        raise RuntimeError("block_mass_triton needs Triton, which is not installed")
-    _check(q, k, starts, lens)
+    q, k = _launch_inputs("block_mass_triton", q, k, starts, lens)
     B, H, L, D = q.shape
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
     dev = q.device
     S = len(lens)
     lse = torch.empty(B * H, L, dtype=torch.float32, device=dev)
