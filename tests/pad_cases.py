@@ -113,7 +113,7 @@ def check_pad_case(case: PadCase, *, device="cpu", dtype=torch.float32, seed=0, 
     visit.clear_cache()
     on_gpu = torch.device(device).type == "cuda"
     tiles = {} if on_gpu or not case.interpreter_tiles else {"tile_config": case.interpreter_tiles}
-    with kernel_options(**{"unit_pad": True, **case.options}, **tiles):
+    with kernel_options(**case.options, **tiles):
         assert unit_stride(case.grid.unit_tokens) == case.stride, "the padding rule chose another stride"
         if on_gpu:  # the real dispatch, autograd included
             qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))

@@ -43,15 +43,14 @@ def test_padding_switch():
     from vdit_compile.kernels.options import KernelOptions, kernel_options
     from vdit_compile.kernels.padding import unit_stride
 
-    assert not KernelOptions().unit_pad  # off until a GPU run confirms it (kernels/options.py)
-    assert unit_stride(120) == 120
-    with kernel_options(unit_pad=True):
-        assert unit_stride(120) == 128
-    with kernel_options(unit_pad=True, unit_pad_max_waste=1.0):
+    assert KernelOptions().unit_pad
+    with kernel_options(unit_pad=False):
+        assert unit_stride(120) == 120
+    with kernel_options(unit_pad_max_waste=1.0):
         assert unit_stride(45) == 64
-    assert unit_stride(120, KernelOptions(unit_pad=True, unit_pad_max_tokens=100)) == 120
-    assert KernelOptions.from_env({"VDIT_UNIT_PAD": "1"}) == KernelOptions(unit_pad=True)
-    assert not KernelOptions.from_env({}).unit_pad
+    assert unit_stride(120, KernelOptions(unit_pad_max_tokens=100)) == 120
+    assert KernelOptions.from_env({"VDIT_UNIT_PAD": "0"}) == KernelOptions(unit_pad=False)
+    assert KernelOptions.from_env({}).unit_pad
     with pytest.raises(ValueError, match="unit_pad_max_waste"):
         KernelOptions(unit_pad_max_waste=-1.0)
 
@@ -182,7 +181,7 @@ def test_padded_op_under_interpreter(group):
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env.pop("VDIT_KERNEL_PATH", None)
-    env["VDIT_UNIT_PAD"] = "1"  # the padded path is opt-in (kernels/options.py)
+    env.pop("VDIT_UNIT_PAD", None)
     if group == "pad_tma":
         env["VDIT_KERNEL_PATH"] = "tma"
     r = subprocess.run([sys.executable, __file__, group], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -232,8 +231,7 @@ def test_padding_changes_nothing_but_speed_on_gpu():
     g = torch.Generator(device="cuda").manual_seed(1)
     q, k, v = (torch.randn(1, H, L, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
     args = case.op_args(128 ** -0.5)
-    with kernel_options(unit_pad=True):
-        padded = torch.ops.vdit.tile_attention(q, k, v, *args)
+    padded = torch.ops.vdit.tile_attention(q, k, v, *args)
     with kernel_options(unit_pad=False):
         plain = torch.ops.vdit.tile_attention(q, k, v, *args)
     torch.testing.assert_close(padded[0].float(), plain[0].float(), rtol=2e-2, atol=2e-2)

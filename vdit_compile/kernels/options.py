@@ -28,9 +28,7 @@ class KernelOptions:
     ``"fwd=128,64,4,3;dkdv=...;dq=..."`` overrides every head dim; ``tile_table``: a JSON table from
     ``benchmarks/attention.py --tune --write-table``.
 
-    ``unit_pad``: let the CUDA path pad every unit to a block multiple (:mod:`.padding`).  Off by default until a
-    GPU run confirms it (its interpreter tests pass; the 2026-12-07 session had no device time left to run
-    ``tools/gpu_call_pad.sh``): ``KernelOptions(unit_pad=True)`` or ``VDIT_UNIT_PAD=1`` turns it on;
+    ``unit_pad``: let the CUDA path pad every unit to a block multiple (:mod:`.padding`; ``False``: never);
     ``unit_pad_max_waste``: the largest share of pad tokens per unit that the rule accepts (``(P_pad - P) / P``);
     ``unit_pad_max_tokens``: units longer than this are never padded (their boundary blocks are few)."""
 
@@ -39,7 +37,7 @@ class KernelOptions:
     mask_gather: bool = False
     tile_config: str | None = None
     tile_table: str | None = None
-    unit_pad: bool = False
+    unit_pad: bool = True
     unit_pad_max_waste: float = 0.125
     unit_pad_max_tokens: int = 1024
 
@@ -58,7 +56,7 @@ class KernelOptions:
             raise ValueError(f"VDIT_KERNEL_PATH={path!r}: expected one of {', '.join(PATHS)}")
         return cls(path=path, tma_ws=env.get("VDIT_TMA_WS", "0") == "1", mask_gather=env.get("VDIT_MASK_GATHER", "0") == "1",
                    tile_config=env.get("VDIT_TILE_CONFIG") or None, tile_table=env.get("VDIT_TILE_TABLE") or None,
-                   unit_pad=env.get("VDIT_UNIT_PAD", "0") == "1")
+                   unit_pad=env.get("VDIT_UNIT_PAD", "1") != "0")
 
 
 _DEFAULT = KernelOptions.from_env()
