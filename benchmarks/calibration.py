@@ -209,9 +209,15 @@ def build_wan(device: torch.device, dtype: torch.dtype, config: dict, seed: int 
 
 
 def wan14b(device: torch.device, prompts: int = 2, steps: int = 4, layers: int = 40, smoke: bool = False,
-           plan_path: str | None = None) -> dict:
-    """The Wan-14B-shaped end-to-end calibration (module doc); ``smoke``: the same flow at tiny sizes."""
+           plan_path: str | None = None, mass_kernel: str | None = None) -> dict:
+    """The Wan-14B-shaped end-to-end calibration (module doc); ``smoke``: the same flow at tiny sizes;
+    ``mass_kernel``: the block-statistics kernel to use instead of the default (set on the calibrator class for this
+    benchmark process only)."""
     import vdit_compile as vc
+    from vdit_compile.calibration.collector import SiteCalibrator
+
+    if mass_kernel:
+        SiteCalibrator.mass_kernel = mass_kernel
 
     spec = SMOKE if smoke else WAN14B
     cfg = dict(spec["model"], num_layers=layers)
@@ -252,7 +258,7 @@ def wan14b(device: torch.device, prompts: int = 2, steps: int = 4, layers: int =
                      for c in (plan.calibration or {}).get("candidates", [])})
     row = {"run": "wan14b-calibration" + ("-smoke" if smoke else ""),
            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-           "layers": layers, "calls": len(inputs), "build_seconds": round(t_built - t_start, 1),
+           "layers": layers, "calls": len(inputs), "mass_kernel": SiteCalibrator.mass_kernel, "build_seconds": round(t_built - t_start, 1),
            "calibration_seconds": round(secs, 1), "total_seconds": round(total, 1),
            "calibration_seconds_per_layer": round(secs / layers, 2),
            "extrapolated_40_layer_minutes": round(secs / layers * 40 / 60, 2),
@@ -278,12 +284,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--smoke", action="store_true", help="--wan14b at tiny sizes (CPU): the flow only")
     ap.add_argument("--plan", default=None, help="--wan14b: write the plan here")
+    ap.add_argument("--mass-kernel", default=None, choices=["fused", "twopass"], help="--wan14b: block-statistics kernel")
     ap.add_argument("--json", default=None, help="append JSON lines here")
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.wan14b:
         rows = [wan14b(device, args.prompts, args.steps, args.layers if not args.smoke or args.layers != 40 else 2,
-                       smoke=args.smoke, plan_path=args.plan)]
+                       smoke=args.smoke, plan_path=args.plan, mass_kernel=args.mass_kernel)]
     else:
         diff = check_device_matches_cpu(device)
         print(f"device vs cpu max abs difference (error estimates, frame mass): {diff:.2e}")
