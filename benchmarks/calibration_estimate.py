@@ -21,6 +21,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", default="0.05,0.1")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--every", action=argparse.BooleanOptionalAction, default=True,
+                    help="verify every candidate (the default), or only the estimate's pre-selection (--no-every)")
     args = ap.parse_args()
 
     import vdit_compile
@@ -71,7 +73,7 @@ def main() -> None:
             dens = ex.candidate_densities()
             res = ex.result(b)
             d_exact += res.densities
-            verify = tw.begin_verify(b, None, None)
+            verify = tw.begin_verify(b, None, None, every=args.every)
             e_real = ex.candidate_errors()
             for h in range(ex.num_heads):  # the verification pass, emulated with the exact statistics
                 ok = [c for c in verify if e_real[h, c] <= b]

@@ -155,11 +155,43 @@ def test_mass_method_estimates_then_verifies_exactly():
     assert ms.observations == 3
     got = ms.candidate_errors()
     exact = ex.candidate_errors()
-    verified = torch.isfinite(got[0])
-    assert verified.sum() < len(ms.candidates) and torch.allclose(got[:, verified], exact[:, verified], atol=1e-9)
+    # every candidate is verified (all rows: the sequence is shorter than verify_rows), so the plan is the exact one
+    torch.testing.assert_close(got, exact, atol=1e-9, rtol=0)
     res = ms.result(budget)
     assert all(e <= budget for e in res.errors)  # the budget holds with the real output error
     assert res.errors == pytest.approx([float(exact[h, ms.candidates.index(m)]) for h, m in enumerate(res.masks)])
+    assert [m.name for m in res.masks] == [m.name for m in ex.result(budget).masks]
+
+    # the pre-selection (every=False): a few candidates per head, exact where verified, never an unverified choice
+    ms.begin_verify(budget, None, None, every=False)
+    for (q, k, v), t in calls:
+        ms.observe(q, k, v, 0.3, timestep=t)
+    got = ms.candidate_errors()
+    verified = torch.isfinite(got[0])
+    assert verified.sum() < len(ms.candidates) and torch.allclose(got[:, verified], exact[:, verified], atol=1e-9)
+    res = ms.result(budget)
+    assert all(e <= budget for e in res.errors)
+    assert all(verified[ms.candidates.index(m)] for m in res.masks)
+
+
+def test_mass_verification_on_sampled_rows_is_close_to_exact():
+    """Longer than ``verify_rows``: the verification scores every candidate on evenly spaced query rows; its
+    relative errors are close to the all-rows exact ones (both sums are unbiased over the rows)."""
+    layout = TokenLayout(4, 6, 6, 5, 0)
+    grid_local = UnitGrid(4, 6, 6, 2, 2)
+    calls = [(_local(layout, grid_local, H=2, seed=s), float(t)) for s, t in ((1, 900), (2, 500), (3, 100))]
+    ex = SiteCalibrator("s", layout, 2, families=ALL, tile_tokens=4, method="exact")
+    ms = SiteCalibrator("s", layout, 2, families=ALL, tile_tokens=4, method="mass", verify_rows=64)
+    for (q, k, v), t in calls:
+        ex.observe(q, k, v, 0.3, timestep=t)
+        ms.observe(q, k, v, 0.3, timestep=t)
+    assert prepare_verification({"s": ms}, CalibrationSettings(error_budget=0.1))
+    for (q, k, v), t in calls:
+        ms.observe(q, k, v, 0.3, timestep=t)
+    got, exact = ms.candidate_errors(), ex.candidate_errors()
+    assert torch.isfinite(got).all()
+    big = exact > 0.02
+    assert ((got[big] - exact[big]).abs() / exact[big]).median() < 0.25
 
 
 def test_frame_minor_site_statistics_equal_the_frame_major_ones():
