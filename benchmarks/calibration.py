@@ -98,6 +98,11 @@ def bench(name: str, method: str, device: torch.device, repeats: int = 3, kernel
     inputs_mib = 3 * q.numel() * q.element_size() / 2**20
     sdpa_ws = None if sdpa_peak is None else inputs_mib + sdpa_peak  # q, k, v + output and SDPA's workspace
     res = cal.result(0.05)
+    verify_ms = verify_peak = None
+    if method == "mass":  # the verification pass's call: every candidate's real error on cal.verify_rows rows
+        cal.begin_verify(0.05, None, None)
+        verify_ms = _timed(observe, device, repeats)
+        verify_peak = _peak_extra(observe, device)
     r2 = lambda x: None if x is None else round(x, 2)
     return {"shape": name, "method": method, "kernel": kernel if method == "mass" else None,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -110,7 +115,10 @@ def bench(name: str, method: str, device: torch.device, repeats: int = 3, kernel
             "observe_extra_peak_mib": None if obs_peak is None else round(obs_peak, 1),
             "sdpa_working_set_mib": None if sdpa_ws is None else round(sdpa_ws, 1),
             "extra_memory_over_sdpa_working_set": None if obs_peak is None else round(obs_peak / sdpa_ws, 3),
-            "cache_mib": r2(cache), "chosen_families": sorted({m.family for m in res.masks})}
+            "cache_mib": r2(cache), "chosen_families": sorted({m.family for m in res.masks}),
+            "verify_ms": r2(verify_ms), "verify_over_sdpa": None if verify_ms is None else round(verify_ms / sdpa_ms, 2),
+            "calibration_call_over_sdpa": None if verify_ms is None else round((observe_ms + verify_ms) / sdpa_ms, 2),
+            "verify_extra_memory_over_sdpa_working_set": None if verify_peak is None else round(verify_peak / sdpa_ws, 3)}
 
 
 #: ``--sweep``: other fused-kernel tile configurations (block_m, block_n, num_warps, num_stages) timed per shape.
