@@ -17,7 +17,7 @@ PYTHONPATH=$PWD:/tmp/site timeout ${SUITE_BOX:-200} python3 -m pytest -v -p no:c
   > $OUT/gpu-suite.log 2>&1; echo "gpu suite rc=$? (124: box ran out)"
 grep -E "^(FAILED|ERROR)|passed|failed" $OUT/gpu-suite.log | tail -8
 echo "== 2. calibration observation, fused vs two-pass ($(( $(date +%s) - start ))s)"
-PYTHONPATH=$PWD timeout 120 python3 benchmarks/calibration.py --methods mass --kernels fused,twopass \
+PYTHONPATH=$PWD timeout ${CALIB_BOX:-120} python3 benchmarks/calibration.py --methods mass --kernels fused,twopass \
   --json $OUT/calib.jsonl > $OUT/calib.log 2>&1; echo "calibration rc=$?"
 python3 - <<'PY'
 import json, os
