@@ -4,6 +4,8 @@
 * :mod:`.window3d` -- 3D windows over token tiles ``win3d-t<rt>h<rh>w<rw>[-g<G>]``;
 * :mod:`.spatial` -- spatial windows across all frames ``spatial-h<rh>w<rw>[-g<G>]``.
 
+Both window families state their rule through :mod:`.box` (the clamped box; a spatial window spans every frame).
+
 :mod:`.units` says what a unit (token tile) is and how tokens are reordered so a unit is contiguous;
 :mod:`vdit_compile.ops.args` encodes per-head specs into the op's arguments and back.
 """

@@ -129,20 +129,6 @@ def masks_density(masks: Sequence[MaskSpec], layout: TokenLayout, grid: UnitGrid
     return float((kept / (L * L)).mean())
 
 
-def clamped_window(q: torch.Tensor, k: torch.Tensor, radius: int, n: int) -> torch.Tensor:
-    """``k`` inside a window of ``2 * radius + 1`` around ``q`` on an axis of ``n`` units, shifted at the
-    borders so the window keeps its size (sliding tile attention's rule); the whole axis if it is shorter."""
-    if 2 * radius + 1 >= n:
-        return (k - q).abs() < n  # always true; an expression, not a new tensor, so FlexAttention's mask_mod compiles
-    centre = q.clamp(radius, n - 1 - radius)
-    return (k - centre).abs() <= radius
-
-
-def global_frames_keep(q: torch.Tensor, k: torch.Tensor, g: int) -> torch.Tensor:
-    """Full rows and columns for the first ``g`` frames (reference frames)."""
-    return (q[..., 0] < g) | (k[..., 0] < g)
-
-
 def check_int(value, name: str, lo: int = 0) -> int:
     """A family parameter: an integer (TypeError naming the type found otherwise) of at least ``lo`` (ValueError)."""
     if isinstance(value, bool) or not isinstance(value, int):

@@ -11,7 +11,8 @@ from typing import ClassVar
 
 import torch
 
-from .base import MaskSpec, check_int, clamped_window, global_frames_keep, register_family
+from .base import MaskSpec, check_int, register_family
+from .box import box_keep
 from .units import UnitGrid
 
 
@@ -40,6 +41,4 @@ class SpatialWindow(MaskSpec):
         return cls(int(m.group(1)), int(m.group(2)), int(m.group(3) or 0))
 
     def keep(self, q: torch.Tensor, k: torch.Tensor, grid: UnitGrid) -> torch.Tensor:
-        _, nh, nw = grid.shape
-        near = clamped_window(q[..., 1], k[..., 1], self.h, nh) & clamped_window(q[..., 2], k[..., 2], self.w, nw)
-        return near | global_frames_keep(q, k, self.g) if self.g else near
+        return box_keep(q, k, grid, grid.num_frames, self.h, self.w, self.g)  # a 3D window spanning every frame

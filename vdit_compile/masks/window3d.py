@@ -13,7 +13,8 @@ from typing import ClassVar
 
 import torch
 
-from .base import MaskSpec, check_int, clamped_window, global_frames_keep, register_family
+from .base import MaskSpec, check_int, register_family
+from .box import box_keep
 from .units import UnitGrid
 
 
@@ -43,7 +44,4 @@ class Window3D(MaskSpec):
         return cls(int(m.group(1)), int(m.group(2)), int(m.group(3)), int(m.group(4) or 0))
 
     def keep(self, q: torch.Tensor, k: torch.Tensor, grid: UnitGrid) -> torch.Tensor:
-        nt, nh, nw = grid.shape
-        box = (clamped_window(q[..., 0], k[..., 0], self.t, nt) & clamped_window(q[..., 1], k[..., 1], self.h, nh)
-               & clamped_window(q[..., 2], k[..., 2], self.w, nw))
-        return box | global_frames_keep(q, k, self.g) if self.g else box
+        return box_keep(q, k, grid, self.t, self.h, self.w, self.g)
