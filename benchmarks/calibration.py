@@ -279,6 +279,16 @@ def wan14b(device: torch.device, prompts: int = 2, steps: int = 4, layers: int =
     return row
 
 
+def write_rows(rows: list[dict], path: str | None) -> None:
+    """Every row as a JSON line on stdout, and appended to ``path`` if given (``--json``): the output of this
+    benchmark and of ``calibration_estimate.py``, so their result files read alike."""
+    for r in rows:
+        print(json.dumps(r))
+    if path:
+        with open(path, "a") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=",".join(SHAPES))
@@ -311,11 +321,7 @@ def main() -> None:
                     print(json.dumps(rows[-1]), flush=True)
         for s in (args.sweep.split(",") if args.sweep else []):
             rows += sweep(s, device)
-    for r in rows:
-        print(json.dumps(r))
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
+    write_rows(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,14 @@ chosen candidate and its denser fallbacks (what calibration on GPU does), with t
 from __future__ import annotations
 
 import argparse
-import json
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.calibration import ALL, write_rows  # noqa: E402
 
 
 def main() -> None:
@@ -51,7 +56,7 @@ def main() -> None:
 
     SiteCalibrator.observe = observe  # put back below
     try:
-        vdit_compile.optimize(pipe, calib_inputs=inputs, progress=False, families=("tile", "win3d", "spatial"))
+        vdit_compile.optimize(pipe, calib_inputs=inputs, progress=False, families=ALL)
     finally:
         SiteCalibrator.observe = original
         vdit_compile.restore(pipe)
@@ -84,11 +89,7 @@ def main() -> None:
         rows.append({"what": "plan", "budget": b, "exact_mean_density_tiled_sites": round(sum(d_exact) / len(d_exact), 4),
                      "mass_verified_mean_density": round(sum(d_ver) / len(d_ver), 4),
                      "mass_verified_worst_real_error": round(worst_ver, 4)})
-    for r in rows:
-        print(json.dumps(r))
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
+    write_rows(rows, args.json)
 
 
 if __name__ == "__main__":
