@@ -24,14 +24,21 @@ def _call_order(tr, sites):
     return [x for i in range(len(tr.blocks)) for x in (tiled[f"blocks.{i}.attn1"], cross)]
 
 
-def test_lora_changes_on_optimized_pipeline_keep_the_rewrite():
+def _tiny_lora_pipe(timestep: int):
+    """The tiny embedded pipeline, LoRA-ready (``lora_pipeline``), and one transformer call's inputs at ``timestep``
+    (seeded: both tests draw the same latents and text)."""
     from vdit_compile.models.embedded import load_pipeline
 
     pipe = lora_pipeline(load_pipeline(weights=None, tiny=True))
     tr = pipe.transformer
     torch.manual_seed(0)
-    kw = dict(hidden_states=torch.randn(1, 3, 4, 16, 16), timestep=torch.tensor([700]),
+    kw = dict(hidden_states=torch.randn(1, 3, 4, 16, 16), timestep=torch.tensor([timestep]),
               encoder_hidden_states=torch.randn(1, 8, tr.config.text_dim), return_dict=False)
+    return pipe, tr, kw
+
+
+def test_lora_changes_on_optimized_pipeline_keep_the_rewrite():
+    pipe, tr, kw = _tiny_lora_pipe(700)
     mask = TileMask(0, 0)  # each frame attends to itself only: far from dense at 4 frames
     vc.optimize(pipe, plan=mask, progress=False)
     plan = vc.plan_of(pipe)
@@ -82,13 +89,7 @@ def test_lora_changes_on_optimized_pipeline_keep_the_rewrite():
 
 
 def test_lora_loaded_before_optimize_is_kept():
-    from vdit_compile.models.embedded import load_pipeline
-
-    pipe = lora_pipeline(load_pipeline(weights=None, tiny=True))
-    tr = pipe.transformer
-    torch.manual_seed(0)
-    kw = dict(hidden_states=torch.randn(1, 3, 4, 16, 16), timestep=torch.tensor([300]),
-              encoder_hidden_states=torch.randn(1, 8, tr.config.text_dim), return_dict=False)
+    pipe, tr, kw = _tiny_lora_pipe(300)
     pipe.load_lora_weights(random_lora(tr, seed=4), adapter_name="a")
     vc.optimize(pipe, plan=TileMask(0, 0), calib_inputs=[kw], progress=False)
     with torch.no_grad():
