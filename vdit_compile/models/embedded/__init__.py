@@ -19,6 +19,7 @@ from .transformer import (
     TINY_TEXT_ENCODER_CONFIG,
     TINY_TRANSFORMER_CONFIG,
     TRANSFORMER_CONFIG,
+    build_seeded,
     build_text_encoder,
     build_transformer,
 )
@@ -41,14 +42,9 @@ def load_pipeline(device="cpu", weights="default", dtype: torch.dtype = torch.fl
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     if weights is None:
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
-            tokenizer = CaptionTokenizer()
-            transformer = build_transformer(TINY_TRANSFORMER_CONFIG if tiny else TRANSFORMER_CONFIG)
-            text_encoder = build_text_encoder(tokenizer, TINY_TEXT_ENCODER_CONFIG if tiny else TEXT_ENCODER_CONFIG)
-        finally:
-            torch.random.set_rng_state(gen_state)
+        tokenizer = CaptionTokenizer()
+        transformer, text_encoder = build_seeded(tokenizer, TINY_TRANSFORMER_CONFIG if tiny else TRANSFORMER_CONFIG,
+                                                 TINY_TEXT_ENCODER_CONFIG if tiny else TEXT_ENCODER_CONFIG, seed)
         scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
         transformer.to(device).eval()
         if dtype != torch.float32:

@@ -25,11 +25,12 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ..procedural import SHAPES, check_seed, draw_seeds, shape_layer, to_device
+
 NUM_FRAMES = 16
 HEIGHT = 32
 WIDTH = 32
 
-SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 # Bright, mutually distant colours; backgrounds are dark so every object stands out.
 COLOURS = {
     "red": (0.95, 0.12, 0.12),
@@ -123,9 +124,7 @@ def _sample_object(rng: random.Random, avoid: dict | None = None) -> dict:
 def sample_attributes(seed: int, second_object_prob: float = SECOND_OBJECT_PROB) -> dict:
     """Attributes of the clip with this seed: the first object's keys at top level, plus background,
     texture and ``second`` (the second object's dict, or None)."""
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    rng = random.Random(seed)
+    rng = random.Random(check_seed(seed))
     attrs = _sample_object(rng)
     attrs["background"] = rng.choice(BACKGROUND_NAMES)
     attrs["texture"] = rng.choice(TEXTURES)
@@ -252,24 +251,6 @@ def _texture_field(name: str, H: int, W: int, device) -> torch.Tensor:
     return 0.7 + 0.6 * f  # multiplies the background colour: 0.7x / 1.3x shades
 
 
-def _shape_sdf(shape_id: torch.Tensor, px: torch.Tensor, py: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Approximate signed distance (pixels, negative inside) of each shape; shape_id selects per element."""
-    ax, ay = px.abs(), py.abs()
-    circle = torch.sqrt(px * px + py * py) - r
-    square = torch.maximum(ax, ay) - 0.85 * r
-    diamond = (ax + ay) / math.sqrt(2.0) - 0.85 * r
-    tri = None
-    for k in range(3):  # equilateral, apex up (image y grows downwards)
-        a = math.pi / 2 + k * 2 * math.pi / 3
-        d = px * math.cos(a) + py * math.sin(a)
-        tri = d if tri is None else torch.maximum(tri, d)
-    tri = tri - 0.6 * r
-    arm = 0.33 * r
-    cross = torch.minimum(torch.maximum(ax - r, ay - arm), torch.maximum(ax - arm, ay - r))
-    stack = torch.stack([circle, square, tri, diamond, cross])  # order of SHAPES
-    return torch.gather(stack, 0, shape_id.expand_as(circle).unsqueeze(0).long()).squeeze(0)
-
-
 @torch.no_grad()
 def render(attrs_list: Sequence[dict], device="cpu", num_frames: int = NUM_FRAMES, height: int = HEIGHT,
            width: int = WIDTH) -> torch.Tensor:
@@ -278,8 +259,7 @@ def render(attrs_list: Sequence[dict], device="cpu", num_frames: int = NUM_FRAME
     if B == 0:
         raise ValueError("render needs at least one attributes dict, got an empty list")
     device = torch.device(device)
-    # All per-clip numbers go to the device in ONE pinned, non-blocking copy: a pageable copy per tensor would
-    # make the host wait for the GPU's queued work (the training step) every batch.
+    # All per-clip numbers go to the device in ONE copy (to_device: pinned, non-blocking on CUDA).
     n_layers = 2 if any(a.get("second") is not None for a in attrs_list) else 1
     empty = [(0.0, 0.0, 0.0, 0.0)] * T
     rows = []
@@ -291,11 +271,7 @@ def render(attrs_list: Sequence[dict], device="cpu", num_frames: int = NUM_FRAME
             row += [float(SHAPES.index(o["shape"])) if o else 0.0] + list(COLOURS[o["colour"]] if o else (0, 0, 0))
             row += [v for frame in traj for v in frame]
         rows.append(row)
-    packed = torch.tensor(rows, dtype=torch.float32)
-    if device.type == "cuda":
-        packed = packed.pin_memory().to(device, non_blocking=True)
-    else:
-        packed = packed.to(device)
+    packed = to_device(torch.tensor(rows, dtype=torch.float32), device)
     bg, tex_id = packed[:, :3], packed[:, 3].long()
     tex = torch.stack([_texture_field(name, H, W, device) for name in TEXTURES])
     video = (bg[:, None, :, None, None] * tex[tex_id][:, None, None]).expand(B, T, 3, H, W).clone()
@@ -307,14 +283,7 @@ def render(attrs_list: Sequence[dict], device="cpu", num_frames: int = NUM_FRAME
     for layer in range(n_layers):
         block = packed[:, 4 + layer * per_layer: 4 + (layer + 1) * per_layer]
         shape_id, col = block[:, 0].long(), block[:, 1:4]
-        p = block[:, 4:].reshape(B, T, 4)
-        cx, cy, r, ang = (p[..., i][..., None, None] for i in range(4))
-        dx, dy = xx - cx, yy - cy  # (B, T, H, W)
-        c, s = torch.cos(ang), torch.sin(ang)
-        px, py = c * dx + s * dy, -s * dx + c * dy
-        sid = shape_id[:, None, None, None].expand_as(px)
-        sdf = _shape_sdf(sid, px, py, r)
-        alpha = (0.5 - sdf).clamp(0.0, 1.0) * (r > 0)  # one-pixel anti-aliased edge
+        *_, alpha = shape_layer(shape_id, block[:, 4:].reshape(B, T, 4), xx, yy)
         col = col[:, None, :, None, None]
         video = video * (1 - alpha[:, :, None]) + col * alpha[:, :, None]
     return video.clamp_(0.0, 1.0)
@@ -333,13 +302,5 @@ def sample_batch(seeds: Iterable[int] | None = None, batch: int | None = None,
 
     Give ``seeds`` (one clip per seed, same clips as ``sample_clip``), or ``batch`` and a ``generator``
     (torch.Generator or random.Random) from which the per-clip seeds are drawn."""
-    if seeds is None:
-        if batch is None or generator is None:
-            raise ValueError("sample_batch needs seeds=..., or batch=... together with generator=...")
-        if isinstance(generator, torch.Generator):
-            seeds = torch.randint(0, 2**62, (batch,), generator=generator).tolist()
-        else:
-            seeds = [generator.randrange(2**62) for _ in range(batch)]
-    seeds = [int(s) for s in seeds]
-    attrs = [sample_attributes(s, second_object_prob) for s in seeds]
+    attrs = [sample_attributes(s, second_object_prob) for s in draw_seeds(seeds, batch, generator)]
     return render(attrs, device), [caption_of(a) for a in attrs], attrs

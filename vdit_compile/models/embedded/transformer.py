@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from diffusers import WanTransformer3DModel
 
 from .text_encoder import EmbeddedTextEncoder
@@ -55,6 +56,18 @@ def build_transformer(config: dict | None = None) -> WanTransformer3DModel:
 def build_text_encoder(tokenizer: CaptionTokenizer, config: dict | None = None) -> EmbeddedTextEncoder:
     cfg = dict(TEXT_ENCODER_CONFIG if config is None else config)
     return EmbeddedTextEncoder(vocab_size=tokenizer.vocab_size, max_length=tokenizer.max_length, **cfg)
+
+
+def build_seeded(tokenizer: CaptionTokenizer, transformer_config: dict, text_encoder_config: dict,
+                 seed: int) -> tuple[WanTransformer3DModel, EmbeddedTextEncoder]:
+    """A random transformer and text encoder drawn from ``seed`` (every world's ``load_pipeline(weights=None)``),
+    leaving torch's global RNG as it was: building a model must not shift the random numbers of what follows."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return build_transformer(transformer_config), build_text_encoder(tokenizer, text_encoder_config)
+    finally:
+        torch.random.set_rng_state(state)
 
 
 def num_parameters(module) -> int:

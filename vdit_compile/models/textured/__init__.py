@@ -19,7 +19,7 @@ from ..embedded.pipeline import DEFAULT_GUIDANCE_SCALE, EmbeddedPipeline, save_g
 from ..embedded.tokenizer import CaptionTokenizer
 from ..embedded.transformer import SCHEDULER_CONFIG as _BASE_SCHEDULER
 from ..embedded.transformer import TRANSFORMER_CONFIG as _BASE_TRANSFORMER
-from ..embedded.transformer import build_text_encoder, build_transformer
+from ..embedded.transformer import build_seeded
 from . import data
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -77,14 +77,9 @@ def load_pipeline(device="cpu", weights="default", dtype: torch.dtype = torch.fl
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     if weights is None:
-        state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
-            tokenizer = make_tokenizer()
-            transformer = build_transformer(TINY_TRANSFORMER_CONFIG if tiny else TRANSFORMER_CONFIG)
-            text_encoder = build_text_encoder(tokenizer, TINY_TEXT_ENCODER_CONFIG if tiny else TEXT_ENCODER_CONFIG)
-        finally:
-            torch.random.set_rng_state(state)
+        tokenizer = make_tokenizer()
+        transformer, text_encoder = build_seeded(tokenizer, TINY_TRANSFORMER_CONFIG if tiny else TRANSFORMER_CONFIG,
+                                                 TINY_TEXT_ENCODER_CONFIG if tiny else TEXT_ENCODER_CONFIG, seed)
         pipe = TexturedPipeline(transformer.to(device).eval(), text_encoder.to(device).eval(), tokenizer,
                                 FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG))
         if dtype != torch.float32:

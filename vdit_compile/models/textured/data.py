@@ -26,7 +26,8 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..embedded.data import BACKGROUNDS, COLOURS, SHAPES, _shape_sdf
+from ..embedded.data import BACKGROUNDS, COLOURS
+from ..procedural import SHAPES, check_seed, draw_seeds, shape_layer, to_device
 
 NUM_FRAMES = 16
 HEIGHT = 64
@@ -96,9 +97,7 @@ def _sample_object(rng: random.Random, avoid: dict | None = None) -> dict:
 def sample_attributes(seed: int, second_object_prob: float = SECOND_OBJECT_PROB) -> dict:
     """Attributes of the clip with this seed: the primary object's keys at top level, plus background,
     background_texture, pan, bg_seed and ``second`` (the second object's dict, or None)."""
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    rng = random.Random(seed)
+    rng = random.Random(check_seed(seed))
     attrs = _sample_object(rng)
     attrs["background"] = rng.choice(BACKGROUND_NAMES)
     attrs["background_texture"] = rng.choice(BACKGROUND_TEXTURES)
@@ -290,18 +289,15 @@ def render(attrs_list: Sequence[dict], device="cpu", num_frames: int = NUM_FRAME
         obj_grids.append(torch.stack(per_obj))
         rows.append(row)
 
-    def send(x: torch.Tensor) -> torch.Tensor:
-        return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
-
-    packed = send(torch.tensor(rows, dtype=torch.float32))
-    kind = send(torch.tensor(bg_kind))
-    obj_noise = send(torch.stack(obj_grids))  # (B, n_layers, n, n)
+    packed = to_device(torch.tensor(rows, dtype=torch.float32), device)
+    kind = to_device(torch.tensor(bg_kind), device)
+    obj_noise = to_device(torch.stack(obj_grids), device)  # (B, n_layers, n, n)
 
     # -- background: a noise field over the padded square, sampled at the drifting window
     S = H + 2 * math.ceil(PAD * s)
     field = None
     for k, (name, octaves) in enumerate(_BG_OCTAVES.items()):
-        grids = [send(torch.stack([clip[i] for clip in bg_grids[name]])) for i in range(len(octaves))]
+        grids = [to_device(torch.stack([clip[i] for clip in bg_grids[name]]), device) for i in range(len(octaves))]
         f = _noise_field(grids, [w for _, w in octaves], S)
         field = f if field is None else torch.where((kind == k)[:, None, None], f, field)
     bg_col = packed[:, 0:3]
@@ -324,13 +320,7 @@ def render(attrs_list: Sequence[dict], device="cpu", num_frames: int = NUM_FRAME
         block = packed[:, 5 + layer * per_layer: 5 + (layer + 1) * per_layer]
         shape_id, col, tex_id = block[:, 0].long(), block[:, 1:4], block[:, 4].long()
         tex_ang, tex_phase, r_base = block[:, 5], block[:, 6], block[:, 7]
-        p = block[:, 8:].reshape(B, T, 4)
-        cx, cy, r, ang = (p[..., i][..., None, None] for i in range(4))
-        dx, dy = xx - cx, yy - cy  # (B, T, H, W)
-        c, sn = torch.cos(ang), torch.sin(ang)
-        px, py = c * dx + sn * dy, -sn * dx + c * dy
-        sdf = _shape_sdf(shape_id[:, None, None, None].expand_as(px), px, py, r)
-        alpha = (0.5 - sdf).clamp(0.0, 1.0) * (r > 0)
+        px, py, r, alpha = shape_layer(shape_id, block[:, 8:].reshape(B, T, 4), xx, yy)
         # object-frame coordinates in units of the base radius (texture scales with grow / shrink)
         u, v = px / r.clamp_min(1e-3), py / r.clamp_min(1e-3)
         ta = tex_ang[:, None, None, None]
@@ -362,15 +352,7 @@ def sample_batch(seeds: Iterable[int] | None = None, batch: int | None = None,
                  generator: torch.Generator | random.Random | None = None, device="cpu",
                  second_object_prob: float = SECOND_OBJECT_PROB):
     """A batch of clips: (videos (B, T, 3, H, W), captions, attributes); ``seeds`` or ``batch`` + ``generator``."""
-    if seeds is None:
-        if batch is None or generator is None:
-            raise ValueError("sample_batch needs seeds=..., or batch=... together with generator=...")
-        if isinstance(generator, torch.Generator):
-            seeds = torch.randint(0, 2**62, (batch,), generator=generator).tolist()
-        else:
-            seeds = [generator.randrange(2**62) for _ in range(batch)]
-    seeds = [int(s) for s in seeds]
-    attrs = [sample_attributes(s, second_object_prob) for s in seeds]
+    attrs = [sample_attributes(s, second_object_prob) for s in draw_seeds(seeds, batch, generator)]
     return render(attrs, device), [caption_of(a) for a in attrs], attrs
 
 
