@@ -66,7 +66,8 @@ def _time(fns: dict, reps: int) -> dict:
     return out
 
 
-def run_case(shape: str, dtype: torch.dtype, density: float, passes: str, reps: int, batch: int) -> dict:
+def row_inputs(shape: str, dtype: torch.dtype, density: float, batch: int = 1):
+    """A row's ``(layout, kept frames, frame mask, q, k, v, dout, scale)``: seeded inputs, a band of the density."""
     T, P, pre, H, D = SHAPES[shape]
     layout = TokenLayout(T, P, 1, pre, 0)
     kept = kept_frames_for(layout, density)
@@ -74,7 +75,21 @@ def run_case(shape: str, dtype: torch.dtype, density: float, passes: str, reps: 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch, H, layout.seq_len, D, generator=g).to(dtype) for _ in range(3))
     dout = torch.randn(q.shape, generator=g).to(dtype)
-    scale = D ** -0.5
+    return layout, kept, fm, q, k, v, dout, D ** -0.5
+
+
+def add_row_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options naming the rows and the output (also benchmarks/cpu_bookkeeping.py's)."""
+    ap.add_argument("--out", type=Path, required=True, help="JSONL file (appended to)")
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--densities", nargs="+", type=float, default=[0.25, 0.5])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+
+
+def run_case(shape: str, dtype: torch.dtype, density: float, passes: str, reps: int, batch: int) -> dict:
+    T, P, pre, H, D = SHAPES[shape]
+    layout, kept, fm, q, k, v, dout, scale = row_inputs(shape, dtype, density, batch)
     if passes == "fwd":
         def dense():
             with torch.no_grad():
@@ -108,11 +123,7 @@ def run_case(shape: str, dtype: torch.dtype, density: float, passes: str, reps: 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True, help="JSONL file (appended to)")
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--densities", nargs="+", type=float, default=[0.25, 0.5])
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    ap.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    add_row_arguments(ap)
     ap.add_argument("--reps", type=int, default=5, help="timed runs of each side (>= 3)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")

@@ -295,3 +295,78 @@ def test_every_mask_family_through_the_op(dtype):
         got = torch.autograd.grad((out * dout.to(dtype)).sum() + (lse * dlse.float()).sum(), (qc, kc, vc_))
         for a, b, name in zip(got, ref, "qkv"):
             assert _rel(a, b) < 2 * TOL[dtype], (names, name)
+
+
+def test_bookkeeping_runs_on_one_thread_of_the_caller_only(monkeypatch):
+    """The op's copies run on one thread of the calling thread (OpenMP and MKL counts), and nothing else changes:
+    during them a thread that starts torch work sees the process's thread count (torch.set_num_threads would give
+    it one thread, for good), the kernels get the caller's threads, and the caller gets its counts back, also when
+    a kernel fails."""
+    from vdit_compile.ops import cpu_fast, threads
+
+    if threads._omp() is None:
+        pytest.skip("torch's OpenMP runtime cannot be reached here: the bookkeeping keeps the caller's threads")
+    import threading
+
+    seen = {"bookkeeping": [], "fresh": [], "kernel": [], "mkl_bookkeeping": [], "mkl_kernel": []}
+    mkl_threads = threads._symbol("MKL_Get_Max_Threads") if threads._mkl() is not None else lambda: None
+
+    def fresh_thread_count():
+        t = threading.Thread(target=lambda: seen["fresh"].append(torch.get_num_threads()))
+        t.start()
+        t.join()
+
+    text_rows, flash = cpu_fast._text_rows, cpu_fast._FLASH
+
+    def observed_text_rows(layout):  # called inside the op, outside the kernels
+        seen["bookkeeping"].append(torch.get_num_threads())
+        seen["mkl_bookkeeping"].append(mkl_threads())
+        fresh_thread_count()
+        return text_rows(layout)
+
+    def observed_flash(*args, **kw):
+        seen["kernel"].append(torch.get_num_threads())
+        seen["mkl_kernel"].append(mkl_threads())
+        return flash(*args, **kw)
+
+    monkeypatch.setattr(cpu_fast, "_text_rows", observed_text_rows)
+    monkeypatch.setattr(cpu_fast, "_FLASH", observed_flash)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        lay, (q, k, v) = _inputs(5, 4, 2, 1, 3, B=1)
+        fm = _masks(["g1w0", "g0w1", "dense"], 5)
+        out, _ = fast_attention(q.float(), k.float(), v.float(), lay, fm, 0.3)
+        assert _rel(out, reference_tile_attention(q, k, v, lay, fm, 0.3)[0]) < TOL[torch.float32]
+        assert seen["bookkeeping"] == [1] and seen["fresh"] == [2] and set(seen["kernel"]) == {2}
+        assert torch.get_num_threads() == 2
+        if threads._mkl() is not None:  # MKL's own count of this thread (its vector math threads itself) likewise
+            assert seen["mkl_bookkeeping"] == [1] and set(seen["mkl_kernel"]) == {2} and mkl_threads() == 2
+
+        def failing(*args, **kw):
+            raise RuntimeError("kernel failed")
+
+        monkeypatch.setattr(cpu_fast, "_FLASH", failing)
+        with pytest.raises(RuntimeError, match="kernel failed"):
+            fast_attention(q.float(), k.float(), v.float(), lay, fm, 0.3)
+        assert torch.get_num_threads() == 2 and mkl_threads() in (2, None)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_without_an_openmp_runtime_the_bookkeeping_keeps_the_callers_threads(monkeypatch):
+    from vdit_compile.ops import threads
+
+    monkeypatch.setattr(threads, "_omp", lambda: None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(9)
+        lay = TokenLayout(6, 3, 1, 2, 2)
+        fm = _random_masks(5, 6, g, empty_rows=True)
+        q, k, v, dout = (torch.randn(1, 5, lay.seq_len, 8, generator=g, dtype=torch.float64) for _ in range(4))
+        _fast_vs_reference(lay, fm, q, k, v, dout, torch.randn(q.shape[:3], generator=g, dtype=torch.float64),
+                           torch.float32)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -44,13 +44,13 @@ The reference stays the oracle (tests) and the float64 path.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 from ..layout import TokenLayout
+from .threads import serial_bookkeeping
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -258,39 +258,6 @@ def _check(q, k, v, layout: TokenLayout) -> None:
     layout.check_seq_len(q.shape[2])
 
 
-@contextmanager
-def _serial_bookkeeping():
-    """Run everything but the fused kernels on one thread; yields ``par(fn, *args, **kw)``, which runs one
-    kernel call with the caller's thread count (``par.threads``).
-
-    The copies, additions and gathers around the kernels are small memory-bound operations: a second
-    thread gains little on them, and every parallel region waits for its slowest thread, which on a
-    shared (oversubscribed) CPU is often descheduled: 8 strided additions of 2 MB took 156 ms on 2
-    threads and 2.7 ms on one under load 7 on 2 cores (the kernels themselves keep every thread).
-    The thread count is process-wide state: it is restored on exit, also on error.
-    """
-    n = torch.get_num_threads()
-
-    def par(fn, *args, **kw):
-        if n == 1:
-            return fn(*args, **kw)
-        torch.set_num_threads(n)
-        try:
-            return fn(*args, **kw)
-        finally:
-            torch.set_num_threads(1)
-
-    par.threads = n
-    if n == 1:
-        yield par
-        return
-    torch.set_num_threads(1)
-    try:
-        yield par
-    finally:
-        torch.set_num_threads(n)
-
-
 def _unit_stride(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The kernel reads any strides but a contiguous head dim; copy only tensors without one."""
     return tuple(x if x.stride(-1) == 1 else x.contiguous() for x in xs)
@@ -304,7 +271,7 @@ def fast_attention(
     Returns ``out`` ``(B, H, L, Dv)`` in ``q.dtype`` and ``lse`` ``(B, H, L)`` float32.
     """
     _check(q, k, v, layout)
-    with _serial_bookkeeping() as par:
+    with serial_bookkeeping() as par:
         return _forward(q, k, v, layout, frame_mask, scale, par)
 
 
@@ -366,7 +333,7 @@ def fast_attention_backward(
     (module doc); gradients are summed in float32 and cast to the input dtype at the end.
     """
     _check(q, k, v, layout)
-    with _serial_bookkeeping() as par:
+    with serial_bookkeeping() as par:
         return _backward(dout, dlse, q, k, v, out, lse, layout, frame_mask, scale, par)
 
 
