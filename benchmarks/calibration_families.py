@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="append one JSON line per (mode, budget)")
     ap.add_argument("--curve", default=None, help="write the PSNR-vs-density picture here (PNG)")
     ap.add_argument("--markdown", default=None, help="write the table (with command, machine, date) here")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated MODE@BUDGET pairs not to run (measured by an earlier, interrupted run)")
     ap.add_argument("--replot", default=None,
                     help="run nothing: draw --curve and write --markdown from the rows of this JSON lines file "
                          "(runs split over several processes)")
@@ -100,6 +102,8 @@ def main() -> None:
             stats[families] = collect(pipe, inputs, families, args.tile_tokens)
         cals, sites, secs = stats[families]
         for b in (float(x) for x in args.budgets.split(",")):
+            if f"{mode}@{b:g}" in args.skip.split(","):
+                continue
             settings = CalibrationSettings(error_budget=b, num_prompts=len(calib), num_inference_steps=args.calib_steps,
                                            families=list(families), step_ranges=ranges, tile_tokens=args.tile_tokens,
                                            selection=selection)
@@ -152,7 +156,8 @@ def write_markdown(rows: list[dict], path: str, calib_prompts: int, calib_steps:
              "| heads by family (all ranges) |", "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["budget"], r["mode"])):
         fams = ", ".join(f"{k} {v}" for k, v in sorted(r["head_masks_by_family"].items()))
-        lines.append(f"| {r['budget']:g} | {r['mode']} | {r['mean_density']:.3f} | {r['psnr_db']:.2f} | "
+        se = f" +- {r['psnr_se_db']:.2f}" if r.get("psnr_se_db") is not None else ""
+        lines.append(f"| {r['budget']:g} | {r['mode']} | {r['mean_density']:.3f} | {r['psnr_db']:.2f}{se} | "
                      f"{r['tiled_sites']} of {r['sites']} | {r['step_ranges'][0]} | {fams} |")
     with open(path, "w") as fh:
         fh.write(head + "\n".join(lines) + "\n")
