@@ -20,19 +20,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 
 import torch
 
-MODES = {"tile": (("tile",), 1), "all": (("tile", "win3d", "spatial"), 1)}
+ALL = ("tile", "win3d", "spatial")
+#: mode -> (families, selection rule): ``capped`` = all families under the ``tile-capped`` selection
+#: (``vdit_compile.calibration.allocation``: no site errs more than frame tiles alone would at the budget)
+MODES = {"tile": (("tile",), "head"), "all": (ALL, "head"), "capped": (ALL, "tile-capped")}
 
 
-def parse_mode(name: str) -> tuple[tuple[str, ...], int]:
-    """``tile`` | ``all`` | ``<tile|all>+steps<K>``: the families and the step-range count of a mode."""
+def parse_mode(name: str) -> tuple[tuple[str, ...], int, str]:
+    """``tile`` | ``all`` | ``capped`` | ``<mode>+steps<K>``: the families, the step-range count and the selection
+    rule of a mode."""
     base, _, steps = name.partition("+steps")
     if base not in MODES:
-        raise ValueError(f"unknown mode {name!r}: expected tile, all, or <tile|all>+steps<K>")
-    return MODES[base][0], int(steps) if steps else 1
+        raise ValueError(f"unknown mode {name!r}: expected tile, all, capped, or <tile|all|capped>+steps<K>")
+    return MODES[base][0], int(steps) if steps else 1, MODES[base][1]
 
 
 def plan_density(plan, call_timesteps: list) -> float:
@@ -43,8 +48,9 @@ def plan_density(plan, call_timesteps: list) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", default="0.05,0.1")
-    ap.add_argument("--modes", default="tile,all,all+steps3")
-    ap.add_argument("--prompts", type=int, default=2, help="scored prompts (the demo's: 2)")
+    ap.add_argument("--modes", default="tile,all,capped,all+steps3,capped+steps3")
+    ap.add_argument("--prompts", type=int, default=8,
+                    help="scored prompts (default 8; the demo scores 2, whose mean PSNR moves by 2-4 dB between prompts)")
     ap.add_argument("--steps", type=int, default=10, help="sampling steps (the demo's: 10)")
     ap.add_argument("--calib-prompts", type=int, default=1, help="calibration prompts (the demo's: 1)")
     ap.add_argument("--calib-steps", type=int, default=None,
@@ -53,6 +59,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="append one JSON line per (mode, budget)")
     ap.add_argument("--curve", default=None, help="write the PSNR-vs-density picture here (PNG)")
     ap.add_argument("--markdown", default=None, help="write the table (with command, machine, date) here")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated MODE@BUDGET pairs not to run (measured by an earlier, interrupted run)")
     ap.add_argument("--replot", default=None,
                     help="run nothing: draw --curve and write --markdown from the rows of this JSON lines file "
                          "(runs split over several processes)")
@@ -89,13 +97,16 @@ def main() -> None:
     rows = []
     modes = [(m, *parse_mode(m)) for m in args.modes.split(",")]
     stats: dict = {}  # families -> (calibrators, sites, seconds): statistics do not depend on budget or ranges
-    for mode, families, ranges in modes:
+    for mode, families, ranges, selection in modes:
         if families not in stats:
             stats[families] = collect(pipe, inputs, families, args.tile_tokens)
         cals, sites, secs = stats[families]
         for b in (float(x) for x in args.budgets.split(",")):
+            if f"{mode}@{b:g}" in args.skip.split(","):
+                continue
             settings = CalibrationSettings(error_budget=b, num_prompts=len(calib), num_inference_steps=args.calib_steps,
-                                           families=list(families), step_ranges=ranges, tile_tokens=args.tile_tokens)
+                                           families=list(families), step_ranges=ranges, tile_tokens=args.tile_tokens,
+                                           selection=selection)
             plan = build_plan(pipe.transformer, cals, settings, sites)
             vdit_compile.optimize(pipe, plan=plan, progress=False, cost_model="always")
             try:
@@ -110,6 +121,8 @@ def main() -> None:
                         fams[m.family if not m.dense else "dense"] = fams.get(m.family if not m.dense else "dense", 0) + 1
             row = {"mode": mode, "budget": b, "mean_density": round(plan_density(plan, seen), 4),
                    "psnr_db": round(sum(vals) / len(vals), 2) if vals else float("inf"),
+                   "psnr_se_db": round(statistics.stdev(vals) / math.sqrt(len(vals)), 2) if len(vals) > 1 else None,
+                   "psnr_per_prompt": [round(v, 2) for v in psnr(clips, dense)],
                    "tiled_sites": len(plan.tiled_sites()),
                    "sites": sum(s.kind in TILEABLE_KINDS and s.layout is not None for s in plan.sites),
                    "step_ranges": [len(s.step_ranges) for s in plan.sites if s.step_ranges][:1] or [1],
@@ -143,7 +156,8 @@ def write_markdown(rows: list[dict], path: str, calib_prompts: int, calib_steps:
              "| heads by family (all ranges) |", "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["budget"], r["mode"])):
         fams = ", ".join(f"{k} {v}" for k, v in sorted(r["head_masks_by_family"].items()))
-        lines.append(f"| {r['budget']:g} | {r['mode']} | {r['mean_density']:.3f} | {r['psnr_db']:.2f} | "
+        se = f" +- {r['psnr_se_db']:.2f}" if r.get("psnr_se_db") is not None else ""
+        lines.append(f"| {r['budget']:g} | {r['mode']} | {r['mean_density']:.3f} | {r['psnr_db']:.2f}{se} | "
                      f"{r['tiled_sites']} of {r['sites']} | {r['step_ranges'][0]} | {fams} |")
     with open(path, "w") as fh:
         fh.write(head + "\n".join(lines) + "\n")

@@ -1,7 +1,8 @@
 """Mask oracle: the sparsest mask each head could have, per family set, budget and step range.
 
     python benchmarks/mask_oracle.py [--budgets 0.05,0.1,0.2] [--tile-tokens 1] [--calib-prompts 1]
-        [--calib-steps 10] [--ranges 3] [--json out.jsonl]
+        [--calib-steps 10] [--ranges 3] [--json out.jsonl] [--prompt-offset 0] [--aggregate pooled|mean]
+        [--candidates g0w0,g1w0,...,dense]
 
 It records the q, k, v of every 3D attention site of the embedded model while the pipeline denoises the
 demo's calibration prompt(s) (the inputs calibration sees), then for every head scores every candidate of the
@@ -17,6 +18,12 @@ within the budget on its own calls, the pooled error at most the step-agnostic c
 its density weighted by its calls). ``--calib-steps`` defaults to 10, the demo's calibration since 2026-12-07.
 
 Compare a calibrated plan with it: ``benchmarks/calibration_families.py`` (same prompts and steps).
+
+Cross-check with ``../shared/oracle/element_oracle.py`` (it records the demo's *scored* prompts and takes, per head,
+the mean over calls of each call's relative error, the largest over the batch): ``--prompt-offset 0 --aggregate mean``
+records the same calls and applies its measure; ``--candidates g0w0,...,dense`` its frame tiles (its windows are
+unclamped token radii, which the project's clamped families do not state, so only the frame-tile column can agree
+exactly).
 """
 from __future__ import annotations
 
@@ -49,19 +56,24 @@ class RecordSDPA(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def score_site(records, candidates, layout, grid):
-    """``(C, H)`` squared error and ``(H,)`` squared norm per call, as lists over calls."""
+def score_site(records, candidates, layout, grid, aggregate: str = "pooled"):
+    """Per call, as lists over calls: ``(C, H)`` squared error and ``(H,)`` squared norm (``pooled``), or, for
+    ``aggregate="mean"`` (the shared element oracle's measure), ``(C, H)`` relative error of the call (the largest
+    over the batch's samples) and a norm of 1, so that summing over calls and dividing by their count gives the
+    mean over calls of the per-call relative error (:func:`pick` then compares ``sqrt`` of it: see ``main``)."""
     masks = torch.stack([c.element_mask(layout, grid) for c in candidates])  # (C, L, L)
     errs, norms = [], []
     for q, k, v, scale in records:
         s = (q.double() @ k.double().transpose(-1, -2)) * scale  # (B, H, L, L)
         dense = torch.softmax(s, -1) @ v.double()
+        n_b = dense.square().sum(dim=(2, 3))  # (B, H)
         e = []
         for m in masks:
             o = torch.softmax(s.masked_fill(~m, float("-inf")), -1) @ v.double()
-            e.append((o - dense).square().sum(dim=(0, 2, 3)))
+            e_b = (o - dense).square().sum(dim=(2, 3))  # (B, H)
+            e.append(e_b.sum(0) if aggregate == "pooled" else (e_b / n_b.clamp_min(1e-300)).sqrt().amax(0))
         errs.append(torch.stack(e))
-        norms.append(dense.square().sum(dim=(0, 2, 3)))
+        norms.append(n_b.sum(0) if aggregate == "pooled" else torch.ones_like(n_b[0]))
     return errs, norms
 
 
@@ -106,6 +118,14 @@ def main() -> None:
     ap.add_argument("--calib-prompts", type=int, default=1)
     ap.add_argument("--calib-steps", type=int, default=10)
     ap.add_argument("--ranges", type=int, default=3)
+    ap.add_argument("--prompt-offset", type=int, default=None,
+                    help="first prompt's index (default: the demo's calibration prompts; 0: the demo's scored prompts, "
+                         "which ../shared/oracle/element_oracle.py records)")
+    ap.add_argument("--aggregate", choices=("pooled", "mean"), default="pooled",
+                    help="pooled relative L2 over the calls (calibration's budget, default) or the mean over calls of "
+                         "each call's relative error (the shared element oracle's; no step-range column)")
+    ap.add_argument("--candidates", default=None,
+                    help="comma-separated mask names replacing the family sets' defaults (one row set named 'custom')")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -114,6 +134,7 @@ def main() -> None:
     from vdit_compile.calibration.inputs import capture_transformer_inputs
     from vdit_compile.eval.demo import CALIB_OFFSET
     from vdit_compile.eval.prompts import prompt_set
+    from vdit_compile.masks.base import parse_mask
     from vdit_compile.masks.units import UnitGrid
     from vdit_compile.models.embedded import load_pipeline
     from vdit_compile.plans import default_tile
@@ -121,7 +142,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     pipe = load_pipeline(device="cpu")
-    calib = prompt_set(args.calib_prompts, CALIB_OFFSET).prompts
+    offset = CALIB_OFFSET if args.prompt_offset is None else args.prompt_offset
+    calib = prompt_set(args.calib_prompts, offset).prompts
     inputs = capture_transformer_inputs(pipe, calib, num_inference_steps=args.calib_steps, device=None, progress=False)
     model = pipe.transformer
     sites = vc.inspect_model(model, inputs[0])
@@ -139,30 +161,38 @@ def main() -> None:
     order = sorted(range(len(steps)), key=lambda i: -(steps[i] or 0))  # high timesteps first
     K = max(1, min(args.ranges, len(steps)))
     ranges = [order[i * len(order) // K:(i + 1) * len(order) // K] for i in range(K)]
-    for fams in args.families.split(";"):
+    family_sets = ["custom"] if args.candidates else args.families.split(";")
+    for fams in family_sets:
         families = tuple(fams.split(","))
         rows = {b: {"whole": [], "steps": []} for b in budgets}
         for name, (site, recs) in per_site.items():
             lay = site.layout
             tile = (1, 1) if args.tile_tokens == 1 else default_tile(lay, args.tile_tokens)
             grid = UnitGrid(lay.num_frames, lay.height, lay.width, *tile)
-            cands = default_family_candidates(families, grid)
+            if args.candidates:
+                cands = [parse_mask(n) for n in args.candidates.split(",")]
+            else:
+                cands = default_family_candidates(families, grid)
             dens = [c.density(lay, grid) for c in cands]
-            errs, norms = score_site(recs, cands, lay, grid)
+            errs, norms = score_site(recs, cands, lay, grid, args.aggregate)
             E, N = torch.stack(errs), torch.stack(norms)  # (calls, C, H), (calls, H)
+            if args.aggregate == "mean":  # pick compares sqrt(E/N): square the mean relative error
+                E, N = (E.mean(0) ** 2)[None], torch.ones_like(N[:1])
             for b in budgets:
                 rows[b]["whole"] += choose(E.sum(0), N.sum(0), dens, b)
-                rows[b]["steps"].append(list(zip(map(len, ranges), choose_ranges(E, N, ranges, dens, b))))
+                if args.aggregate == "pooled":
+                    rows[b]["steps"].append(list(zip(map(len, ranges), choose_ranges(E, N, ranges, dens, b))))
         for b in budgets:
             whole = sum(rows[b]["whole"]) / len(rows[b]["whole"])
             # step-aware: per range the mean over all heads of all sites, weighted by the range's calls
-            tot = 0.0
-            for i, r in enumerate(ranges):
-                vals = [d for site_ranges in rows[b]["steps"] for d in site_ranges[i][1]]
-                tot += len(r) * sum(vals) / len(vals)
             row = {"families": fams, "budget": b, "tile_tokens": args.tile_tokens, "oracle_density": round(whole, 4),
-                   f"oracle_density_{K}_ranges": round(tot / len(steps), 4), "calls": len(steps),
-                   "sites": len(per_site)}
+                   "calls": len(steps), "sites": len(per_site), "aggregate": args.aggregate, "prompt_offset": offset}
+            if rows[b]["steps"]:
+                tot = 0.0
+                for i, r in enumerate(ranges):
+                    vals = [d for site_ranges in rows[b]["steps"] for d in site_ranges[i][1]]
+                    tot += len(r) * sum(vals) / len(vals)
+                row[f"oracle_density_{K}_ranges"] = round(tot / len(steps), 4)
             print(json.dumps(row), flush=True)
             if args.json:
                 with open(args.json, "a") as fh:

@@ -271,3 +271,75 @@ def test_step_ranges_share_the_pooled_error_of_the_step_agnostic_choice():
         own = [cal.result(budget, None, r).masks[h] for r in ranges]
         assert all(dens[c] >= own_m.density(layout, cal.grid) - 1e-12 for c, own_m in zip(got, own))
     assert any(picks[r] != picks[0] for r in range(1, len(ranges)))  # the ranges do differ here
+
+
+def test_tile_capped_selection_against_brute_force():
+    """capped_picks against brute force on small random inputs: the least summed density over every combination of
+    one candidate per head with each head within the budget and the summed squared error at most the frame-level
+    reference's (per head its sparsest frame-level candidate within the budget); ties to less error."""
+    from itertools import product
+
+    from vdit_compile.calibration.allocation import capped_picks
+
+    g = torch.Generator().manual_seed(1)
+    for trial in range(40):
+        H, C = 3, 6
+        dens = sorted(torch.rand(C - 1, generator=g, dtype=torch.float64).tolist()) + [1.0]  # dense last
+        reference = [bool(x) for x in torch.rand(C, generator=g) < 0.4]
+        reference[-1] = True
+        norm = 1 + torch.rand(H, generator=g, dtype=torch.float64)
+        sparse = 1 - torch.tensor(dens, dtype=torch.float64)
+        err = (0.1 * sparse * (0.3 + 2 * torch.rand(H, C, generator=g, dtype=torch.float64))) ** 2 * norm[:, None]
+        budget = [0.03, 0.06, 0.1][trial % 3]
+        lim = [budget ** 2 * float(n) * (1 + 1e-9) for n in norm]
+        cap = 0.0
+        for h in range(H):
+            ok = [c for c in range(C) if reference[c] and float(err[h, c]) <= lim[h]]
+            cap += float(err[h, min(ok, key=lambda c: (dens[c], float(err[h, c]), c))])
+        best = None
+        for combo in product(range(C), repeat=H):
+            if any(float(err[h, c]) > lim[h] for h, c in enumerate(combo)):
+                continue
+            e = sum(float(err[h, c]) for h, c in enumerate(combo))
+            if e > cap * (1 + 1e-9):
+                continue
+            key = (round(sum(dens[c] for c in combo), 12), e)
+            best = key if best is None else min(best, key)
+        got = capped_picks(err, norm, dens, budget, reference)
+        assert got is not None
+        assert sum(dens[c] for c in got) == pytest.approx(best[0])
+        assert sum(float(err[h, c]) for h, c in enumerate(got)) == pytest.approx(best[1])
+        assert all(float(err[h, c]) <= lim[h] for h, c in enumerate(got))  # the budget holds per head
+
+
+def test_tile_capped_plan_is_never_denser_nor_errs_more_than_frame_tiles():
+    """On a site calibrated with every family: the tile-capped plan keeps each head within the budget, is at most as
+    dense as the frame-tile-only plan, and its summed squared error is at most that plan's; the head rule's plan is
+    at most as dense as either."""
+    layout = TokenLayout(4, 4, 4)
+    q, k, v = _rand(layout, H=4, D=8, seed=3)
+    q = q * 3  # sharper attention: frame tiles and windows both have something to drop
+    plans = {}
+    for fams in (("tile",), ALL):
+        cal = SiteCalibrator("s", layout, 4, families=fams, tile_tokens=4)
+        cal.observe(q, k, v, None, timestep=500.0)
+        cal.observe(q.flip(2), k, v, None, timestep=100.0)
+        plans[fams] = cal
+    budget = 0.5
+    tile_res = plans[("tile",)].result(budget)
+    cal = plans[ALL]
+    err, norm = cal.error_sums()
+    for sel in ("head", "tile-capped"):
+        settings = CalibrationSettings(error_budget=budget, selection=sel)
+        plan = build_plan(torch.nn.Linear(1, 1), {"s": cal}, settings)
+        site = plan.site("s")
+        idx = [cal.candidates.index(m) for m in site.masks] if site.tiled else [len(cal.candidates) - 1] * 4
+        assert all(e <= budget + 1e-12 for e in site.errors)
+        if sel == "tile-capped":
+            assert site.density <= tile_res.density + 1e-12
+            tile_err = sum(e ** 2 * float(n) for e, n in zip(tile_res.errors, norm))
+            assert sum(float(err[h, c]) for h, c in enumerate(idx)) <= tile_err * (1 + 1e-9)
+        plans[sel] = site.density
+    assert plans["head"] < plans["tile-capped"] < tile_res.density  # here the three differ (0.773, 0.867, 0.875)
+    with pytest.raises(ValueError, match="selection"):
+        CalibrationSettings(selection="global")

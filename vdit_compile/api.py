@@ -176,7 +176,7 @@ def optimize(model_or_pipe, calib_prompts=None, calib_inputs=None, plan=None, co
                                            num_inputs=len(inputs),
                                            num_inference_steps=cfg.calib_steps if calib_inputs is None else None,
                                            families=list(cfg.families), step_ranges=cfg.step_ranges,
-                                           tile_tokens=cfg.tile_tokens)
+                                           tile_tokens=cfg.tile_tokens, selection=cfg.selection)
             state.plan = build_plan(module, state.calibrators, settings, sites)
             state.calibrators = {}
         else:
@@ -253,7 +253,8 @@ def calibrate_model(model_or_pipe, inputs: Sequence[dict], settings=None,
     extra = {"families": tuple(settings.families)} if settings.families is not None else {}
     config = OptimizeConfig(error_budget=settings.error_budget, max_density=settings.max_density,
                             candidates=settings.candidates, progress=progress, step_ranges=settings.step_ranges,
-                            tile_tokens=settings.tile_tokens, calib_checkpoint=settings.checkpoint, **extra)
+                            tile_tokens=settings.tile_tokens, calib_checkpoint=settings.checkpoint,
+                            selection=settings.selection, **extra)
     try:
         optimize(model_or_pipe, calib_inputs=list(inputs), config=config)
         plan = plan_of(model_or_pipe)

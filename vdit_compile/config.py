@@ -31,6 +31,9 @@ class OptimizeConfig:
         families: mask families calibration searches (``vdit_compile.masks.known_families()``).
         step_ranges: number of denoising-step ranges a plan may give different masks (1 = one plan for
             every step; more = step-aware plans, one compilation per range).
+        selection: how a site's heads share the error budget: ``"head"`` (each head its sparsest mask within
+            the budget) or ``"tile-capped"`` (also: no site errs more than frame tiles alone would);
+            :mod:`vdit_compile.calibration.allocation`.
         kernel: options of the CUDA kernels for this model (forward path, tile overrides;
             ``vdit_compile.kernels.options.KernelOptions``); ``None`` = the defaults.
         cost_model: ``"auto"`` (default: on CPU a site is rewritten only where the tile op is timed
@@ -63,6 +66,7 @@ class OptimizeConfig:
     tile_tokens: int | None = None
     families: Sequence[str] = ("tile", "win3d", "spatial")
     step_ranges: int = 1
+    selection: str = "head"
     kernel: KernelOptions | None = None
     cost_model: str = "auto"
     fp8: bool | str = False
@@ -108,6 +112,9 @@ class OptimizeConfig:
             raise ValueError(f"unknown mask families {unknown}: known are {sorted(known_families())}")
         if isinstance(self.step_ranges, bool) or not isinstance(self.step_ranges, int) or self.step_ranges < 1:
             raise ValueError(f"step_ranges must be an int >= 1, found {self.step_ranges!r}")
+        from .calibration.allocation import check_selection
+
+        check_selection(self.selection)
         if self.tile_tokens is not None and (not isinstance(self.tile_tokens, int) or self.tile_tokens < 1):
             raise ValueError(f"tile_tokens must be an int >= 1 or None, found {self.tile_tokens!r}")
 

@@ -9,6 +9,7 @@ from ..kinds import SiteKind
 from ..masks.base import MaskSpec, parse_mask
 from ..plans.fingerprint import model_class_name, model_fingerprint, structure_summary
 from ..plans.plan import DEFAULT_ERROR_BUDGET, TILEABLE_KINDS, Plan, SitePlan, StepRange
+from .allocation import check_selection, site_picks
 from .collector import SiteCalibrator
 from .steps import allocate_ranges, choose_step_ranges
 
@@ -30,6 +31,7 @@ class CalibrationSettings:
     families: list[str] | None = None  # mask families searched (None: OptimizeConfig's default)
     step_ranges: int = 1  # at most this many ranges of denoising steps with their own masks
     tile_tokens: int | None = None  # token tile target of window families (None: plans.default_tile's rule)
+    selection: str = "head"  # how a site's heads share the budget: "head" or "tile-capped" (calibration.allocation)
     checkpoint: str | None = None  # resumable statistics file (OptimizeConfig.calib_checkpoint)
     extra: dict = field(default_factory=dict)
 
@@ -40,6 +42,7 @@ class CalibrationSettings:
             raise ValueError(f"max_density must be in (0, 1], found {self.max_density}")
         if isinstance(self.step_ranges, bool) or not isinstance(self.step_ranges, int) or self.step_ranges < 1:
             raise ValueError(f"step_ranges must be an int >= 1, found {self.step_ranges!r}")
+        check_selection(self.selection)
 
     def candidate_masks(self) -> list[MaskSpec] | None:
         return None if self.candidates is None else [parse_mask(c) for c in self.candidates]
@@ -73,7 +76,7 @@ def build_plan(
                 if any(s.name == n and s.kind in TILEABLE_KINDS and s.layout is not None for s in sites)}
     fixed = [c.step_ranges for c in tileable.values() if c.step_ranges is not None]
     ranges = fixed[0] if fixed else choose_step_ranges(tileable, settings.step_ranges, settings.error_budget,
-                                                        settings.max_density)
+                                                        settings.max_density, settings.selection)
     out: list[SitePlan] = []
     for s in sites:
         cal = calibrators.get(s.name)
@@ -97,10 +100,10 @@ def _site_plan(site, cal: SiteCalibrator, settings: CalibrationSettings, ranges:
     when every chosen mask is frame-level: no reorder at run time) and the calibration evidence."""
     budget, bound = settings.error_budget, settings.max_density
     if ranges:
-        picks = allocate_ranges(cal, ranges, budget, bound)
+        picks = allocate_ranges(cal, ranges, budget, bound, selection=settings.selection)
         results = [cal.result(budget, bound, r, p) for r, p in zip(ranges, picks)]
     else:
-        results = [cal.result(budget, bound)]
+        results = [cal.result(budget, bound, None, site_picks(cal, budget, bound, None, settings.selection))]
     res = results[0]
     chosen = [m for r in results for m in r.masks]
     if all(m.dense for m in chosen):
@@ -137,7 +140,8 @@ def prepare_verification(calibrators: Mapping[str, SiteCalibrator], config) -> b
     if not cals:
         return False
     budget, bound = config.error_budget, config.max_density
-    ranges = choose_step_ranges(calibrators, getattr(config, "step_ranges", 1), budget, bound)
+    ranges = choose_step_ranges(calibrators, getattr(config, "step_ranges", 1), budget, bound,
+                                getattr(config, "selection", "head"))
     for c in calibrators.values():
         c.step_ranges = ranges
     for c in cals.values():

@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from itertools import combinations, pairwise
 
+from .allocation import capped_picks, frame_level
 from .collector import SiteCalibrator
 
 #: A head may spend pooled relative error up to this fraction of the budget across step ranges even where the
@@ -37,19 +38,28 @@ POOLED_FLOOR = 0.5
 
 
 def allocate_ranges(cal: SiteCalibrator, ranges: Sequence[Sequence], error_budget: float,
-                    max_density: float | None = None, floor: float = POOLED_FLOOR) -> list[list[int]]:
+                    max_density: float | None = None, floor: float = POOLED_FLOOR,
+                    selection: str = "head") -> list[list[int]]:
     """Per range, the candidate index of every head (module doc: each range within the budget on its own
     calls; pooled over all calls, the squared error at most the step-agnostic choice's or ``(floor *
-    budget)^2`` of the dense output's squared norm, whichever is larger; least call-weighted density)."""
+    budget)^2`` of the dense output's squared norm, whichever is larger; least call-weighted density).
+    ``selection="tile-capped"`` (:mod:`.allocation`): the step-agnostic choice is that rule's and the floor is 0, so
+    no head errs more, pooled, than the step-agnostic plan, whose site errs at most as much as frame tiles would."""
     return _allocate(cal, [cal.error_sums(r) for r in ranges], [sum(cal.step_calls(t) for t in r) for r in ranges],
-                     cal.candidate_densities(), error_budget, max_density, floor)
+                     cal.candidate_densities(), error_budget, max_density, floor, selection)
 
 
 def _allocate(cal: SiteCalibrator, sums: list, weights: list, dens: list[float], error_budget: float,
-              max_density: float | None, floor: float = POOLED_FLOOR) -> list[list[int]]:
+              max_density: float | None, floor: float = POOLED_FLOOR, selection: str = "head") -> list[list[int]]:
     err_all = sum(e for e, _ in sums)
     norm_all = sum(n for _, n in sums)
-    single, _ = cal.choose((err_all / norm_all.clamp(min=1e-300)[:, None]).sqrt(), dens, error_budget, max_density)
+    single, notes = cal.choose((err_all / norm_all.clamp(min=1e-300)[:, None]).sqrt(), dens, error_budget,
+                               max_density)
+    if selection != "head":
+        in_b = [max_density is None or d <= max_density + 1e-12 for d in dens]
+        capped = capped_picks(err_all, norm_all, dens, error_budget, frame_level(cal), in_b,
+                              [None if not n else c for c, n in zip(single, notes)])
+        single, floor = capped or single, 0.0
     own = [cal.choose((e / n.clamp(min=1e-300)[:, None]).sqrt(), dens, error_budget, max_density)
            for e, n in sums]
     in_bound = [max_density is None or d <= max_density + 1e-12 for d in dens]
@@ -105,7 +115,8 @@ def _cheapest(options: list[list[tuple[float, float, tuple]]], cap: float) -> tu
 
 
 def choose_step_ranges(calibrators: Mapping[str, SiteCalibrator] | Sequence[SiteCalibrator], max_ranges: int,
-                       error_budget: float, max_density: float | None = None) -> list[list[float]] | None:
+                       error_budget: float, max_density: float | None = None,
+                       selection: str = "head") -> list[list[float]] | None:
     """The timesteps of each range (high timesteps first), or ``None`` when one range is best or possible.
 
     Calls without a readable timestep make a site step-agnostic: then no split is made.
@@ -131,7 +142,8 @@ def choose_step_ranges(calibrators: Mapping[str, SiteCalibrator] | Sequence[Site
         w = [sum(calls[a:b]) for a, b in pairwise(bounds)]
         total = 0.0
         for s, c in enumerate(cals):
-            picks = _allocate(c, [part(s, a, b) for a, b in pairwise(bounds)], w, dens[s], error_budget, max_density)
+            picks = _allocate(c, [part(s, a, b) for a, b in pairwise(bounds)], w, dens[s], error_budget, max_density,
+                              selection=selection)
             total += sum(sum(calls[a:b]) * sum(dens[s][i] for i in p) / len(p)
                          for (a, b), p in zip(pairwise(bounds), picks))
         return total

@@ -46,6 +46,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--step-ranges", type=int, default=1,
                    help="at most this many ranges of denoising steps with their own masks (default: 1 = same masks "
                         "at every step)")
+    p.add_argument("--selection", choices=("head", "tile-capped"), default="head",
+                   help="how a site's heads share the budget: head = each its sparsest mask within it (default); "
+                        "tile-capped = also no site errs more than frame tiles alone would (docs/calibration.md)")
     p.add_argument("--tile-tokens", type=int, default=None,
                    help="tokens per token tile of window families (default: 128, or a quarter frame on small frames)")
     p.add_argument("--checkpoint", metavar="FILE", default=None,
@@ -65,7 +68,7 @@ def _settings(args):
     fams = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
     settings = CalibrationSettings(error_budget=args.budget, max_density=args.max_density, candidates=cands,
                                    families=fams, step_ranges=args.step_ranges, tile_tokens=args.tile_tokens,
-                                   checkpoint=args.checkpoint)
+                                   checkpoint=args.checkpoint, selection=args.selection)
     settings.candidate_masks()  # validates the names
     if fams is not None:
         from ..masks.base import known_families
