@@ -77,6 +77,17 @@ def site_picks(cal, error_budget: float, max_density: float | None = None, times
     err, norm = cal.error_sums(timesteps)
     dens = cal.candidate_densities()
     own, notes = cal.choose((err / norm.clamp(min=1e-300)[:, None]).sqrt(), dens, error_budget, max_density)
+    return capped_choice(cal, err, norm, dens, error_budget, max_density, own, notes)
+
+
+def within_density(dens: Sequence[float], max_density: float | None) -> list[bool]:
+    """Per candidate: its density is within ``max_density`` (``None``: no bound)."""
+    return [max_density is None or d <= max_density + 1e-12 for d in dens]
+
+
+def capped_choice(cal, err: torch.Tensor, norm: torch.Tensor, dens: Sequence[float], error_budget: float,
+                  max_density: float | None, own: Sequence[int], notes: Sequence[str]) -> list[int] | None:
+    """:func:`capped_picks` for ``cal`` with frame tiles as the reference, given the ``head`` rule's choice
+    ``own, notes`` (:meth:`~.collector.SiteCalibrator.choose`): a head it reports over budget keeps its candidate."""
     fixed = [None if not n else c for c, n in zip(own, notes)]
-    in_bound = [max_density is None or d <= max_density + 1e-12 for d in dens]
-    return capped_picks(err, norm, dens, error_budget, frame_level(cal), in_bound, fixed)
+    return capped_picks(err, norm, dens, error_budget, frame_level(cal), within_density(dens, max_density), fixed)

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from itertools import combinations, pairwise
 
-from .allocation import capped_picks, frame_level
+from .allocation import capped_choice, within_density
 from .collector import SiteCalibrator
 
 #: A head may spend pooled relative error up to this fraction of the budget across step ranges even where the
@@ -56,13 +56,11 @@ def _allocate(cal: SiteCalibrator, sums: list, weights: list, dens: list[float],
     single, notes = cal.choose((err_all / norm_all.clamp(min=1e-300)[:, None]).sqrt(), dens, error_budget,
                                max_density)
     if selection != "head":
-        in_b = [max_density is None or d <= max_density + 1e-12 for d in dens]
-        capped = capped_picks(err_all, norm_all, dens, error_budget, frame_level(cal), in_b,
-                              [None if not n else c for c, n in zip(single, notes)])
+        capped = capped_choice(cal, err_all, norm_all, dens, error_budget, max_density, single, notes)
         single, floor = capped or single, 0.0
     own = [cal.choose((e / n.clamp(min=1e-300)[:, None]).sqrt(), dens, error_budget, max_density)
            for e, n in sums]
-    in_bound = [max_density is None or d <= max_density + 1e-12 for d in dens]
+    in_bound = within_density(dens, max_density)
     picks: list[list[int]] = [[0] * cal.num_heads for _ in sums]
     for h in range(cal.num_heads):
         fixed = [own[r][0][h] if own[r][1][h] else None for r in range(len(sums))]  # over budget: reported as such
