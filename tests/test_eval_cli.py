@@ -24,7 +24,7 @@ def test_score_cli_bad_target(capsys):
 
 def test_demo_end_to_end_tiny(tmp_path, capsys):
     out = tmp_path / "demo"
-    args = ["demo", "--tiny", "--steps", "1", "--prompts", "2", "--calib-prompts", "1", "--calib-steps", "1",
+    args = ["demo", "--tiny", "--steps", "5", "--prompts", "2", "--calib-prompts", "1", "--calib-steps", "1",
             "--device", "cpu", "--out", str(out), "--fast"]
     assert main(args) == 0
     text = capsys.readouterr().out
@@ -37,7 +37,12 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     else:
         assert "optimised sampling" in summary["steps_done"] and "attention sites and chosen masks" in text
         assert (out / "plan.json").is_file() and (out / "dense_vs_optimised.gif").is_file()
-        assert [c["name"] for c in summary["cards"]][:2] == ["dense (reference)", "tile-sparse"]
+        names = [c["name"] for c in summary["cards"]]
+        assert names[:3] == ["dense (reference)", "tile-sparse", "tile-sparse + taylorseer cache"], names
+        # taylorseer at its defaults on 5 steps: steps 0-2 (warm-up) and 4 evaluated, step 3 forecast; 2 videos
+        lat = summary["latency"]
+        assert (lat["cached_calls"], lat["cached_evaluations"]) == (10, 8), lat
+        assert "8 of 10 transformer calls evaluated" in text and lat["cached_speedup"] > 0
         assert "blocks.0.attn1" in text
         assert "mean density over all 3D sites" in text and 0 < summary["plan_density"] <= 1
     from vdit_compile.eval.demo import fast_run_dir
@@ -59,3 +64,11 @@ def test_demo_options_reach_the_demo(monkeypatch):
     assert got[0].families == ("tile", "win3d") and got[0].step_ranges == 2 and got[0].calib_steps is None
     assert main(["demo", "--tiny", "--calib-steps", "2"]) == 0
     assert got[1].families is None and got[1].step_ranges == 1 and got[1].calib_steps == 2
+    assert got[1].cache == "taylorseer" and got[1].cache_interval is None  # the best training-free setting by default
+    assert main(["demo", "--tiny", "--cache", "none"]) == 0 and got[2].cache is None
+    assert main(["demo", "--tiny", "--cache-interval", "3"]) == 0 and got[3].cache_interval == 3
+
+
+def test_demo_cache_interval_needs_taylorseer(capsys):
+    assert main(["demo", "--tiny", "--cache", "fbc", "--cache-interval", "3"]) == 2
+    assert "--cache-interval is taylorseer's interval" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """``vdit-compile demo``: calibrate the embedded model, show the masks, the speed and the quality price.
 
-Writes into ``--out`` (default ./vdit-demo): plan.json, heatmaps/*.png, dense_vs_optimised.gif (dense
-left, tile-sparse right), summary.json.  ``--fast`` adds the distilled few-step model when its weights
+Rows: dense, tile-sparse (the calibrated plan) and tile-sparse + step cache (``--cache``, default taylorseer:
+the best training-free setting).  Writes into ``--out`` (default ./vdit-demo): plan.json, heatmaps/*.png,
+dense_vs_optimised.gif (dense left, the cached tile-sparse row right), summary.json.  ``--fast`` adds the distilled few-step model when its weights
 are shipped (says so when they are not).  Defaults fit an idle 2-core CPU in a few minutes (calibration on 10 steps: about 80 s).
 """
 from __future__ import annotations
@@ -33,6 +34,11 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-gif", action="store_true", help="do not write GIFs")
     p.add_argument("--world", default="embedded", choices=("embedded", "textured"),
                    help="reference model: embedded (default; 1,024 tokens) or textured (4,096 tokens, local attention)")
+    p.add_argument("--cache", default="taylorseer", choices=("taylorseer", "fbc", "none"),
+                   help="step caching sampled on top of the sparse plan as a third row (default taylorseer; "
+                        "none: attention only)")
+    p.add_argument("--cache-interval", type=int, default=None,
+                   help="taylorseer: evaluate one step in this many after the warm-up (default 2)")
     p.set_defaults(func=run)
     return p
 
@@ -42,11 +48,16 @@ def run(args) -> int:
 
     from ..eval.demo import DemoOptions, run_demo
 
+    if args.cache_interval is not None and args.cache != "taylorseer":
+        print(f"vdit-compile demo: error: --cache-interval is taylorseer's interval; found --cache {args.cache}",
+              file=sys.stderr)
+        return 2
     opts = DemoOptions(out=args.out, prompts=args.prompts, steps=args.steps, calib_prompts=args.calib_prompts,
                        calib_steps=args.calib_steps, error_budget=args.error_budget, fast=args.fast,
                        families=tuple(f.strip() for f in args.families.split(",") if f.strip()) if args.families else None,
                        step_ranges=args.step_ranges,
                        fast_steps=args.fast_steps, tiny=args.tiny, gif=not args.no_gif, world=args.world,
+                       cache=None if args.cache == "none" else args.cache, cache_interval=args.cache_interval,
                        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         run_demo(opts)

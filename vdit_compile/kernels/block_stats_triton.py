@@ -10,8 +10,8 @@ contiguous *segments* (text prefix, the ``N`` units, text suffix), ``block_mass`
 A mask keeps or drops whole (unit, unit) pairs, so the mass it drops from every query unit follows from ``M``
 without touching ``q`` and ``k`` again.
 
-The Triton path is flash-style and never holds ``L x L``. ``fused`` (one launch; not yet run on a GPU, so not the
-default: ``DEFAULT_MASS_KERNEL``): a persistent program
+The Triton path is flash-style and never holds ``L x L``. ``fused`` (one launch; the default,
+``DEFAULT_MASS_KERNEL``, since its first GPU run): a persistent program
 takes a block of query rows, sweeps the keys once in unit order with an online softmax (base 2, ``scale * log2 e``
 folded into one multiply), and keeps per row the log-sum-exp of every key segment it finishes (a key block of
 ``BLOCK_N`` columns holds at most two segments when every segment is at least ``BLOCK_N`` long, the constexpr
@@ -22,7 +22,7 @@ program's own scratch slot (``BLOCK_M x S`` float32, reused by its next tile, so
 Work: one ``Q K^T`` product and one ``exp2`` per score (a dense forward does two products and one ``exp``).
 The earlier ``twopass`` path (pass 1: row log-sum-exp; pass 2: one program per query segment and head
 recomputing ``exp(s - lse)`` per (query segment, key segment) tile: two products and two exps per score, and
-segment-aligned blocks, so a 130-token unit costs three 64-wide blocks) is the default, measured on an H100.
+segment-aligned blocks, so a 130-token unit costs three 64-wide blocks) stays selectable: 1.6-1.9x slower.
 :func:`block_mass_reference` is the exact torch fallback (CPU, or no Triton): blockwise over query rows,
 ``O(B H r L)`` memory. The fused path sums with atomics: bitwise results may differ between runs (by float
 rounding of up to three block partials per entry).
@@ -356,11 +356,11 @@ def block_mass_triton(q: torch.Tensor, k: torch.Tensor, scale: float, starts: to
     return out
 
 
-#: The kernel calibration uses.  ``twopass`` is the one measured on an H100 (2026-12-06: 2.7-4.8x a dense SDPA
-#: call per observation, GPU tests passed); ``fused`` passes its interpreter tests but has not run on a GPU yet
-#: (the 2026-12-07 session had no device time left): select it with ``SiteCalibrator.mass_kernel = "fused"``
-#: or ``benchmarks/calibration.py --kernels fused`` until a GPU run confirms it.
-DEFAULT_MASS_KERNEL = "twopass"
+#: The kernel calibration uses.  ``fused``: GPU tests passed and one observation costs 1.33-2.41x a dense SDPA
+#: call at the four production benchmark shapes against ``twopass``'s 2.48-3.85x (H200, 2026-12-07,
+#: ``benchmarks/calibration.py --methods mass --kernels fused,twopass``); ``twopass`` stays selectable with
+#: ``SiteCalibrator.mass_kernel = "twopass"``.
+DEFAULT_MASS_KERNEL = "fused"
 
 
 def block_mass(q: torch.Tensor, k: torch.Tensor, scale: float | None, starts: torch.Tensor, lens: torch.Tensor,
