@@ -46,8 +46,9 @@ from .candidates import calibration_grid, dedupe_unit_candidates, default_family
 DEFAULT_BLOCK_BYTES = {"cpu": 64 * 2**20, "cuda": 1024 * 2**20}
 
 
-#: Working memory of one chunk of candidates scored at once from the group-mass matrix (bytes).
-_SCORE_CHUNK_BYTES = 128 * 2**20
+#: Working memory of one chunk of candidates scored at once from the group-mass matrix (bytes).  Small enough
+#: that scoring adds about 1% of a Wan-14B SDPA call's working set (a chunk is one einsum launch; 4 at that grid).
+_SCORE_CHUNK_BYTES = 32 * 2**20
 
 
 class _MassTables(NamedTuple):
@@ -58,6 +59,7 @@ class _MassTables(NamedTuple):
     index: torch.Tensor | None  # (L,) device: token of each unit-order position (None: tokens are in unit order)
     group: torch.Tensor  # (S,) device: segment -> group (units, then text)
     rows: torch.Tensor  # (G,) float64 device: query rows per group, clamped to >= 1
+    pairs: torch.Tensor  # (S * S,) int64 device: (query segment, key segment) -> query group * G + key group
     kernel_tables: tuple  # the fused kernel's (seg, ends) on the device
 
 
@@ -73,7 +75,8 @@ def _mass_tables(grid: UnitGrid, prefix: int, suffix: int, L: int, device: torch
         index = torch.cat([torch.arange(prefix), prefix + unit_permutation(grid), torch.arange(prefix + nv, L)])
         index = index.to(device=device, dtype=torch.int32)
     rows = torch.bincount(grp, weights=ln.double(), minlength=N + 1).clamp(min=1)  # query rows per group
-    return _MassTables(st, ln, index, grp.to(device), rows.to(device), segment_tables(st, ln, device))
+    pairs = (grp[:, None] * (N + 1) + grp[None, :]).reshape(-1)
+    return _MassTables(st, ln, index, grp.to(device), rows.to(device), pairs.to(device), segment_tables(st, ln, device))
 
 
 @functools.lru_cache(maxsize=8)
@@ -344,6 +347,7 @@ class SiteCalibrator:
             err, norm, mass = self._exact_pass(q, k, v, lay, scale, None)
         qgroup_cpu = self._query_groups(lay)
         fold = self._fold if mass.device.type == "cpu" else _fold_on(self.grid, mass.device)
+        fold = fold.to(mass.dtype)  # the mass path's (H, G, G) stays float32 (a float64 copy was 2x its memory)
         folded = torch.einsum("hij,ia,jb->hab", mass, fold, fold)  # (H, T+1, T+1), on the call's device
         err, folded, norm = _to_cpu(err, folded, norm)  # one device -> host copy per call
         self._mass_sum += folded
@@ -372,17 +376,19 @@ class SiteCalibrator:
         seg = block_mass(q, k, scale, t.starts, t.lens, t.index, kernel=self.mass_kernel,
                          tables=t.kernel_tables)  # (B, H, S, S) float32
         G = self.grid.num_units + 1
-        mass = torch.zeros(B, H, len(t.group), G, device=seg.device).index_add_(3, t.group, seg)
-        mass = torch.zeros(B, H, G, G, device=seg.device).index_add_(2, t.group, mass)
+        # segments -> groups in one index_add (no (S, G) intermediate), then the kernel's output is let go: with the
+        # small score chunks this keeps the pass's extra memory near two group-mass matrices (wan14b: 61 MiB each)
+        mass = torch.zeros(B, H, G * G, device=seg.device).index_add_(2, t.pairs, seg.reshape(B, H, -1)).view(B, H, G, G)
+        del seg
         drop = _drop_tables(tuple(self.candidates), self.grid, q.device)  # (C, G, G) bool: dropped pairs
         C = drop.shape[0]
         step = max(1, _SCORE_CHUNK_BYTES // (4 * G * G))
-        err = torch.empty(H, C, dtype=torch.float64, device=seg.device)
+        err = torch.empty(H, C, dtype=torch.float64, device=mass.device)
         for c0 in range(0, C, step):  # one chunk at wan14b-size grids and below a few hundred units: one launch
             dropped = torch.einsum("bhij,cij->bhci", mass, drop[c0:c0 + step].float()).double()  # (B, H, c, G)
             err[:, c0:c0 + step] = (dropped.square_() / t.rows).sum((0, 3))
         norm = torch.full((H,), float(B * L), dtype=torch.float64)
-        return err, norm, mass.sum(0).double()
+        return err, norm, mass[0] if B == 1 else mass.sum(0)  # float32: observe folds it to frames before float64
 
     def _exact_pass(self, q, k, v, lay: TokenLayout, scale: float, subset: list[int] | None,
                     rows: torch.Tensor | None = None):
