@@ -19,7 +19,7 @@ import threading
 import time
 
 import torch
-from calibration import ALL, SHAPES  # noqa: I001  (benchmarks/ is the script's directory)
+from calibration import ALL, SHAPES  # benchmarks/ is the script's directory
 
 
 def polled_peak_mib(fn, period: float = 0.0002) -> float:
