@@ -114,6 +114,7 @@ def test_budget_and_density_bounds():
     # bound below every candidate: the sparsest, reported
     res = cal.result(1e-9, max_density=1e-4)
     assert all(m == TileMask(0, 0) for m in res.masks) and "sparsest" in res.notes[0]
+    assert res.notes[0].startswith("no mask reaches density <= 0.0001; took sparsest"), res.notes[0]
 
 
 def test_default_candidates_are_distinct_and_include_dense():

@@ -39,6 +39,7 @@ from ..layout import TokenLayout
 from ..masks.base import MaskSpec, masks_density
 from ..masks.tile import TileMask
 from ..masks.units import UnitGrid, unit_permutation
+from .allocation import within_density
 from .candidates import calibration_grid, dedupe_unit_candidates, default_family_candidates, keep_tables
 
 #: Working-memory budget of one row block of ``observe`` (bytes); bounds memory to O(L x block).
@@ -494,7 +495,7 @@ class SiteCalibrator:
         dens = self.candidate_densities()
         dense_idx = [c for c, m in enumerate(self.candidates) if m.dense]
         chosen: set[int] = set(dense_idx)
-        in_bound = [c for c in range(len(self.candidates)) if max_density is None or dens[c] <= max_density + 1e-12]
+        in_bound = [c for c, ok in enumerate(within_density(dens, max_density)) if ok]
         if every:
             chosen.update(in_bound)
         for r in ([] if every else (ranges or [None])):
@@ -530,9 +531,9 @@ class SiteCalibrator:
         picks, notes = [], []
         order = range(len(self.candidates))
         bound = "" if max_density is None else f" at density <= {max_density:g}"
+        in_bound = [c for c, ok in zip(order, within_density(dens, max_density)) if ok]
         for h in range(self.num_heads):
             e = errs[h].tolist()
-            in_bound = [c for c in order if max_density is None or dens[c] <= max_density + 1e-12]
             feasible = [c for c in in_bound if e[c] <= error_budget]
             if feasible:
                 best = min(feasible, key=lambda c: (dens[c], e[c], c))
@@ -543,7 +544,7 @@ class SiteCalibrator:
                         f"took least-error {self.candidates[best].name} (error {e[best]:.4g})")
             else:
                 best = min(order, key=lambda c: (dens[c], e[c], c))
-                note = (f"no mask reaches density <= {bound}; took sparsest "
+                note = (f"no mask reaches density <= {max_density:g}; took sparsest "
                         f"{self.candidates[best].name} (density {dens[best]:.4g}, error {e[best]:.4g})")
             picks.append(best)
             notes.append(note)
