@@ -360,7 +360,9 @@ def run_demo(opts: DemoOptions, echo: Callable[[str], None] = print) -> DemoRepo
     if "cached_seconds_per_video" in lat:
         lines.append(f"tile-sparse + step cache ({opts.cache}): {lat['cached_seconds_per_video']:.2f} s/video, "
                      f"{lat['cached_evaluations']} of {lat['cached_calls']} transformer calls evaluated, "
-                     f"speed-up x{lat['cached_speedup']:.2f}  <- the best training-free setting")
+                     f"speed-up x{lat['cached_speedup']:.2f}"
+                     + ("  <- the best training-free setting" if lat["cached_evaluations"] != lat["cached_calls"]
+                        else " (the cache skipped no call at these steps: any difference is noise)"))
     lines += _attention_lines(lat)
     _say("latency (" + dense_card["device"] + "):\n  " + "\n  ".join(lines), echo)
     if report.cost_model:
