@@ -165,6 +165,27 @@ def test_real_timing_runs_and_is_cached():
     assert t.dense_s > 0 and t.sparse_s > 0 and model.timing(sc) is t
 
 
+def test_cost_model_times_the_sites_own_masks(monkeypatch):
+    """Given masks and a tile, the shape class carries the op's grid and masks arguments, and a real timing of
+    them runs the op (text prefix included, per-head families on token tiles)."""
+    from vdit_compile.masks.base import parse_mask
+
+    calls = []
+    monkeypatch.setattr(cm, "time_shape_class", lambda sc: calls.append(sc) or cm.Timing(dense_s=1.0, sparse_s=2.0))
+    lay = TokenLayout(8, 16, 16, 24, 0)  # 2,072 tokens: measured under "auto"
+    masks = [parse_mask("win3d-t1h1w1"), parse_mask("spatial-h0w0-g1"), parse_mask("g1w1"), parse_mask("dense")]
+    ok, why = cm.should_rewrite("cpu", torch.float32, lay, 0.4, 4, 32, _Cfg("auto"), cm.CostModel(), tile=(4, 4),
+                                masks=masks)
+    assert not ok and "4 distinct head mask(s) on 4x4-token tiles" in why
+    sc = calls[-1]
+    assert sc.grid == (8, 16, 16, 4, 4) and sc.masks == "win3d-t1h1w1,spatial-h0w0-g1,g1w1,dense"
+    monkeypatch.undo()
+    small = cm.ShapeClass("cpu", "float32", 4, 32, 6, 0, 3, 16, 2, grid=(4, 8, 4, 4, 4),
+                          masks="win3d-t1h1w1,spatial-h0w0-g1,g1w0")
+    t = cm.time_shape_class(small)
+    assert t.dense_s > 0 and t.sparse_s > 0
+
+
 def test_state_records_the_cost_decision(monkeypatch):
     """optimize() with a uniform plan: a site the cost model rejects stays dense and its reason is recorded."""
     from core_models import build_tiny
@@ -172,7 +193,8 @@ def test_state_records_the_cost_decision(monkeypatch):
     from vdit_compile.capture.install import state_of
 
     monkeypatch.setattr(cm, "MIN_MEASURED_FLOPS", 0.0)
-    monkeypatch.setattr(cm, "time_shape_class", lambda sc: cm.Timing(dense_s=1.0, sparse_s=2.0))
+    timed = []
+    monkeypatch.setattr(cm, "time_shape_class", lambda sc: timed.append(sc) or cm.Timing(dense_s=1.0, sparse_s=2.0))
     model, kw = build_tiny("wan")
     with torch.no_grad():
         ref = model(**kw).sample
@@ -182,6 +204,8 @@ def test_state_records_the_cost_decision(monkeypatch):
     st = state_of(model)
     assert st.rewritten == set() and st.cost_decisions
     assert all(not ok and "left dense by the cost model" in why for ok, why in st.cost_decisions.values())
+    # the timing was of the site's own masks on its own grid, not of a density proxy
+    assert timed and all(sc.masks == "g0w0" and len(sc.grid) >= 5 for sc in timed), timed
     assert torch.allclose(out, ref, atol=1e-5)
     vc.restore(model)
     vc.optimize(model, plan=TileMask(0, 0), backend="eager", progress=False, cost_model="always")

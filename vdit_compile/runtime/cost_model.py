@@ -16,9 +16,13 @@ decided per device, by measurement.
 * ``"always"``: rewrite every tileable site the plan tiles (the behaviour before the cost model;
   what export checks and kernel tests need).
 
-A measurement times, on a proxy of the site's shape class (batch 1, the site's layout, heads and
-head dim, a band mask keeping the site's density), dense SDPA and the tile op's forward,
-interleaved, and compares their minima; the op must be at least :data:`MARGIN` times as fast.
+A measurement times dense SDPA and the tile op's forward, interleaved, on random inputs of the site's
+shape (batch 1, the site's layout, heads and head dim) and compares their minima; the op must be at least
+:data:`MARGIN` times as fast.  The op runs **the site's own masks on its own token tiles** when the caller
+gives them (``should_rewrite(..., tile=, masks=)``, what ``optimize`` does): the op's cost depends on the
+mask family and the unit size, not on the density alone (2026-12-07, embedded model, CPU: a site of 3D
+windows on 4 x 4-token tiles at density 0.65 was timed x1.37 by a band of whole frames at that density, and
+is x0.88 with its own masks).  Without masks, a band mask of whole frames keeping the given density is the proxy.
 Forward only: inference is what the rewrite serves by default (training users who want the
 sparse backward anyway set ``"always"``).  Results live in a :class:`CostModel` (a bounded LRU);
 :data:`DEFAULT_COST_MODEL` is the per-process one that :func:`should_rewrite` uses unless given
@@ -59,12 +63,16 @@ class ShapeClass:
     heads: int
     head_dim: int
     kept_frames: int
+    grid: tuple = ()  # the op's grid argument [T, H, W, tile_h, tile_w(, 1)] of the site's own masks (): proxy band
+    masks: str = ""  # the op's masks argument (one name per head, or one for all); "" with grid ()
 
     def describe(self) -> str:
         L = self.text_prefix + self.num_frames * self.frame_tokens + self.text_suffix
+        what = (f"{self.kept_frames}/{self.num_frames} frames kept" if not self.masks else
+                f"its {len(set(self.masks.split(',')))} distinct head mask(s) on {self.grid[3]}x{self.grid[4]}-token tiles")
         return (f"{self.device} {self.dtype} L={L} ({self.num_frames}x{self.frame_tokens}"
                 f"{f' + {self.text_prefix + self.text_suffix} text' if self.text_prefix + self.text_suffix else ''}) "
-                f"{self.heads}x{self.head_dim} heads, {self.kept_frames}/{self.num_frames} frames kept")
+                f"{self.heads}x{self.head_dim} heads, {what}")
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,8 @@ def time_shape_class(sc: ShapeClass) -> Timing:
 
 def _time_shape_class(sc: ShapeClass) -> Timing:
     device, dtype = torch.device(sc.device), getattr(torch, sc.dtype)
+    if sc.masks:
+        return _time_own_masks(sc, device, dtype)
     layout = TokenLayout(sc.num_frames, sc.frame_tokens, 1, sc.text_prefix, sc.text_suffix)
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(1, sc.heads, layout.seq_len, sc.head_dim, generator=gen).to(device, dtype) for _ in range(3))
@@ -152,6 +162,27 @@ def _time_shape_class(sc: ShapeClass) -> Timing:
 
         def sparse():
             torch.ops.vdit.tile_attention(q, k, v, sc.text_prefix, sc.text_suffix, grid, mask, scale)
+
+    with torch.no_grad():
+        td, ts = _interleaved_min([dense, sparse], device)
+    return Timing(td, ts)
+
+
+def _time_own_masks(sc: ShapeClass, device: torch.device, dtype: torch.dtype) -> Timing:
+    """Dense SDPA vs the op with the site's own grid and per-head masks (any device)."""
+    from ..ops import tile_attention  # noqa: F401  (registers torch.ops.vdit.tile_attention)
+
+    T, H, W = (int(x) for x in sc.grid[:3])
+    L = sc.text_prefix + T * H * W + sc.text_suffix
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(1, sc.heads, L, sc.head_dim, generator=gen).to(device, dtype) for _ in range(3))
+    scale, grid = sc.head_dim ** -0.5, [int(x) for x in sc.grid]
+
+    def dense():
+        F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    def sparse():
+        torch.ops.vdit.tile_attention(q, k, v, sc.text_prefix, sc.text_suffix, grid, sc.masks, scale)
 
     with torch.no_grad():
         td, ts = _interleaved_min([dense, sparse], device)
@@ -191,10 +222,12 @@ DEFAULT_COST_MODEL = CostModel()
 
 
 def should_rewrite(device, dtype, layout: TokenLayout, density: float, heads: int, head_dim: int, config,
-                   cost_model: CostModel | None = None) -> tuple[bool, str]:
+                   cost_model: CostModel | None = None, tile=None, masks=None) -> tuple[bool, str]:
     """``(rewrite?, reason)`` for a site with this layout, mean mask density, heads and head dim.
 
     ``config`` is an ``OptimizeConfig`` (its ``cost_model`` mode; a missing attribute means ``"auto"``).
+    ``masks`` (one per head) and ``tile`` (``(tile_h, tile_w)``, ``None``: whole frames): time the op with the
+    site's own masks (module doc); without them, a band of whole frames at ``density``.
     """
     mode = getattr(config, "cost_model", "auto")
     if mode not in MODES:
@@ -211,8 +244,13 @@ def should_rewrite(device, dtype, layout: TokenLayout, density: float, heads: in
         return True, f"attention too small to matter ({flops / 1e6:.1f} MFLOP per call): not measured, rewritten"
     if str(device) == "cpu" and dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return True, f"no fast CPU op for {dtype}: not measured, rewritten"
+    own = {}
+    if masks is not None:
+        from ..ops.args import encode_masks, op_grid
+
+        own = {"grid": tuple(op_grid(layout, tile)), "masks": encode_masks(masks)}
     sc = ShapeClass(str(device), str(dtype).removeprefix("torch."), layout.num_frames, layout.frame_tokens,
-                    layout.text_prefix, layout.text_suffix, heads, head_dim, kept_frames_for(layout, density))
+                    layout.text_prefix, layout.text_suffix, heads, head_dim, kept_frames_for(layout, density), **own)
     t = (cost_model if cost_model is not None else DEFAULT_COST_MODEL).timing(sc)
     verdict = (f"tile op {t.sparse_s * 1e3:.2f} ms vs dense SDPA {t.dense_s * 1e3:.2f} ms (x{t.speedup:.2f}) "
                f"on {sc.describe()}")

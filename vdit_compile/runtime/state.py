@@ -149,5 +149,6 @@ class OptimizeState:
             grid = UnitGrid(lay.num_frames, lay.height, lay.width, *tile, frame_minor=lay.order == "HWT")
             density = 1.0 if lay.is_dynamic else masks_density(masks, lay, grid)
             decision = self.cost_decisions[key] = should_rewrite(device, dtype, lay, density, site.num_heads,
-                                                                       site.head_dim, self.config)
+                                                                       site.head_dim, self.config, tile=tile,
+                                                                       masks=masks)
         return masks if decision[0] else None
