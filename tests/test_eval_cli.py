@@ -67,6 +67,8 @@ def test_demo_options_reach_the_demo(monkeypatch):
     assert got[1].cache == "taylorseer" and got[1].cache_interval is None  # the best training-free setting by default
     assert main(["demo", "--tiny", "--cache", "none"]) == 0 and got[2].cache is None
     assert main(["demo", "--tiny", "--cache-interval", "3"]) == 0 and got[3].cache_interval == 3
+    assert got[3].cost_model == "auto"
+    assert main(["demo", "--tiny", "--cost-model", "always"]) == 0 and got[4].cost_model == "always"
 
 
 def test_demo_cache_interval_needs_taylorseer(capsys):

@@ -39,6 +39,9 @@ def register(sub) -> argparse.ArgumentParser:
                         "none: attention only)")
     p.add_argument("--cache-interval", type=int, default=None,
                    help="taylorseer: evaluate one step in this many after the warm-up (default 2)")
+    p.add_argument("--cost-model", default="auto", choices=("auto", "measure", "always"),
+                   help="auto (default): on CPU a tiled site is rewritten only where the op is timed faster than dense "
+                        "SDPA; always: rewrite every tiled site (to see the plan's quality whatever the speed)")
     p.set_defaults(func=run)
     return p
 
@@ -58,6 +61,7 @@ def run(args) -> int:
                        step_ranges=args.step_ranges,
                        fast_steps=args.fast_steps, tiny=args.tiny, gif=not args.no_gif, world=args.world,
                        cache=None if args.cache == "none" else args.cache, cache_interval=args.cache_interval,
+                       cost_model=args.cost_model,
                        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         run_demo(opts)

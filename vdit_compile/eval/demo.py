@@ -54,6 +54,7 @@ class DemoOptions:
     world: str = "embedded"  # which reference model: vdit_compile.models.worlds.WORLDS
     cache: Optional[str] = "taylorseer"  # step caching on top of the sparse plan (None: attention only)
     cache_interval: Optional[int] = None  # taylorseer's interval (None: the policy's default, 2)
+    cost_model: str = "auto"  # OptimizeConfig.cost_model ("always": rewrite every tiled site, to see a plan's quality)
 
 
 @dataclass
@@ -149,7 +150,7 @@ def _optimize(pipe, opts: DemoOptions, report: DemoReport, echo) -> bool:
     calib = prompt_set(opts.calib_prompts, CALIB_OFFSET, world=opts.world).prompts
     steps = opts.calib_steps or opts.steps
     _say(f"calibrating tile masks on {len(calib)} other prompt(s), {steps} step(s) each ...", echo)
-    kw = {"calib_steps": steps, "progress": opts.progress, "step_ranges": opts.step_ranges}
+    kw = {"calib_steps": steps, "progress": opts.progress, "step_ranges": opts.step_ranges, "cost_model": opts.cost_model}
     if opts.error_budget is not None:
         kw["error_budget"] = opts.error_budget
     if opts.families is not None:
@@ -253,7 +254,7 @@ def _cached(pipe, opts: DemoOptions, ps, dense: Samples, clf, report: DemoReport
     from .. import optimize
     from ..wholestep import report_of
 
-    kw = {"cache": opts.cache, "progress": False}
+    kw = {"cache": opts.cache, "progress": False, "cost_model": opts.cost_model}
     if opts.cache_interval is not None:
         kw["cache_threshold"] = opts.cache_interval
     optimize(pipe, plan=plan_of_pipe(pipe), **kw)
