@@ -58,10 +58,12 @@ def apply_plan(module: torch.nn.Module, plan_path, adapter=None, backend: str = 
     """Rewrite ``module`` with the saved plan (masks fixed); parameters stay the module's own.
 
     ``backend="eager"`` (KD training) runs the rewritten graph without inductor; ``"auto"`` (sampling)
-    lets the core pick (inductor on CUDA).
+    lets the core pick (inductor on CUDA).  Every tiled site is rewritten (``cost_model="always"``): a
+    distilled student is trained with its masks, so they are part of the model, not a speed option that a
+    timing on the current device may switch off.
     """
     optimize = _optimize()
-    return optimize(module, plan=str(plan_path), backend=backend, progress=progress)
+    return optimize(module, plan=str(plan_path), backend=backend, progress=progress, cost_model="always")
 
 
 @torch.no_grad()
