@@ -139,50 +139,29 @@ def time_shape_class(sc: ShapeClass) -> Timing:
 
 def _time_shape_class(sc: ShapeClass) -> Timing:
     device, dtype = torch.device(sc.device), getattr(torch, sc.dtype)
-    if sc.masks:
-        return _time_own_masks(sc, device, dtype)
     layout = TokenLayout(sc.num_frames, sc.frame_tokens, 1, sc.text_prefix, sc.text_suffix)
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(1, sc.heads, layout.seq_len, sc.head_dim, generator=gen).to(device, dtype) for _ in range(3))
-    fmask = proxy_frame_mask(sc.num_frames, sc.kept_frames)
     scale = sc.head_dim ** -0.5
 
     def dense():
         F.scaled_dot_product_attention(q, k, v, scale=scale)
 
-    if device.type == "cpu":  # the op's CPU path, on the exact band
+    if sc.masks or device.type != "cpu":  # through the op: the site's own masks, else a frame window of the band's width
+        from ..ops import tile_attention  # noqa: F401  (registers torch.ops.vdit.tile_attention)
+
+        grid, masks = (([int(x) for x in sc.grid], sc.masks) if sc.masks else
+                       ([sc.num_frames, sc.frame_tokens, 1, sc.frame_tokens, 1], f"g0w{(sc.kept_frames - 1) // 2}"))
+
+        def sparse():
+            torch.ops.vdit.tile_attention(q, k, v, sc.text_prefix, sc.text_suffix, grid, masks, scale)
+    else:  # the op's CPU path, on the exact band
         from ..ops.cpu_fast import fast_attention
+
+        fmask = proxy_frame_mask(sc.num_frames, sc.kept_frames)
 
         def sparse():
             fast_attention(q, k, v, layout, fmask, scale)
-    else:  # through the op: a frame window of the band's width
-        from ..ops import tile_attention  # noqa: F401  (registers torch.ops.vdit.tile_attention)
-
-        grid, mask = [sc.num_frames, sc.frame_tokens, 1, sc.frame_tokens, 1], f"g0w{(sc.kept_frames - 1) // 2}"
-
-        def sparse():
-            torch.ops.vdit.tile_attention(q, k, v, sc.text_prefix, sc.text_suffix, grid, mask, scale)
-
-    with torch.no_grad():
-        td, ts = _interleaved_min([dense, sparse], device)
-    return Timing(td, ts)
-
-
-def _time_own_masks(sc: ShapeClass, device: torch.device, dtype: torch.dtype) -> Timing:
-    """Dense SDPA vs the op with the site's own grid and per-head masks (any device)."""
-    from ..ops import tile_attention  # noqa: F401  (registers torch.ops.vdit.tile_attention)
-
-    T, H, W = (int(x) for x in sc.grid[:3])
-    L = sc.text_prefix + T * H * W + sc.text_suffix
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v = (torch.randn(1, sc.heads, L, sc.head_dim, generator=gen).to(device, dtype) for _ in range(3))
-    scale, grid = sc.head_dim ** -0.5, [int(x) for x in sc.grid]
-
-    def dense():
-        F.scaled_dot_product_attention(q, k, v, scale=scale)
-
-    def sparse():
-        torch.ops.vdit.tile_attention(q, k, v, sc.text_prefix, sc.text_suffix, grid, sc.masks, scale)
 
     with torch.no_grad():
         td, ts = _interleaved_min([dense, sparse], device)
