@@ -17,15 +17,7 @@ BOX=${FINAL_BOX:-180} bash tools/gpu_call_final.sh
 echo "== 2. calibration observation, fused ($(( $(date +%s) - start ))s)"
 PYTHONPATH=$PWD timeout ${CALIB_BOX:-120} python3 benchmarks/calibration.py --methods mass --kernels fused \
   --json $OUT/calib.jsonl > $OUT/calib.log 2>&1; echo "calibration rc=$?"
-python3 - <<'PY'
-import json, os
-p = os.environ['OUT'] + '/calib.jsonl'
-for l in (open(p) if os.path.exists(p) else []):
-    r = json.loads(l)
-    if 'sweep' not in r:
-        print(r['device'], r['shape'][:16].ljust(16), 'obs/sdpa %.2f mem %s verify/sdpa %s' % (
-            r['observe_over_sdpa'], r['extra_memory_over_sdpa_working_set'], r.get('verify_over_sdpa')))
-PY
+python3 tools/calib_summary.py $OUT/calib.jsonl
 used=$(( $(date +%s) - start ))
 echo "== 3. families, automatic padding (${used}s used)"
 TOTAL=$(( ${CALL_BOX:-570} - used )) bash tools/gpu_call_pad.sh 2>&1 | grep -v "^tests/"

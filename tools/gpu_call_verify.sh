@@ -19,17 +19,7 @@ grep -E "^(FAILED|ERROR)|passed|failed" $OUT/gpu-suite.log | tail -8
 echo "== 2. calibration observation, fused vs two-pass ($(( $(date +%s) - start ))s)"
 PYTHONPATH=$PWD timeout ${CALIB_BOX:-120} python3 benchmarks/calibration.py --methods mass --kernels fused,twopass \
   --json $OUT/calib.jsonl > $OUT/calib.log 2>&1; echo "calibration rc=$?"
-python3 - <<'PY'
-import json, os
-p = os.environ['OUT'] + '/calib.jsonl'
-for l in (open(p) if os.path.exists(p) else []):
-    r = json.loads(l)
-    if 'sweep' not in r:
-        print(r['shape'][:16].ljust(16), (r['kernel'] or '-').ljust(7), 'obs %7.2f ms kern %s host %s sdpa %.2f obs/sdpa %.2f kern/sdpa %s mem %s verify %s ms (%sx, mem %s)'
-              % (r['observe_ms'], r['kernel_ms'], r['host_ms'], r['sdpa_bf16_ms'], r['observe_over_sdpa'], r['kernel_over_sdpa'],
-                 r['extra_memory_over_sdpa_working_set'], r.get('verify_ms'), r.get('verify_over_sdpa'),
-                 r.get('verify_extra_memory_over_sdpa_working_set')))
-PY
+python3 tools/calib_summary.py $OUT/calib.jsonl
 [ -n "${SKIP_PAD:-}" ] && { echo "call total $(( $(date +%s) - start ))s (padding skipped)"; exit 0; }
 echo "== 3. unit padding ($(( $(date +%s) - start ))s)"
 (git apply patches/unit-padding.patch 2>/dev/null || patch -p1 -s < patches/unit-padding.patch) && echo "patch applied"
