@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 OPS = ["HGMMA", "MUFU.EX2", "FMNMX", "FADD", "FMUL", "FFMA", "SHFL", "BAR", "UTMALDG", "LDGSTS", "LDG", "SYNCS", "LDL", "STL"]
-POINTERS = {"HeadPat": "*i32", "RowOrder": "*i32", "Offsets": "*i32", "NumUnmasked": "*i32", "Cols": "*i32",
+POINTERS = {"HeadPat": "*i32", "RowOrder": "*i32", "Offsets": "*i32", "NumUnmasked": "*i32", "NumPadTail": "*i32", "Cols": "*i32",
             "EMask": "*i8", "LSE": "*fp32", "Delta": "*fp32"}
 TENSORS = ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")  # pointers of the input dtype
 SMEM_PER_SM = 232448
@@ -58,7 +58,8 @@ def _cuobjdump() -> str:
 def report(fn, head_dim: int, parts: tuple[int, int], tile: tuple[int, ...], dtype="bf16", **extra) -> dict:
     """``tile``: block_m, block_n, num_warps, num_stages[, maxnreg] (0 or absent: no register cap)."""
     bm, bn, warps, stages, maxnreg = (*tile, 0)[:5]
-    consts = dict(HEAD_D=head_dim, BD0=parts[0], BD1=parts[1], BLOCK_M=bm, BLOCK_N=bn, DOT_PREC="tf32", **extra)
+    consts = dict(HEAD_D=head_dim, BD0=parts[0], BD1=parts[1], BLOCK_M=bm, BLOCK_N=bn, DOT_PREC="tf32",
+                  **{"KPAD": False, **extra})
     k = triton.compile(ASTSource(fn=fn, signature=_signature(fn, consts, dtype), constexprs=consts),
                        target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {})))

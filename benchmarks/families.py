@@ -4,6 +4,15 @@ Run on a CUDA GPU (JSON lines are written as they come)::
 
     python benchmarks/families.py --out $OUT/families.jsonl
     python benchmarks/families.py --shapes wan14b-81f-720p --masks win3d-t4h1w1 --padded
+    python benchmarks/families.py --auto-pad --plain-too --budget 150
+
+Modes (the row's ``mode``): ``unpadded`` (default: the real frame, the op's automatic unit padding switched off,
+``KernelOptions(unit_pad=False)``), ``padded-by-hand`` (``--padded``), ``auto-padded`` (``--auto-pad``: the real
+frame, the op pads every unit to ``unit_stride`` tokens by the rule of ``vdit_compile/kernels/padding.py``;
+``--pad-max-waste`` sets its waste limit; ``--plain-too`` times the unpadded op on the same inputs too,
+``ours_plain_*``, so each row compares both on one card).  ``--budget S`` keeps the run inside ``S`` seconds:
+FlexAttention (compiles per mask, the slow part) is skipped once too little time is left, and shapes that
+would start past the budget are skipped (rows say so); ``--flex-shapes`` limits Flex to some shapes.
 
 For every shape of ``benchmarks/attention.py`` and every mask: the site's token tile
 (``plans.default_tile``: about 128 tokens, a divisor of the frame; ``--padded`` rounds the frame up to
@@ -20,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -29,12 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.attention import SHAPES, bench, fwd_bwd  # noqa: E402
 from vdit_compile import TokenLayout, parse_mask  # noqa: E402
+from vdit_compile.kernels.options import kernel_options  # noqa: E402
+from vdit_compile.kernels.padding import unit_stride  # noqa: E402
 from vdit_compile.masks import UnitGrid  # noqa: E402
 from vdit_compile.ops.args import encode_masks, op_grid  # noqa: E402
-from vdit_compile.ops.reorder import from_units, to_units  # noqa: E402
+from vdit_compile.ops.reorder import PaddedUnits, from_units, to_units  # noqa: E402
 from vdit_compile.plans import default_tile  # noqa: E402
 
 MASKS = ["win3d-t1h1w1", "win3d-t4h1w1", "win3d-t4h1w1-g1", "spatial-h1w1", "spatial-h0w0-g1"]
+FLEX_SECONDS = 25  # a rough cost of one mask's FlexAttention (block mask, compile of forward and backward, timing)
 
 
 def layout_of(name: str, padded: bool) -> TokenLayout:
@@ -68,7 +81,24 @@ def flex_mask_mod(spec, grid: UnitGrid, layout: TokenLayout):
     return mask_mod
 
 
-def run_shape(name: str, masks: list[str], args, sink) -> None:
+def mode_of(args) -> str:
+    return "auto-padded" if args.auto_pad else "padded-by-hand" if args.padded else "unpadded"
+
+
+def _options(args, pad: bool) -> dict:
+    return dict(unit_pad=pad, unit_pad_max_waste=args.pad_max_waste)
+
+
+def _time_ours(ours, q, k, v, do, args, pad: bool) -> dict:
+    """``{fwd_ms, fwdbwd_ms}`` of the op with automatic unit padding on or off (the output of one call too)."""
+    with kernel_options(**_options(args, pad)):
+        res = {"out": ours(), "fwd_ms": bench(ours)}
+        if not args.fwd_only:
+            res["fwdbwd_ms"] = bench(fwd_bwd(ours, (q, k, v), do), warmup=10, rep=args.rep)
+    return res
+
+
+def run_shape(name: str, masks: list[str], args, sink, deadline: float) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -77,18 +107,29 @@ def run_shape(name: str, masks: list[str], args, sink) -> None:
     tile = default_tile(layout, args.tile_tokens)
     grid = UnitGrid(layout.num_frames, layout.height, layout.width, *tile)
     L, scale = layout.seq_len, D ** -0.5
+    base = dict(shape=name, L=L, H=H, D=D, layout=layout.describe(), tile=list(tile), unit_tokens=grid.unit_tokens,
+                padded=args.padded, mode=mode_of(args))
+    if args.auto_pad:
+        with kernel_options(**_options(args, True)):
+            base["unit_stride"] = unit_stride(grid.unit_tokens)
+    if time.monotonic() > deadline:
+        sink(dict(base, skipped="budget spent before this shape"))
+        return
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(3))
     do = torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
     full = 4.0 * H * L * L * D
-    base = dict(shape=name, L=L, H=H, D=D, layout=layout.describe(), tile=list(tile), unit_tokens=grid.unit_tokens,
-                padded=args.padded)
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         sd = lambda: F.scaled_dot_product_attention(q, k, v, scale=scale)  # noqa: E731
         cudnn_fwd = bench(sd)
         cudnn_fb = None if args.fwd_only else bench(fwd_bwd(sd, (q, k, v), do), warmup=10, rep=args.rep)
     pre = layout.text_prefix
-    reorder = lambda: [to_units(x, pre, grid) for x in (q, k, v)] + [from_units(q, pre, grid)]  # noqa: E731
+    if args.auto_pad and base["unit_stride"] != grid.unit_tokens:  # the padded gather in and out
+        pu = PaddedUnits(grid, pre, layout.text_suffix, base["unit_stride"])
+        qp = pu.to_kernel(q.detach())
+        reorder = lambda: [pu.to_kernel(x) for x in (q, k, v)] + [pu.from_kernel(qp)]  # noqa: E731
+    else:
+        reorder = lambda: [to_units(x, pre, grid) for x in (q, k, v)] + [from_units(q, pre, grid)]  # noqa: E731
     base.update(cudnn_fwd_ms=cudnn_fwd, cudnn_fwdbwd_ms=cudnn_fb, cudnn_fwd_tflops=full / cudnn_fwd / 1e9,
                 reorder_ms=bench(reorder))
     flex = torch.compile(flex_attention, dynamic=False)
@@ -99,15 +140,27 @@ def run_shape(name: str, masks: list[str], args, sink) -> None:
         ours = lambda: torch.ops.vdit.tile_attention(q, k, v, layout.text_prefix, layout.text_suffix,  # noqa: E731
                                                      op_grid(layout, tile), encode_masks([spec]), scale)[0]
         try:
-            out = ours()
-            row["ours_fwd_ms"] = bench(ours)
-            if not args.fwd_only:
-                row["ours_fwdbwd_ms"] = bench(fwd_bwd(ours, (q, k, v), do), warmup=10, rep=args.rep)
+            res = _time_ours(ours, q, k, v, do, args, args.auto_pad)
+            out = res["out"]
+            row["ours_fwd_ms"] = res["fwd_ms"]
+            if "fwdbwd_ms" in res:
+                row["ours_fwdbwd_ms"] = res["fwdbwd_ms"]
+            if args.auto_pad and args.plain_too:
+                plain = _time_ours(ours, q, k, v, do, args, False)
+                row["ours_plain_fwd_ms"] = plain["fwd_ms"]
+                row["ours_plain_fwdbwd_ms"] = plain.get("fwdbwd_ms")
+                row["ours_vs_plain_relerr"] = ((out.float() - plain["out"].float()).norm() / plain["out"].float().norm()).item()
+                row["x_auto_vs_plain_fwd"] = plain["fwd_ms"] / row["ours_fwd_ms"]
+                if plain.get("fwdbwd_ms"):
+                    row["x_auto_vs_plain_fwdbwd"] = plain["fwdbwd_ms"] / row["ours_fwdbwd_ms"]
         except Exception as exc:  # noqa: BLE001 - record and go on
             row["ours_error"] = type(exc).__name__ + ": " + str(exc)[:300]
             sink(row)
             continue
-        if args.flex:
+        flex_here = args.flex and (args.flex_shapes is None or name in args.flex_shapes)
+        if flex_here and time.monotonic() + FLEX_SECONDS > deadline:
+            row["flex_skipped"] = "budget"
+        elif flex_here:
             try:
                 bm = create_block_mask(flex_mask_mod(spec, grid, layout), None, None, L, L, device="cuda", _compile=True)
                 qu, ku, vu = (to_units(x.detach(), pre, grid).requires_grad_() for x in (q, k, v))
@@ -141,8 +194,13 @@ def main(argv=None) -> None:
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
     ap.add_argument("--masks", nargs="*", default=MASKS)
     ap.add_argument("--padded", action="store_true", help="round H up to a multiple of 8 (tiles of 8 x 16 = 128)")
+    ap.add_argument("--auto-pad", action="store_true", help="the real frame with the op's automatic unit padding")
+    ap.add_argument("--pad-max-waste", type=float, default=0.125, help="KernelOptions.unit_pad_max_waste")
+    ap.add_argument("--plain-too", action="store_true", help="with --auto-pad: time the unpadded op in each row too")
+    ap.add_argument("--budget", type=float, default=None, help="seconds: skip Flex, then shapes, past this")
     ap.add_argument("--tile-tokens", type=int, default=None)
     ap.add_argument("--no-flex", dest="flex", action="store_false")
+    ap.add_argument("--flex-shapes", nargs="*", default=None, help="run FlexAttention at these shapes only")
     ap.add_argument("--fwd-only", action="store_true")
     ap.add_argument("--rep", type=int, default=60)
     ap.add_argument("--out", default=None, help="JSONL file")
@@ -157,8 +215,11 @@ def main(argv=None) -> None:
             out.write(line + "\n")
             out.flush()
 
+    if args.auto_pad and args.padded:
+        ap.error("--auto-pad runs the real (unpadded) frame: drop --padded")
+    deadline = time.monotonic() + (args.budget if args.budget is not None else float("inf"))
     for name in args.shapes:
-        run_shape(name, args.masks, args, sink)
+        run_shape(name, args.masks, args, sink, deadline)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,17 @@ the query blocks that see it (the transposed visit list); the ``dq`` pass owns o
 block and walks the same kept key blocks as the forward.  Both recompute ``p`` from the
 saved log-sum-exp.  ``delta_i = rowsum(dO * O)_i - dlse_i`` folds the gradient of the
 returned LSE in (ring / sequence-parallel merges differentiate through it).
+
+Padded units (``KPAD``, :mod:`.padding`): the ``dq`` pass drops pad keys in its masked blocks and pad tails
+(``PAD_TAIL``, one column predicate), so they give no ``dQ``; in the ``dk/dv`` pass pad keys are masked in masked
+blocks and run unmasked in pad tails, so their own ``dK, dV`` rows hold anything and are never read back; pad
+query rows come with zero ``dO`` and ``dlse`` (the op's gather fills them), so they add nothing to ``dK, dV``,
+and their ``dQ`` is discarded.
 """
 import triton
 import triton.language as tl
 
-from ._fwd import _load_rows, _segments, _tile_keep
+from ._fwd import _load_rows, _segments, _tile_keep, _unpadded, _visit_span
 
 
 @triton.jit
@@ -100,10 +106,11 @@ def tile_dkdv_kernel(
     HeadPat, RowOrder, Offsets, NumUnmasked, Cols, EMask,
     H, Lq, Lk, n_rows,
     q_pre, q_P, q_vid_end, nseg_q,
-    k_pre, k_P, k_vid_end, nseg_k,
+    k_pre, k_P, k_vid_end, nseg_k, k_U,
     qk_scale, sm_scale,
     HEAD_D: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, TWO_SEG: tl.constexpr = False,
+    KPAD: tl.constexpr = False,
 ):
     """One program per (key block, batch x head); rows of the visit list are key blocks."""
     pid = tl.program_id(0)
@@ -141,18 +148,22 @@ def tile_dkdv_kernel(
         k1, v1, dk1, dv1 = k0, v0, dk0, dv0  # unused: no second part
     segk = _segments(offs_n, k_pre, k_P, k_vid_end, nseg_k)
     segk0 = _segments(kb * BLOCK_N, k_pre, k_P, k_vid_end, nseg_k)
+    if KPAD:  # pad keys: masked (their block always is), so they get no dK, dV
+        n_live = n_ok & _unpadded(offs_n, k_pre, k_P, k_U, k_vid_end)
+    else:
+        n_live = n_ok
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
     lse_base = LSE + bh.to(tl.int64) * Lq
     delta_base = Delta + bh.to(tl.int64) * Lq
     emask_base = EMask + pat * nseg_q * nseg_k
     dk0, dk1, dv0, dv1 = _dkdv_inner(
-        dk0, dk1, dv0, dv1, k0, k1, v0, v1, segk, segk0, n_ok, q_base, do_base, stride_ql, stride_dol,
+        dk0, dk1, dv0, dv1, k0, k1, v0, v1, segk, segk0, n_live, q_base, do_base, stride_ql, stride_dol,
         lse_base, delta_base, Cols, emask_base, start, mid, Lq, q_pre, q_P, q_vid_end, nseg_q, nseg_k,
         qk_scale, d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_M, False, DOT_PREC, TWO_SEG,
     )
     dk0, dk1, dv0, dv1 = _dkdv_inner(
-        dk0, dk1, dv0, dv1, k0, k1, v0, v1, segk, segk0, n_ok, q_base, do_base, stride_ql, stride_dol,
+        dk0, dk1, dv0, dv1, k0, k1, v0, v1, segk, segk0, n_live, q_base, do_base, stride_ql, stride_dol,
         lse_base, delta_base, Cols, emask_base, mid, end, Lq, q_pre, q_P, q_vid_end, nseg_q, nseg_k,
         qk_scale, d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_M, True, DOT_PREC, TWO_SEG,
     )
@@ -172,10 +183,11 @@ def _dq_inner(
     dq0, dq1, q0, q1, do0, do1, lse2, delta, segq, segq0,
     k_base, v_base, stride_kl, stride_vl,
     Cols, emask_base, lo, hi,
-    Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, qk_scale,
+    Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, k_U, qk_scale,
     d0, d0_ok, d1, d1_ok,
     HEAD_D: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, TWO_SEG: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, TWO_SEG: tl.constexpr, KPAD: tl.constexpr,
+    PAD_TAIL: tl.constexpr = False,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     for it in range(lo, hi):
@@ -196,7 +208,11 @@ def _dq_inner(
             segk = _segments(offs_n, k_pre, k_P, k_vid_end, nseg_k)
             segk0 = _segments(kb * BLOCK_N, k_pre, k_P, k_vid_end, nseg_k)
             keep = _tile_keep(segq, segk, segq0, segk0, emask_base, nseg_k, 1, nseg_q - 1, nseg_k - 1, TWO_SEG)
+            if KPAD:
+                n_ok = n_ok & _unpadded(offs_n, k_pre, k_P, k_U, k_vid_end)
             p = tl.where(keep & n_ok[None, :], p, 0.0)
+        elif PAD_TAIL:
+            p = tl.where(_unpadded(offs_n, k_pre, k_P, k_U, k_vid_end)[None, :], p, 0.0)
         ds = (p * (dp - delta[:, None])).to(k0.dtype)
         dq0 = tl.dot(ds, k0, dq0, input_precision=DOT_PREC)
         if BD1 > 0:
@@ -212,25 +228,22 @@ def tile_dq_kernel(
     stride_vb, stride_vh, stride_vl,
     stride_dob, stride_doh, stride_dol,
     stride_dqb, stride_dqh, stride_dql,
-    HeadPat, RowOrder, Offsets, NumUnmasked, Cols, EMask,
+    HeadPat, RowOrder, Offsets, NumUnmasked, NumPadTail, Cols, EMask,
     H, Lq, Lk, n_rows,
     q_pre, q_P, q_vid_end, nseg_q,
-    k_pre, k_P, k_vid_end, nseg_k,
+    k_pre, k_P, k_vid_end, nseg_k, k_U,
     qk_scale, sm_scale,
     HEAD_D: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, TWO_SEG: tl.constexpr = False,
+    KPAD: tl.constexpr = False,
 ):
     """One program per (query block, batch x head), walking the forward's kept key blocks."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    pat = tl.load(HeadPat + h)
-    qb = tl.load(RowOrder + pat * n_rows + pid)
-    row = pat * n_rows + qb
-    start = tl.load(Offsets + row)
-    mid = start + tl.load(NumUnmasked + row)
-    end = tl.load(Offsets + row + 1)
+    pat, qb, start, tail, mid, end = _visit_span(HeadPat, RowOrder, Offsets, NumUnmasked, NumPadTail, pid, h, n_rows,
+                                                 KPAD)
 
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < Lq
@@ -262,13 +275,19 @@ def tile_dq_kernel(
     emask_base = EMask + pat * nseg_q * nseg_k
     dq0, dq1 = _dq_inner(
         dq0, dq1, q0, q1, do0, do1, lse2, delta, segq, segq0, k_base, v_base, stride_kl, stride_vl,
-        Cols, emask_base, start, mid, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, qk_scale,
-        d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_N, False, DOT_PREC, TWO_SEG,
+        Cols, emask_base, start, tail, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, k_U, qk_scale,
+        d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_N, False, DOT_PREC, TWO_SEG, KPAD,
     )
+    if KPAD:
+        dq0, dq1 = _dq_inner(
+            dq0, dq1, q0, q1, do0, do1, lse2, delta, segq, segq0, k_base, v_base, stride_kl, stride_vl,
+            Cols, emask_base, tail, mid, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, k_U, qk_scale,
+            d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_N, False, DOT_PREC, TWO_SEG, KPAD, True,
+        )
     dq0, dq1 = _dq_inner(
         dq0, dq1, q0, q1, do0, do1, lse2, delta, segq, segq0, k_base, v_base, stride_kl, stride_vl,
-        Cols, emask_base, mid, end, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, qk_scale,
-        d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_N, True, DOT_PREC, TWO_SEG,
+        Cols, emask_base, mid, end, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, k_U, qk_scale,
+        d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_N, True, DOT_PREC, TWO_SEG, KPAD,
     )
     dq_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
     tl.store(dq_base + offs_m[:, None] * stride_dql + d0[None, :], (dq0 * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d0_ok[None, :])

@@ -22,6 +22,14 @@ def _segments(tok, pre, P, vid_end, nseg):
 
 
 @triton.jit
+def _unpadded(tok, pre, P, U, vid_end):
+    """False for the pad tokens of padded units (the last ``P - U`` of every ``P``-token unit), true elsewhere
+    (text included; see :mod:`.padding`)."""
+    rel = tok - pre
+    return ((rel % P) < U) | (rel < 0) | (tok >= vid_end)
+
+
+@triton.jit
 def _load_rows(base, rows, stride_row, cols, row_ok, col_ok, ROW_MASK: tl.constexpr, COL_MASK: tl.constexpr):
     """Load a (rows x cols) tile of a row-major matrix, masking only what the flags ask for."""
     ptrs = base + rows[:, None] * stride_row + cols[None, :]
@@ -62,18 +70,29 @@ def _tile_keep(seg_r, seg_c, r0, c0, emask_base, stride_r, stride_c, max_r, max_
 
 @triton.jit
 def _softmax_step(qk, m_i, l_i, segq, segq0, offs_n, n_start, n_ok, emask_base, k_pre, k_P, k_vid_end, nseg_q, nseg_k,
-                  qk_scale, MASKED: tl.constexpr, TWO_SEG: tl.constexpr):
+                  k_U, qk_scale, MASKED: tl.constexpr, TWO_SEG: tl.constexpr, KPAD: tl.constexpr,
+                  PAD_TAIL: tl.constexpr = False):
     """Online-softmax update for one key block: ``(p, alpha, l_i, m_new)`` (shared with :mod:`._fwd_tma`).
 
-    Masked blocks look up ``E[seg(q), seg(k)]`` (:func:`_tile_keep`) and drop keys past the end; unmasked ones
-    skip both.  ``segq0``: segment of the block's first query; ``n_start``: its first key.
+    Masked blocks look up ``E[seg(q), seg(k)]`` (:func:`_tile_keep`) and drop keys past the end (and, ``KPAD``,
+    the pad keys of padded units: ``k_U`` real tokens per ``k_P``); unmasked ones skip all of it (the visit
+    lists never run a block holding pad keys unmasked).  ``PAD_TAIL`` (an unmasked block whose keys include pad):
+    the pad keys alone are dropped, by one column predicate.  ``segq0``: segment of the block's first query;
+    ``n_start``: its first key.
     """
     if MASKED:
         segk = _segments(offs_n, k_pre, k_P, k_vid_end, nseg_k)
         segk0 = _segments(n_start, k_pre, k_P, k_vid_end, nseg_k)
         keep = _tile_keep(segq, segk, segq0, segk0, emask_base, nseg_k, 1, nseg_q - 1, nseg_k - 1, TWO_SEG)
-        keep = keep & n_ok[None, :]
+        if KPAD:
+            keep = keep & (n_ok & _unpadded(offs_n, k_pre, k_P, k_U, k_vid_end))[None, :]
+        else:
+            keep = keep & n_ok[None, :]
         qk = tl.where(keep, qk * qk_scale, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        qk = qk - m_ij[:, None]
+    elif PAD_TAIL:
+        qk = tl.where(_unpadded(offs_n, k_pre, k_P, k_U, k_vid_end)[None, :], qk * qk_scale, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         qk = qk - m_ij[:, None]
     else:
@@ -90,10 +109,11 @@ def _fwd_inner(
     acc0, acc1, l_i, m_i, q0, q1, segq, segq0,
     k_base, v_base, stride_kl, stride_vl,
     Cols, emask_base, lo, hi,
-    Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, qk_scale,
+    Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, k_U, qk_scale,
     d0, d0_ok, d1, d1_ok,
     HEAD_D: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, TWO_SEG: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, TWO_SEG: tl.constexpr, KPAD: tl.constexpr,
+    PAD_TAIL: tl.constexpr = False,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     for it in range(lo, hi):
@@ -106,7 +126,8 @@ def _fwd_inner(
             k1 = _load_rows(k_base, offs_n, stride_kl, d1, n_ok, d1_ok, MASKED, BD0 + BD1 > HEAD_D)
             qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
         p, alpha, l_i, m_ij = _softmax_step(qk, m_i, l_i, segq, segq0, offs_n, kb * BLOCK_N, n_ok, emask_base, k_pre,
-                                             k_P, k_vid_end, nseg_q, nseg_k, qk_scale, MASKED, TWO_SEG)
+                                             k_P, k_vid_end, nseg_q, nseg_k, k_U, qk_scale, MASKED, TWO_SEG, KPAD,
+                                             PAD_TAIL)
         v0 = _load_rows(v_base, offs_n, stride_vl, d0, n_ok, d0_ok, MASKED, BD0 > HEAD_D)
         acc0 = acc0 * alpha[:, None]
         acc0 = tl.dot(p.to(v0.dtype), v0, acc0, input_precision=DOT_PREC)
@@ -158,13 +179,19 @@ def _head_cols(HEAD_D: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr):
 
 
 @triton.jit
-def _visit_span(HeadPat, RowOrder, Offsets, NumUnmasked, pid, h, n_rows):
-    """Head ``h``'s pattern, this program's query block and its CSR span: unmasked ``[start, mid)``, masked ``[mid, end)``."""
+def _visit_span(HeadPat, RowOrder, Offsets, NumUnmasked, NumPadTail, pid, h, n_rows, KPAD: tl.constexpr):
+    """Head ``h``'s pattern, this program's row block and its CSR span: unmasked ``[start, tail)``, pad tails
+    ``[tail, mid)`` (``KPAD`` only; else ``tail == mid``), masked ``[mid, end)``."""
     pat = tl.load(HeadPat + h)
     qb = tl.load(RowOrder + pat * n_rows + pid)
     row = pat * n_rows + qb
     start = tl.load(Offsets + row)
-    return pat, qb, start, start + tl.load(NumUnmasked + row), tl.load(Offsets + row + 1)
+    mid = start + tl.load(NumUnmasked + row)
+    if KPAD:
+        tail = mid - tl.load(NumPadTail + row)
+    else:
+        tail = mid
+    return pat, qb, start, tail, mid, tl.load(Offsets + row + 1)
 
 
 @triton.jit
@@ -174,19 +201,21 @@ def tile_fwd_kernel(
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
     stride_ob, stride_oh, stride_ol,
-    HeadPat, RowOrder, Offsets, NumUnmasked, Cols, EMask,
+    HeadPat, RowOrder, Offsets, NumUnmasked, NumPadTail, Cols, EMask,
     H, Lq, Lk, n_rows,
     q_pre, q_P, q_vid_end, nseg_q,
-    k_pre, k_P, k_vid_end, nseg_k,
+    k_pre, k_P, k_vid_end, nseg_k, k_U,
     qk_scale,
     HEAD_D: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, TWO_SEG: tl.constexpr = False,
+    KPAD: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    pat, qb, start, mid, end = _visit_span(HeadPat, RowOrder, Offsets, NumUnmasked, pid, h, n_rows)
+    pat, qb, start, tail, mid, end = _visit_span(HeadPat, RowOrder, Offsets, NumUnmasked, NumPadTail, pid, h, n_rows,
+                                                 KPAD)
 
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < Lq
@@ -206,13 +235,19 @@ def tile_fwd_kernel(
     acc0, acc1, l_i, m_i = _fwd_state(BLOCK_M, BD0, BD1)
     acc0, acc1, l_i, m_i = _fwd_inner(
         acc0, acc1, l_i, m_i, q0, q1, segq, segq0, k_base, v_base, stride_kl, stride_vl,
-        Cols, emask_base, start, mid, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, qk_scale,
-        d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_N, False, DOT_PREC, TWO_SEG,
+        Cols, emask_base, start, tail, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, k_U, qk_scale,
+        d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_N, False, DOT_PREC, TWO_SEG, KPAD,
     )
+    if KPAD:
+        acc0, acc1, l_i, m_i = _fwd_inner(
+            acc0, acc1, l_i, m_i, q0, q1, segq, segq0, k_base, v_base, stride_kl, stride_vl,
+            Cols, emask_base, tail, mid, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, k_U, qk_scale,
+            d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_N, False, DOT_PREC, TWO_SEG, KPAD, True,
+        )
     acc0, acc1, l_i, m_i = _fwd_inner(
         acc0, acc1, l_i, m_i, q0, q1, segq, segq0, k_base, v_base, stride_kl, stride_vl,
-        Cols, emask_base, mid, end, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, qk_scale,
-        d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_N, True, DOT_PREC, TWO_SEG,
+        Cols, emask_base, mid, end, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, k_U, qk_scale,
+        d0, d0_ok, d1, d1_ok, HEAD_D, BD0, BD1, BLOCK_N, True, DOT_PREC, TWO_SEG, KPAD,
     )
     _fwd_store(acc0, acc1, l_i, m_i, O, LSE, b, h, bh, offs_m, m_ok, Lq, stride_ob, stride_oh, stride_ol,
                d0, d0_ok, d1, d1_ok, BD1)

@@ -10,7 +10,8 @@ shape ``[L, HEAD_D]`` and strides ``[stride_l, 1]``: this takes the strided ``(B
 views the portable kernel takes, as long as TMA's rules hold (16-byte aligned base and row
 stride; the launcher checks and otherwise runs the portable kernel).  TMA zero-fills rows past
 ``L`` and columns past ``HEAD_D`` (pad mode), so no load needs a mask; the scores of keys past
-``Lk`` are still masked in the boundary loop exactly as in the portable kernel.
+``Lk`` (and the pad keys of padded units, ``KPAD``) are still masked in the boundary loop exactly as in the
+portable kernel.
 
 Pipelining depth is the launch's ``num_stages`` (the compiler's software pipeline); nothing in
 the kernel depends on it.  ``WS`` asks Triton to warp-specialise the unmasked loop
@@ -31,9 +32,10 @@ from ._fwd import _fwd_state, _fwd_store, _head_cols, _segments, _softmax_step, 
 def _fwd_inner_tma(
     acc0, acc1, l_i, m_i, q0, q1, segq, segq0, k0d, k1d, v0d, v1d,
     Cols, emask_base, lo, hi,
-    Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, qk_scale,
+    Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, k_U, qk_scale,
     BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PREC: tl.constexpr, WS: tl.constexpr, TWO_SEG: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PREC: tl.constexpr, WS: tl.constexpr, TWO_SEG: tl.constexpr, KPAD: tl.constexpr,
+    PAD_TAIL: tl.constexpr = False,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     for it in tl.range(lo, hi, warp_specialize=WS):
@@ -45,7 +47,8 @@ def _fwd_inner_tma(
             qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
         offs_n = n0 + offs_n0
         p, alpha, l_i, m_ij = _softmax_step(qk, m_i, l_i, segq, segq0, offs_n, n0, offs_n < Lk, emask_base, k_pre, k_P,
-                                             k_vid_end, nseg_q, nseg_k, qk_scale, MASKED, TWO_SEG)
+                                             k_vid_end, nseg_q, nseg_k, k_U, qk_scale, MASKED, TWO_SEG, KPAD,
+                                             PAD_TAIL)
         v0 = v0d.load([n0, 0])
         acc0 = acc0 * alpha[:, None]
         acc0 = tl.dot(p.to(v0.dtype), v0, acc0, input_precision=DOT_PREC)
@@ -78,20 +81,21 @@ def tile_fwd_tma_kernel(
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
     stride_ob, stride_oh, stride_ol,
-    HeadPat, RowOrder, Offsets, NumUnmasked, Cols, EMask,
+    HeadPat, RowOrder, Offsets, NumUnmasked, NumPadTail, Cols, EMask,
     H, Lq, Lk, n_rows,
     q_pre, q_P, q_vid_end, nseg_q,
-    k_pre, k_P, k_vid_end, nseg_k,
+    k_pre, k_P, k_vid_end, nseg_k, k_U,
     qk_scale,
     HEAD_D: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, WS: tl.constexpr = False,
-    TWO_SEG: tl.constexpr = False,
+    TWO_SEG: tl.constexpr = False, KPAD: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    pat, qb, start, mid, end = _visit_span(HeadPat, RowOrder, Offsets, NumUnmasked, pid, h, n_rows)
+    pat, qb, start, tail, mid, end = _visit_span(HeadPat, RowOrder, Offsets, NumUnmasked, NumPadTail, pid, h, n_rows,
+                                                 KPAD)
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < Lq
     d0, d0_ok, d1, d1_ok = _head_cols(HEAD_D, BD0, BD1)
@@ -110,13 +114,19 @@ def tile_fwd_tma_kernel(
     acc0, acc1, l_i, m_i = _fwd_state(BLOCK_M, BD0, BD1)
     acc0, acc1, l_i, m_i = _fwd_inner_tma(
         acc0, acc1, l_i, m_i, q0, q1, segq, segq0, k0d, k1d, v0d, v1d,
-        Cols, emask_base, start, mid, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, qk_scale,
-        BD0, BD1, BLOCK_N, False, DOT_PREC, WS, TWO_SEG,
+        Cols, emask_base, start, tail, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, k_U, qk_scale,
+        BD0, BD1, BLOCK_N, False, DOT_PREC, WS, TWO_SEG, KPAD,
     )
+    if KPAD:
+        acc0, acc1, l_i, m_i = _fwd_inner_tma(
+            acc0, acc1, l_i, m_i, q0, q1, segq, segq0, k0d, k1d, v0d, v1d,
+            Cols, emask_base, tail, mid, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, k_U, qk_scale,
+            BD0, BD1, BLOCK_N, False, DOT_PREC, False, TWO_SEG, KPAD, True,
+        )
     acc0, acc1, l_i, m_i = _fwd_inner_tma(
         acc0, acc1, l_i, m_i, q0, q1, segq, segq0, k0d, k1d, v0d, v1d,
-        Cols, emask_base, mid, end, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, qk_scale,
-        BD0, BD1, BLOCK_N, True, DOT_PREC, False, TWO_SEG,
+        Cols, emask_base, mid, end, Lk, k_pre, k_P, k_vid_end, nseg_q, nseg_k, k_U, qk_scale,
+        BD0, BD1, BLOCK_N, True, DOT_PREC, False, TWO_SEG, KPAD,
     )
     _fwd_store(acc0, acc1, l_i, m_i, O, LSE, b, h, bh, offs_m, m_ok, Lq, stride_ob, stride_oh, stride_ol,
                d0, d0_ok, d1, d1_ok, BD1)

@@ -90,6 +90,19 @@ def block_mass_reference(q: torch.Tensor, k: torch.Tensor, scale: float, starts:
 if triton is not None:
 
     @triton.jit
+    def _key_block_scores(q, kb, IDX, cols, cmask, skl, offs_d, D: tl.constexpr, IEEE: tl.constexpr,
+                          HAS_IDX: tl.constexpr):
+        """``q k^T`` of one key block (columns ``cols`` of the unit order, ``IDX``-mapped to tokens when given)."""
+        if HAS_IDX:
+            cols = tl.load(IDX + cols, mask=cmask, other=0)
+        kt = tl.load(kb + cols[None, :] * skl + offs_d[:, None], mask=cmask[None, :] & (offs_d[:, None] < D), other=0.0)
+        if IEEE:
+            s = tl.dot(q, kt, input_precision="ieee")
+        else:
+            s = tl.dot(q, kt)
+        return s
+
+    @triton.jit
     def _lse_kernel(Q, K, IDX, LSE, sqb, sqh, sql, skb, skh, skl, H, L, scale2,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     IEEE: tl.constexpr, HAS_IDX: tl.constexpr):
@@ -109,12 +122,7 @@ if triton is not None:
         kb = K + b * skb + h * skh
         for n0 in range(0, L, BLOCK_N):  # the row's lse does not depend on the key order: no index here
             cols = n0 + offs_n
-            kt = tl.load(kb + cols[None, :] * skl + offs_d[:, None], mask=(cols[None, :] < L) & (offs_d[:, None] < D),
-                         other=0.0)
-            if IEEE:
-                s = tl.dot(q, kt, input_precision="ieee")
-            else:
-                s = tl.dot(q, kt)
+            s = _key_block_scores(q, kb, IDX, cols, cols < L, skl, offs_d, D, IEEE, False)
             s = tl.where(cols[None, :] < L, s * scale2, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
@@ -149,16 +157,8 @@ if triton is not None:
                             other=0.0)
                 lse = tl.load(LSE + bh * L + qrow, mask=rmask, other=0.0)
                 for c0 in range(0, kl, BLOCK_N):
-                    cols = ks + c0 + offs_n
                     cmask = (c0 + offs_n) < kl
-                    if HAS_IDX:
-                        cols = tl.load(IDX + cols, mask=cmask, other=0)
-                    kt = tl.load(kb + cols[None, :] * skl + offs_d[:, None], mask=cmask[None, :] & (offs_d[:, None] < D),
-                                 other=0.0)
-                    if IEEE:
-                        s = tl.dot(q, kt, input_precision="ieee")
-                    else:
-                        s = tl.dot(q, kt)
+                    s = _key_block_scores(q, kb, IDX, ks + c0 + offs_n, cmask, skl, offs_d, D, IEEE, HAS_IDX)
                     p = tl.exp2(s * scale2 - lse[:, None])
                     p = tl.where(rmask[:, None] & cmask[None, :], p, 0.0)
                     acc += tl.sum(p, 1)
@@ -220,15 +220,7 @@ if triton is not None:
             for n0 in range(0, L, BLOCK_N):
                 cols = n0 + offs_n
                 cmask = cols < L
-                kcol = cols
-                if HAS_IDX:
-                    kcol = tl.load(IDX + cols, mask=cmask, other=0)
-                kt = tl.load(kb + kcol[None, :] * skl + offs_d[:, None], mask=cmask[None, :] & (offs_d[:, None] < D),
-                             other=0.0)
-                if IEEE:
-                    s = tl.dot(q, kt, input_precision="ieee")
-                else:
-                    s = tl.dot(q, kt)
+                s = _key_block_scores(q, kb, IDX, cols, cmask, skl, offs_d, D, IEEE, HAS_IDX)
                 s = tl.where(cmask[None, :], s * scale2, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 alpha = tl.exp2(m_i - m_new)

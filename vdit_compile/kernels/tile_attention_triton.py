@@ -4,7 +4,8 @@
   (any ``(H or 1, Tq, Tk)`` unit mask, optionally a different key layout: the rectangular ring step of
   :mod:`vdit_compile.parallel.rect`).
 * :func:`forward` / :func:`backward` -- the CUDA implementation of ``torch.ops.vdit.tile_attention`` in unit
-  space (:class:`~vdit_compile.ops.args.OpMasks`: any mask family, units = frames or token tiles).
+  space (:class:`~vdit_compile.ops.args.OpMasks`: any mask family, units = frames or token tiles), on padded
+  units where :func:`unit_padding` says so (:mod:`.padding`).
 
 Inputs are ``(B, H, L, D)`` tensors with unit stride on ``D``; any other strides (e.g. a
 ``(B, L, H, D)`` tensor viewed with ``.transpose(1, 2)``) are passed to the kernel as they
@@ -21,12 +22,14 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 
 import torch
 
 from ..layout import TokenLayout
 from .configs import KernelConfigs, get_configs
 from .options import current
+from .padding import unit_stride
 from .visit import Side, TilePlan, tile_plan
 
 log = logging.getLogger(__name__)
@@ -98,9 +101,10 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 
 def _sides(plan: TilePlan):
+    """The kernels' layout arguments: query side, key side, then the key side's real tokens per unit (``k_U``)."""
     qs, ks = plan.qside, plan.kside
     return (qs.text_prefix, qs.frame_tokens, qs.video_end, qs.num_segments,
-            ks.text_prefix, ks.frame_tokens, ks.video_end, ks.num_segments)
+            ks.text_prefix, ks.frame_tokens, ks.video_end, ks.num_segments, ks.valid_tokens)
 
 
 def two_segment_blocks(plan: TilePlan, block_q: int, block_k: int) -> bool:
@@ -239,10 +243,11 @@ def attention_forward(q, k, v, plan: TilePlan, scale: float, cfgs: KernelConfigs
     kernel[(vl.n_rows, B * H)](
         q, k, v, out, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        plan.head_pattern, vl.row_order, vl.offsets, vl.num_unmasked, vl.cols, plan.ext,
+        plan.head_pattern, vl.row_order, vl.offsets, vl.num_unmasked, vl.num_pad_tail, vl.cols, plan.ext,
         H, Lq, Lk, vl.n_rows, *_sides(plan), scale * LOG2E,
         HEAD_D=D, BD0=bd0, BD1=bd1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        DOT_PREC=_dot_prec(q.dtype), TWO_SEG=two_segment_blocks(plan, cfg.block_m, cfg.block_n), **extra, **cfg.launch(),
+        DOT_PREC=_dot_prec(q.dtype), TWO_SEG=two_segment_blocks(plan, cfg.block_m, cfg.block_n), KPAD=plan.kside.padded,
+        **extra, **cfg.launch(),
     )
     return out, lse
 
@@ -275,17 +280,19 @@ def attention_backward(dout, dlse, q, k, v, out, lse, plan: TilePlan, scale: flo
         plan.head_pattern, vt.row_order, vt.offsets, vt.num_unmasked, vt.cols, plan.ext,
         *common, vt.n_rows, *_sides(plan), scale * LOG2E, scale,
         HEAD_D=D, BD0=bd0, BD1=bd1, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-        DOT_PREC=_dot_prec(q.dtype), TWO_SEG=two_segment_blocks(plan, c.block_m, c.block_n), **c.launch(),
+        DOT_PREC=_dot_prec(q.dtype), TWO_SEG=two_segment_blocks(plan, c.block_m, c.block_n), KPAD=plan.kside.padded,
+        **c.launch(),
     )
     c = cfgs.dq
     vq = plan.visits(c.block_m, c.block_n)
     tile_dq_kernel[(vq.n_rows, B * H)](
         q, k, v, dout, lse, delta, dq,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
-        plan.head_pattern, vq.row_order, vq.offsets, vq.num_unmasked, vq.cols, plan.ext,
+        plan.head_pattern, vq.row_order, vq.offsets, vq.num_unmasked, vq.num_pad_tail, vq.cols, plan.ext,
         *common, vq.n_rows, *_sides(plan), scale * LOG2E, scale,
         HEAD_D=D, BD0=bd0, BD1=bd1, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-        DOT_PREC=_dot_prec(q.dtype), TWO_SEG=two_segment_blocks(plan, c.block_m, c.block_n), **c.launch(),
+        DOT_PREC=_dot_prec(q.dtype), TWO_SEG=two_segment_blocks(plan, c.block_m, c.block_n), KPAD=plan.kside.padded,
+        **c.launch(),
     )
     return dq, dk, dv
 
@@ -294,15 +301,31 @@ def attention_backward(dout, dlse, q, k, v, out, lse, plan: TilePlan, scale: flo
 _WARNED: set = set()
 
 
-def _op_plan(q, layout: TokenLayout, om) -> TilePlan:
+def _op_plan(q, layout: TokenLayout, om, valid: int = 0) -> TilePlan:
     """The visit lists of one call in unit space, cached by ``(Side, heads, device, grid and mask names)``.
 
     ``layout`` is the call's unit-space layout (``N`` units of ``U`` tokens; :class:`~vdit_compile.ops.args.OpMasks`
     made it) and ``Side`` holds the sequence length and text prefix, so models whose text length changes per
     call (trimmed by value: Mochi, HunyuanVideo 1.5, Framepack) get one cache entry per distinct length.
+    ``valid``: padded units (:func:`unit_padding`): only the first ``valid`` of every ``U`` tokens are real.
     """
     side = Side.of(layout)
+    if valid:
+        side = replace(side, frame_valid=int(valid))
     return tile_plan(side, side, om.unit_mask, q.shape[1], q.device, key=("op",) + om.key)
+
+
+def unit_padding(q, k, v, om) -> int | None:
+    """The unit stride ``P_pad`` when the CUDA path pads this call's units, else ``None``.
+
+    Only where the kernels take the inputs (the gather reference knows no padding) and the rule of
+    :func:`.padding.unit_stride` (``KernelOptions.unit_pad*``) asks for a longer stride than the unit.
+    """
+    if unsupported_reason(q, k, v) is not None:
+        return None
+    P = om.grid.unit_tokens
+    stride = unit_stride(P)
+    return stride if stride != P else None
 
 
 def _fallback(q, k, v, what: str) -> bool:
@@ -313,24 +336,38 @@ def _fallback(q, k, v, what: str) -> bool:
     return reason is not None
 
 
-def forward(q, k, v, layout: TokenLayout, om, scale: float):
-    """CUDA implementation of ``torch.ops.vdit.tile_attention`` in unit space: ``(out, lse)``."""
+def _no_padded_fallback(valid: int, what: str) -> None:
+    if valid:
+        raise RuntimeError(f"tile_attention {what}: padded units reached the gather reference (unit_padding "
+                           "must only pad inputs the kernels take)")
+
+
+def forward(q, k, v, layout: TokenLayout, om, scale: float, valid: int = 0):
+    """CUDA implementation of ``torch.ops.vdit.tile_attention`` in unit space: ``(out, lse)``.
+
+    ``valid``: the units of ``layout`` are padded (:func:`unit_padding`), ``valid`` real tokens each.
+    """
     if _fallback(q, k, v, "forward"):
         from ..ops.reference import reference_tile_attention
 
+        _no_padded_fallback(valid, "forward")
         out, lse = reference_tile_attention(q, k, v, layout, om.unit_mask(), scale)
         return out.contiguous(), lse.contiguous()
-    return attention_forward(q, k, v, _op_plan(q, layout, om), float(scale))
+    return attention_forward(q, k, v, _op_plan(q, layout, om, valid), float(scale))
 
 
-def backward(dout, dlse, q, k, v, out, lse, layout: TokenLayout, om, scale: float):
-    """CUDA implementation of ``torch.ops.vdit.tile_attention_backward`` in unit space: ``(dq, dk, dv)``."""
+def backward(dout, dlse, q, k, v, out, lse, layout: TokenLayout, om, scale: float, valid: int = 0):
+    """CUDA implementation of ``torch.ops.vdit.tile_attention_backward`` in unit space: ``(dq, dk, dv)``.
+
+    Padded units (``valid``): the pad rows of ``dout`` and ``dlse`` must be zero (``ops.reorder.PaddedUnits``).
+    """
     if _fallback(q, k, v, "backward"):
         from ..ops.reference import reference_tile_attention_backward
 
+        _no_padded_fallback(valid, "backward")
         grads = reference_tile_attention_backward(dout, dlse, q, k, v, out, lse, layout, om.unit_mask(), scale)
         return tuple(g.contiguous() for g in grads)
-    return attention_backward(dout, dlse, q, k, v, out, lse, _op_plan(q, layout, om), float(scale))
+    return attention_backward(dout, dlse, q, k, v, out, lse, _op_plan(q, layout, om, valid), float(scale))
 
 
 def flops(plan: TilePlan, batch: int, head_dim: int) -> float:
@@ -340,4 +377,4 @@ def flops(plan: TilePlan, batch: int, head_dim: int) -> float:
 
 
 __all__ = ["available", "forward", "backward", "attention_forward", "attention_backward",
-           "forward_path", "head_dim_parts", "flops"]
+           "forward_path", "head_dim_parts", "flops", "unit_padding"]

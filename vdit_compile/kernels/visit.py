@@ -18,6 +18,13 @@ tensor arithmetic on the inputs' device (GPU or CPU), so a build takes milliseco
 at 120k tokens, and it is cached per (layouts, mask, block sizes, device).
 
 Heads that share a mask share one *pattern*; ``head_pattern[h]`` selects it.
+
+Padded units (:mod:`.padding`): a :class:`Side` may say that only the first ``frame_valid`` of every
+``frame_tokens`` tokens of a unit are real.  A block of pad alone, on either side, is never visited (its keys
+never attend, its query rows are discarded).  A fully kept block whose keys include pad is a *pad tail*: in the
+query-major lists (forward, ``dq``) it sits at the end of the row's unmasked entries (``num_pad_tail`` of them)
+and the kernels drop its pad keys with one column predicate instead of the segment lookup; in the key-major
+``dk/dv`` lists it is simply unmasked (the pad keys' own gradients are computed and never read back).
 """
 from __future__ import annotations
 
@@ -34,11 +41,14 @@ class Side:
     length: int
     text_prefix: int
     num_frames: int
-    frame_tokens: int
+    frame_tokens: int  # the stride of a frame / unit
+    frame_valid: int = 0  # real tokens at the start of each frame (0: all ``frame_tokens``); the rest is pad
 
     def __post_init__(self):
         if self.num_frames < 1 or self.frame_tokens < 1 or self.text_prefix < 0:
             raise ValueError(f"invalid side layout {self}")
+        if not 0 <= self.frame_valid <= self.frame_tokens:
+            raise ValueError(f"invalid side layout {self}: frame_valid must be in 0..frame_tokens")
         if self.text_prefix + self.num_frames * self.frame_tokens > self.length:
             raise ValueError(
                 f"layout of {self.text_prefix} prefix + {self.num_frames}x{self.frame_tokens} video tokens "
@@ -52,6 +62,29 @@ class Side:
     @property
     def num_segments(self) -> int:
         return self.num_frames + 2
+
+    @property
+    def valid_tokens(self) -> int:
+        """Real tokens per frame (``frame_tokens`` unless padded)."""
+        return self.frame_valid or self.frame_tokens
+
+    @property
+    def padded(self) -> bool:
+        return self.valid_tokens < self.frame_tokens
+
+    def pad_before(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Number of pad tokens among token indices ``[0, tokens)`` (pad sits at the end of every frame)."""
+        P, V = self.frame_tokens, self.valid_tokens
+        rel = (tokens - self.text_prefix).clamp(0, self.num_frames * P)
+        return torch.div(rel, P, rounding_mode="floor") * (P - V) + (rel % P - V).clamp(min=0)
+
+    def block_pad(self, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per block: whether it holds any pad token, and whether it holds nothing else."""
+        n = -(-self.length // block)
+        first = torch.arange(n, device=device) * block
+        end = torch.clamp(first + block, max=self.length)
+        npad = self.pad_before(end) - self.pad_before(first)
+        return npad > 0, npad == end - first
 
     @classmethod
     def of(cls, layout) -> "Side":
@@ -91,6 +124,8 @@ class VisitList:
     n_cols: int
     block_rows: int
     block_cols: int
+    #: int32 (patterns * n_rows,): the last this many of a row's unmasked entries are pad tails (padded units)
+    num_pad_tail: torch.Tensor | None = None
 
     @property
     def num_visits(self) -> int:
@@ -122,29 +157,46 @@ def block_classes(ext: torch.Tensor, qside: Side, kside: Side, block_q: int, blo
     area = ((qhi - qlo + 1)[:, None] * (khi - klo + 1)[None, :]).to(torch.int32)
     keep = count > 0
     partial = keep & ((count < area) | qoob[:, None] | koob[None, :])
+    if qside.padded or kside.padded:  # padded units: blocks of pad alone are skipped (pad tails: see pad_tails)
+        _, q_all_pad = qside.block_pad(block_q, dev)
+        _, k_all_pad = kside.block_pad(block_k, dev)
+        keep = keep & ~q_all_pad[:, None] & ~k_all_pad[None, :]
+        partial = partial & keep
     return keep, partial
 
 
-def csr_from_blocks(keep: torch.Tensor, partial: torch.Tensor, block_rows: int, block_cols: int) -> VisitList:
-    """Pack ``(Hp, R, C)`` block classes into CSR rows, unmasked entries first.
+def pad_tails(keep: torch.Tensor, partial: torch.Tensor, kside: Side, block_k: int) -> torch.Tensor | None:
+    """``(Hp, nQ, nK)`` bool: visited, unmasked blocks whose keys include pad (``None`` when keys are not padded)."""
+    if not kside.padded:
+        return None
+    k_any_pad, _ = kside.block_pad(block_k, keep.device)
+    return keep & ~partial & k_any_pad[None, None, :]
 
-    One ``nonzero`` over ``[fully kept | partial]`` laid side by side (``R x 2C`` per pattern) yields every
-    row's entries already in CSR order -- its fully kept columns, then its partial ones -- so no scatter or
-    sort is needed.  Why: on the GPU each op costs a launch and ``nonzero`` a host sync, and the build time
-    (BENCHMARKS.md: up to 16.6 ms for all three lists with two ``nonzero`` per list) follows the op count.
+
+
+def csr_from_blocks(keep: torch.Tensor, partial: torch.Tensor, block_rows: int, block_cols: int,
+                    tail: torch.Tensor | None = None) -> VisitList:
+    """Pack ``(Hp, R, C)`` block classes into CSR rows, unmasked entries first (pad ``tail`` ones last of those).
+
+    One ``nonzero`` over ``[fully kept | pad tails | partial]`` laid side by side (``R x 3C`` per pattern) yields
+    every row's entries already in CSR order, so no scatter or sort is needed.  Why: on the GPU each op costs a
+    launch and ``nonzero`` a host sync, and the build time (BENCHMARKS.md: up to 16.6 ms for all three lists with
+    two ``nonzero`` per list) follows the op count.
     """
     hp, R, C = keep.shape
     dev = keep.device
-    both = torch.cat(((keep & ~partial), partial), dim=2).reshape(hp * R, 2 * C)
+    tail = torch.zeros_like(keep) if tail is None else tail
+    both = torch.cat(((keep & ~partial & ~tail), tail, partial), dim=2).reshape(hp * R, 3 * C)
     idx = both.nonzero(as_tuple=True)[1]
     per_row = both.sum(1)
     offsets = torch.zeros(hp * R + 1, dtype=torch.int32, device=dev)
     offsets[1:] = per_row.cumsum(0)
-    nfull = both[:, :C].sum(1, dtype=torch.int32)
-    needs = idx >= C
-    cols = torch.where(needs, idx - C, idx).to(torch.int32)
+    nfull = both[:, :2 * C].sum(1, dtype=torch.int32)
+    ntail = both[:, C:2 * C].sum(1, dtype=torch.int32)
+    needs = idx >= 2 * C
+    cols = (idx % C).to(torch.int32)
     order = torch.argsort(per_row.view(hp, R), dim=1, descending=True, stable=True).to(torch.int32)
-    return VisitList(offsets, nfull, cols, needs, order.contiguous(), R, C, block_rows, block_cols)
+    return VisitList(offsets, nfull, cols, needs, order.contiguous(), R, C, block_rows, block_cols, ntail)
 
 
 @dataclass
@@ -171,10 +223,11 @@ class TilePlan:
         key = (block_q, block_k, transposed)
         if key not in self._lists:
             keep, partial = block_classes(self.ext, self.qside, self.kside, block_q, block_k)
-            if transposed:
+            if transposed:  # dk/dv: a pad tail runs unmasked (the pad keys are the row's own, their grads unread)
                 self._lists[key] = csr_from_blocks(keep.transpose(1, 2), partial.transpose(1, 2), block_k, block_q)
             else:
-                self._lists[key] = csr_from_blocks(keep, partial, block_q, block_k)
+                tail = pad_tails(keep, partial, self.kside, block_k)
+                self._lists[key] = csr_from_blocks(keep, partial, block_q, block_k, tail)
         return self._lists[key]
 
     def max_kept(self) -> float:
@@ -184,9 +237,10 @@ class TilePlan:
         return self._max_kept
 
     def kept_fraction(self) -> torch.Tensor:
-        """Exact kept fraction of ``Lq x Lk`` per head (text included), for FLOP counting."""
+        """Exact kept fraction of ``Lq x Lk`` per head (text included; pad tokens count as never kept), for FLOP
+        counting."""
         def seg_sizes(s: Side):
-            sizes = torch.full((s.num_segments,), s.frame_tokens, dtype=torch.float64)
+            sizes = torch.full((s.num_segments,), s.valid_tokens, dtype=torch.float64)
             sizes[0], sizes[-1] = s.text_prefix, s.length - s.video_end
             return sizes
 

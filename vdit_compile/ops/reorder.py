@@ -3,11 +3,18 @@
 Only the video tokens move; text prefix and suffix stay where they are. One ``index_select`` each way
 (the permutation is cached per grid and device): the cost is a copy of q, k, v and the output, which
 ``benchmarks/attention.py --families`` reports beside the attention time.
+
+:class:`PaddedUnits` is the CUDA path's variant with padded units (``kernels/padding.py``): units of stride
+``P_pad``, pad tokens zero, the text behind the video, in one ``index_select`` over the whole sequence (plus
+a zero fill of the pad slots) each way.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..layout import TokenLayout
 from ..masks.units import UnitGrid, unit_permutation
 
 _INV: dict = {}
@@ -46,3 +53,76 @@ def to_units(x: torch.Tensor, text_prefix: int, grid: UnitGrid) -> torch.Tensor:
 def from_units(x: torch.Tensor, text_prefix: int, grid: UnitGrid) -> torch.Tensor:
     """Inverse of :func:`to_units`."""
     return _apply(x, int(text_prefix), grid, _inverse(grid, x.device))
+
+
+_PAD_INDEX: dict = {}
+
+
+@dataclass(frozen=True)
+class PaddedUnits:
+    """Model order <-> *kernel order* with padded units: ``[N units of stride P_pad][text prefix][text suffix]``.
+
+    Unit ``u`` holds its ``P`` tokens (unit order, :func:`unit_permutation`) at ``u * P_pad ..``, followed by
+    ``P_pad - P`` pad tokens, which :meth:`to_kernel` fills with zeros (so pad query rows carry zero ``dO`` and
+    ``dlse`` in the backward).  The text prefix moves behind the video: for the kernels every text token is one
+    all-kept segment wherever it sits, and with no prefix in front every unit starts on a block multiple.
+    """
+
+    grid: UnitGrid
+    text_prefix: int
+    text_suffix: int
+    unit_stride: int  # P_pad
+
+    def __post_init__(self):
+        if self.unit_stride < self.grid.unit_tokens:
+            raise ValueError(f"unit stride {self.unit_stride} < {self.grid.unit_tokens} tokens per unit")
+
+    @property
+    def valid(self) -> int:
+        """Real tokens per unit (``P``)."""
+        return self.grid.unit_tokens
+
+    @property
+    def layout(self) -> TokenLayout:
+        """The kernels' layout: ``N`` units of ``P_pad`` tokens, all text as the suffix."""
+        return TokenLayout(self.grid.num_units, self.unit_stride, 1, 0, self.text_prefix + self.text_suffix)
+
+    @property
+    def video_slots(self) -> int:
+        return self.grid.num_units * self.unit_stride
+
+    def index(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gather, scatter)``: model token of every kernel slot (pad slots: token 0, zeroed afterwards), and
+        the kernel slot of every model token; cached per layout and device."""
+        key = (self, str(device))
+        hit = _PAD_INDEX.get(key)
+        if hit is None:
+            g, pre, P, Pp = self.grid, self.text_prefix, self.valid, self.unit_stride
+            nv = g.num_frames * g.height * g.width
+            perm = unit_permutation(g, "cpu").view(g.num_units, P) + pre
+            video = torch.zeros(g.num_units, Pp, dtype=torch.long)
+            video[:, :P] = perm
+            text = torch.cat([torch.arange(pre), torch.arange(pre + nv, pre + nv + self.text_suffix)])
+            gather = torch.cat([video.flatten(), text])
+            slots = torch.arange(gather.numel())
+            real = (slots >= self.video_slots) | (slots % Pp < P)
+            scatter = torch.empty(pre + nv + self.text_suffix, dtype=torch.long)
+            scatter[gather[real]] = slots[real]
+            hit = (gather.to(device), scatter.to(device))
+            if len(_PAD_INDEX) > 64:
+                _PAD_INDEX.clear()
+            _PAD_INDEX[key] = hit
+        return hit
+
+    def to_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, L, ...)`` in model order -> ``(B, H, L_pad, ...)`` in kernel order, pad tokens zero."""
+        y = x.index_select(2, self.index(x.device)[0])
+        pad = self.unit_stride - self.valid
+        if pad:
+            y.narrow(2, 0, self.video_slots).unflatten(2, (self.grid.num_units, self.unit_stride)).narrow(
+                3, self.valid, pad).zero_()
+        return y
+
+    def from_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_kernel` (pad tokens dropped)."""
+        return x.index_select(2, self.index(x.device)[1])

@@ -21,7 +21,9 @@ In unit space every family is the same problem -- ``N`` units of ``U`` tokens an
 unit mask -- which the CPU reference and the Triton kernels solve unchanged. Autograd is registered
 (gradients for q, k, v; the lse's gradient is honoured too) so distillation trains through it.
 CPU runs :mod:`.cpu_fast` (float64: the exact gather reference); CUDA dispatches to the Triton kernel
-in :mod:`vdit_compile.kernels` when it is importable (else the reference).
+in :mod:`vdit_compile.kernels` when it is importable (else the reference), on padded units where
+``kernels/padding.py``'s rule asks for it (units whose token count is not a block multiple, e.g. 15 x 8 = 120
+tokens -> a stride of 128; gathered by :class:`.reorder.PaddedUnits`; invisible outside the CUDA kernel).
 """
 from __future__ import annotations
 
@@ -30,10 +32,12 @@ from typing import Sequence
 
 import torch
 
+from ..kernels.options import current as current_kernel_options
+from ..kernels.options import kernel_options
 from .args import OpMasks, check_inputs, encode_masks, op_grid
 from .cpu_fast import fast_applies, fast_attention, fast_attention_backward
 from .reference import lse_dtype, reference_tile_attention, reference_tile_attention_backward
-from .reorder import from_units, to_units
+from .reorder import PaddedUnits, from_units, to_units
 
 log = logging.getLogger(__name__)
 
@@ -51,23 +55,45 @@ def _cpu_backward(dout, dlse, q, k, v, out, lse, layout, om: OpMasks, scale):
     return impl(dout, dlse, q, k, v, out, lse, layout, om.unit_mask(), scale)
 
 
-def _cuda_forward_units(q, k, v, layout, om: OpMasks, scale):
+def _cuda_forward_units(q, k, v, layout, om: OpMasks, scale, valid: int = 0):
     impl = _triton_impl()
     if impl is None:
         return _cpu_forward(q, k, v, layout, om, scale)
-    return impl.forward(q, k, v, layout, om, scale)
+    return impl.forward(q, k, v, layout, om, scale, valid)
 
 
-def _cuda_backward_units(dout, dlse, q, k, v, out, lse, layout, om: OpMasks, scale):
+def _cuda_backward_units(dout, dlse, q, k, v, out, lse, layout, om: OpMasks, scale, valid: int = 0):
     impl = _triton_impl()
     if impl is None:
         return _cpu_backward(dout, dlse, q, k, v, out, lse, layout, om, scale)
-    return impl.backward(dout, dlse, q, k, v, out, lse, layout, om, scale)
+    return impl.backward(dout, dlse, q, k, v, out, lse, layout, om, scale, valid)
+
+
+def _cuda_padding(q, k, v, om: OpMasks, text_prefix: int, text_suffix: int) -> PaddedUnits | None:
+    """The padded kernel layout of a CUDA call (``kernels/padding.py``), or ``None`` (no padding)."""
+    impl = _triton_impl()
+    stride = impl.unit_padding(q, k, v, om) if impl is not None else None
+    return None if stride is None else PaddedUnits(om.grid, int(text_prefix), int(text_suffix), stride)
+
+
+def _padded_forward(pad: PaddedUnits, q, k, v, om: OpMasks, scale):
+    out, lse = _cuda_forward_units(*(pad.to_kernel(x) for x in (q, k, v)), pad.layout, om, float(scale), pad.valid)
+    return pad.from_kernel(out).contiguous(), pad.from_kernel(lse).contiguous()
+
+
+def _padded_backward(pad: PaddedUnits, dout, dlse, q, k, v, out, lse, om: OpMasks, scale):
+    args = (pad.to_kernel(x) for x in (dout, dlse, q, k, v, out, lse))  # pad rows zero: dO = dlse = 0 there
+    grads = _cuda_backward_units(*args, pad.layout, om, float(scale), pad.valid)
+    return tuple(pad.from_kernel(g).contiguous() for g in grads)
 
 
 # ----------------------------------------------------------------------------- model order <-> unit order
 def _forward(unit_fn, q, k, v, text_prefix, text_suffix, grid, masks, scale):
     om = check_inputs(q, k, v, text_prefix, text_suffix, grid, masks)
+    if unit_fn is _cuda_forward_units:
+        pad = _cuda_padding(q, k, v, om, text_prefix, text_suffix)
+        if pad is not None:
+            return _padded_forward(pad, q, k, v, om, scale)
     pre = int(text_prefix)
     if om.reorder:
         q, k, v = (to_units(x, pre, om.grid) for x in (q, k, v))
@@ -80,6 +106,10 @@ def _forward(unit_fn, q, k, v, text_prefix, text_suffix, grid, masks, scale):
 
 def _backward(unit_fn, dout, dlse, q, k, v, out, lse, text_prefix, text_suffix, grid, masks, scale):
     om = check_inputs(q, k, v, text_prefix, text_suffix, grid, masks)
+    if unit_fn is _cuda_backward_units:
+        pad = _cuda_padding(q, k, v, om, text_prefix, text_suffix)
+        if pad is not None:
+            return _padded_backward(pad, dout, dlse, q, k, v, out, lse, om, scale)
     pre = int(text_prefix)
     if om.reorder:
         dout, dlse, q, k, v, out, lse = (to_units(x, pre, om.grid) for x in (dout, dlse, q, k, v, out, lse))
@@ -149,15 +179,20 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.args = (text_prefix, text_suffix, list(grid), masks, scale)
+    ctx.kernel_options = current_kernel_options()
 
 
 def _autograd_backward(ctx, dout, dlse):
+    """The backward op under the forward's kernel options. Why: they live in a context variable, and the autograd
+    engine runs CUDA backward functions on its own device thread, which would otherwise see the defaults."""
     q, k, v, out, lse = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     if dlse is None:
         dlse = torch.zeros_like(lse)
-    dq, dk, dv = torch.ops.vdit.tile_attention_backward(dout.contiguous(), dlse.contiguous(), q, k, v, out, lse, *ctx.args)
+    with kernel_options(ctx.kernel_options):
+        dq, dk, dv = torch.ops.vdit.tile_attention_backward(dout.contiguous(), dlse.contiguous(), q, k, v, out, lse,
+                                                             *ctx.args)
     return dq, dk, dv, None, None, None, None, None
 
 
