@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Issue 18: train the textured world's DiT (vdit_compile/models/textured: 4 layers x 128, 1.23 M parameters) over
+# several device calls, each ending inside its box.  The checkpoint comes back under $OUT and travels into the next
+# call; the call in which the whole run's training time (TOTAL_MIN) is reached also writes the model card's figures
+# (dense scorecard with run 2's classifier, mask oracle, attention maps).
+#
+#   call 1:   bash tools/gpu_call_textured.sh                     (carry .gpu-wheels)
+#   here:     rm -rf runs/tex-resume && cp -r /work/.device/N runs/tex-resume   (N: the call's files_at)
+#   call 2+:  bash tools/gpu_call_textured.sh                     (carry .gpu-wheels and runs/tex-resume)
+#   smoke:    SMOKE=1 DEVICE=cpu OUT=/tmp/o bash tools/gpu_call_textured.sh     (tiny sizes, the same flow, ~1 min)
+#
+# Env: TOTAL_MIN  training minutes of the whole run (the cosine learning rate follows them; default 20)
+#      CALL_BOX   seconds this call may use (default 570)      LR (1e-3)   BATCH (48)
+#      CLASSIFIER the scorecard's classifier (default docs/textured/run-2/weights: 97.3% shape ceiling)
+# $OUT (at most 8 files, each < 16 MiB, as the device tool returns them): ckpt/{model,ema}.safetensors,
+# ckpt/state.pt, loss.csv, train.log, call.log; once TOTAL_MIN is reached also textured-final.tgz (weights/ with
+# the classifier beside the DiT, ready to ship; loss.png, the prompt-grid GIF, report/).
+set -u
+export PYTHONUNBUFFERED=1
+: "${OUT:?set OUT to the output folder}"
+start=$(date +%s)
+PY=${PYTHON:-python3}
+DEV=${DEVICE:-cuda}
+TOTAL_MIN=${TOTAL_MIN:-20}
+CALL_BOX=${CALL_BOX:-570}
+CLF=${CLASSIFIER:-docs/textured/run-2/weights}
+REPORT_S=${REPORT_S:-180}          # what the report needs after training (scorecard 64 x 50 steps + oracle)
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD
+exec > >(tee "$OUT/call.log") 2>&1
+if [ "$DEV" = cuda ]; then
+  timeout 60 $PY -m pip install --no-deps -q .gpu-wheels/*.whl 2>&1 | grep -v WARNING | tail -1
+  nvidia-smi --query-gpu=name --format=csv,noheader
+fi
+if [ "${SMOKE:-0}" = 1 ]; then
+  SIZE=(--tiny --no-compile --steps 6 --batch 1 --log-every 1 --warmup 1 --sample-steps 1 --ckpt-minutes 0.01)
+  REP=(--prompts 2 --steps 1 --batch 2 --oracle-prompts 1 --oracle-steps 1)
+else
+  SIZE=(--steps 200000 --batch "${BATCH:-48}" --log-every 25 --warmup 300 --sample-steps 50 --ckpt-minutes 2)
+  REP=(--prompts 64 --steps 50 --batch 16 --oracle-prompts 2 --oracle-steps 10)
+fi
+D=${WORK:-/tmp/tex-train}/textured
+rm -rf "$D"; mkdir -p "$D"
+done_s=0
+if [ -f runs/tex-resume/ckpt/state.pt ]; then
+  cp -r runs/tex-resume/ckpt "$D/"
+  for f in loss.csv train.log; do [ -f "runs/tex-resume/$f" ] && cp "runs/tex-resume/$f" "$D/"; done
+  done_s=$($PY -c "import torch; print(int(torch.load('$D/ckpt/state.pt', weights_only=False)['elapsed']))")
+  echo "resuming: ${done_s}s of ${TOTAL_MIN} min trained"
+fi
+left=$(( CALL_BOX - ($(date +%s) - start) - 60 ))       # 60 s: checkpoint, weights, sample grid, copies
+need=$(( TOTAL_MIN * 60 - done_s + 90 ))                 # 90 s: compile and start
+finishes=0
+if [ "$need" -le $(( left - REPORT_S )) ]; then finishes=1; left=$(( left - REPORT_S )); fi
+[ "${SMOKE:-0}" = 1 ] && finishes=1
+echo "this call: ${left}s of training box, the run $( [ $finishes = 1 ] && echo finishes here || echo goes on in another call)"
+timeout -s TERM -k 90 "$left" $PY tools/train_reference.py --world textured --device "$DEV" --out "$D" \
+  --max-minutes "$TOTAL_MIN" --lr-by-time --lr "${LR:-1e-3}" --ema 0.998 --guidance 3 --resume "${SIZE[@]}" \
+  2>&1 | tee -a "$D/train.log" | grep -v "it/s\|s/it"
+echo "train rc=${PIPESTATUS[0]} ($(( $(date +%s) - start ))s)"
+cp -r "$D/ckpt" "$OUT/" && cp "$D/loss.csv" "$D/train.log" "$OUT/" 2>/dev/null
+if [ $finishes = 1 ] && [ -f "$D/weights/model.safetensors" ]; then
+  cp "$CLF/classifier.safetensors" "$CLF/classifier.json" "$D/weights/"
+  $PY tools/world_report.py --world textured --device "$DEV" --weights "$D/weights" --classifier "$D/weights" \
+    --out "$D/report" --budget 0.05 "${REP[@]}" 2>&1 | grep -v "it/s\|s/it\|video/s\|s/video\|call/s\|s/call" | tail -40
+  tar czf "$OUT/textured-final.tgz" -C "$D" weights report loss.png train_summary.json $(cd "$D" && ls *.gif 2>/dev/null)
+  ls -la "$OUT/textured-final.tgz"
+fi
+echo "call total $(( $(date +%s) - start ))s"
