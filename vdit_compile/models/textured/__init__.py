@@ -28,7 +28,7 @@ NAME = "textured"
 # Wan-class DiT: 4 layers, width 128 = 4 heads x 32 (head dim 32 keeps Wan's 3D RoPE 6/5/5 frequencies per axis),
 # FFN 512, patch (1, 4, 4) over 64 x 64 pixels -> 16 x 16 tokens per frame: 1.23 M parameters.  Sized by the CPU
 # demo: `vdit-compile demo --world textured` (2 prompts x 10 steps with CFG, calibration, three sampled rows) took
-# 130 s on the idle 2-core CPU with this config (random weights, 2026-12-07 09:22 UTC) against 92 s for the first
+# 130 s on the idle 2-core CPU with this config (random weights, 2026-12-07 09:19-09:21 UTC) against 92 s for the first
 # trained one (3 layers, width 96, 0.55 M: runs 1-2 of docs/textured/MODEL_CARD.md, which did not learn the
 # captions' shape and motion in 10 GPU minutes), inside the issue's 3 minutes.  Weights trained with the old config
 # still load: a checkpoint carries its own config.json.
