@@ -28,7 +28,10 @@ import torch
 ALL = ("tile", "win3d", "spatial")
 #: mode -> (families, selection rule): ``capped`` = all families under the ``tile-capped`` selection
 #: (``vdit_compile.calibration.allocation``: no site errs more than frame tiles alone would at the budget)
-MODES = {"tile": (("tile",), "head"), "all": (ALL, "head"), "capped": (ALL, "tile-capped")}
+#: ``sens`` = all families, each head within the budget, the ``head`` rule's mean density, and among those plans the
+#: one whose error weighted by each site's measured sensitivity (:func:`site_sensitivities`) is least
+#: (:func:`sensitivity_picks`; an experiment of this benchmark, not a selection rule of the library yet)
+MODES = {"tile": (("tile",), "head"), "all": (ALL, "head"), "capped": (ALL, "tile-capped"), "sens": (ALL, "sens")}
 
 
 def parse_mode(name: str) -> tuple[tuple[str, ...], int, str]:
@@ -36,7 +39,9 @@ def parse_mode(name: str) -> tuple[tuple[str, ...], int, str]:
     rule of a mode."""
     base, _, steps = name.partition("+steps")
     if base not in MODES:
-        raise ValueError(f"unknown mode {name!r}: expected tile, all, capped, or <tile|all|capped>+steps<K>")
+        raise ValueError(f"unknown mode {name!r}: expected tile, all, capped, sens, or <tile|all|capped>+steps<K>")
+    if base == "sens" and steps:
+        raise ValueError("mode sens has no step ranges")
     return MODES[base][0], int(steps) if steps else 1, MODES[base][1]
 
 
@@ -59,6 +64,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="append one JSON line per (mode, budget)")
     ap.add_argument("--curve", default=None, help="write the PSNR-vs-density picture here (PNG)")
     ap.add_argument("--markdown", default=None, help="write the table (with command, machine, date) here")
+    ap.add_argument("--sens-eps", type=float, default=0.1,
+                    help="mode sens: relative size of the noise added to one site's output to measure its sensitivity")
     ap.add_argument("--skip", default="",
                     help="comma-separated MODE@BUDGET pairs not to run (measured by an earlier, interrupted run)")
     ap.add_argument("--replot", default=None,
@@ -106,8 +113,17 @@ def main() -> None:
                 continue
             settings = CalibrationSettings(error_budget=b, num_prompts=len(calib), num_inference_steps=args.calib_steps,
                                            families=list(families), step_ranges=ranges, tile_tokens=args.tile_tokens,
-                                           selection=selection)
-            plan = build_plan(pipe.transformer, cals, settings, sites)
+                                           selection="head" if selection == "sens" else selection)
+            if selection == "sens":
+                if "weights" not in stats:
+                    cp = prompt_set(args.calib_prompts, CALIB_OFFSET)
+                    stats["weights"] = site_sensitivities(pipe, list(cals), cp.prompts, cp.seeds, args.calib_steps,
+                                                          args.sens_eps)
+                    print(json.dumps({"site_sensitivity": stats["weights"]}), flush=True)
+                plan = build_with_picks(pipe.transformer, cals, settings, sites,
+                                        sensitivity_picks(cals, stats["weights"], b, settings.max_density))
+            else:
+                plan = build_plan(pipe.transformer, cals, settings, sites)
             vdit_compile.optimize(pipe, plan=plan, progress=False, cost_model="always")
             try:
                 clips = sample(pipe, ps.prompts, ps.seeds, args.steps, None, 1, False).clips
@@ -138,6 +154,75 @@ def main() -> None:
         draw_curve(rows, args.curve)
     if args.markdown:
         write_markdown(rows, args.markdown, len(calib), args.calib_steps, len(ps), args.steps)
+
+
+def site_sensitivities(pipe, names, prompts, seeds, steps: int, eps: float) -> dict[str, float]:
+    """Per site: the mean squared difference of the sampled clips when Gaussian noise of relative L2 size ``eps`` is
+    added to that site's output at every call, over ``eps ** 2`` (so a site's squared relative output error times
+    its weight estimates the squared error it adds to the video, to first order).  One sampling run per site."""
+    from vdit_compile.eval.sampling import sample
+
+    ref = sample(pipe, prompts, seeds, steps, None, 1, False).clips
+    out = {}
+    for name in names:
+        gen = torch.Generator().manual_seed(1234)
+
+        def noisy(module, inputs, output, gen=gen):
+            n = torch.randn(output.shape, generator=gen, dtype=output.dtype)
+            return output + n * (eps * output.norm() / n.norm())
+
+        handle = pipe.transformer.get_submodule(name).register_forward_hook(noisy)
+        try:
+            clips = sample(pipe, prompts, seeds, steps, None, 1, False).clips
+        finally:
+            handle.remove()
+        out[name] = float(((clips - ref) ** 2).mean()) / eps ** 2
+    return out
+
+
+def sensitivity_picks(cals: dict, weights: dict, budget: float, max_density) -> dict[str, list[int]]:
+    """Every head within ``budget`` (heads the ``head`` rule reports over budget keep its choice), the mean density
+    of the ``head`` rule's plan, and the least sensitivity-weighted error: sum over sites of weight x the site's
+    squared relative output error (its heads' squared errors over its dense squared norm).  An exact
+    multiple-choice knapsack over all heads of all sites (Pareto merge, :mod:`vdit_compile.calibration.steps`)."""
+    from vdit_compile.calibration.allocation import within_density
+    from vdit_compile.calibration.steps import _pareto
+
+    options, owners, target = [], [], 0.0
+    for name, cal in cals.items():
+        err, norm = cal.error_sums(None)
+        dens = cal.candidate_densities()
+        own, notes = cal.choose((err / norm.clamp(min=1e-300)[:, None]).sqrt(), dens, budget, max_density)
+        ok = within_density(dens, max_density)
+        site_norm = float(norm.sum()) or 1.0
+        for h in range(err.shape[0]):
+            lim = budget ** 2 * float(norm[h]) * (1 + 1e-9)
+            feas = [own[h]] if notes[h] else [c for c in range(len(dens)) if ok[c] and float(err[h, c]) <= lim]
+            target += dens[own[h]]
+            options.append(_pareto([(dens[c], weights[name] * float(err[h, c]) / site_norm, c) for c in feas]))
+            owners.append(name)
+    front = [(0.0, 0.0, ())]
+    for opts in options:
+        front = _pareto([(c0 + c1, e0 + e1, p0 + p1) for c0, e0, p0 in front for c1, e1, p1 in opts
+                         if c0 + c1 <= target + 1e-9])
+    best = min(front, key=lambda f: (f[1], f[0]))[2]
+    picks: dict[str, list[int]] = {name: [] for name in cals}
+    for name, c in zip(owners, best):
+        picks[name].append(c)
+    return picks
+
+
+def build_with_picks(module, cals, settings, sites, picks: dict):
+    """``build_plan`` with the given candidate per head of every site (the ``head`` rule's results otherwise)."""
+    import vdit_compile.calibration.run as run_mod
+
+    by_cal = {id(cal): picks[name] for name, cal in cals.items()}
+    original = run_mod.site_picks
+    run_mod.site_picks = lambda cal, *a, **k: by_cal.get(id(cal))  # build_plan reads it at call time; put back
+    try:
+        return run_mod.build_plan(module, cals, settings, sites)
+    finally:
+        run_mod.site_picks = original
 
 
 def write_markdown(rows: list[dict], path: str, calib_prompts: int, calib_steps: int, prompts: int, steps: int) -> None:

@@ -2,7 +2,7 @@
 # The GPU tests that had not yet run on the code as it now stands (~1.5-2 min): the op-level kernel tests with unit
 # padding on by default (kernels/options.py), the block-statistics kernels after their shared score helper, CUDA
 # autocast through optimize, the parallel units.  -v so a cut-short box still says which passed.  Log under $OUT.
-#   bash tools/gpu_call_final.sh   (carry .gpu-wheels)
+#   bash tools/gpu_calls/gpu_call_final.sh   (carry .gpu-wheels)
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 : "${OUT:?set OUT to the output folder}"

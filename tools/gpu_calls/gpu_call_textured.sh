@@ -4,10 +4,10 @@
 # call; the call in which the whole run's training time (TOTAL_MIN) is reached also writes the model card's figures
 # (dense scorecard with run 2's classifier, mask oracle, attention maps).
 #
-#   call 1:   bash tools/gpu_call_textured.sh                     (carry .gpu-wheels)
+#   call 1:   bash tools/gpu_calls/gpu_call_textured.sh                     (carry .gpu-wheels)
 #   here:     rm -rf runs/tex-resume && cp -r /work/.device/N runs/tex-resume   (N: the call's files_at)
-#   call 2+:  bash tools/gpu_call_textured.sh                     (carry .gpu-wheels and runs/tex-resume)
-#   smoke:    SMOKE=1 DEVICE=cpu OUT=/tmp/o bash tools/gpu_call_textured.sh     (tiny sizes, the same flow, ~1 min)
+#   call 2+:  bash tools/gpu_calls/gpu_call_textured.sh                     (carry .gpu-wheels and runs/tex-resume)
+#   smoke:    SMOKE=1 DEVICE=cpu OUT=/tmp/o bash tools/gpu_calls/gpu_call_textured.sh     (tiny sizes, the same flow, ~1 min)
 #
 # Env: TOTAL_MIN  training minutes of the whole run (the cosine learning rate follows them; default 20)
 #      CALL_BOX   seconds this call may use (default 570)      LR (1e-3)   BATCH (48)
@@ -25,7 +25,7 @@ TOTAL_MIN=${TOTAL_MIN:-20}
 CALL_BOX=${CALL_BOX:-570}
 CLF=${CLASSIFIER:-docs/textured/run-2/weights}
 REPORT_S=${REPORT_S:-180}          # what the report needs after training (scorecard 64 x 50 steps + oracle)
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD
 exec > >(tee "$OUT/call.log") 2>&1
 if [ "$DEV" = cuda ]; then

@@ -2,8 +2,8 @@
 # One device call (~9 min, H100) that (1) runs the whole GPU suite (`-m gpu`) on the tree as committed, with torchao for
 # the FP8 test, (2) measures one calibration observation per benchmark shape with both block-statistics kernels
 # (fused, two-pass), then (3) applies patches/unit-padding.patch on the device's copy and runs the padded kernels' GPU
-# tests and the families benchmark with automatic padding (tools/gpu_call_pad.sh) in the time left.
-# Logs and JSON rows under $OUT.   bash tools/gpu_call_verify.sh   (carry .gpu-wheels and .whl)
+# tests and the families benchmark with automatic padding (tools/gpu_calls/gpu_call_pad.sh) in the time left.
+# Logs and JSON rows under $OUT.   bash tools/gpu_calls/gpu_call_verify.sh   (carry .gpu-wheels and .whl)
 set -u
 export PYTHONUNBUFFERED=1
 : "${OUT:?set OUT to the output folder}"
@@ -24,5 +24,5 @@ python3 tools/calib_summary.py $OUT/calib.jsonl
 echo "== 3. unit padding ($(( $(date +%s) - start ))s)"
 (git apply patches/unit-padding.patch 2>/dev/null || patch -p1 -s < patches/unit-padding.patch) && echo "patch applied"
 used=$(( $(date +%s) - start ))
-TOTAL=$(( ${CALL_BOX:-575} - used )) bash tools/gpu_call_pad.sh
+TOTAL=$(( ${CALL_BOX:-575} - used )) bash tools/gpu_calls/gpu_call_pad.sh
 echo "call total $(( $(date +%s) - start ))s"

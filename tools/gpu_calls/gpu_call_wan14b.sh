@@ -2,7 +2,7 @@
 # Issue 19's end-to-end target in one device call: the Wan-14B-shaped transformer (random weights, WAN_LAYERS layers,
 # 40 = the whole model) calibrated on 2 prompts x 4 steps with every family scored and the plan written; the block-
 # statistics kernel from MASS_KERNEL (fused | twopass, default: the library's). Logs, the JSON row and the plan under $OUT.
-#   MASS_KERNEL=fused WAN_LAYERS=40 bash tools/gpu_call_wan14b.sh
+#   MASS_KERNEL=fused WAN_LAYERS=40 bash tools/gpu_calls/gpu_call_wan14b.sh
 set -u
 export PYTHONUNBUFFERED=1
 : "${OUT:?set OUT to the output folder}"

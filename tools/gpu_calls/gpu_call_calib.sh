@@ -3,8 +3,8 @@
 # per observation at every benchmark shape for both kernels (+ a small tile sweep of the fused one), then the
 # Wan-14B-shaped end-to-end calibration scaled to WAN_LAYERS layers (2 prompts x 4 steps, plan written) with the
 # time left. Every step time-boxed; logs and JSON rows under $OUT; a compact summary at the end.
-#   SKIP_WAN=1 TEST_BOX=45 bash tools/gpu_call_calib.sh   (tests + per-observation rows only, ~2.5 min)
-#   bash tools/gpu_call_calib.sh            (WAN_LAYERS=8 by default; 40 = the full model, ~6-8 min: not in one call)
+#   SKIP_WAN=1 TEST_BOX=45 bash tools/gpu_calls/gpu_call_calib.sh   (tests + per-observation rows only, ~2.5 min)
+#   bash tools/gpu_calls/gpu_call_calib.sh            (WAN_LAYERS=8 by default; 40 = the full model, ~6-8 min: not in one call)
 set -u
 export PYTHONUNBUFFERED=1
 start=$(date +%s)

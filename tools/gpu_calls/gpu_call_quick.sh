@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The shortest GPU check (~1.5 min): the GPU tests of the code changed since the last GPU call, first the block-mass
 # kernels (kernels/block_stats_triton.py), then CUDA autocast through optimize; -v so a cut-short box still says
-# which passed. Log under $OUT.   bash tools/gpu_call_quick.sh
+# which passed. Log under $OUT.   bash tools/gpu_calls/gpu_call_quick.sh
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 : "${OUT:?set OUT to the output folder}"

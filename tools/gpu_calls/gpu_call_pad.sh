@@ -4,7 +4,7 @@
 # benchmarks/families.py on the real 720p / CogVideoX shapes with the op's automatic padding ("auto-padded" rows),
 # the unpadded op on the same inputs (ours_plain_*), cuDNN dense and FlexAttention (Wan only: its compiles are slow),
 # forward and forward+backward; every step under `timeout`; logs and JSON lines under $OUT; a summary at the end.
-#   bash tools/gpu_call_pad.sh        (OUT must be set; .gpu-wheels/*.whl are installed with --no-deps)
+#   bash tools/gpu_calls/gpu_call_pad.sh        (OUT must be set; .gpu-wheels/*.whl are installed with --no-deps)
 set -u
 export PYTHONUNBUFFERED=1
 : "${OUT:?set OUT to the output folder}"
