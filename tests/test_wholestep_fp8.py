@@ -120,6 +120,37 @@ def _fp8_gpu_ready():
     return None if ok else why
 
 
+def test_fp8_on_leaves_inductor_config_alone(monkeypatch):
+    """torchao's configs default to ``set_inductor_config=True``, which switches on inductor's coordinate-descent
+    tuning for the whole process (minutes of compile per model, never undone); the swap must ask for False.
+    torchao is replaced by a recorder here (its FP8 path needs an sm89+ GPU; the GPU test below runs the real one)."""
+    import sys
+    import types
+    from dataclasses import dataclass
+
+    from vdit_compile.wholestep.fp8 import Fp8Choice, Fp8Linears
+
+    seen = {}
+
+    @dataclass
+    class Config:
+        granularity: object = None
+        set_inductor_config: bool = True
+
+    def quantize_(module, config, filter_fn=None):
+        seen["config"] = config
+        seen["names"] = [n for n, m in module.named_modules() if filter_fn(m, n)]
+
+    fake = types.ModuleType("torchao.quantization")
+    fake.Float8DynamicActivationFloat8WeightConfig, fake.PerRow, fake.quantize_ = Config, lambda: "per-row", quantize_
+    monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
+    monkeypatch.setitem(sys.modules, "torchao.quantization", fake)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 16))
+    Fp8Linears(model, Fp8Choice("on", quantized=["1"])).apply()
+    assert seen["config"].set_inductor_config is False and seen["config"].granularity == "per-row"
+    assert seen["names"] == ["1"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(_fp8_gpu_ready() is not None, reason=str(_fp8_gpu_ready()))
 def test_fp8_on_gpu_matches_emulated_numerics_and_restores():
@@ -143,6 +174,7 @@ def test_fp8_on_gpu_matches_emulated_numerics_and_restores():
             vc.optimize(tr, plan=TileMask(dense=True), progress=False, fp8="on", backend="eager")
         rep = report_of(tr)["fp8"]
         assert rep["mode"] == "on" and rep["quantized"]
+        assert not torch._inductor.config.coordinate_descent_tuning  # torchao asked to leave inductor alone
         w = tr.blocks[0].ffn.net[0].proj.weight
         assert w is not w0 and type(w) not in (torch.Tensor, torch.nn.Parameter)  # a torchao float8 tensor
         out = tr(**kw)[0].float()

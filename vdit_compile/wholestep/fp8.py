@@ -227,7 +227,12 @@ class Fp8Linears:
         lins = dict(_linears(self.module))
         self._weights = {n: (lins[n], lins[n].weight) for n in names}
         try:
-            quantize_(self.module, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+            # set_inductor_config=False: torchao would otherwise switch on inductor's coordinate-descent tuning
+            # (and more) for the whole process and never switch it back; that tuning made the FP8 compile of a
+            # 4-layer OSP slice take 263-286 s against 16 s in bf16 (BENCHMARKS runs 11-12).  Inductor's settings
+            # belong to the user, not to one optimised model.
+            quantize_(self.module, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(),
+                                                                            set_inductor_config=False),
                       filter_fn=lambda _m, fqn: fqn in names)
         except BaseException:
             self.undo()
