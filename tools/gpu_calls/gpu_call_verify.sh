@@ -22,7 +22,7 @@ PYTHONPATH=$PWD timeout ${CALIB_BOX:-120} python3 benchmarks/calibration.py --me
 python3 tools/calib_summary.py $OUT/calib.jsonl
 [ -n "${SKIP_PAD:-}" ] && { echo "call total $(( $(date +%s) - start ))s (padding skipped)"; exit 0; }
 echo "== 3. unit padding ($(( $(date +%s) - start ))s)"
-(git apply patches/unit-padding.patch 2>/dev/null || patch -p1 -s < patches/unit-padding.patch) && echo "patch applied"
+[ -f patches/unit-padding.patch ] && (git apply patches/unit-padding.patch || patch -p1 -s < patches/unit-padding.patch) && echo "patch applied"  # merged into main since 377232d
 used=$(( $(date +%s) - start ))
 TOTAL=$(( ${CALL_BOX:-575} - used )) bash tools/gpu_calls/gpu_call_pad.sh
 echo "call total $(( $(date +%s) - start ))s"
