@@ -48,13 +48,13 @@ if [ -f runs/tex-resume/ckpt/state.pt ]; then
   done_s=$($PY -c "import torch; print(int(torch.load('$D/ckpt/state.pt', weights_only=False)['elapsed']))")
   echo "resuming: ${done_s}s of ${TOTAL_MIN} min trained"
 fi
-left=$(( CALL_BOX - ($(date +%s) - start) - 60 ))       # 60 s: checkpoint, weights, sample grid, copies
+left=$(( CALL_BOX - ($(date +%s) - start) - 100 ))      # 100 s: after SIGTERM (checkpoint, weights, grid), copies
 need=$(( TOTAL_MIN * 60 - done_s + 90 ))                 # 90 s: compile and start
 finishes=0
 if [ "$need" -le $(( left - REPORT_S )) ]; then finishes=1; left=$(( left - REPORT_S )); fi
 [ "${SMOKE:-0}" = 1 ] && finishes=1
 echo "this call: ${left}s of training box, the run $( [ $finishes = 1 ] && echo finishes here || echo goes on in another call)"
-timeout -s TERM -k 90 "$left" $PY tools/train_reference.py --world textured --device "$DEV" --out "$D" \
+timeout -s TERM -k 75 "$left" $PY tools/train_reference.py --world textured --device "$DEV" --out "$D" \
   --max-minutes "$TOTAL_MIN" --lr-by-time --lr "${LR:-1e-3}" --ema 0.998 --guidance 3 --resume "${SIZE[@]}" \
   2>&1 | tee -a "$D/train.log" | grep -v "it/s\|s/it"
 echo "train rc=${PIPESTATUS[0]} ($(( $(date +%s) - start ))s)"
