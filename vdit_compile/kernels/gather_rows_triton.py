@@ -6,8 +6,7 @@ per call (BENCHMARKS.md run 13), 10-29% of a window family's forward and 2.6x on
 tensors at the device's bandwidth.  This kernel reads each row once through the input's strides (a transposed
 ``(B, L, H, D)`` view needs no copy first) and writes it once, pad rows' zeros in the same pass.
 
-Off by default (``KernelOptions.gather_kernel``; also used by ``to_units``/``from_units``, the unpadded reorder,
-whose share of the forward was 20-38% at CogVideoX's 135-token tiles) until a GPU run measures it beside ``index_select``
+Off by default (``KernelOptions.gather_kernel``) until a GPU run measures it beside ``index_select``
 (``benchmarks/families.py --auto-pad --gather-kernel``); tested against ``index_select`` under the interpreter
 and on the GPU.
 """

@@ -34,9 +34,8 @@ class KernelOptions:
     ``VDIT_UNIT_PAD=0`` turns it off;
     ``unit_pad_max_waste``: the largest share of pad tokens per unit that the rule accepts (``(P_pad - P) / P``);
     ``unit_pad_max_tokens``: units longer than this are never padded (their boundary blocks are few);
-    ``gather_kernel``: move tokens into and out of kernel order (padded or not) with the Triton row gather
-    (``kernels/gather_rows_triton.py``) instead of ``index_select`` (+ a zero fill, + a ``cat`` of the text);
-    off until a GPU run times it."""
+    ``gather_kernel``: move tokens into and out of padded kernel order with the Triton row gather
+    (``kernels/gather_rows_triton.py``) instead of ``index_select`` + a zero fill; off until a GPU run times it."""
 
     path: str = "auto"
     tma_ws: bool = False

@@ -7,8 +7,7 @@ Only the video tokens move; text prefix and suffix stay where they are. One ``in
 :class:`PaddedUnits` is the CUDA path's variant with padded units (``kernels/padding.py``): units of stride
 ``P_pad``, pad tokens zero, the text behind the video, in one ``index_select`` over the whole sequence (plus
 a zero fill of the pad slots) each way, or with ``KernelOptions(gather_kernel=True)`` one Triton row gather per
-tensor that writes the pad rows' zeros in the same pass (``kernels/gather_rows_triton.py``); the same option
-moves :func:`to_units` / :func:`from_units` with one gather over the whole sequence (no ``cat`` of the text).
+tensor that writes the pad rows' zeros in the same pass (``kernels/gather_rows_triton.py``).
 """
 from __future__ import annotations
 
@@ -48,36 +47,13 @@ def _apply(x: torch.Tensor, pre: int, grid: UnitGrid, index: torch.Tensor) -> to
     return torch.cat(parts, dim) if len(parts) > 1 else video
 
 
-def _whole(x: torch.Tensor, pre: int, grid: UnitGrid, inverse: bool) -> torch.Tensor:
-    """The row index of the whole sequence (text rows in place, video rows permuted), for the Triton gather."""
-    key = ("whole", grid, pre, x.shape[2], inverse, str(x.device))
-    idx = _INV.get(key)
-    if idx is None:
-        nv = grid.num_frames * grid.height * grid.width
-        video = (_inverse if inverse else unit_permutation)(grid, x.device) + pre
-        idx = torch.cat([torch.arange(pre, device=x.device), video,
-                         torch.arange(pre + nv, x.shape[2], device=x.device)])
-        if len(_INV) > 64:
-            _INV.clear()
-        _INV[key] = idx
-    return idx
-
-
 def to_units(x: torch.Tensor, text_prefix: int, grid: UnitGrid) -> torch.Tensor:
     """``(B, H, L, ...)`` in model order -> unit order (each tile's tokens contiguous)."""
-    if _use_gather_kernel(x):
-        from ..kernels.gather_rows_triton import gather_rows
-
-        return gather_rows(x, _whole(x, int(text_prefix), grid, False))
     return _apply(x, int(text_prefix), grid, unit_permutation(grid, x.device))
 
 
 def from_units(x: torch.Tensor, text_prefix: int, grid: UnitGrid) -> torch.Tensor:
     """Inverse of :func:`to_units`."""
-    if _use_gather_kernel(x):
-        from ..kernels.gather_rows_triton import gather_rows
-
-        return gather_rows(x, _whole(x, int(text_prefix), grid, True))
     return _apply(x, int(text_prefix), grid, _inverse(grid, x.device))
 
 
