@@ -33,9 +33,7 @@ class KernelOptions:
     on the 720p benchmark shapes, unchanged where units are already aligned): ``KernelOptions(unit_pad=False)`` or
     ``VDIT_UNIT_PAD=0`` turns it off;
     ``unit_pad_max_waste``: the largest share of pad tokens per unit that the rule accepts (``(P_pad - P) / P``);
-    ``unit_pad_max_tokens``: units longer than this are never padded (their boundary blocks are few);
-    ``gather_kernel``: move tokens into and out of padded kernel order with the Triton row gather
-    (``kernels/gather_rows_triton.py``) instead of ``index_select`` + a zero fill; off until a GPU run times it."""
+    ``unit_pad_max_tokens``: units longer than this are never padded (their boundary blocks are few)."""
 
     path: str = "auto"
     tma_ws: bool = False
@@ -45,7 +43,6 @@ class KernelOptions:
     unit_pad: bool = True
     unit_pad_max_waste: float = 0.125
     unit_pad_max_tokens: int = 1024
-    gather_kernel: bool = False
 
     def __post_init__(self):
         if self.path not in PATHS:

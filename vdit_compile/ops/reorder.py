@@ -6,12 +6,10 @@ Only the video tokens move; text prefix and suffix stay where they are. One ``in
 
 :class:`PaddedUnits` is the CUDA path's variant with padded units (``kernels/padding.py``): units of stride
 ``P_pad``, pad tokens zero, the text behind the video, in one ``index_select`` over the whole sequence (plus
-a zero fill of the pad slots) each way, or with ``KernelOptions(gather_kernel=True)`` one Triton row gather per
-tensor that writes the pad rows' zeros in the same pass (``kernels/gather_rows_triton.py``).
+a zero fill of the pad slots) each way.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -96,10 +94,6 @@ class PaddedUnits:
     def index(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(gather, scatter)``: model token of every kernel slot (pad slots: token 0, zeroed afterwards), and
         the kernel slot of every model token; cached per layout and device."""
-        return self._indices(device)[:2]
-
-    def _indices(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`index` and the gather index with ``-1`` at pad slots (:func:`~..kernels.gather_rows_triton.gather_rows`)."""
         key = (self, str(device))
         hit = _PAD_INDEX.get(key)
         if hit is None:
@@ -114,8 +108,7 @@ class PaddedUnits:
             real = (slots >= self.video_slots) | (slots % Pp < P)
             scatter = torch.empty(pre + nv + self.text_suffix, dtype=torch.long)
             scatter[gather[real]] = slots[real]
-            padded = torch.where(real, gather, torch.full_like(gather, -1))
-            hit = (gather.to(device), scatter.to(device), padded.to(device))
+            hit = (gather.to(device), scatter.to(device))
             if len(_PAD_INDEX) > 64:
                 _PAD_INDEX.clear()
             _PAD_INDEX[key] = hit
@@ -123,10 +116,6 @@ class PaddedUnits:
 
     def to_kernel(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, L, ...)`` in model order -> ``(B, H, L_pad, ...)`` in kernel order, pad tokens zero."""
-        if _use_gather_kernel(x):
-            from ..kernels.gather_rows_triton import gather_rows
-
-            return gather_rows(x, self._indices(x.device)[2])
         y = x.index_select(2, self.index(x.device)[0])
         pad = self.unit_stride - self.valid
         if pad:
@@ -136,17 +125,4 @@ class PaddedUnits:
 
     def from_kernel(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`to_kernel` (pad tokens dropped)."""
-        if _use_gather_kernel(x):
-            from ..kernels.gather_rows_triton import gather_rows
-
-            return gather_rows(x, self._indices(x.device)[1])
         return x.index_select(2, self.index(x.device)[1])
-
-
-def _use_gather_kernel(x: torch.Tensor) -> bool:
-    """The Triton row gather instead of ``index_select``: ``KernelOptions.gather_kernel`` on, a CUDA tensor (or
-    Triton's CPU interpreter, which the kernel tests use) of three or four dimensions."""
-    from ..kernels.options import current
-
-    return (current().gather_kernel and x.dim() in (3, 4)
-            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
