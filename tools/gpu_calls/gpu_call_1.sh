@@ -13,12 +13,4 @@ rm -rf $OUT/w
 left=$(( 585 - ($(date +%s) - start) ))
 echo "families benchmark: ${left}s left"
 [ $left -gt 40 ] && timeout $left python3 benchmarks/families.py --shapes wan14b-81f-720p osp-93f-720p --masks win3d-t4h1w1 win3d-t1h1w1 spatial-h0w0-g1 --rep 40 --out $OUT/families.jsonl > $OUT/families.log 2>&1
-python3 - <<'PY'
-import json, os
-p = os.environ['OUT'] + '/families.jsonl'
-for l in (open(p) if os.path.exists(p) else []):
-    r = json.loads(l)
-    print(r['shape'][:8], r['mask'], r['tile'], 'dens %.3f' % r['density'], 'cudnn %.1f/%s' % (r['cudnn_fwd_ms'], r.get('cudnn_fwdbwd_ms')), 'reord %.2f' % r['reorder_ms'],
-          'ours %s/%s flex %s/%s' % (r.get('ours_fwd_ms'), r.get('ours_fwdbwd_ms'), r.get('flex_fwd_ms'), r.get('flex_fwdbwd_ms')),
-          'kept/cudnn %.2f' % r.get('kept_tflops_over_cudnn_fwd', 0), r.get('ours_error', '')[:80], r.get('flex_error', '')[:80])
-PY
+python3 tools/families_summary.py $OUT/families.jsonl

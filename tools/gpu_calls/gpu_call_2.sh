@@ -15,12 +15,4 @@ timeout 75 python3 benchmarks/families.py --padded --shapes wan14b-81f-720p --ma
 timeout 60 python3 benchmarks/calibration.py --methods mass --json $OUT/calib.jsonl > $OUT/calib.log 2>&1; echo "calibration rc=$?"; tail -12 $OUT/calib.log
 l=$(left 270); echo "fp8 step: ${l}s"
 [ $l -gt 60 ] && timeout $l python3 benchmarks/step.py --fp8 --layers 4 --globals 1 --no-flex --frames 24 8 --kept-fraction 0.54 --out $OUT > $OUT/step.log 2>&1; echo "step rc=$?"; tail -8 $OUT/step.log
-python3 - <<'PY'
-import json, os
-p = os.environ['OUT'] + '/families-padded.jsonl'
-for l in (open(p) if os.path.exists(p) else []):
-    r = json.loads(l)
-    print(r['shape'][:8], r['mask'], r['tile'], 'dens %.3f' % r['density'], 'cudnn %.1f/%s' % (r['cudnn_fwd_ms'], r.get('cudnn_fwdbwd_ms')), 'reord %.2f' % r['reorder_ms'],
-          'ours %s/%s flex %s/%s' % (r.get('ours_fwd_ms'), r.get('ours_fwdbwd_ms'), r.get('flex_fwd_ms'), r.get('flex_fwdbwd_ms')),
-          'kept/cudnn %.2f' % r.get('kept_tflops_over_cudnn_fwd', 0), r.get('ours_error', '')[:80], r.get('flex_error', '')[:80])
-PY
+python3 tools/families_summary.py $OUT/families-padded.jsonl
