@@ -28,9 +28,8 @@ import torch
 ALL = ("tile", "win3d", "spatial")
 #: mode -> (families, selection rule): ``capped`` = all families under the ``tile-capped`` selection
 #: (``vdit_compile.calibration.allocation``: no site errs more than frame tiles alone would at the budget)
-#: ``sens`` = all families, each head within the budget, the ``head`` rule's mean density, and among those plans the
-#: one whose error weighted by each site's measured sensitivity (:func:`site_sensitivities`) is least
-#: (:func:`sensitivity_picks`; an experiment of this benchmark, not a selection rule of the library yet)
+#: ``sens`` = all families, the ``head`` rule with each site's budget scaled by its measured sensitivity
+#: (:func:`site_sensitivities`, :func:`sensitivity_picks`; an experiment of this benchmark, not a library rule)
 MODES = {"tile": (("tile",), "head"), "all": (ALL, "head"), "capped": (ALL, "tile-capped"), "sens": (ALL, "sens")}
 
 
@@ -180,35 +179,19 @@ def site_sensitivities(pipe, names, prompts, seeds, steps: int, eps: float) -> d
     return out
 
 
-def sensitivity_picks(cals: dict, weights: dict, budget: float, max_density) -> dict[str, list[int]]:
-    """Every head within ``budget`` (heads the ``head`` rule reports over budget keep its choice), the mean density
-    of the ``head`` rule's plan, and the least sensitivity-weighted error: sum over sites of weight x the site's
-    squared relative output error (its heads' squared errors over its dense squared norm).  An exact
-    multiple-choice knapsack over all heads of all sites (Pareto merge, :mod:`vdit_compile.calibration.steps`)."""
-    from vdit_compile.calibration.allocation import within_density
-    from vdit_compile.calibration.steps import _pareto
-
-    options, owners, target = [], [], 0.0
+def sensitivity_picks(cals: dict, weights: dict, budget: float, max_density, cap: float = 2.0) -> dict[str, list[int]]:
+    """Per site a budget scaled by its sensitivity, ``budget x min(cap, sqrt(w_median / w_site))``, then the ``head``
+    rule inside it: a site whose error shows up in the video ``k`` times more than the median site's gets a budget
+    ``sqrt(k)`` times tighter, so every site adds about the same squared error to the video.  (Matching the ``head``
+    rule's density while keeping its per-head budget leaves no freedom: that rule is already the sparsest choice
+    within the budget, head by head.)"""
+    ref = statistics.median(weights.values())
+    picks = {}
     for name, cal in cals.items():
+        b = budget * min(cap, math.sqrt(ref / max(weights[name], 1e-30)))
         err, norm = cal.error_sums(None)
-        dens = cal.candidate_densities()
-        own, notes = cal.choose((err / norm.clamp(min=1e-300)[:, None]).sqrt(), dens, budget, max_density)
-        ok = within_density(dens, max_density)
-        site_norm = float(norm.sum()) or 1.0
-        for h in range(err.shape[0]):
-            lim = budget ** 2 * float(norm[h]) * (1 + 1e-9)
-            feas = [own[h]] if notes[h] else [c for c in range(len(dens)) if ok[c] and float(err[h, c]) <= lim]
-            target += dens[own[h]]
-            options.append(_pareto([(dens[c], weights[name] * float(err[h, c]) / site_norm, c) for c in feas]))
-            owners.append(name)
-    front = [(0.0, 0.0, ())]
-    for opts in options:
-        front = _pareto([(c0 + c1, e0 + e1, p0 + p1) for c0, e0, p0 in front for c1, e1, p1 in opts
-                         if c0 + c1 <= target + 1e-9])
-    best = min(front, key=lambda f: (f[1], f[0]))[2]
-    picks: dict[str, list[int]] = {name: [] for name in cals}
-    for name, c in zip(owners, best):
-        picks[name].append(c)
+        picks[name], _ = cal.choose((err / norm.clamp(min=1e-300)[:, None]).sqrt(), cal.candidate_densities(), b,
+                                    max_density)
     return picks
 
 
