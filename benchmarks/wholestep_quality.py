@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_variant(text: str, fp8_mode: str) -> tuple[str, dict]:
-    """``none`` | ``fp8`` | ``POLICY[:THRESHOLD]`` | ``fp8+POLICY[:THRESHOLD]`` -> (name, optimize options).
+    """``none`` | ``fp8`` | ``fp8:keep=GLOB,GLOB`` | ``POLICY[:THRESHOLD]`` | ``fp8+POLICY[:THRESHOLD]`` -> (name,
+    optimize options).
 
     ``none`` is the optimised pipeline with neither (the compiled path's own difference to the reference)."""
     opts: dict = {}
@@ -37,6 +38,10 @@ def parse_variant(text: str, fp8_mode: str) -> tuple[str, dict]:
             continue
         if part == "fp8":
             opts["fp8"] = fp8_mode
+            continue
+        if part.startswith("fp8:keep="):  # FP8 with extra linears kept in high precision (globs, comma-separated)
+            opts["fp8"] = fp8_mode
+            opts["fp8_keep"] = [g for g in part[len("fp8:keep="):].split(",") if g]
             continue
         policy, _, thr = part.partition(":")
         from vdit_compile.wholestep.caching import POLICIES

@@ -58,3 +58,35 @@ def test_init_from_starts_at_the_given_weights_and_rejects_another_architecture(
     import pytest
     with pytest.raises(SystemExit, match="does not match"):
         tr.main(_args(tmp_path / "c", 1) + ["--init-from", "default"])
+
+
+def test_slim_checkpoint_resumes_with_fresh_moments_and_a_second_warmup(tmp_path, capsys):
+    """tools/slim_checkpoint.py drops AdamW's moments; --resume then keeps weights, EMA, step and schedule place and
+    warms the learning rate up again (a full-size step on fresh moments would be a jump)."""
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("slim_checkpoint", ROOT / "tools" / "slim_checkpoint.py")
+    slim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(slim)
+    tr = _script()
+    assert tr.main(_args(tmp_path / "a", 2)) == 0
+    assert slim.main([str(tmp_path / "a" / "ckpt"), str(tmp_path / "slim")]) == 0
+    st = torch.load(tmp_path / "slim" / "state.pt", weights_only=False)
+    assert "optimizer" not in st and st["step"] == 2
+    full = torch.load(tmp_path / "a" / "ckpt" / "state.pt", weights_only=False)
+    assert full["optimizer"]["state"]  # the full one had moments: the slim one really dropped something
+    for n in ("model.safetensors", "ema.safetensors"):
+        a, b = (load_file(str(d / n)) for d in (tmp_path / "a" / "ckpt", tmp_path / "slim"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    (tmp_path / "r").mkdir()
+    shutil.copytree(tmp_path / "slim", tmp_path / "r" / "ckpt")
+    capsys.readouterr()
+    assert tr.main(_args(tmp_path / "r", 5) + ["--resume", "--warmup", "4"]) == 0
+    assert "no optimizer state" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "r" / "loss.csv")))
+    lrs = {int(r["step"]): float(r["lr"]) for r in rows}
+    args = tr.parse_args(_args(tmp_path / "x", 5) + ["--warmup", "4"])
+    # step 3 is the first after the resume at step 2: warmed up again to 1/4 of the schedule's rate
+    assert abs(lrs[3] - tr.lr_at(args, 2) / 4) < 1e-9 * max(1.0, lrs[3]), lrs
+    with __import__("pytest").raises(SystemExit, match="missing"):
+        slim.main([str(tmp_path / "nothing"), str(tmp_path / "y")])

@@ -170,7 +170,14 @@ def flow_loss(transformer, text_encoder, x0, noise, t, ids, mask):
     return F.mse_loss(pred.float(), (noise - x0).float())
 
 
-def lr_at(args, step, elapsed_s: float | None = None):
+def lr_at(args, step, elapsed_s: float | None = None, rewarm_from: int | None = None):
+    """Linear warm-up, then cosine (by step, or by training time with --lr-by-time).
+
+    ``rewarm_from``: the step a resume without optimizer state started at; the learning rate warms up again from
+    there (fresh Adam moments would otherwise take full-size steps on second-moment estimates of a few batches).
+    """
+    if rewarm_from is not None and step - rewarm_from < args.warmup:
+        return lr_at(args, step, elapsed_s) * (step - rewarm_from + 1) / args.warmup
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     if args.lr_by_time and elapsed_s is not None:
@@ -289,14 +296,19 @@ def main(argv=None) -> int:
     if args.init_from and not (args.resume and (out / "ckpt" / "state.pt").is_file()):
         init_weights(args.init_from, modules, ema_modules)
 
-    step, elapsed_before = 0, 0.0
+    step, elapsed_before, rewarm_from = 0, 0.0, None
     csv_path = out / "loss.csv"
     if args.resume and (out / "ckpt" / "state.pt").is_file():
         load_module_state(modules, load_file(str(out / "ckpt" / "model.safetensors")))
         load_module_state(ema_modules, load_file(str(out / "ckpt" / "ema.safetensors")))
         st = torch.load(out / "ckpt" / "state.pt", map_location="cpu", weights_only=False)
-        opt.load_state_dict(st["optimizer"])
         step, elapsed_before = st["step"], st["elapsed"]
+        if "optimizer" in st:
+            opt.load_state_dict(st["optimizer"])
+        else:  # a slim checkpoint (tools/slim_checkpoint.py): weights, EMA and schedule position only
+            rewarm_from = step
+            print(f"the checkpoint holds no optimizer state: fresh AdamW moments, learning rate warmed up again over "
+                  f"{args.warmup} steps", flush=True)
         torch.set_rng_state(st["rng"]["torch"])
         if "cuda" in st["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(st["rng"]["cuda"])
@@ -340,7 +352,7 @@ def main(argv=None) -> int:
         if stop["signal"] is not None:
             stopped_by = f"signal {stop['signal']}"
             break
-        lr = lr_at(args, step, elapsed)
+        lr = lr_at(args, step, elapsed, rewarm_from)
         for g in opt.param_groups:
             g["lr"] = lr
         x0, noise, t, ids, mask = make_batch(args, tokenizer, step, device)

@@ -7,10 +7,14 @@
 #   call 1:   bash tools/gpu_calls/gpu_call_textured.sh                     (carry .gpu-wheels)
 #   here:     rm -rf runs/tex-resume && cp -r /work/.device/N runs/tex-resume   (N: the call's files_at)
 #   call 2+:  bash tools/gpu_calls/gpu_call_textured.sh                     (carry .gpu-wheels and runs/tex-resume)
+#   next session: RESUME=docs/textured/run-3 TOTAL_MIN=30 bash tools/gpu_calls/gpu_call_textured.sh   (the committed slim
+#             checkpoint: weights, EMA, step and schedule place, no optimizer state; tools/slim_checkpoint.py made it)
 #   smoke:    SMOKE=1 DEVICE=cpu OUT=/tmp/o bash tools/gpu_calls/gpu_call_textured.sh     (tiny sizes, the same flow, ~1 min)
 #
-# Env: TOTAL_MIN  training minutes of the whole run (the cosine learning rate follows them; default 20)
+# Env: RESUME     the folder whose ckpt/ (and loss.csv, train.log) the run continues from (default runs/tex-resume)
+#      TOTAL_MIN  training minutes of the whole run (the cosine learning rate follows them; default 20)
 #      CALL_BOX   seconds this call may use (default 570)      LR (1e-3)   BATCH (48)
+#      REPORT=1   write the report in this call even if the run goes on (from the EMA weights it stops with)
 #      CLASSIFIER the scorecard's classifier (default docs/textured/run-2/weights: 97.3% shape ceiling)
 # $OUT (at most 8 files, each < 16 MiB, as the device tool returns them): ckpt/{model,ema}.safetensors,
 # ckpt/state.pt, loss.csv, train.log, call.log; once TOTAL_MIN is reached also textured-final.tgz (weights/ with
@@ -36,15 +40,16 @@ if [ "${SMOKE:-0}" = 1 ]; then
   SIZE=(--tiny --no-compile --steps 6 --batch 1 --log-every 1 --warmup 1 --sample-steps 1 --ckpt-minutes 0.01)
   REP=(--prompts 2 --steps 1 --batch 2 --oracle-prompts 1 --oracle-steps 1)
 else
-  SIZE=(--steps 200000 --batch "${BATCH:-48}" --log-every 25 --warmup 300 --sample-steps 50 --ckpt-minutes 2)
+  SIZE=(--steps 200000 --batch "${BATCH:-48}" --log-every 25 --warmup 300 --sample-steps 50 --ckpt-minutes 1)
   REP=(--prompts 64 --steps 50 --batch 16 --oracle-prompts 2 --oracle-steps 10)
 fi
 D=${WORK:-/tmp/tex-train}/textured
 rm -rf "$D"; mkdir -p "$D"
 done_s=0
-if [ -f runs/tex-resume/ckpt/state.pt ]; then
-  cp -r runs/tex-resume/ckpt "$D/"
-  for f in loss.csv train.log; do [ -f "runs/tex-resume/$f" ] && cp "runs/tex-resume/$f" "$D/"; done
+RES=${RESUME:-runs/tex-resume}
+if [ -f "$RES/ckpt/state.pt" ]; then
+  cp -r "$RES/ckpt" "$D/"
+  for f in loss.csv train.log; do [ -f "$RES/$f" ] && cp "$RES/$f" "$D/"; done
   done_s=$($PY -c "import torch; print(int(torch.load('$D/ckpt/state.pt', weights_only=False)['elapsed']))")
   echo "resuming: ${done_s}s of ${TOTAL_MIN} min trained"
 fi
@@ -53,6 +58,9 @@ need=$(( TOTAL_MIN * 60 - done_s + 90 ))                 # 90 s: compile and sta
 finishes=0
 if [ "$need" -le $(( left - REPORT_S )) ]; then finishes=1; left=$(( left - REPORT_S )); fi
 [ "${SMOKE:-0}" = 1 ] && finishes=1
+if [ "${REPORT:-0}" = 1 ] && [ $finishes = 0 ]; then   # an interim report from the weights this call leaves
+  finishes=1; left=$(( left - REPORT_S ))
+fi
 echo "this call: ${left}s of training box, the run $( [ $finishes = 1 ] && echo finishes here || echo goes on in another call)"
 timeout -s TERM -k 75 "$left" $PY tools/train_reference.py --world textured --device "$DEV" --out "$D" \
   --max-minutes "$TOTAL_MIN" --lr-by-time --lr "${LR:-1e-3}" --ema 0.998 --guidance 3 --resume "${SIZE[@]}" \
