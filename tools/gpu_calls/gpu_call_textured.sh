@@ -62,7 +62,9 @@ if [ "${REPORT:-0}" = 1 ] && [ $finishes = 0 ]; then   # an interim report from 
   finishes=1; left=$(( left - REPORT_S ))
 fi
 echo "this call: ${left}s of training box, the run $( [ $finishes = 1 ] && echo finishes here || echo goes on in another call)"
-timeout -s TERM -k 75 "$left" $PY tools/train_reference.py --world textured --device "$DEV" --out "$D" \
+# --foreground: the TERM goes to the trainer only, which checkpoints and exits; without it timeout signals its whole
+# process group, inductor's compile workers included (run 14's first call lost its SIGTERM checkpoint, cause unproven)
+timeout --foreground -s TERM -k 75 "$left" $PY tools/train_reference.py --world textured --device "$DEV" --out "$D" \
   --max-minutes "$TOTAL_MIN" --lr-by-time --lr "${LR:-1e-3}" --ema 0.998 --guidance 3 --resume "${SIZE[@]}" \
   2>&1 | tee -a "$D/train.log" | grep -v "it/s\|s/it"
 echo "train rc=${PIPESTATUS[0]} ($(( $(date +%s) - start ))s)"
