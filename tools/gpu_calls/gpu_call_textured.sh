@@ -4,11 +4,14 @@
 # call; the call in which the whole run's training time (TOTAL_MIN) is reached also writes the model card's figures
 # (dense scorecard with run 2's classifier, mask oracle, attention maps).
 #
-#   call 1:   bash tools/gpu_calls/gpu_call_textured.sh                     (carry .gpu-wheels)
-#   here:     rm -rf runs/tex-resume && cp -r /work/.device/N runs/tex-resume   (N: the call's files_at)
-#   call 2+:  bash tools/gpu_calls/gpu_call_textured.sh                     (carry .gpu-wheels and runs/tex-resume)
-#   next session: RESUME=docs/textured/run-3 TOTAL_MIN=30 bash tools/gpu_calls/gpu_call_textured.sh   (the committed slim
-#             checkpoint: weights, EMA, step and schedule place, no optimizer state; tools/slim_checkpoint.py made it)
+#   every call: RESUME=docs/textured/run-3 TOTAL_MIN=30 bash tools/gpu_calls/gpu_call_textured.sh   (carry .gpu-wheels)
+#   between calls, here (N: the call's files_at), put the checkpoint that came back where the next call reads it:
+#     python tools/slim_checkpoint.py /work/.device/N/ckpt docs/textured/run-3/ckpt && \
+#     cp /work/.device/N/loss.csv /work/.device/N/train.log docs/textured/run-3/
+#   The committed folder holds a slim checkpoint (weights, EMA, step and place on the cosine, RNG; no AdamW moments,
+#   which would double it: the device's 64 MiB working tree has no room for a full one beside the package's
+#   weights); the trainer warms the learning rate up again over --warmup steps after such a resume (~15 s).
+#   Without RESUME the run continues from runs/tex-resume (a full checkpoint, carried) if there is one.
 #   smoke:    SMOKE=1 DEVICE=cpu OUT=/tmp/o bash tools/gpu_calls/gpu_call_textured.sh     (tiny sizes, the same flow, ~1 min)
 #
 # Env: RESUME     the folder whose ckpt/ (and loss.csv, train.log) the run continues from (default runs/tex-resume)
