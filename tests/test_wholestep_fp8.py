@@ -43,6 +43,8 @@ class Toy(torch.nn.Module):
         self.block = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 48), torch.nn.Linear(48, 24))
         self.outlier = torch.nn.Linear(64, 64)
         self.proj_out = torch.nn.Linear(64, 32)
+        self.attn2 = torch.nn.Module()
+        self.attn2.to_q, self.attn2.to_k = torch.nn.Linear(64, 64), torch.nn.Linear(32, 64)
 
 
 def test_choice_keeps_by_role_size_error_and_user_glob():
@@ -54,7 +56,8 @@ def test_choice_keeps_by_role_size_error_and_user_glob():
     x[:, 0] = 1e6  # e4m3 keeps ~2^-9 of a row's max: the other channels fall to zero
     acts = {"outlier": x}
     c = choose_linears(m, "emulate", keep=["block.0"], max_error=0.05, activations=acts)
-    assert c.quantized == ["block.1"]
+    assert c.quantized == ["block.1", "attn2.to_q"]  # cross-attention queries read the video tokens: FP8
+    assert "condition tokens" in c.kept["attn2.to_k"]  # its keys read the text only: too few rows to gain
     assert "by role" in c.kept["patch_embedding"] and "by role" in c.kept["proj_out"]
     assert "matches 'block.0'" in c.kept["block.0"]
     assert "multiples of 16" in c.kept["block.2"]
