@@ -286,6 +286,45 @@ def test_band_masks_need_no_gather_and_few_calls():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("pre, suf", [(0, 0), (3, 2)])
+def test_query_frames_that_keep_the_same_keys_share_one_gather(pre, suf, threads, dtype):
+    """A spatial window across time in unit space (2 x 2 units per frame, keep the units of the same column in every
+    frame): half the query units keep the same non-contiguous key units; they form one item with its keys gathered
+    once, split only as far as the threads need; forward and backward still match the reference."""
+    from vdit_compile.ops.cpu_fast import _plan
+    T, H = 16, 3  # 4 frames x 4 units
+    u = torch.arange(T)
+    col = u % 2
+    same_col = col[:, None] == col[None, :]  # (T, T): not one range of units
+    every_other = (u[None, :] % 2 == 0).expand(T, T)  # every query keeps the even units: one item of all 16
+    fm = torch.stack([same_col, every_other, same_col | (u[None, :] < 2)])
+    plan = _plan(fm, H, T, threads)
+    assert not plan.runs and plan.empty is None
+    pairs = sorted((int(h), int(f)) for g in plan.rest for h, fs in zip(g.heads, g.qframes) for f in fs)
+    assert pairs == [(h, f) for h in range(H) for f in range(T)]  # every (head, query unit) pair exactly once
+    assert sum(g.heads.numel() for g in plan.rest) < H * T  # fewer key gathers than pairs
+    for g in plan.rest:  # each item's query units keep exactly its key units
+        for h, fs, ks in zip(g.heads, g.qframes, g.kframes):
+            assert all(fm[h, f].nonzero().flatten().tolist() == ks.tolist() for f in fs)
+    head0 = [(g.qframes.shape[1], g.kframes.shape[1]) for g in plan.rest for h in g.heads if h == 0]
+    assert sum(m for m, _ in head0) == T and all(c == 8 for _, c in head0)
+    g1 = next(g for g in plan.rest if 1 in g.heads.tolist())  # head 1: one key set for all 16 query units,
+    assert g1.heads.tolist() == [1] * g1.heads.numel()  # chunked into the fewest items that feed every thread
+    assert g1.heads.numel() == next(d for d in range(1, T + 1) if T % d == 0 and d >= threads)
+    g = torch.Generator().manual_seed(11 + threads)
+    lay = TokenLayout(T, 5, 1, pre, suf)
+    q, k, v, dout = (torch.randn(2, H, lay.seq_len, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    dlse = torch.randn(q.shape[:3], generator=g, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _fast_vs_reference(lay, fm, q, k, v, dout, dlse, dtype)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_non_contiguous_inputs(dtype):
     """q, k, v as transposes of (B, L, H, D) tensors (what a model's attention passes): read in place."""
     g = torch.Generator().manual_seed(5)

@@ -22,8 +22,9 @@ The work is split into key *segments* whose results are merged by log-sum-exp:
     without text (the views start after the text prefix).  ``ds = 0`` runs give each item all their
     rows at once (fewer, larger items), split just enough to keep every thread busy; single-item
     runs of one shape whose starts step evenly share one call (the two clamped ends of a band).
-  - **rest**: pairs whose kept frames are not one range (e.g. a global frame plus a window): pairs
-    with the same kept count are gathered (whole frames, contiguous copies) and computed in one call.
+  - **rest**: pairs whose kept frames are not one range (e.g. a global frame plus a window, or a spatial window
+    across time in unit space): the query frames of a head that keep the same key frames form one item whose keys
+    are gathered once (whole frames, contiguous copies); items of one shape are computed in one call.
 
   Without text the video segment is the whole result; with text the forward merges the two
   segments by log-sum-exp (``lse = logaddexp(l_v, l_t)``, ``out = o_v e^{l_v - lse} + o_t e^{l_t - lse}``).
@@ -61,11 +62,14 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @dataclass(frozen=True)
 class _PartialGroup:
-    heads: torch.Tensor  # (G,) head of each (head, query frame) pair
-    qframes: torch.Tensor  # (G,) query frame of each pair
-    kframes: torch.Tensor  # (G, c) kept key frames of each pair
-    qflat: torch.Tensor  # (G,) row ``h*T + f`` of each pair's query frame in :func:`_frames`
-    kflat: torch.Tensor  # (G*c,) rows of each pair's kept key frames in :func:`_frames`
+    """``G`` items of one fused call: item ``i`` is ``m`` query frames of head ``heads[i]`` that keep the same ``c``
+    key frames (their keys are gathered once for all ``m``)."""
+
+    heads: torch.Tensor  # (G,) head of each item
+    qframes: torch.Tensor  # (G, m) query frames of each item
+    kframes: torch.Tensor  # (G, c) kept key frames of each item
+    qflat: torch.Tensor  # (G*m,) rows ``h*T + f`` of each item's query frames in :func:`_frames`, item-major
+    kflat: torch.Tensor  # (G*c,) rows of each item's kept key frames in :func:`_frames`
 
 
 @dataclass(frozen=True)
@@ -92,14 +96,28 @@ class _Plan:
     empty: torch.Tensor | None  # ... and the (H, T) pairs that keep no frame (None: there are none)
 
 
-def _groups(fm: torch.Tensor, sel: torch.Tensor, T: int) -> tuple[_PartialGroup, ...]:
-    """Partial groups of the (head, query frame) pairs selected by ``sel`` (H, T), by kept count."""
-    counts = fm.sum(-1)
+def _groups(fm: torch.Tensor, sel: torch.Tensor, T: int, threads: int = 1) -> tuple[_PartialGroup, ...]:
+    """Partial groups of the (head, query frame) pairs selected by ``sel`` (H, T).
+
+    Pairs of one head that keep the same key frames share one item (their keys are gathered once: a spatial
+    window across time on 2 x 2-unit frames keeps the same 32 of 64 units for half the query units, whose
+    per-pair gathers copied 32x the keys); items with the same number of query and key frames share one call.
+    An item is split into query chunks only as far as the call needs to give every thread an item (the fused
+    backward parallelises over items).
+    """
+    sets: dict[tuple, list[int]] = {}
+    for h, f in sel.nonzero().tolist():
+        sets.setdefault((h, tuple(fm[h, f].nonzero().flatten().tolist())), []).append(f)
+    by_shape: dict[tuple[int, int], list[tuple[int, tuple, list[int]]]] = {}
+    for (h, kept), frames in sets.items():
+        by_shape.setdefault((len(frames), len(kept)), []).append((h, kept, frames))
     out = []
-    for c in sorted(set(counts[sel].tolist())):
-        hi, fi = ((counts == c) & sel).nonzero(as_tuple=True)
-        kf = fm[hi, fi].nonzero()[:, 1].view(-1, c)  # row-major: each pair's kept frames in order
-        out.append(_PartialGroup(hi, fi, kf, hi * T + fi, (hi[:, None] * T + kf).flatten()))
+    for (m, c), items in sorted(by_shape.items()):
+        n = next((d for d in range(1, m + 1) if m % d == 0 and len(items) * d >= threads), m)  # chunks per item
+        hi = torch.tensor([h for h, _, _ in items for _ in range(n)], dtype=torch.long)
+        kf = torch.tensor([list(kept) for _, kept, _ in items for _ in range(n)], dtype=torch.long).view(-1, c)
+        qf = torch.tensor([fr for _, _, frames in items for fr in frames], dtype=torch.long).view(-1, m // n)
+        out.append(_PartialGroup(hi, qf, kf, (hi[:, None] * T + qf).flatten(), (hi[:, None] * T + kf).flatten()))
     return tuple(out)
 
 
@@ -191,7 +209,7 @@ def _plan_cached(H: int, T: int, mask_bytes: bytes, threads: int) -> _Plan:
     fm = torch.frombuffer(bytearray(mask_bytes), dtype=torch.bool).view(H, T, T)
     runs, covered = _runs(fm, threads)
     empty = fm.sum(-1) == 0
-    return _Plan(runs, _groups(fm, ~covered & ~empty, T), empty if bool(empty.any()) else None)
+    return _Plan(runs, _groups(fm, ~covered & ~empty, T, threads), empty if bool(empty.any()) else None)
 
 
 def _plan(frame_mask: torch.Tensor, H: int, T: int, threads: int) -> _Plan:
@@ -304,11 +322,12 @@ def _forward(q, k, v, layout: TokenLayout, frame_mask: torch.Tensor, scale: floa
         qf, kf, vf = _frames(q, layout), _frames(k, layout), _frames(v, layout)
         of, lf = _frames(out_v, layout, 0), _frames(lse_v4, layout, 0)  # views of the contiguous workspaces
         for g in plan.rest:
-            G = g.heads.shape[0]
-            o, l = par(_FLASH, qf.index_select(1, g.qflat).view(B, G, P, D), kf.index_select(1, g.kflat).view(B, G, -1, D),
-                          vf.index_select(1, g.kflat).view(B, G, -1, Dv), scale=scale)
-            of.index_copy_(1, g.qflat, o.contiguous().view(B, G, P * Dv))
-            lf.index_copy_(1, g.qflat, l.contiguous())
+            G, m = g.qframes.shape
+            o, l = par(_FLASH, qf.index_select(1, g.qflat).view(B, G, m * P, D),
+                       kf.index_select(1, g.kflat).view(B, G, -1, D), vf.index_select(1, g.kflat).view(B, G, -1, Dv),
+                       scale=scale)
+            of.index_copy_(1, g.qflat, o.contiguous().view(B, G * m, P * Dv))
+            lf.index_copy_(1, g.qflat, l.contiguous().view(B, G * m, P))
     if plan.empty is not None:  # rows that keep no frame: nothing from the video keys
         rows = plan.empty.repeat_interleave(P, dim=1)
         out_v.masked_fill_(rows[None, :, :, None], 0)
@@ -398,14 +417,15 @@ def _backward(dout, dlse, q, k, v, out, lse, layout: TokenLayout, frame_mask: to
         dqf, dkf, dvf = (_frames(x, layout) for x in (dq, dk, dv))
         for g in plan.rest:
             G, c = g.kframes.shape
+            m = g.qframes.shape[1]
 
-            def rows(x, g=g, G=G):
-                return x.index_select(1, g.qflat).view(B, G, P, -1)
+            def rows(x, g=g, G=G, m=m):
+                return x.index_select(1, g.qflat).view(B, G, m * P, -1)
 
             gq, gk, gv = par(_FLASH_BWD, rows(dof), rows(qf), kf.index_select(1, g.kflat).view(B, G, c * P, Dq),
                                     vf.index_select(1, g.kflat).view(B, G, c * P, Dw), rows(of), rows(lf)[..., 0],
                                     0.0, False, scale=scale)
-            gq = gq.reshape(B, G, P * Dq).float()
+            gq = gq.reshape(B, G * m, P * Dq).float()
             if pre + suf:
                 dqf.index_add_(1, g.qflat, gq)
             else:
