@@ -325,6 +325,32 @@ def test_query_frames_that_keep_the_same_keys_share_one_gather(pre, suf, threads
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pre, suf", [(0, 0), (3, 2)])
+def test_masks_constant_on_unit_blocks_run_on_merged_frames(pre, suf, dtype):
+    """A 3D window that covers whole frames of 2 x 2 units is a frame band in unit space: the op merges each frame's
+    4 units into one frame of 4x the tokens (exact: consecutive units are contiguous rows) and runs strided windows;
+    a mask that is not block-constant is left as it is; both match the reference."""
+    from vdit_compile.ops.cpu_fast import _coarsen
+    Tf, per = 6, 4  # 6 frames x 4 units of 5 tokens
+    f = torch.arange(Tf * per) // per
+    band = (f[:, None] - f[None, :]).abs() <= 1
+    fm = torch.stack([band, torch.ones_like(band), band & (f[None, :] >= 0)])
+    lay = TokenLayout(Tf * per, 5, 1, pre, suf)
+    small, big = _coarsen(fm, lay)
+    assert (big.num_frames, big.frame_tokens, big.text_prefix, big.text_suffix) == (Tf, 5 * per, pre, suf)
+    assert torch.equal(small, ((torch.arange(Tf)[:, None] - torch.arange(Tf)[None, :]).abs() <= 1)
+                       .expand(3, Tf, Tf) | torch.tensor([False, True, False])[:, None, None])
+    odd = fm.clone()
+    odd[0, 0, per] = False  # one unit pair differs from its block: no merge
+    assert _coarsen(odd, lay)[1] is lay
+    g = torch.Generator().manual_seed(3)
+    q, k, v, dout = (torch.randn(2, 3, lay.seq_len, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    dlse = torch.randn(q.shape[:3], generator=g, dtype=torch.float64)
+    _fast_vs_reference(lay, fm, q, k, v, dout, dlse, dtype)
+    _fast_vs_reference(lay, odd, q, k, v, dout, dlse, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_non_contiguous_inputs(dtype):
     """q, k, v as transposes of (B, L, H, D) tensors (what a model's attention passes): read in place."""
     g = torch.Generator().manual_seed(5)
