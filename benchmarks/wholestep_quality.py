@@ -54,6 +54,22 @@ def parse_variant(text: str, fp8_mode: str) -> tuple[str, dict]:
     return text, opts
 
 
+def paired_flips(ref_clips: list, clips: list, attrs) -> dict:
+    """Per attribute: clips the reference got right and the variant wrong (``lost``), the reverse (``gained``), and
+    the two-sided exact sign-test (McNemar) p-value of that split: whether an accuracy change of a few points is more
+    than the prompts' noise (same prompts and seeds, so the comparison is paired)."""
+    from math import comb
+
+    out = {}
+    for a in attrs:
+        right = [(r[f"pred_{a}"] == r[f"label_{a}"], c[f"pred_{a}"] == c[f"label_{a}"]) for r, c in zip(ref_clips, clips)]
+        lost, gained = sum(x and not y for x, y in right), sum(y and not x for x, y in right)
+        n = lost + gained
+        p = min(1.0, 2 * sum(comb(n, i) for i in range(min(lost, gained) + 1)) / 2 ** n) if n else 1.0
+        out[a] = dict(lost=lost, gained=gained, sign_test_p=round(p, 4))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="out")
@@ -117,6 +133,8 @@ def main(argv=None) -> int:
         acc = card.get("accuracy", {})
         row = dict(variant=name, options=opts, backend=args.backend, psnr=card.get("psnr"), ssim=card.get("ssim"), accuracy=acc,
                    accuracy_delta_points={k: 100 * (acc[k] - ref_acc[k]) for k in acc if k in ref_acc},
+                   paired_flips=paired_flips(ref_card.get("per_clip", []), card.get("per_clip", []),
+                                             [k for k in acc if k in ref_acc]),
                    seconds_per_video=card["seconds_per_video"])
         if rep.get("cache"):
             c = rep["cache"]
