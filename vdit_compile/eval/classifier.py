@@ -40,10 +40,15 @@ class AttributeClassifier(nn.Module):
     """One classification head per attribute; ``attributes`` maps name -> ordered class labels."""
 
     def __init__(self, attributes: Mapping[str, Sequence[str]], frames: int = 16, size: int = 32, width: int = 32,
-                 temporal_heads: Sequence[str] = ("motion",)):
+                 temporal_heads: Sequence[str] = ("motion",), measured: Optional[Mapping[str, str]] = None):
         super().__init__()
         if not attributes:
             raise ValueError("AttributeClassifier needs at least one attribute with its class labels")
+        from .measures import check_measured
+
+        # attributes predicted by a measure from the pixels (eval/measures.py) instead of their learned head
+        self.measured = dict(measured or {})
+        check_measured(self.measured, {k: list(v) for k, v in attributes.items()})
         if frames < 4 or frames % 2:
             raise ValueError(f"frames must be an even number >= 4, found {frames}")
         self.attributes = {k: list(v) for k, v in attributes.items()}
@@ -69,6 +74,8 @@ class AttributeClassifier(nn.Module):
         cfg = {"attributes": self.attributes, "frames": self.frames, "size": self.size, "width": self.width}
         if self.temporal_heads != ["motion"]:
             cfg["temporal_heads"] = self.temporal_heads
+        if self.measured:
+            cfg["measured"] = dict(self.measured)
         return cfg
 
     def preprocess(self, video: torch.Tensor) -> torch.Tensor:
@@ -112,10 +119,16 @@ class AttributeClassifier(nn.Module):
         if videos.dim() == 4:
             videos = videos.unsqueeze(0)
         out: dict[str, list[str]] = {n: [] for n in self.attributes}
+        from .measures import MEASURES
+
         for i in range(0, videos.shape[0], batch_size):
-            logits = self(videos[i : i + batch_size])
+            chunk = videos[i : i + batch_size]
+            logits = self(chunk)
             for n, lg in logits.items():
-                out[n].extend(self.attributes[n][j] for j in lg.argmax(1).tolist())
+                if n in self.measured:
+                    out[n].extend(MEASURES[self.measured[n]](chunk))
+                else:
+                    out[n].extend(self.attributes[n][j] for j in lg.argmax(1).tolist())
         return out
 
     def save(self, directory: Path | str = WEIGHTS_DIR, name: str = WEIGHTS_NAME, extra: Optional[dict] = None) -> Path:
@@ -154,7 +167,7 @@ def load_classifier(directory: Path | str | None = None, name: str = WEIGHTS_NAM
         )
     cfg = json.loads(cfg_path.read_text())
     model = AttributeClassifier(cfg["attributes"], cfg["frames"], cfg["size"], cfg["width"],
-                                cfg.get("temporal_heads", ("motion",)))
+                                cfg.get("temporal_heads", ("motion",)), cfg.get("measured"))
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(w_path)).items()}
     model.load_state_dict(state)
     model.meta = cfg  # accuracies and training provenance recorded at train time
