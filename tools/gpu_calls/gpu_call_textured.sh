@@ -4,7 +4,7 @@
 # call; the call in which the whole run's training time (TOTAL_MIN) is reached also writes the model card's figures
 # (dense scorecard with run 2's classifier, mask oracle, attention maps).
 #
-#   every call: RESUME=docs/textured/run-3 TOTAL_MIN=30 bash tools/gpu_calls/gpu_call_textured.sh   (carry .gpu-wheels)
+#   every call: RESUME=docs/textured/run-3 TOTAL_MIN=21 bash tools/gpu_calls/gpu_call_textured.sh   (carry .gpu-wheels)
 #   between calls, here (N: the call's files_at), put the checkpoint that came back where the next call reads it:
 #     python tools/slim_checkpoint.py /work/.device/N/ckpt docs/textured/run-3/ckpt && \
 #     cp /work/.device/N/loss.csv /work/.device/N/train.log docs/textured/run-3/
