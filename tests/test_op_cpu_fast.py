@@ -249,6 +249,19 @@ def _fast_vs_reference(lay, fm, q, k, v, dout, dlse, dtype, scale=0.3):
             assert _rel(a, b) < 2 * TOL[dtype], (name, dl is None)
 
 
+def _fast_vs_reference_at(threads, lay, fm, g, dtype):
+    """:func:`_fast_vs_reference` on fresh random inputs with ``threads`` torch threads (restored after)."""
+    q, k, v, dout = (torch.randn(2, fm.shape[0], lay.seq_len, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    dlse = torch.randn(q.shape[:3], generator=g, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _fast_vs_reference(lay, fm, q, k, v, dout, dlse, dtype)
+        assert torch.get_num_threads() == threads  # the bookkeeping's single thread is undone
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("T, P, pre, suf, H, empty", [
@@ -262,15 +275,7 @@ def test_segments_and_runs_match_reference_on_random_masks(T, P, pre, suf, H, em
     g = torch.Generator().manual_seed(T * 100 + P * 10 + H)
     lay = TokenLayout(T, P, 1, pre, suf)
     fm = _random_masks(H, T, g, empty_rows=empty)
-    q, k, v, dout = (torch.randn(2, H, lay.seq_len, 8, generator=g, dtype=torch.float64) for _ in range(4))
-    dlse = torch.randn(q.shape[:3], generator=g, dtype=torch.float64)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        _fast_vs_reference(lay, fm, q, k, v, dout, dlse, dtype)
-        assert torch.get_num_threads() == threads  # the bookkeeping's single thread is undone
-    finally:
-        torch.set_num_threads(before)
+    _fast_vs_reference_at(threads, lay, fm, g, dtype)
 
 
 def test_band_masks_need_no_gather_and_few_calls():
@@ -314,14 +319,7 @@ def test_query_frames_that_keep_the_same_keys_share_one_gather(pre, suf, threads
     assert g1.heads.numel() == next(d for d in range(1, T + 1) if T % d == 0 and d >= threads)
     g = torch.Generator().manual_seed(11 + threads)
     lay = TokenLayout(T, 5, 1, pre, suf)
-    q, k, v, dout = (torch.randn(2, H, lay.seq_len, 8, generator=g, dtype=torch.float64) for _ in range(4))
-    dlse = torch.randn(q.shape[:3], generator=g, dtype=torch.float64)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        _fast_vs_reference(lay, fm, q, k, v, dout, dlse, dtype)
-    finally:
-        torch.set_num_threads(before)
+    _fast_vs_reference_at(threads, lay, fm, g, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
