@@ -47,9 +47,8 @@ def main(argv=None) -> int:
     def outputs():
         outs = []
         with torch.no_grad():
-            for c in calls:
-                a, kw = c if isinstance(c, tuple) else ((), c)
-                o = tr(*a, **kw)
+            for kw in calls:  # capture_transformer_inputs records each call's keyword arguments
+                o = tr(**kw)
                 outs.append((o[0] if isinstance(o, tuple) else o.sample).float())
         return outs
 

@@ -238,30 +238,28 @@ def main(argv=None) -> int:
                 except Exception as exc:  # noqa: BLE001 - record and go on
                     sink(dict(frames=T, way=f"flex g{g}", error=repr(exc)[:300]))
                     flex_out = None
-            ours_out = None
-            if args.fp8_only:
-                whole_step_rows(model, step, bench, sink, mask, dense_ms, ref, ours_out, args, frames=T, tokens=L)
-                continue
-            vdit_compile.optimize(model, plan=mask, backend="eager", progress=False)
-            try:
-                ours_out = step().float()
-                sites = [s for s in vdit_compile.sites_of(model) if s.tileable]
-                ms = bench(step, rep=2)
-                grid = [T, hh // 2, ww // 2, *((hh // 2, ww // 2) if is_tile else (th, tw))]
-                attn = attention_ms(lambda q, k, v: torch.ops.vdit.tile_attention(q, k, v, 0, 0, grid, mask.name, D ** -0.5)[0],
-                                    H, L, D, layers, dev, bench)
-                row = dict(frames=T, tokens=L, way=f"ours {mask.name}", step_ms=ms, speedup=dense_ms / ms, attn_ms=attn,
-                           attn_share=attn / ms, tiled_sites=len(sites), density=density, tile=grid[3:5],
-                           rel_diff_vs_dense=((ours_out - ref).norm() / ref.norm()).item())
-                if args.flex and is_tile and flex_out is not None:
-                    row["rel_diff_vs_flex"] = ((ours_out - flex_out).norm() / flex_out.norm()).item()
-                sink(row)
-            finally:
-                vdit_compile.restore(model)
-                # Each optimize() compiles the transformer's forward again; drop Dynamo's caches so a
-                # later frame count is not refused by the recompile limit (on the 2026-11-25 H100 run
-                # the third optimize() tiled 0 sites and ran dense; this reset was added after it).
-                torch._dynamo.reset()
+            ours_out = None  # --fp8-only: no eager tile row (the FP8 rows then skip their comparison with it)
+            if not args.fp8_only:
+                vdit_compile.optimize(model, plan=mask, backend="eager", progress=False)
+                try:
+                    ours_out = step().float()
+                    sites = [s for s in vdit_compile.sites_of(model) if s.tileable]
+                    ms = bench(step, rep=2)
+                    grid = [T, hh // 2, ww // 2, *((hh // 2, ww // 2) if is_tile else (th, tw))]
+                    attn = attention_ms(lambda q, k, v: torch.ops.vdit.tile_attention(q, k, v, 0, 0, grid, mask.name, D ** -0.5)[0],
+                                        H, L, D, layers, dev, bench)
+                    row = dict(frames=T, tokens=L, way=f"ours {mask.name}", step_ms=ms, speedup=dense_ms / ms, attn_ms=attn,
+                               attn_share=attn / ms, tiled_sites=len(sites), density=density, tile=grid[3:5],
+                               rel_diff_vs_dense=((ours_out - ref).norm() / ref.norm()).item())
+                    if args.flex and is_tile and flex_out is not None:
+                        row["rel_diff_vs_flex"] = ((ours_out - flex_out).norm() / flex_out.norm()).item()
+                    sink(row)
+                finally:
+                    vdit_compile.restore(model)
+                    # Each optimize() compiles the transformer's forward again; drop Dynamo's caches so a
+                    # later frame count is not refused by the recompile limit (on the 2026-11-25 H100 run
+                    # the third optimize() tiled 0 sites and ran dense; this reset was added after it).
+                    torch._dynamo.reset()
             if args.fp8:
                 whole_step_rows(model, step, bench, sink, mask, dense_ms, ref, ours_out, args, frames=T, tokens=L)
         del x, enc

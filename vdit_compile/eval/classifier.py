@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .measures import MEASURES, check_measured
+
 #: Directory of the shipped weights (``classifier.safetensors`` + ``classifier.json``).
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHTS_NAME = "classifier"
@@ -44,8 +46,6 @@ class AttributeClassifier(nn.Module):
         super().__init__()
         if not attributes:
             raise ValueError("AttributeClassifier needs at least one attribute with its class labels")
-        from .measures import check_measured
-
         # attributes predicted by a measure from the pixels (eval/measures.py) instead of their learned head
         self.measured = dict(measured or {})
         check_measured(self.measured, {k: list(v) for k, v in attributes.items()})
@@ -119,8 +119,6 @@ class AttributeClassifier(nn.Module):
         if videos.dim() == 4:
             videos = videos.unsqueeze(0)
         out: dict[str, list[str]] = {n: [] for n in self.attributes}
-        from .measures import MEASURES
-
         for i in range(0, videos.shape[0], batch_size):
             chunk = videos[i : i + batch_size]
             logits = self(chunk)
