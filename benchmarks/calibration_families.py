@@ -119,8 +119,8 @@ def main() -> None:
                     stats["weights"] = site_sensitivities(pipe, list(cals), cp.prompts, cp.seeds, args.calib_steps,
                                                           args.sens_eps)
                     print(json.dumps({"site_sensitivity": stats["weights"]}), flush=True)
-                plan = build_with_picks(pipe.transformer, cals, settings, sites,
-                                        sensitivity_picks(cals, stats["weights"], b, settings.max_density))
+                plan = build_plan(pipe.transformer, cals, settings, sites,
+                                  picks=sensitivity_picks(cals, stats["weights"], b, settings.max_density))
             else:
                 plan = build_plan(pipe.transformer, cals, settings, sites)
             vdit_compile.optimize(pipe, plan=plan, progress=False, cost_model="always")
@@ -193,19 +193,6 @@ def sensitivity_picks(cals: dict, weights: dict, budget: float, max_density, cap
         picks[name], _ = cal.choose((err / norm.clamp(min=1e-300)[:, None]).sqrt(), cal.candidate_densities(), b,
                                     max_density)
     return picks
-
-
-def build_with_picks(module, cals, settings, sites, picks: dict):
-    """``build_plan`` with the given candidate per head of every site (the ``head`` rule's results otherwise)."""
-    import vdit_compile.calibration.run as run_mod
-
-    by_cal = {id(cal): picks[name] for name, cal in cals.items()}
-    original = run_mod.site_picks
-    run_mod.site_picks = lambda cal, *a, **k: by_cal.get(id(cal))  # build_plan reads it at call time; put back
-    try:
-        return run_mod.build_plan(module, cals, settings, sites)
-    finally:
-        run_mod.site_picks = original
 
 
 def write_markdown(rows: list[dict], path: str, calib_prompts: int, calib_steps: int, prompts: int, steps: int) -> None:

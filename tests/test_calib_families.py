@@ -125,6 +125,31 @@ def test_frame_level_choices_need_no_tile():
     assert sp.masks == [TileMask(0, 0)] * 2 and sp.tile is None
 
 
+def test_given_picks_replace_the_selection_rule():
+    """build_plan(picks=...) takes a candidate index per head instead of the rule's choice (benchmark experiments
+    with other rules); bad picks or step ranges beside them are refused with what was expected."""
+    layout = TokenLayout(4, 2, 2)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.arange(4).repeat_interleave(4)
+    basis = torch.zeros(16, 16, dtype=torch.float64)
+    basis[torch.arange(16), ids] = 8.0
+    q, k = (basis + 0.1 * torch.randn(1, 2, 16, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(1, 2, 16, 16, generator=g, dtype=torch.float64)
+    cal = SiteCalibrator("s", layout, 2, families=ALL, tile_tokens=1)
+    cal.observe(q, k, v, 0.25)
+    settings = CalibrationSettings(error_budget=0.05)
+    rule = build_plan(torch.nn.Linear(2, 2), {"s": cal}, settings).sites[0]
+    dense = next(i for i, m in enumerate(cal.candidates) if m.dense)
+    assert not any(m.dense for m in rule.masks)  # the rule tiles both heads: the picks below change the plan
+    given = build_plan(torch.nn.Linear(2, 2), {"s": cal}, settings, picks={"s": [dense, dense]}).sites[0]
+    assert given.status == "dense" and all(m.dense for m in given.masks)
+    with pytest.raises(ValueError, match="one candidate index"):
+        build_plan(torch.nn.Linear(2, 2), {"s": cal}, settings, picks={"s": [dense]})
+    with pytest.raises(ValueError, match="step_ranges"):
+        build_plan(torch.nn.Linear(2, 2), {"s": cal}, CalibrationSettings(error_budget=0.05, step_ranges=3),
+                   picks={"s": [dense, dense]})
+
+
 def test_no_candidate_within_bounds_is_reported_not_crashing():
     layout = TokenLayout(3, 2, 2)
     cal = SiteCalibrator("s", layout, 2)

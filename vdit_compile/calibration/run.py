@@ -59,15 +59,21 @@ def build_plan(
     calibrators: Mapping[str, SiteCalibrator] | Iterable[SiteCalibrator],
     settings: CalibrationSettings | None = None,
     sites: Sequence | None = None,
+    picks: Mapping[str, Sequence[int]] | None = None,
 ) -> Plan:
     """Choose masks from every calibrator and assemble the plan for ``model``.
 
     ``sites`` (the detected ``AttentionSite`` list) gives kinds and keeps non-tileable sites
     in the plan as dense with their reason; without it, every calibrator becomes a
     ``video_self`` site.  A tileable site that was never reached during calibration is left
-    dense, with a warning.
+    dense, with a warning.  ``picks`` (site name -> candidate index per head) replaces the
+    selection rule's choice at those sites, for experiments with other rules (one mask set
+    per site: not with step ranges).
     """
     settings = settings or CalibrationSettings()
+    picks = dict(picks or {})
+    if picks and settings.step_ranges != 1:
+        raise ValueError(f"picks give one mask set per site; found step_ranges={settings.step_ranges} (expected 1)")
     if not isinstance(calibrators, Mapping):
         calibrators = {c.name: c for c in calibrators}
     if sites is None:
@@ -87,15 +93,15 @@ def build_plan(
             warnings.warn(f"site {s.name} was not reached during calibration; it stays dense", stacklevel=2)
             out.append(SitePlan(s.name, s.kind, s.layout, int(s.num_heads), "dense", "not reached during calibration"))
         else:
-            out.append(_site_plan(s, cal, settings, ranges))
+            out.append(_site_plan(s, cal, settings, ranges, picks.get(s.name)))
     calib = settings.to_dict()
     calib["candidates"] = sorted({m.name for c in calibrators.values() for m in c.candidates},
                                  key=lambda n: (n == "dense", n))
     return Plan(out, model_class_name(model), model_fingerprint(model), structure_summary(model), calib)
 
 
-def _site_plan(site, cal: SiteCalibrator, settings: CalibrationSettings, ranges: list[list[float]] | None = None
-               ) -> SitePlan:
+def _site_plan(site, cal: SiteCalibrator, settings: CalibrationSettings, ranges: list[list[float]] | None = None,
+               fixed: Sequence[int] | None = None) -> SitePlan:
     """The site's plan entry: per-head masks (per step range when ``ranges`` is given), its token tile (None
     when every chosen mask is frame-level: no reorder at run time) and the calibration evidence."""
     budget, bound = settings.error_budget, settings.max_density
@@ -103,7 +109,14 @@ def _site_plan(site, cal: SiteCalibrator, settings: CalibrationSettings, ranges:
         picks = allocate_ranges(cal, ranges, budget, bound, selection=settings.selection)
         results = [cal.result(budget, bound, r, p) for r, p in zip(ranges, picks)]
     else:
-        results = [cal.result(budget, bound, None, site_picks(cal, budget, bound, None, settings.selection))]
+        if fixed is None:
+            head_picks = site_picks(cal, budget, bound, None, settings.selection)
+        else:
+            head_picks, n = [int(i) for i in fixed], len(cal.candidates)
+            if len(head_picks) != cal.num_heads or not all(0 <= i < n for i in head_picks):
+                raise ValueError(f"site {site.name}: picks must give one candidate index in [0, {n}) per head "
+                                 f"({cal.num_heads} heads); found {list(fixed)}")
+        results = [cal.result(budget, bound, None, head_picks)]
     res = results[0]
     chosen = [m for r in results for m in r.masks]
     if all(m.dense for m in chosen):
