@@ -86,7 +86,7 @@ def mode_of(args) -> str:
 
 
 def _options(args, pad: bool) -> dict:
-    return dict(unit_pad=pad, unit_pad_max_waste=args.pad_max_waste)
+    return dict(unit_pad=pad, unit_pad_max_waste=args.pad_max_waste, gather_kernel=args.gather_kernel)
 
 
 def _time_ours(ours, q, k, v, do, args, pad: bool) -> dict:
@@ -108,7 +108,7 @@ def run_shape(name: str, masks: list[str], args, sink, deadline: float) -> None:
     grid = UnitGrid(layout.num_frames, layout.height, layout.width, *tile)
     L, scale = layout.seq_len, D ** -0.5
     base = dict(shape=name, L=L, H=H, D=D, layout=layout.describe(), tile=list(tile), unit_tokens=grid.unit_tokens,
-                padded=args.padded, mode=mode_of(args))
+                padded=args.padded, mode=mode_of(args), gather_kernel=args.gather_kernel)
     if args.auto_pad:
         with kernel_options(**_options(args, True)):
             base["unit_stride"] = unit_stride(grid.unit_tokens)
@@ -132,6 +132,8 @@ def run_shape(name: str, masks: list[str], args, sink, deadline: float) -> None:
         reorder = lambda: [to_units(x, pre, grid) for x in (q, k, v)] + [from_units(q, pre, grid)]  # noqa: E731
     base.update(cudnn_fwd_ms=cudnn_fwd, cudnn_fwdbwd_ms=cudnn_fb, cudnn_fwd_tflops=full / cudnn_fwd / 1e9,
                 reorder_ms=bench(reorder))
+    with kernel_options(gather_kernel=True):  # the same moves through the Triton row gather
+        base["reorder_gather_kernel_ms"] = bench(reorder)
     flex = torch.compile(flex_attention, dynamic=False)
     for mname in masks:
         spec = parse_mask(mname)
@@ -196,6 +198,8 @@ def main(argv=None) -> None:
     ap.add_argument("--padded", action="store_true", help="round H up to a multiple of 8 (tiles of 8 x 16 = 128)")
     ap.add_argument("--auto-pad", action="store_true", help="the real frame with the op's automatic unit padding")
     ap.add_argument("--pad-max-waste", type=float, default=0.125, help="KernelOptions.unit_pad_max_waste")
+    ap.add_argument("--gather-kernel", action="store_true",
+                    help="the op's reorder through the Triton row gather (KernelOptions.gather_kernel)")
     ap.add_argument("--plain-too", action="store_true", help="with --auto-pad: time the unpadded op in each row too")
     ap.add_argument("--budget", type=float, default=None, help="seconds: skip Flex, then shapes, past this")
     ap.add_argument("--tile-tokens", type=int, default=None)

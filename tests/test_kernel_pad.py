@@ -240,5 +240,29 @@ def test_padding_changes_nothing_but_speed_on_gpu():
     torch.testing.assert_close(padded[1], plain[1], rtol=1e-3, atol=1e-3)
 
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gather_kernel_changes_nothing_in_the_padded_op_on_gpu():
+    """The Triton row gather (``KernelOptions.gather_kernel``) moves the same rows as ``index_select``: the padded
+    op's output, lse and gradients are identical with it on and off, strided (B, L, H, D) inputs included."""
+    from vdit_compile.kernels.options import kernel_options
+
+    case = next(c for c in GPU_CASES if c.name.startswith("720p-like"))
+    H, L = len(case.masks), case.layout.seq_len
+    g = torch.Generator(device="cuda").manual_seed(2)
+    base = [torch.randn(1, L, H, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3)]
+    do = torch.randn(1, H, L, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    args = case.op_args(128 ** -0.5)
+    results = []
+    for on in (False, True):
+        q, k, v = (x.clone().transpose(1, 2).requires_grad_() for x in base)
+        with kernel_options(gather_kernel=on):
+            out, lse = torch.ops.vdit.tile_attention(q, k, v, *args)
+            (out.float() * do.float()).sum().add(lse.sum()).backward()
+        results.append((out, lse, q.grad, k.grad, v.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
 if __name__ == "__main__":
     _run_group(sys.argv[1])

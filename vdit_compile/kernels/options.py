@@ -33,7 +33,10 @@ class KernelOptions:
     on the 720p benchmark shapes, unchanged where units are already aligned): ``KernelOptions(unit_pad=False)`` or
     ``VDIT_UNIT_PAD=0`` turns it off;
     ``unit_pad_max_waste``: the largest share of pad tokens per unit that the rule accepts (``(P_pad - P) / P``);
-    ``unit_pad_max_tokens``: units longer than this are never padded (their boundary blocks are few)."""
+    ``unit_pad_max_tokens``: units longer than this are never padded (their boundary blocks are few);
+    ``gather_kernel``: move tokens into and out of kernel order (padded or not) with the Triton row gather
+    (``kernels/gather_rows_triton.py``) instead of ``index_select`` (+ a zero fill, + a ``cat`` of the text);
+    off until a GPU run times it."""
 
     path: str = "auto"
     tma_ws: bool = False
@@ -43,6 +46,7 @@ class KernelOptions:
     unit_pad: bool = True
     unit_pad_max_waste: float = 0.125
     unit_pad_max_tokens: int = 1024
+    gather_kernel: bool = False
 
     def __post_init__(self):
         if self.path not in PATHS:

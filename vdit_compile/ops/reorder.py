@@ -6,10 +6,13 @@ Only the video tokens move; text prefix and suffix stay where they are. One ``in
 
 :class:`PaddedUnits` is the CUDA path's variant with padded units (``kernels/padding.py``): units of stride
 ``P_pad``, pad tokens zero, the text behind the video, in one ``index_select`` over the whole sequence (plus
-a zero fill of the pad slots) each way.
+a zero fill of the pad slots) each way, or with ``KernelOptions(gather_kernel=True)`` one Triton row gather per
+tensor that writes the pad rows' zeros in the same pass (``kernels/gather_rows_triton.py``); the same option
+moves :func:`to_units` / :func:`from_units` with one gather over the whole sequence (no ``cat`` of the text).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -45,13 +48,36 @@ def _apply(x: torch.Tensor, pre: int, grid: UnitGrid, index: torch.Tensor) -> to
     return torch.cat(parts, dim) if len(parts) > 1 else video
 
 
+def _whole(x: torch.Tensor, pre: int, grid: UnitGrid, inverse: bool) -> torch.Tensor:
+    """The row index of the whole sequence (text rows in place, video rows permuted), for the Triton gather."""
+    key = ("whole", grid, pre, x.shape[2], inverse, str(x.device))
+    idx = _INV.get(key)
+    if idx is None:
+        nv = grid.num_frames * grid.height * grid.width
+        video = (_inverse if inverse else unit_permutation)(grid, x.device) + pre
+        idx = torch.cat([torch.arange(pre, device=x.device), video,
+                         torch.arange(pre + nv, x.shape[2], device=x.device)])
+        if len(_INV) > 64:
+            _INV.clear()
+        _INV[key] = idx
+    return idx
+
+
 def to_units(x: torch.Tensor, text_prefix: int, grid: UnitGrid) -> torch.Tensor:
     """``(B, H, L, ...)`` in model order -> unit order (each tile's tokens contiguous)."""
+    if _use_gather_kernel(x):
+        from ..kernels.gather_rows_triton import gather_rows
+
+        return gather_rows(x, _whole(x, int(text_prefix), grid, False))
     return _apply(x, int(text_prefix), grid, unit_permutation(grid, x.device))
 
 
 def from_units(x: torch.Tensor, text_prefix: int, grid: UnitGrid) -> torch.Tensor:
     """Inverse of :func:`to_units`."""
+    if _use_gather_kernel(x):
+        from ..kernels.gather_rows_triton import gather_rows
+
+        return gather_rows(x, _whole(x, int(text_prefix), grid, True))
     return _apply(x, int(text_prefix), grid, _inverse(grid, x.device))
 
 
@@ -94,6 +120,10 @@ class PaddedUnits:
     def index(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(gather, scatter)``: model token of every kernel slot (pad slots: token 0, zeroed afterwards), and
         the kernel slot of every model token; cached per layout and device."""
+        return self._indices(device)[:2]
+
+    def _indices(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`index` and the gather index with ``-1`` at pad slots (:func:`~..kernels.gather_rows_triton.gather_rows`)."""
         key = (self, str(device))
         hit = _PAD_INDEX.get(key)
         if hit is None:
@@ -108,7 +138,8 @@ class PaddedUnits:
             real = (slots >= self.video_slots) | (slots % Pp < P)
             scatter = torch.empty(pre + nv + self.text_suffix, dtype=torch.long)
             scatter[gather[real]] = slots[real]
-            hit = (gather.to(device), scatter.to(device))
+            padded = torch.where(real, gather, torch.full_like(gather, -1))
+            hit = (gather.to(device), scatter.to(device), padded.to(device))
             if len(_PAD_INDEX) > 64:
                 _PAD_INDEX.clear()
             _PAD_INDEX[key] = hit
@@ -116,6 +147,10 @@ class PaddedUnits:
 
     def to_kernel(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, L, ...)`` in model order -> ``(B, H, L_pad, ...)`` in kernel order, pad tokens zero."""
+        if _use_gather_kernel(x):
+            from ..kernels.gather_rows_triton import gather_rows
+
+            return gather_rows(x, self._indices(x.device)[2])
         y = x.index_select(2, self.index(x.device)[0])
         pad = self.unit_stride - self.valid
         if pad:
@@ -125,4 +160,17 @@ class PaddedUnits:
 
     def from_kernel(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`to_kernel` (pad tokens dropped)."""
+        if _use_gather_kernel(x):
+            from ..kernels.gather_rows_triton import gather_rows
+
+            return gather_rows(x, self._indices(x.device)[1])
         return x.index_select(2, self.index(x.device)[1])
+
+
+def _use_gather_kernel(x: torch.Tensor) -> bool:
+    """The Triton row gather instead of ``index_select``: ``KernelOptions.gather_kernel`` on, a CUDA tensor (or
+    Triton's CPU interpreter, which the kernel tests use) of three or four dimensions."""
+    from ..kernels.options import current
+
+    return (current().gather_kernel and x.dim() in (3, 4)
+            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
