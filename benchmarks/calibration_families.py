@@ -221,25 +221,12 @@ def write_markdown(rows: list[dict], path: str, calib_prompts: int, calib_steps:
 def collect(pipe, inputs, families, tile_tokens):
     """Run calibration once for a family set and keep its calibrators and sites (plans at any budget and
     step-range count are then built from them, as ``optimize`` would)."""
-    import vdit_compile
-    import vdit_compile.calibration.run as run_mod
-
-    kept = {}
-    original = run_mod.build_plan
-
-    def keep(module, calibrators, settings=None, sites=None):
-        kept.update(cals=dict(calibrators), sites=list(sites or []))
-        return original(module, calibrators, settings, sites)
+    from vdit_compile.api import collect_calibration
 
     t0 = time.perf_counter()
-    run_mod.build_plan = keep  # optimize imports it at call time; put back right after
-    try:
-        vdit_compile.optimize(pipe, calib_inputs=inputs, progress=False, families=tuple(families),
-                              tile_tokens=tile_tokens)
-    finally:
-        run_mod.build_plan = original
-        vdit_compile.restore(pipe)
-    return kept["cals"], kept["sites"], time.perf_counter() - t0
+    cals, sites = collect_calibration(pipe, calib_inputs=inputs, progress=False, families=tuple(families),
+                                      tile_tokens=tile_tokens)
+    return cals, sites, time.perf_counter() - t0
 
 
 def draw_curve(rows: list[dict], path: str) -> None:

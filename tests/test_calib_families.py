@@ -368,3 +368,27 @@ def test_tile_capped_plan_is_never_denser_nor_errs_more_than_frame_tiles():
     assert plans["head"] < plans["tile-capped"] < tile_res.density  # here the three differ (0.773, 0.867, 0.875)
     with pytest.raises(ValueError, match="selection"):
         CalibrationSettings(selection="global")
+
+
+def test_collect_calibration_gives_optimize_plans_at_any_budget_and_leaves_the_model_untouched():
+    """One calibration's statistics (``collect_calibration``) build, at each budget, the same plan that ``optimize``
+    calibrates on the same inputs; the model's forward is unchanged afterwards."""
+    import vdit_compile
+    from vdit_compile.api import collect_calibration
+    from tests.calib_helpers import tiny_wan, wan_inputs
+
+    model, example = tiny_wan()
+    inputs = [example, wan_inputs(seed=2)]
+    before = model(**example)[0]
+    cals, sites = collect_calibration(model, calib_inputs=inputs, progress=False, families=ALL, tile_tokens=4)
+    assert vdit_compile.plan_of(model) is None
+    assert sorted(cals) == sorted(s.name for s in sites if s.tileable) == ["blocks.0.attn1", "blocks.1.attn1"]
+    torch.testing.assert_close(model(**example)[0], before, rtol=0, atol=0)
+    for budget in (0.05, 0.3):
+        vdit_compile.optimize(model, calib_inputs=inputs, progress=False, families=ALL, tile_tokens=4,
+                              error_budget=budget)
+        want = vdit_compile.plan_of(model)
+        vdit_compile.restore(model)
+        settings = CalibrationSettings(error_budget=budget, num_inputs=len(inputs), families=list(ALL), tile_tokens=4)
+        got = build_plan(model, cals, settings, sites)
+        assert [s.masks for s in got.sites] == [s.masks for s in want.sites]

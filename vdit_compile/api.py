@@ -129,6 +129,37 @@ def _check_parallel(parallel):
     return parallel
 
 
+def _run_calibration(module, state: OptimizeState, inputs: list, cfg: OptimizeConfig) -> list:
+    """Calibration mode: every 3D site of ``module`` feeds its calibrator on ``inputs``; returns the sites met.
+    Raises :class:`NoAttentionFoundError` when none is tileable."""
+    from .calibration.checkpoint import run_calibration_passes
+    from .validation import check_site_filter
+
+    state.mode = "calibrate"
+    install(module, state)
+    # statistics (+ exact verification of block-mass choices), progress, kill -9 safe checkpoint
+    run_calibration_passes(module, inputs, state, _call, cfg, cfg.progress)
+    sites = state.site_list()
+    if not any(s.tileable for s in sites):
+        raise NoAttentionFoundError(sites, type(module).__name__)
+    check_site_filter(cfg, sites)
+    return sites
+
+
+def _calibration_settings(cfg: OptimizeConfig, calib_prompts, calib_inputs, inputs: list):
+    """The :class:`CalibrationSettings` a plan built from this calibration records (budget, families, data)."""
+    from .calibration.run import CalibrationSettings
+
+    from_prompts = calib_prompts is not None and calib_inputs is None
+    return CalibrationSettings(cfg.error_budget, cfg.max_density,
+                               list(cfg.candidates) if cfg.candidates is not None else None,
+                               num_prompts=len(calib_prompts) if from_prompts else None,
+                               num_inputs=len(inputs),
+                               num_inference_steps=cfg.calib_steps if calib_inputs is None else None,
+                               families=list(cfg.families), step_ranges=cfg.step_ranges,
+                               tile_tokens=cfg.tile_tokens, selection=cfg.selection)
+
+
 def optimize(model_or_pipe, calib_prompts=None, calib_inputs=None, plan=None, config: OptimizeConfig | None = None,
              parallel=None, **config_overrides):
     """Rewrite the transformer's 3D attention to tile-sparse attention; returns ``model_or_pipe``.
@@ -158,25 +189,10 @@ def optimize(model_or_pipe, calib_prompts=None, calib_inputs=None, plan=None, co
     try:
         if plan is None:
             inputs = _calibration_inputs(pipe, module, calib_prompts, calib_inputs, cfg)
-            state.mode = "calibrate"
-            install(module, state)
-            from .calibration.checkpoint import run_calibration_passes
+            sites = _run_calibration(module, state, inputs, cfg)
+            from .calibration.run import build_plan
 
-            # statistics (+ exact verification of block-mass choices), progress, kill -9 safe checkpoint
-            run_calibration_passes(module, inputs, state, _call, cfg, cfg.progress)
-            sites = state.site_list()
-            if not any(s.tileable for s in sites):
-                raise NoAttentionFoundError(sites, name)
-            check_site_filter(cfg, sites)
-            from .calibration.run import CalibrationSettings, build_plan
-
-            settings = CalibrationSettings(cfg.error_budget, cfg.max_density,
-                                           list(cfg.candidates) if cfg.candidates is not None else None,
-                                           num_prompts=len(calib_prompts) if calib_prompts is not None and calib_inputs is None else None,
-                                           num_inputs=len(inputs),
-                                           num_inference_steps=cfg.calib_steps if calib_inputs is None else None,
-                                           families=list(cfg.families), step_ranges=cfg.step_ranges,
-                                           tile_tokens=cfg.tile_tokens, selection=cfg.selection)
+            settings = _calibration_settings(cfg, calib_prompts, calib_inputs, inputs)
             state.plan = build_plan(module, state.calibrators, settings, sites)
             state.calibrators = {}
         else:
@@ -267,3 +283,28 @@ def calibrate_model(model_or_pipe, inputs: Sequence[dict], settings=None,
     calib["candidates"] = (plan.calibration or {}).get("candidates", calib["candidates"])
     plan.calibration = calib
     return plan
+
+
+def collect_calibration(model_or_pipe, calib_prompts=None, calib_inputs=None, config: OptimizeConfig | None = None,
+                        **config_overrides) -> tuple[dict, list]:
+    """Run :func:`optimize`'s calibration and return ``(calibrators, sites)`` instead of a plan; the model is left
+    untouched.
+
+    Why: one calibration's statistics serve plans at any error budget, step-range count or per-head pick
+    (``calibration.run.build_plan(module, calibrators, settings, sites)``), so a sweep over budgets (e.g.
+    ``benchmarks/calibration_families.py``) calibrates once instead of once per plan."""
+    cfg = OptimizeConfig.build(config, **config_overrides)
+    pipe, module = _split(model_or_pipe)
+    from .validation import validate_optimize
+
+    calib_prompts, calib_inputs = validate_optimize(pipe, module, calib_prompts, calib_inputs, None, cfg)
+    if state_of(module) is not None:
+        restore(module)
+    state = OptimizeState(module, cfg, None)
+    try:
+        inputs = _calibration_inputs(pipe, module, calib_prompts, calib_inputs, cfg)
+        sites = _run_calibration(module, state, inputs, cfg)
+        return dict(state.calibrators), sites
+    finally:
+        uninstall(module)
+        state.close()
