@@ -374,8 +374,8 @@ def test_collect_calibration_gives_optimize_plans_at_any_budget_and_leaves_the_m
     """One calibration's statistics (``collect_calibration``) build, at each budget, the same plan that ``optimize``
     calibrates on the same inputs; the model's forward is unchanged afterwards."""
     import vdit_compile
-    from vdit_compile.api import collect_calibration
     from tests.calib_helpers import tiny_wan, wan_inputs
+    from vdit_compile.api import collect_calibration
 
     model, example = tiny_wan()
     inputs = [example, wan_inputs(seed=2)]

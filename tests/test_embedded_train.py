@@ -90,3 +90,27 @@ def test_slim_checkpoint_resumes_with_fresh_moments_and_a_second_warmup(tmp_path
     assert abs(lrs[3] - tr.lr_at(args, 2) / 4) < 1e-9 * max(1.0, lrs[3]), lrs
     with __import__("pytest").raises(SystemExit, match="missing"):
         slim.main([str(tmp_path / "nothing"), str(tmp_path / "y")])
+
+
+def test_weights_from_checkpoint_equal_the_weights_a_finished_run_writes(tmp_path):
+    """tools/weights_from_checkpoint.py turns a checkpoint's EMA into the same weights file train_reference.py
+    writes when the run ends (fp16 EMA, same keys), and load_pipeline takes it; a folder without EMA is refused."""
+    import json
+
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("weights_from_checkpoint", ROOT / "tools" / "weights_from_checkpoint.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tr = _script()
+    assert tr.main(_args(tmp_path / "a", 2)) == 0
+    assert tool.main([str(tmp_path / "a" / "ckpt"), str(tmp_path / "w"), "--world", "embedded", "--tiny",
+                      "--summary", str(tmp_path / "a" / "train_summary.json")]) == 0
+    want, got = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "a" / "weights", tmp_path / "w"))
+    assert sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
+    cfg = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert cfg["training"]["checkpoint_step"] == 2
+    pipe = load_pipeline(weights=tmp_path / "w")
+    assert torch.equal(pipe.transformer.state_dict()["proj_out.weight"].half(), got["transformer.proj_out.weight"])
+    with pytest.raises(SystemExit, match="ema.safetensors"):
+        tool.main([str(tmp_path / "nothing"), str(tmp_path / "y")])
