@@ -373,8 +373,9 @@ def test_tile_capped_plan_is_never_denser_nor_errs_more_than_frame_tiles():
 def test_collect_calibration_gives_optimize_plans_at_any_budget_and_leaves_the_model_untouched():
     """One calibration's statistics (``collect_calibration``) build, at each budget, the same plan that ``optimize``
     calibrates on the same inputs; the model's forward is unchanged afterwards."""
+    from calib_helpers import tiny_wan, wan_inputs
+
     import vdit_compile
-    from tests.calib_helpers import tiny_wan, wan_inputs
     from vdit_compile.api import collect_calibration
 
     model, example = tiny_wan()
