@@ -103,6 +103,28 @@ def test_missing_shipped_weights_say_how_to_train(monkeypatch, tmp_path):
         textured.load_pipeline()
 
 
+def test_shipped_weights_and_classifier_load_within_25_mb():
+    """The package ships the textured world's model (fp16 EMA of a training run, with its provenance) and the
+    scorecard's classifier (pan measured from the pixels) in vdit_compile/models/textured/weights/, 25 MB at most."""
+    import json
+
+    from vdit_compile.eval.classifier import load_classifier
+
+    assert textured.weights_available(), "the textured weights must ship in vdit_compile/models/textured/weights/"
+    files = list(textured.WEIGHTS_DIR.iterdir())
+    assert sum(f.stat().st_size for f in files) <= 25 * 2**20
+    cfg = json.loads((textured.WEIGHTS_DIR / "config.json").read_text())
+    assert cfg["world"] == "textured" and cfg["training"]["checkpoint_step"] > 0
+    pipe = textured.load_pipeline()
+    assert pipe.transformer.config.num_layers == textured.TRANSFORMER_CONFIG["num_layers"]
+    f = pipe(data.GRID_PROMPTS[0], num_inference_steps=1, generator=torch.Generator().manual_seed(0), num_frames=2,
+             progress=False).frames
+    assert f.shape == (1, 2, 3, data.HEIGHT, data.WIDTH) and torch.isfinite(f).all()
+    clf = load_classifier(world="textured")
+    assert clf.meta.get("measured", {}).get("pan") == "background_drift"
+    assert set(scored_attributes("textured")) <= set(clf.meta["attributes"])
+
+
 def test_classifier_tool_on_the_textured_world(tmp_path):
     tc = _script("train_classifier")
     assert tc.main(["--world", "textured", "--steps", "2", "--pool", "8", "--refresh", "1", "--batch", "4",

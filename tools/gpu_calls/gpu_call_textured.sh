@@ -18,7 +18,7 @@
 #      TOTAL_MIN  training minutes of the whole run (the cosine learning rate follows them; default 20)
 #      CALL_BOX   seconds this call may use (default 570)      LR (1e-3)   BATCH (48)
 #      REPORT=1   write the report in this call even if the run goes on (from the EMA weights it stops with)
-#      CLASSIFIER the scorecard's classifier (default docs/textured/run-2/weights: 97.3% shape ceiling)
+#      CLASSIFIER the scorecard's classifier (default: the shipped one, vdit_compile/models/textured/weights: run 2's, 97.3% shape ceiling)
 # $OUT (at most 8 files, each < 16 MiB, as the device tool returns them): ckpt/{model,ema}.safetensors,
 # ckpt/state.pt, loss.csv, train.log, call.log; once TOTAL_MIN is reached also textured-final.tgz (weights/ with
 # the classifier beside the DiT, ready to ship; loss.png, the prompt-grid GIF, report/).
@@ -30,7 +30,7 @@ PY=${PYTHON:-python3}
 DEV=${DEVICE:-cuda}
 TOTAL_MIN=${TOTAL_MIN:-20}
 CALL_BOX=${CALL_BOX:-570}
-CLF=${CLASSIFIER:-docs/textured/run-2/weights}
+CLF=${CLASSIFIER:-vdit_compile/models/textured/weights}
 REPORT_S=${REPORT_S:-180}          # what the report needs after training (scorecard 64 x 50 steps + oracle)
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD
