@@ -130,9 +130,11 @@ def run_shape(name: str, masks: list[str], args, sink, deadline: float) -> None:
         reorder = lambda: [pu.to_kernel(x) for x in (q, k, v)] + [pu.from_kernel(qp)]  # noqa: E731
     else:
         reorder = lambda: [to_units(x, pre, grid) for x in (q, k, v)] + [from_units(q, pre, grid)]  # noqa: E731
-    base.update(cudnn_fwd_ms=cudnn_fwd, cudnn_fwdbwd_ms=cudnn_fb, cudnn_fwd_tflops=full / cudnn_fwd / 1e9,
-                reorder_ms=bench(reorder))
-    with kernel_options(gather_kernel=True):  # the same moves through the Triton row gather
+    # the reorder as the op runs it (no grad mode inside the op), with index_select and with the Triton row gather
+    with torch.no_grad(), kernel_options(gather_kernel=False):
+        base.update(cudnn_fwd_ms=cudnn_fwd, cudnn_fwdbwd_ms=cudnn_fb, cudnn_fwd_tflops=full / cudnn_fwd / 1e9,
+                    reorder_ms=bench(reorder))
+    with torch.no_grad(), kernel_options(gather_kernel=True):
         base["reorder_gather_kernel_ms"] = bench(reorder)
     flex = torch.compile(flex_attention, dynamic=False)
     for mname in masks:
@@ -198,8 +200,9 @@ def main(argv=None) -> None:
     ap.add_argument("--padded", action="store_true", help="round H up to a multiple of 8 (tiles of 8 x 16 = 128)")
     ap.add_argument("--auto-pad", action="store_true", help="the real frame with the op's automatic unit padding")
     ap.add_argument("--pad-max-waste", type=float, default=0.125, help="KernelOptions.unit_pad_max_waste")
-    ap.add_argument("--gather-kernel", action="store_true",
-                    help="the op's reorder through the Triton row gather (KernelOptions.gather_kernel)")
+    ap.add_argument("--gather-kernel", action=argparse.BooleanOptionalAction, default=True,
+                    help="the op's reorder through the Triton row gather (KernelOptions.gather_kernel, the default); "
+                         "--no-gather-kernel: through index_select")
     ap.add_argument("--plain-too", action="store_true", help="with --auto-pad: time the unpadded op in each row too")
     ap.add_argument("--budget", type=float, default=None, help="seconds: skip Flex, then shapes, past this")
     ap.add_argument("--tile-tokens", type=int, default=None)

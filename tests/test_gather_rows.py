@@ -80,14 +80,46 @@ def test_gather_rows_rejects_bad_shapes():
         gather_rows(torch.zeros(1, 1, 3, 4), torch.zeros(2))
 
 
-def test_gather_kernel_is_off_by_default_and_cpu_tensors_keep_index_select():
+def test_gather_kernel_is_on_by_default_only_where_no_autograd_graph_is_recorded():
+    """On by default (measured on an H100), but a plain CPU tensor keeps ``index_select``, and so does a caller
+    that differentiates through the reorder (the gather has no backward of its own)."""
     from vdit_compile.kernels.options import KernelOptions, kernel_options
     from vdit_compile.ops.reorder import _use_gather_kernel
 
-    assert not KernelOptions().gather_kernel  # on only after a GPU run measures it
+    assert KernelOptions().gather_kernel
     with kernel_options(gather_kernel=True):
         if os.environ.get("TRITON_INTERPRET") != "1":
             assert not _use_gather_kernel(torch.zeros(1, 1, 4, 2))
+
+
+_GRAD_CHECK = r'''
+import torch
+import vdit_compile.kernels.gather_rows_triton as g
+from vdit_compile.masks.units import UnitGrid
+from vdit_compile.ops.reorder import from_units, to_units
+
+calls = []
+real = g.gather_rows
+g.gather_rows = lambda *a: calls.append(1) or real(*a)
+grid = UnitGrid(4, 6, 10, 3, 5)
+x = torch.randn(1, 2, 7 + 240 + 2, 8, requires_grad=True)
+y = to_units(x, 7, grid)  # grad mode on, x requires grad: index_select, differentiable
+assert not calls and y.grad_fn is not None
+(from_units(y, 7, grid) * torch.arange(x.numel()).view_as(x)).sum().backward()
+assert torch.equal(x.grad, torch.arange(x.numel()).view_as(x).float())  # the reorder's gradient is exact
+with torch.no_grad():  # as inside the op
+    z = to_units(x, 7, grid)
+assert calls and torch.equal(z, y.detach())
+print("OK")
+'''
+
+
+def test_reorder_keeps_its_gradient_outside_the_op_and_uses_the_gather_inside_no_grad():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", _GRAD_CHECK], env=env, capture_output=True, text=True, timeout=600,
+                       check=False)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
 
 
 @pytest.mark.gpu

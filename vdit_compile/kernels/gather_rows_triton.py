@@ -6,10 +6,10 @@ per call (BENCHMARKS.md run 13), 10-29% of a window family's forward and 2.6x on
 tensors at the device's bandwidth.  This kernel reads each row once through the input's strides (a transposed
 ``(B, L, H, D)`` view needs no copy first) and writes it once, pad rows' zeros in the same pass.
 
-Off by default (``KernelOptions.gather_kernel``; also used by ``to_units``/``from_units``, the unpadded reorder,
-whose share of the forward was 20-38% at CogVideoX's 135-token tiles) until a GPU run measures it beside ``index_select``
-(``benchmarks/families.py --auto-pad --gather-kernel``); tested against ``index_select`` under the interpreter
-and on the GPU.
+On by default (``KernelOptions.gather_kernel``; also used by ``to_units``/``from_units``, the unpadded reorder)
+since an H100 timed it beside ``index_select`` in one run (BENCHMARKS.md run 15, ``benchmarks/families.py
+--auto-pad``): the reorder of q, k, v and the output 5.17 -> 2.15 ms at the Wan-14B shape, 2.67 -> 1.12 ms at
+Open-Sora-Plan 93f; tested against ``index_select`` under the interpreter and on the GPU.
 """
 from __future__ import annotations
 

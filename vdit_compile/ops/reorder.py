@@ -6,7 +6,7 @@ Only the video tokens move; text prefix and suffix stay where they are. One ``in
 
 :class:`PaddedUnits` is the CUDA path's variant with padded units (``kernels/padding.py``): units of stride
 ``P_pad``, pad tokens zero, the text behind the video, in one ``index_select`` over the whole sequence (plus
-a zero fill of the pad slots) each way, or with ``KernelOptions(gather_kernel=True)`` one Triton row gather per
+a zero fill of the pad slots) each way, or (``KernelOptions.gather_kernel``, on by default on CUDA) one Triton row gather per
 tensor that writes the pad rows' zeros in the same pass (``kernels/gather_rows_triton.py``); the same option
 moves :func:`to_units` / :func:`from_units` with one gather over the whole sequence (no ``cat`` of the text).
 """
@@ -168,9 +168,12 @@ class PaddedUnits:
 
 
 def _use_gather_kernel(x: torch.Tensor) -> bool:
-    """The Triton row gather instead of ``index_select``: ``KernelOptions.gather_kernel`` on, a CUDA tensor (or
-    Triton's CPU interpreter, which the kernel tests use) of three or four dimensions."""
+    """The Triton row gather instead of ``index_select``: ``KernelOptions.gather_kernel`` on (the default), a CUDA
+    tensor (or Triton's CPU interpreter, which the kernel tests use) of three or four dimensions, and no autograd
+    graph to record (the gather has no backward of its own; inside the op's forward and backward, which run
+    without grad mode, it always applies; a caller that differentiates through the reorder keeps ``index_select``)."""
     from ..kernels.options import current
 
     return (current().gather_kernel and x.dim() in (3, 4)
-            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+            and not (x.requires_grad and torch.is_grad_enabled()))
