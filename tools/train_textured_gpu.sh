@@ -4,7 +4,7 @@
 #
 #   bash tools/train_textured_gpu.sh OUT_DIR [TRAIN_MINUTES]       (default 5.0 minutes of DiT training)
 #   SMOKE=1 DEVICE=cpu bash tools/train_textured_gpu.sh /tmp/smoke  (the same flow with tiny sizes, on a CPU)
-#   INIT=docs/textured/run-1/weights LR=5e-4 bash tools/train_textured_gpu.sh OUT 6.5   (continue an earlier run)
+#   INIT=vdit_compile/models/textured/weights LR=5e-4 bash tools/train_textured_gpu.sh OUT 6.5   (continue from a weights folder)
 #
 # Everything lands in OUT_DIR/textured/: weights/ (model.safetensors + config.json + classifier.safetensors +
 # classifier.json: copy this folder's files into vdit_compile/models/textured/weights/ to ship), loss.csv,
