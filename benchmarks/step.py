@@ -130,7 +130,7 @@ def whole_step_rows(model, step, bench, sink, mask, dense_ms, ref, tile_out, arg
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             first_s = time.perf_counter() - t0
-            ms = bench(step, rep=2)
+            ms = bench(step, rep=args.rep)
             row = dict(ids, way=way, step_ms=ms, speedup=dense_ms / ms, first_call_s=round(first_s, 1),
                        rel_diff_vs_dense=((out - ref).norm() / ref.norm()).item(),
                        layers=len(model.blocks))
@@ -163,6 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fp8-only", action="store_true",
                     help="dense and tile + FP8 rows only (no eager tile or bf16 inductor row): a re-measure of the FP8 "
                          "step in about half the device time")
+    ap.add_argument("--rep", type=int, default=2,
+                    help="timed calls per step row after one warm-up call; the row is their median (runs 2-15: 2)")
     ap.add_argument("--kept-fraction", type=float, default=None,
                     help="transformer evaluations kept by a caching policy (0-1]: adds e2e_speedup_estimate")
     args = ap.parse_args(argv)
@@ -217,7 +219,7 @@ def main(argv=None) -> int:
                 return model(**kwargs)[0]
 
         ref = step().float()
-        dense_ms = bench(step, rep=2)
+        dense_ms = bench(step, rep=args.rep)
         attn_dense = attention_ms(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), H, L, D, layers, dev, bench)
         sink(dict(frames=T, tokens=L, way="dense", step_ms=dense_ms, attn_ms=attn_dense, attn_share=attn_dense / dense_ms))
         th, tw = choose_tile(hh // 2, ww // 2, min(128, max(1, P // 4)))   # plans.default_tile's rule
@@ -231,7 +233,7 @@ def main(argv=None) -> int:
                 try:
                     with FlexSwap(L, P, T, g, dev) as fs:
                         flex_out = step().float()
-                        ms = bench(step, rep=2)
+                        ms = bench(step, rep=args.rep)
                         attn = attention_ms(lambda q, k, v: fs.flex(q, k, v, block_mask=fs.bm), H, L, D, layers, dev, bench)
                     sink(dict(frames=T, tokens=L, way=f"flex g{g}", step_ms=ms, speedup=dense_ms / ms, attn_ms=attn,
                               attn_share=attn / ms))
@@ -244,7 +246,7 @@ def main(argv=None) -> int:
                 try:
                     ours_out = step().float()
                     sites = [s for s in vdit_compile.sites_of(model) if s.tileable]
-                    ms = bench(step, rep=2)
+                    ms = bench(step, rep=args.rep)
                     grid = [T, hh // 2, ww // 2, *((hh // 2, ww // 2) if is_tile else (th, tw))]
                     attn = attention_ms(lambda q, k, v: torch.ops.vdit.tile_attention(q, k, v, 0, 0, grid, mask.name, D ** -0.5)[0],
                                         H, L, D, layers, dev, bench)
