@@ -121,7 +121,9 @@ def whole_step_rows(model, step, bench, sink, mask, dense_ms, ref, tile_out, arg
     from vdit_compile.wholestep import report_of
 
     name = mask.name
-    ways = ((f"ours {name} inductor", dict(backend="inductor")), (f"ours {name} + fp8", dict(backend="inductor", fp8="on")))
+    ways = [(f"ours {name} inductor", dict(backend="inductor")), (f"ours {name} + fp8", dict(backend="inductor", fp8="on"))]
+    if args.fuse_qkv:  # the same with q/k/v projections fused (OptimizeConfig.fuse_qkv), side by side
+        ways.append((f"ours {name} + fp8 + fused qkv", dict(backend="inductor", fp8="on", fuse_qkv=True)))
     for way, opts in ways[1:] if args.fp8_only else ways:
         try:
             t0 = time.perf_counter()
@@ -163,6 +165,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fp8-only", action="store_true",
                     help="dense and tile + FP8 rows only (no eager tile or bf16 inductor row): a re-measure of the FP8 "
                          "step in about half the device time")
+    ap.add_argument("--fuse-qkv", action="store_true",
+                    help="with --fp8/--fp8-only: also a row with q/k/v projections fused (OptimizeConfig.fuse_qkv)")
     ap.add_argument("--rep", type=int, default=2,
                     help="timed calls per step row after one warm-up call; the row is their median (runs 2-15: 2)")
     ap.add_argument("--kept-fraction", type=float, default=None,

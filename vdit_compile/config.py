@@ -45,6 +45,9 @@ class OptimizeConfig:
             any device: quality studies only).  See :mod:`vdit_compile.wholestep.fp8`.
         fp8_keep: extra glob patterns of linear names kept in high precision.
         fp8_max_error: linears whose emulated FP8 relative error exceeds this stay high precision.
+        fuse_qkv: fuse each attention's q/k/v projections into one linear (diffusers'
+            ``fuse_qkv_projections``) before FP8 and the compile: one GEMM and, with FP8, one activation
+            quantisation instead of three; :mod:`vdit_compile.wholestep.fusion`. Off by default until timed.
         cache: step-caching policy, ``None`` or ``"taylorseer"`` / ``"fbc"``
             (:mod:`vdit_compile.wholestep.caching`).
         cache_threshold: the policy's knob (taylorseer: interval, default 2; fbc: residual change, 0.05).
@@ -72,6 +75,7 @@ class OptimizeConfig:
     fp8: bool | str = False
     fp8_keep: Sequence[str] | None = None
     fp8_max_error: float = 0.05
+    fuse_qkv: bool = False
     cache: str | None = None
     cache_threshold: float | None = None
     cache_warmup: int = 3

@@ -3,6 +3,7 @@
 ``optimize(pipe, ..., fp8="auto", cache="taylorseer")`` runs the tile rewrite as before, then (this
 package, called from :mod:`vdit_compile.api`):
 
+0. optionally (``fuse_qkv``) q/k/v projections fused into one linear each (:mod:`.fusion`, diffusers' own);
 1. FP8 linears (:mod:`.fp8`): chosen per linear (role, sizes, error check), swapped through torchao
    before the transformer is first compiled in apply mode, so inductor fuses the quantisation;
 2. step caching (:mod:`.caching`): a policy wrapped around the compiled forward.
@@ -23,6 +24,7 @@ from .fp8 import (
     record_activations,
     resolve_mode,
 )
+from .fusion import fuse_qkv, unfuse_qkv
 
 __all__ = ["WholeStep", "attach", "detach", "report_of", "reset_cache"]
 
@@ -30,7 +32,9 @@ __all__ = ["WholeStep", "attach", "detach", "report_of", "reset_cache"]
 class WholeStep:
     """What this package applied to one optimised model (kept on its ``OptimizeState``)."""
 
-    def __init__(self):
+    def __init__(self, module: torch.nn.Module | None = None):
+        self.module = module
+        self.fused: list[str] | None = None  # linears replaced by fused projections (fuse_qkv), None = not fused
         self.fp8: Fp8Linears | None = None
         self.fp8_requested = "off"
         self.fp8_note = ""
@@ -44,13 +48,17 @@ class WholeStep:
         if self.cache is not None:
             cache = {"policy": self.cache.policy, "threshold": self.cache.threshold, "warmup": self.cache.warmup,
                      "order": self.cache.order, **self.cache.stats.as_dict()}
-        return {"fp8": fp8, "cache": cache}
+        fused = None if self.fused is None else {"replaced_linears": len(self.fused)}
+        return {"fp8": fp8, "cache": cache, "fuse_qkv": fused}
 
     def undo(self) -> None:
         if self.cache is not None:
             self.cache.detach()
         if self.fp8 is not None:
             self.fp8.undo()
+        if self.fused is not None and self.module is not None:
+            unfuse_qkv(self.module)
+            self.fused = None
 
 
 def _device(module: torch.nn.Module) -> torch.device:
@@ -59,8 +67,11 @@ def _device(module: torch.nn.Module) -> torch.device:
 
 
 def prepare_fp8(module: torch.nn.Module, cfg, example_call=None) -> WholeStep:
-    """Step 1 (before the apply-mode compile): choose and swap the FP8 linears; returns the record."""
-    ws = WholeStep()
+    """Step 1 (before the apply-mode compile): fuse q/k/v projections if asked, choose and swap the FP8 linears;
+    returns the record."""
+    ws = WholeStep(module)
+    if getattr(cfg, "fuse_qkv", False):
+        ws.fused = fuse_qkv(module)
     requested = normalize_mode(getattr(cfg, "fp8", "off"))
     ws.fp8_requested = requested
     mode, why = resolve_mode(requested, _device(module))
@@ -75,14 +86,16 @@ def prepare_fp8(module: torch.nn.Module, cfg, example_call=None) -> WholeStep:
     acts = None
     if example_call is not None:
         acts = record_activations(module, lambda: example_call(type(module).forward.__get__(module)))
-    choice = choose_linears(module, mode, keep=cfg.fp8_keep or (), max_error=cfg.fp8_max_error, activations=acts)
+    choice = choose_linears(module, mode, keep=cfg.fp8_keep or (), max_error=cfg.fp8_max_error, activations=acts,
+                            unused=ws.fused or ())
     ws.fp8 = Fp8Linears(module, choice).apply()
     return ws
 
 
 def attach(module: torch.nn.Module, state, cfg, example_call=None) -> WholeStep | None:
     """Apply FP8 (before the apply-mode install) — see :func:`prepare_fp8`; returns the record on ``state``."""
-    if normalize_mode(getattr(cfg, "fp8", "off")) == "off" and getattr(cfg, "cache", None) is None:
+    if (normalize_mode(getattr(cfg, "fp8", "off")) == "off" and getattr(cfg, "cache", None) is None
+            and not getattr(cfg, "fuse_qkv", False)):
         return None
     ws = prepare_fp8(module, cfg, example_call)
     state.wholestep = ws

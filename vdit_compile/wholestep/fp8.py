@@ -40,7 +40,7 @@ KEEP_PATTERNS = ("patch_embedding*", "condition_embedder.*", "*time_embed*", "*t
 #: condition's length (512 text tokens against 86,400 video tokens at 93f 720p), so an FP8 GEMM saves nothing and its
 #: quantisation is pure overhead, while their error reaches every query's cross-attention (the embedded model with
 #: FP8 emulated, 16 prompts x 50 steps: 37.3 dB vs fp32 with them in FP8, 38.0 dB kept; 2026-12-07).
-CONDITION_PATTERNS = ("*attn2.to_k", "*attn2.to_v", "*add_k_proj", "*add_v_proj")
+CONDITION_PATTERNS = ("*attn2.to_k", "*attn2.to_v", "*add_k_proj", "*add_v_proj", "*attn2.to_kv", "*to_added_kv")
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 MODES = ("off", "on", "auto", "emulate")
 MIN_TORCHAO = "0.10"
@@ -143,12 +143,17 @@ def record_activations(module: torch.nn.Module, run, max_rows: int = 2048) -> di
 
 
 def choose_linears(module: torch.nn.Module, mode: str, keep=(), max_error: float = 0.05,
-                   activations: dict | None = None, seed: int = 0) -> Fp8Choice:
-    """Decide, per ``nn.Linear``, FP8 or high precision (see the module doc)."""
+                   activations: dict | None = None, seed: int = 0, unused=()) -> Fp8Choice:
+    """Decide, per ``nn.Linear``, FP8 or high precision (see the module doc); ``unused``: names of linears that do
+    not run (replaced by fused projections, :mod:`.fusion`), left as they are."""
     choice = Fp8Choice(mode, max_error=max_error, activations="recorded" if activations else "gaussian")
     patterns = tuple(KEEP_PATTERNS) + tuple(keep or ())
     gen = torch.Generator().manual_seed(seed)
+    unused = set(unused)
     for name, lin in _linears(module):
+        if name in unused:
+            choice.kept[name] = "replaced by a fused projection (not run while fused)"
+            continue
         pat = next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
         if pat is not None:
             choice.kept[name] = f"high precision by role (matches {pat!r})"
