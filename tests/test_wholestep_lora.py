@@ -98,3 +98,28 @@ def test_lora_loaded_before_optimize_is_kept():
             oracle = out_of(type(tr).forward(tr, **kw))
     assert rel_err(out, oracle) < 1e-5
     vc.restore(pipe)
+
+
+def test_fused_projections_refuse_a_lora_they_would_not_see():
+    """``fuse_qkv=True`` and LoRA: adapters loaded after optimize wrap ``to_q``/``to_k``/``to_v``, which the fused
+    ``to_qkv`` replaces, so the forward raises instead of ignoring them; adapters present before optimize keep the
+    projections unfused (a warning), and the LoRA'd output is the plain optimised one."""
+    pipe, tr, kw = _tiny_lora_pipe(700)
+    vc.optimize(pipe, plan=TileMask(0, 0), progress=False, fuse_qkv=True)
+    with torch.no_grad():
+        tr(**kw)
+    pipe.load_lora_weights(random_lora(tr, seed=1), adapter_name="a")
+    with pytest.raises(RuntimeError, match="fuse_qkv=True"), torch.no_grad():
+        tr(**kw)
+    vc.restore(pipe)
+    with torch.no_grad():
+        want = out_of(tr(**kw))  # LoRA'd, unfused, eager
+    with pytest.warns(UserWarning, match="carry LoRA adapters"):
+        vc.optimize(pipe, plan=TileMask(dense=True), progress=False, fuse_qkv=True)
+    try:
+        assert not tr.blocks[0].attn1.fused_projections
+        with torch.no_grad():
+            torch.testing.assert_close(out_of(tr(**kw)), want, rtol=1e-4, atol=1e-4)
+    finally:
+        vc.restore(pipe)
+        pipe.unload_lora_weights()

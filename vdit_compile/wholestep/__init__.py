@@ -24,7 +24,7 @@ from .fp8 import (
     record_activations,
     resolve_mode,
 )
-from .fusion import fuse_qkv, unfuse_qkv
+from .fusion import FusedGuard, fuse_qkv, unfuse_qkv
 
 __all__ = ["WholeStep", "attach", "detach", "report_of", "reset_cache"]
 
@@ -35,6 +35,7 @@ class WholeStep:
     def __init__(self, module: torch.nn.Module | None = None):
         self.module = module
         self.fused: list[str] | None = None  # linears replaced by fused projections (fuse_qkv), None = not fused
+        self.fused_guard: FusedGuard | None = None
         self.fp8: Fp8Linears | None = None
         self.fp8_requested = "off"
         self.fp8_note = ""
@@ -56,6 +57,9 @@ class WholeStep:
             self.cache.detach()
         if self.fp8 is not None:
             self.fp8.undo()
+        if self.fused_guard is not None:
+            self.fused_guard.remove()
+            self.fused_guard = None
         if self.fused is not None and self.module is not None:
             unfuse_qkv(self.module)
             self.fused = None
@@ -72,6 +76,8 @@ def prepare_fp8(module: torch.nn.Module, cfg, example_call=None) -> WholeStep:
     ws = WholeStep(module)
     if getattr(cfg, "fuse_qkv", False):
         ws.fused = fuse_qkv(module)
+        if ws.fused:
+            ws.fused_guard = FusedGuard(module, ws.fused)
     requested = normalize_mode(getattr(cfg, "fp8", "off"))
     ws.fp8_requested = requested
     mode, why = resolve_mode(requested, _device(module))

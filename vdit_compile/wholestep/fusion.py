@@ -18,13 +18,24 @@ import torch
 REPLACED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v"), "to_added_kv": ("add_k_proj", "add_v_proj")}
 
 
+def _adapter_layers(module: torch.nn.Module) -> list[str]:
+    """Names of linears that carry PEFT adapters (a LoRA): fusing would stack their base weights and drop the adapter."""
+    return [n for n, m in module.named_modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
+
+
 def fuse_qkv(module: torch.nn.Module) -> list[str] | None:
     """Fuse ``module``'s attention projections; returns the names of the linears the fused ones replace, or ``None``
-    (with a warning, nothing changed) where the model cannot fuse them."""
+    (with a warning, nothing changed) where the model cannot fuse them or carries LoRA adapters."""
     fuse = getattr(module, "fuse_qkv_projections", None)
     if fuse is None:
         warnings.warn(f"vdit-compile: fuse_qkv: {type(module).__name__} has no fuse_qkv_projections() (a diffusers "
                       "model method); its projections stay unfused", stacklevel=3)
+        return None
+    adapters = _adapter_layers(module)
+    if adapters:
+        warnings.warn(f"vdit-compile: fuse_qkv: {len(adapters)} linears carry LoRA adapters (e.g. {adapters[0]}); "
+                      "fusing would drop them, so the projections stay unfused (fuse_lora() first, then optimize)",
+                      stacklevel=3)
         return None
     try:
         fuse()
@@ -50,3 +61,23 @@ def unfuse_qkv(module: torch.nn.Module) -> None:
     unfuse = getattr(module, "unfuse_qkv_projections", None)
     if unfuse is not None:
         unfuse()
+
+
+class FusedGuard:
+    """Refuses a forward once a replaced linear was swapped out (e.g. by ``load_lora_weights``, which wraps ``to_q``):
+    the fused projection would not see the change, and the output would silently ignore the adapter."""
+
+    def __init__(self, module: torch.nn.Module, replaced: list[str]):
+        self.module = module
+        self.originals = {n: module.get_submodule(n) for n in replaced}
+        self.handle = module.register_forward_pre_hook(self._check)
+
+    def _check(self, *_):
+        changed = [n for n, m in self.originals.items() if self.module.get_submodule(n) is not m]
+        if changed:
+            raise RuntimeError(f"vdit-compile: {changed[0]} (and {len(changed) - 1} more) changed after optimize(..., "
+                               "fuse_qkv=True), e.g. a LoRA was loaded; the fused projections do not see it. Call "
+                               "vdit_compile.restore(...) and optimize again after loading adapters (or fuse_lora() first)")
+
+    def remove(self) -> None:
+        self.handle.remove()

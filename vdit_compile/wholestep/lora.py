@@ -15,6 +15,9 @@ set_adapters / fuse, none for unfuse / unload.
 Limits: with ``fp8="on"`` the linears' weights are torchao float8 tensors; fusing a LoRA into them
 is not supported by PEFT - fuse the LoRA first, then ``optimize(..., fp8=...)`` (the fused weights are
 quantised).  ``fp8="emulate"`` keeps the linears' types and names, so LoRA loads on top of it.
+With ``fuse_qkv=True`` the fused ``to_qkv`` replaces ``to_q``/``to_k``/``to_v``: adapters loaded after ``optimize``
+would wrap the replaced ones, so the forward raises (``wholestep.fusion.FusedGuard``); adapters present before it
+keep the projections unfused (a warning).
 
 The embedded pipeline has no LoRA loader of its own; :func:`lora_pipeline` gives the same components
 in a pipeline with diffusers' ``WanLoraLoaderMixin`` (the embedded DiT is a ``WanTransformer3DModel``).
