@@ -53,12 +53,12 @@ def weights_from_checkpoint(ckpt: Path, out: Path, world: str, summary: dict | N
     for name, module in modules.items():
         own = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
         module.load_state_dict(own, strict=True)  # a checkpoint of another config fails here, naming the keys
-    step = torch.load(Path(ckpt) / "state.pt", map_location="cpu", weights_only=False) \
+    ckpt_state = torch.load(Path(ckpt) / "state.pt", map_location="cpu", weights_only=False) \
         if (Path(ckpt) / "state.pt").is_file() else {}
     if summary and "shift" in summary:  # the run's own sampling shift (train_reference.py --shift)
         scfg = {**scfg, "shift": summary["shift"]}
-    training = dict(summary or {}, checkpoint_step=step.get("step"),
-                    checkpoint_train_minutes=None if "elapsed" not in step else step["elapsed"] / 60)
+    training = dict(summary or {}, checkpoint_step=ckpt_state.get("step"),
+                    checkpoint_train_minutes=None if "elapsed" not in ckpt_state else ckpt_state["elapsed"] / 60)
     return save(out, modules["transformer"], modules["text_encoder"], tokenizer, extra={"training": training},
                 guidance_scale=guidance_scale, scheduler=scfg)
 

@@ -8,16 +8,7 @@
 #   (3) FP8 quality on the embedded model against bf16 (64 held-out prompts x 50 steps).
 #   bash tools/gpu_calls/gpu_call_fp8.sh         (carry .gpu-wheels and .whl)
 # $OUT: call.log, fp8-test.log, step.jsonl, step.log, wholestep_quality.jsonl, quality.log
-set -u
-export PYTHONUNBUFFERED=1
-: "${OUT:?set OUT to the output folder}"
-start=$(date +%s)
-cd "$(dirname "$0")/../.."
-export PYTHONPATH=$PWD
-exec > >(tee "$OUT/call.log") 2>&1
-timeout 60 python3 -m pip install --no-deps -q .gpu-wheels/*.whl 2>&1 | grep -v WARNING | tail -1
-timeout 60 python3 -m pip install --no-deps -q .whl/torchao-*.whl 2>&1 | grep -v WARNING | tail -1
-python3 -c "import torch, torchao, diffusers, triton; print(torch.__version__, torchao.__version__, diffusers.__version__, triton.__version__, torch.cuda.get_device_name())"
+source "$(dirname "$0")/_preamble.sh"   # set -u, $OUT, $start, repo root, call.log, wheels, versions
 echo "== 1. FP8 GPU test ($(( $(date +%s) - start ))s)"
 timeout ${TEST_BOX:-120} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_wholestep_fp8.py > $OUT/fp8-test.log 2>&1
 echo "test rc=$?"; tail -3 $OUT/fp8-test.log

@@ -7,16 +7,7 @@
 #   (4) with time left, the row gather's GPU tests (issue 17).
 #   bash tools/gpu_calls/gpu_call_fp8_default.sh
 # $OUT: call.log, fp8-test.log, quality.log, wholestep_quality.jsonl, step.log, step.jsonl, gather-test.log
-set -u
-export PYTHONUNBUFFERED=1
-: "${OUT:?set OUT to the output folder}"
-start=$(date +%s)
-cd "$(dirname "$0")/../.."
-export PYTHONPATH=$PWD
-exec > >(tee "$OUT/call.log") 2>&1
-timeout 60 python3 -m pip install --no-deps -q .gpu-wheels/*.whl 2>&1 | grep -v WARNING | tail -1
-timeout 60 python3 -m pip install --no-deps -q .whl/torchao-*.whl 2>&1 | grep -v WARNING | tail -1
-python3 -c "import torch, torchao, diffusers, triton; print(torch.__version__, torchao.__version__, diffusers.__version__, triton.__version__, torch.cuda.get_device_name())"
+source "$(dirname "$0")/_preamble.sh"   # set -u, $OUT, $start, repo root, call.log, wheels, versions
 echo "== 1. FP8 GPU test ($(( $(date +%s) - start ))s)"
 timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_wholestep_fp8.py > $OUT/fp8-test.log 2>&1
 echo "test rc=$?"; tail -2 $OUT/fp8-test.log

@@ -5,15 +5,7 @@
 # about half of the FP8 step), whose best row is used for the three runs if it beats the table's.
 #   bash tools/gpu_calls/gpu_call_step93.sh
 # $OUT: call.log, tune.log, tile_table.json (if written), step.jsonl (three runs), step-*.log
-set -u
-export PYTHONUNBUFFERED=1
-: "${OUT:?set OUT to the output folder}"
-start=$(date +%s)
-cd "$(dirname "$0")/../.."
-export PYTHONPATH=$PWD
-exec > >(tee "$OUT/call.log") 2>&1
-timeout 60 python3 -m pip install --no-deps -q .gpu-wheels/*.whl 2>&1 | grep -v WARNING | tail -1
-timeout 60 python3 -m pip install --no-deps -q .whl/torchao-*.whl 2>&1 | grep -v WARNING | tail -1
+source "$(dirname "$0")/_preamble.sh"   # set -u, $OUT, $start, repo root, call.log, wheels, versions
 echo "== 1. forward tile sweep, osp-93f-720p g1w0"
 timeout -k 10 ${TUNE_BOX:-100} python3 benchmarks/attention.py --tune --tune-kinds fwd_tma fwd --shapes osp-93f-720p --masks g1w0 \
   --no-flex --write-table $OUT/tile_table.json --out $OUT > $OUT/tune.log 2>&1
