@@ -4,8 +4,11 @@
 # 32 layers; each row the median of 5 timed steps after a warm-up) of the 93f speed-up; before them a forward tile sweep for the frame tile g1w0 at that shape (attention is
 # about half of the FP8 step), whose best row is used for the three runs if it beats the table's.
 #   bash tools/gpu_calls/gpu_call_step93.sh
-# $OUT: call.log, tune.log, tile_table.json (if written), step.jsonl (three runs), step-*.log
+# $OUT: call.log, gpu-tests.log, tune.log, tile_table.json (if written), step.jsonl (three runs), step-*.log
 source "$(dirname "$0")/_preamble.sh"   # set -u, $OUT, $start, repo root, call.log, wheels, versions
+echo "== 0. GPU tests of the reorder (its autograd guard came after run 15's gather tests)"
+timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gather_rows.py tests/test_kernel_pad.py \
+  > $OUT/gpu-tests.log 2>&1; echo "tests rc=$?"; tail -2 $OUT/gpu-tests.log
 echo "== 1. forward tile sweep, osp-93f-720p g1w0"
 timeout -k 10 ${TUNE_BOX:-100} python3 benchmarks/attention.py --tune --tune-kinds fwd_tma fwd --shapes osp-93f-720p --masks g1w0 \
   --no-flex --write-table $OUT/tile_table.json --out $OUT > $OUT/tune.log 2>&1
