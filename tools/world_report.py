@@ -169,6 +169,10 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=64, help="held-out prompts of the dense scorecard (0: skip)")
     ap.add_argument("--steps", type=int, default=50, help="sampling steps of the scorecard")
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--guidance", type=float, nargs="+", default=None,
+                    help="classifier-free guidance scales of the scorecard (default: the pipeline's); with several, "
+                         "one scorecard per scale on the same prompts and seeds (scorecard-g<G>.json), the first "
+                         "also as scorecard.json")
     ap.add_argument("--oracle-prompts", type=int, default=2, help="prompts sampled for the oracle (0: skip)")
     ap.add_argument("--oracle-steps", type=int, default=10)
     ap.add_argument("--budget", type=float, default=0.05)
@@ -185,13 +189,25 @@ def main(argv=None) -> int:
         clf = load_classifier(args.classifier, world=args.world) if args.classifier else load_classifier(world=args.world)
         # the classifier stays on the CPU: the scorecard's clips come back there
         ps = prompt_set(args.prompts, world=args.world)
-        card, clips, _ = scorecard(pipe, ps, steps=args.steps, classifier=clf, batch_size=args.batch,
-                                   name=f"{args.world} dense {args.steps}", return_clips=True, world=args.world)
+        tables, by_guidance = [], {}
+        for i, g in enumerate(args.guidance or [None]):
+            tag = "" if g is None else f" g{g:g}"
+            card_g, clips_g, _ = scorecard(pipe, ps, steps=args.steps, guidance=g, classifier=clf, batch_size=args.batch,
+                                           name=f"{args.world} dense {args.steps}{tag}", return_clips=True,
+                                           world=args.world)
+            if g is not None and len(args.guidance) > 1:
+                to_json(card_g, args.out / f"scorecard-g{g:g}.json")
+                by_guidance[f"{g:g}"] = {k: card_g.get(k) for k in ("accuracy", "accuracy_vs_ceiling")}
+            if i == 0:
+                card, clips = card_g, clips_g
+            tables.append(render_table(card_g))
         to_json(card, args.out / "scorecard.json")
-        table = render_table(card)
+        table = "\n\n".join(tables)
         (args.out / "scorecard.md").write_text(table + "\n")
         print(table, flush=True)
         summary["scorecard"] = {k: card.get(k) for k in ("accuracy", "ceiling", "accuracy_vs_ceiling", "real_accuracy")}
+        if by_guidance:
+            summary["scorecard_by_guidance"] = by_guidance
         from vdit_compile.models.embedded import save_gif
 
         n = min(8, len(ps))
