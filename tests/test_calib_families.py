@@ -55,6 +55,23 @@ def test_every_family_scored_exactly_on_token_tiles(layout):
     assert torch.allclose(rows, torch.ones_like(rows), atol=1e-6)
 
 
+def test_exact_errors_in_float32_where_kept_scores_underflow_against_the_dense_max():
+    """The exact pass merges candidates with the dense weights (a product, not an exp per entry); where a
+    candidate keeps only keys scored ~400 below the dropped ones those weights underflow in float32, and the pass
+    must fall back to each candidate's own max: errors equal the float64 oracle's, none NaN or inf."""
+    layout = TokenLayout(3, 4, 4)
+    q, k, v = _rand(layout, B=1, D=8, seed=7, dtype=torch.float32)
+    q = q.abs() + 10.0  # every query scores frame 2's keys ~400 above the rest (scale 0.5, D 8)
+    k[:, :, 32:] = 10.0
+    cal = SiteCalibrator("s", layout, 2, families=ALL, tile_tokens=4, block_bytes=20000)
+    cal.observe(q, k, v, 0.5)
+    got = cal.candidate_errors()
+    want = _exact_errors(q.double(), k.double(), v.double(), layout, cal.grid, cal.candidates, 0.5)
+    assert torch.isfinite(got).all()
+    assert (want > 0.5).any()  # some candidates drop frame 2 entirely: their kept scores are the underflowing ones
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-3)
+
+
 def test_candidates_are_distinct_unit_masks_frame_level_first():
     grid = UnitGrid(4, 4, 4, 2, 2)
     cands = default_family_candidates(ALL, grid)

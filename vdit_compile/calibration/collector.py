@@ -150,6 +150,20 @@ def _group_partials(qb, k_vid, v_vid, k_txt, v_txt, scale: float, T: int, P: int
     return m, l, o
 
 
+def _tiny(dtype: torch.dtype) -> float:
+    """Below this a candidate's normaliser may hold denormal (imprecise) weights: ``1e-30`` in float32 keeps its
+    largest kept weight >= ``1e-30 / L`` above float32's smallest normal (1.2e-38) for any ``L`` up to 1e8."""
+    return 1e-30 if dtype == torch.float32 else 1e-290
+
+
+def _own_max_weights(kr: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group weights ``(B, H, C, r, G)`` of every candidate relative to the max over the groups it keeps, and its
+    normaliser: exact whatever the gap to the dropped groups (one exp per entry: the rare path)."""
+    mk = torch.where(kr.bool()[None, None], m[:, :, None], float("-inf"))  # (B,H,C,r,G)
+    wk = torch.exp(mk - mk.amax(-1, keepdim=True))  # the query's own unit is always kept: the max is finite
+    return wk, (wk * l[:, :, None]).sum(-1)
+
+
 @dataclass
 class SiteResult:
     """Outcome of calibrating one site (over all observed steps, or one range of them).
@@ -432,13 +446,14 @@ class SiteCalibrator:
             out_dense = torch.einsum("bhrg,bhrgd->bhrd", w_all, o) / z_all[..., None]
             mass.index_add_(1, qg, group_mass.sum(0).to(torch.float64))
             norm += out_dense.square().sum((0, 2, 3)).to(torch.float64)
-            # candidates: keep table rows of each query's group -> (C, r, G)
-            # merged relative to each candidate's own max over the groups it keeps, so a mask whose
-            # kept scores are far below the dropped ones (exp underflow against the dense max) stays exact
-            kr = keep[:, qg].bool()
-            mk = torch.where(kr[None, None], m[:, :, None], float("-inf"))  # (B,H,C,r,G)
-            wk = torch.exp(mk - mk.amax(-1, keepdim=True))  # own unit is always kept: the max is finite
+            # candidates: keep table rows of each query's group -> (C, r, G), merged with the dense weights
+            kr = keep[:, qg]
+            wk = kr[None, None] * w_all[:, :, None]  # (B,H,C,r,G): a product where an exp per entry was
             z_c = (wk * l[:, :, None]).sum(-1)
+            if bool((z_c < _tiny(acc)).any()):
+                # a candidate whose kept scores are all far below the dropped ones: its weights underflowed
+                # against the dense max, so this block merges relative to each candidate's own max (exact)
+                wk, z_c = _own_max_weights(kr, m, l)
             out_c = torch.einsum("bhcrg,bhrgd->bhcrd", wk, o).div_(z_c[..., None]).sub_(out_dense[:, :, None])
             err += out_c.square_().sum((0, 3, 4)).to(torch.float64)
         return err, norm, mass
