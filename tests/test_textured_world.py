@@ -178,3 +178,19 @@ def test_model_spec_and_demo_select_the_textured_world(tmp_path, monkeypatch, ca
         load_model("textured")
     assert cli_main(["demo", "--world", "textured", "--out", str(tmp_path / "demo"), "--device", "cpu"]) == 2
     assert "train_reference.py --world textured" in capsys.readouterr().err
+
+
+def test_world_report_scores_each_guidance_on_the_same_prompts(tmp_path):
+    """``tools/world_report.py --guidance A B``: one scorecard per scale (the first also as scorecard.json), each
+    sampled with its own scale, and the per-scale accuracies in the summary."""
+    import json
+
+    wr = _script("world_report")
+    assert wr.main(["--world", "textured", "--prompts", "1", "--steps", "1", "--batch", "1", "--guidance", "1", "4",
+                    "--oracle-prompts", "0", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    cards = {g: json.loads((tmp_path / f"scorecard-g{g}.json").read_text()) for g in ("1", "4")}
+    assert [cards[g]["settings"]["guidance"] for g in ("1", "4")] == [1.0, 4.0]
+    assert json.loads((tmp_path / "scorecard.json").read_text())["settings"]["guidance"] == 1.0
+    summary = json.loads((tmp_path / "report_summary.json").read_text())
+    assert set(summary["scorecard_by_guidance"]) == {"1", "4"}
+    assert summary["scorecard_by_guidance"]["4"]["accuracy"] == cards["4"]["accuracy"]

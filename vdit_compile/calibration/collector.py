@@ -450,7 +450,7 @@ class SiteCalibrator:
             kr = keep[:, qg]
             wk = kr[None, None] * w_all[:, :, None]  # (B,H,C,r,G): a product where an exp per entry was
             z_c = (wk * l[:, :, None]).sum(-1)
-            if bool((z_c < _tiny(acc)).any()):
+            if bool((z_c < _tiny(acc)).any()):  # on CUDA (the mass method's verification) one sync per row block
                 # a candidate whose kept scores are all far below the dropped ones: its weights underflowed
                 # against the dense max, so this block merges relative to each candidate's own max (exact)
                 wk, z_c = _own_max_weights(kr, m, l)
