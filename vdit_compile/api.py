@@ -103,11 +103,19 @@ def _load_plan(plan):
     raise TypeError(f"plan must be a path, a Plan or a TileMask; found {type(plan).__name__}")
 
 
-def _calibration_inputs(pipe, module, calib_prompts, calib_inputs, cfg: OptimizeConfig) -> list:
+def _calibration_inputs(pipe, module, calib_prompts, calib_inputs, cfg: OptimizeConfig,
+                        outputs: list | None = None) -> list:
+    """The transformer calls to calibrate on; ``outputs`` (when given) receives each dense sample (the output
+    check's reference): the pipeline's outputs on the prompts, or the module's on ``calib_inputs``."""
     if calib_inputs is not None:
         inputs = list(calib_inputs)
         if not inputs:
             raise ValueError("calib_inputs is empty: expected at least one dict of transformer forward kwargs")
+        if outputs is not None:
+            from .calibration.output_check import output_tensor
+
+            with torch.no_grad():
+                outputs += [output_tensor(_call(module, inp)).cpu() for inp in inputs]
         return inputs
     if calib_prompts is None:
         raise ValueError("optimize needs calib_prompts (with a pipeline), calib_inputs (transformer forward kwargs) "
@@ -119,7 +127,44 @@ def _calibration_inputs(pipe, module, calib_prompts, calib_inputs, cfg: Optimize
 
     return capture_transformer_inputs(pipe, calib_prompts, num_inference_steps=cfg.calib_steps, every=cfg.calib_every,
                                       max_calls=cfg.calib_max_calls, device=None, progress=cfg.progress,
-                                      **cfg.calib_kwargs)
+                                      outputs=outputs, **cfg.calib_kwargs)
+
+
+def _output_trial(pipe, module, parallel, cfg: OptimizeConfig, calib_prompts, inputs: list, count: int):
+    """``trial(plan) -> (samples, sites run sparse)`` for the output check: the model optimised with ``plan``
+    (a state of its own, uninstalled afterwards) runs the first ``count`` calibration prompts, or its
+    calibration calls for a bare transformer."""
+    from .calibration.inputs import run_prompts
+    from .calibration.output_check import output_tensor
+
+    def trial(plan):
+        uninstall(module)
+        st = OptimizeState(module, cfg, parallel)
+        st.plan, st.mode = plan, "apply"
+        install(module, st)
+        try:
+            if pipe is not None and calib_prompts is not None:
+                outs = run_prompts(pipe, list(calib_prompts)[:count], cfg.calib_steps, 0, False, **cfg.calib_kwargs)
+            else:
+                with torch.no_grad():
+                    outs = [_call(module, inp) for inp in inputs[:count]]
+            return [output_tensor(o).cpu() for o in outs], set(st.rewritten)
+        finally:
+            uninstall(module)
+            st.close()
+
+    return trial
+
+
+def _check_output(pipe, module, state: OptimizeState, cfg: OptimizeConfig, calib_prompts, inputs, reference):
+    """The plan after the output check (``cfg.output_psnr``), its trials recorded in the plan's calibration."""
+    from .calibration.output_check import check_plan
+
+    trial = _output_trial(pipe, module, state.parallel, cfg, calib_prompts, inputs, len(reference))
+    echo = tqdm.write if cfg.progress else None
+    plan, res = check_plan(state.plan, trial, reference, cfg.output_psnr, cfg.output_check_trials, echo)
+    plan.calibration = {**(plan.calibration or {}), "output_check": res.to_dict()}
+    return plan
 
 
 def _check_parallel(parallel):
@@ -188,13 +233,16 @@ def optimize(model_or_pipe, calib_prompts=None, calib_inputs=None, plan=None, co
     name = type(module).__name__
     try:
         if plan is None:
-            inputs = _calibration_inputs(pipe, module, calib_prompts, calib_inputs, cfg)
+            reference = [] if cfg.output_psnr is not None else None
+            inputs = _calibration_inputs(pipe, module, calib_prompts, calib_inputs, cfg, reference)
             sites = _run_calibration(module, state, inputs, cfg)
             from .calibration.run import build_plan
 
             settings = _calibration_settings(cfg, calib_prompts, calib_inputs, inputs)
             state.plan = build_plan(module, state.calibrators, settings, sites)
             state.calibrators = {}
+            if reference is not None:
+                state.plan = _check_output(pipe, module, state, cfg, calib_prompts, inputs, reference)
         else:
             if isinstance(plan, MaskSpec):
                 state.uniform_mask = plan

@@ -54,6 +54,11 @@ class OptimizeConfig:
         cache_warmup / cache_order: steps always evaluated first; Taylor order (taylorseer).
         calib_checkpoint: file where calibration statistics are saved after every transformer call (atomic);
             a calibration interrupted (even by kill -9) resumes from it when run again with the same path.
+        output_psnr: after calibration, run the calibration prompts (a bare transformer: its calibration
+            calls) again under the plan and require this PSNR in dB against the dense samples, giving the
+            worst heads back to dense attention until it holds (``None``: no check; per-head budgets only).
+            Why and how: :mod:`vdit_compile.calibration.output_check`.
+        output_check_trials: at most this many runs of the calibration samples for the check (bisection).
     """
 
     error_budget: float = DEFAULT_ERROR_BUDGET
@@ -81,6 +86,8 @@ class OptimizeConfig:
     cache_warmup: int = 3
     cache_order: int = 1
     calib_checkpoint: str | None = None
+    output_psnr: float | None = None
+    output_check_trials: int = 8
 
     def __post_init__(self):
         from .validation import check_candidates, check_error_budget, check_number, check_site_patterns
@@ -119,6 +126,8 @@ class OptimizeConfig:
         from .calibration.allocation import check_selection
 
         check_selection(self.selection)
+        check_number("output_psnr", self.output_psnr, minimum=0, min_open=True, allow_none=True)
+        check_number("output_check_trials", self.output_check_trials, minimum=1, integer=True)
         if self.tile_tokens is not None and (not isinstance(self.tile_tokens, int) or self.tile_tokens < 1):
             raise ValueError(f"tile_tokens must be an int >= 1 or None, found {self.tile_tokens!r}")
 

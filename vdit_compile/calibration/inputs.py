@@ -86,6 +86,7 @@ def capture_transformer_inputs(
     device="cpu",
     seed: int | None = 0,
     progress: bool = True,
+    outputs: list | None = None,
     **pipe_kwargs,
 ) -> list[dict]:
     """Run ``pipe`` on each prompt and return the transformer's forward kwargs at every call.
@@ -101,6 +102,8 @@ def capture_transformer_inputs(
         seed: per-prompt generator seed ``seed + i`` (unless ``generator`` is in ``pipe_kwargs``).
         pipe_kwargs: passed to the pipeline (e.g. ``num_frames``, ``height``, ``guidance_scale``);
             ``output_type="latent"`` is the default when the pipeline accepts it, skipping the VAE.
+        outputs: when given, each run's sample is appended to it (detached, on the CPU): the dense reference of
+            the output check (:mod:`.output_check`).
     """
     transformer = getattr(pipe, "transformer", None)
     if not isinstance(transformer, torch.nn.Module):
@@ -113,21 +116,34 @@ def capture_transformer_inputs(
     prompts = list(prompts)
     if not prompts:
         raise ValueError("capture_transformer_inputs needs at least one prompt, found none")
-    params = _call_parameters(pipe)
-    if "output_type" in params and "output_type" not in pipe_kwargs:
-        pipe_kwargs["output_type"] = "latent"
     recorder = TransformerInputRecorder(transformer, device=device, every=every, max_calls=max_calls)
-    with recorder, torch.no_grad():
-        for i, prompt in enumerate(tqdm(prompts, desc="calibration prompts", disable=not progress)):
-            kwargs = dict(pipe_kwargs)
-            if seed is not None and "generator" in params and "generator" not in kwargs:
-                kwargs["generator"] = torch.Generator().manual_seed(seed + i)
-            pipe(prompt=prompt, num_inference_steps=num_inference_steps, **kwargs)
+    with recorder:
+        for out in run_prompts(pipe, prompts, num_inference_steps, seed, progress, "calibration prompts", **pipe_kwargs):
+            if outputs is not None:
+                from .output_check import output_tensor
+
+                outputs.append(output_tensor(out).cpu())
             if max_calls is not None and len(recorder.records) >= max_calls:
                 break
     if not recorder.records:
         raise RuntimeError(f"the pipeline ran {len(prompts)} prompt(s) but never called its transformer")
     return recorder.records
+
+
+def run_prompts(pipe, prompts: Sequence[str], num_inference_steps: int, seed: int | None = 0, progress: bool = True,
+                desc: str = "calibration prompts", **pipe_kwargs):
+    """Run ``pipe`` on each prompt as calibration does (generator ``seed + i``, ``output_type="latent"`` where
+    accepted), yielding each run's output: the capture and the output check's trials see the same runs."""
+    params = _call_parameters(pipe)
+    if "output_type" in params and "output_type" not in pipe_kwargs:
+        pipe_kwargs["output_type"] = "latent"
+    for i, prompt in enumerate(tqdm(prompts, desc=desc, disable=not progress)):
+        kwargs = dict(pipe_kwargs)
+        if seed is not None and "generator" in params and "generator" not in kwargs:
+            kwargs["generator"] = torch.Generator().manual_seed(seed + i)
+        with torch.no_grad():  # per call, not around the yield: the caller's grad mode stays its own
+            out = pipe(prompt=prompt, num_inference_steps=num_inference_steps, **kwargs)
+        yield out
 
 
 def _call_parameters(pipe) -> Iterable[str]:

@@ -42,8 +42,23 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--cost-model", default="auto", choices=("auto", "measure", "always"),
                    help="auto (default): on CPU a tiled site is rewritten only where the op is timed faster than dense "
                         "SDPA; always: rewrite every tiled site (to see the plan's quality whatever the speed)")
+    p.add_argument("--tile-tokens", type=int, default=None, metavar="N",
+                   help="tokens per token tile of the window families (default: the core's rule)")
+    p.add_argument("--output-psnr", type=float, default=None, metavar="DB",
+                   help="after calibration, give heads back to dense attention until the calibration prompt's sample "
+                        "reaches this PSNR against dense (default: 32; 0: no check, per-head budgets only)")
     p.set_defaults(func=run)
     return p
+
+
+def _output_psnr(value: float | None) -> float | None:
+    from ..eval.demo import DEMO_OUTPUT_PSNR
+
+    if value is None:
+        return DEMO_OUTPUT_PSNR
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"--output-psnr must be a number of dB >= 0 (0: off); found {value}")
+    return value or None
 
 
 def run(args) -> int:
@@ -55,13 +70,18 @@ def run(args) -> int:
         print(f"vdit-compile demo: error: --cache-interval is taylorseer's interval; found --cache {args.cache}",
               file=sys.stderr)
         return 2
+    try:
+        output_psnr = _output_psnr(args.output_psnr)
+    except ValueError as exc:
+        print(f"vdit-compile demo: error: {exc}", file=sys.stderr)
+        return 2
     opts = DemoOptions(out=args.out, prompts=args.prompts, steps=args.steps, calib_prompts=args.calib_prompts,
                        calib_steps=args.calib_steps, error_budget=args.error_budget, fast=args.fast,
                        families=tuple(f.strip() for f in args.families.split(",") if f.strip()) if args.families else None,
                        step_ranges=args.step_ranges,
                        fast_steps=args.fast_steps, tiny=args.tiny, gif=not args.no_gif, world=args.world,
                        cache=None if args.cache == "none" else args.cache, cache_interval=args.cache_interval,
-                       cost_model=args.cost_model,
+                       cost_model=args.cost_model, output_psnr=output_psnr, tile_tokens=args.tile_tokens,
                        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         run_demo(opts)
