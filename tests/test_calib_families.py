@@ -72,6 +72,42 @@ def test_exact_errors_in_float32_where_kept_scores_underflow_against_the_dense_m
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("layout, block_bytes", [(TokenLayout(3, 4, 4, 2, 3), None), (TokenLayout(3, 4, 4, 2, 3), 300000),
+                                                  (TokenLayout(4, 4, 4), 400000)])
+def test_whole_unit_blocks_score_every_candidate_exactly(layout, block_bytes, monkeypatch):
+    """Rows of whole query units are merged with one product per unit (collector._unit_block_errors), text rows and
+    unaligned blocks per row: both against the float64 oracle, and the unit path must really run."""
+    import vdit_compile.calibration.collector as col
+
+    calls = []
+    real = col._unit_block_errors
+    monkeypatch.setattr(col, "_unit_block_errors", lambda *a: calls.append(a[0].shape) or real(*a))
+    q, k, v = _rand(layout, B=2, seed=3)
+    cal = SiteCalibrator("s", layout, 2, families=ALL, tile_tokens=4, block_bytes=block_bytes)
+    cal.observe(q, k, v, 0.5)
+    assert calls  # the whole-unit path ran
+    want = _exact_errors(q, k, v, layout, cal.grid, cal.candidates, 0.5)
+    torch.testing.assert_close(cal.candidate_errors(), want, atol=1e-9, rtol=1e-7)
+    q32, k32, v32 = (x.float() for x in (q, k, v))
+    cal32 = SiteCalibrator("s", layout, 2, families=ALL, tile_tokens=4, block_bytes=block_bytes)
+    cal32.observe(q32, k32, v32, 0.5)
+    torch.testing.assert_close(cal32.candidate_errors(), want, atol=2e-5, rtol=1e-4)
+
+
+def test_row_blocks_cover_every_row_once_and_keep_units_whole():
+    from vdit_compile.calibration.collector import _row_blocks
+
+    for L, per, pre, N, U, aligned in [(53, 10, 2, 12, 4, True), (53, 3, 2, 12, 4, True), (64, 16, 0, 16, 4, True),
+                                       (53, 10, 2, 12, 4, False)]:
+        blocks = list(_row_blocks(L, per, pre, N, U, aligned))
+        rows = [r for a, b, _ in blocks for r in range(a, b)]
+        assert rows == list(range(L)) and all(b - a <= per for a, b, _ in blocks)
+        for a, b, whole in blocks:
+            if whole:
+                assert pre <= a and b <= pre + N * U and (a - pre) % U == 0 and (b - a) % U == 0
+        assert any(w for *_, w in blocks) == (aligned and per >= U)
+
+
 def test_candidates_are_distinct_unit_masks_frame_level_first():
     grid = UnitGrid(4, 4, 4, 2, 2)
     cands = default_family_candidates(ALL, grid)

@@ -164,6 +164,40 @@ def _own_max_weights(kr: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> tupl
     return wk, (wk * l[:, :, None]).sum(-1)
 
 
+def _row_blocks(L: int, rows_per_block: int, pre: int, N: int, U: int, aligned: bool):
+    """``(start, stop, whole_units)`` row blocks of a unit-ordered call: with ``aligned`` (every row, unit order) the
+    video rows go in blocks of whole units (``whole_units`` True), the text rows before and after on their own."""
+    if not aligned or U > rows_per_block:
+        for start in range(0, L, rows_per_block):
+            yield start, min(L, start + rows_per_block), False
+        return
+    step = rows_per_block // U * U
+    for a, b, whole in ((0, pre, False), (pre, pre + N * U, True), (pre + N * U, L, False)):
+        for start in range(a, b, step):
+            yield start, min(b, start + step), whole
+
+
+def _unit_block_errors(keep, qg, w_all, l, o, out_dense, U: int, acc) -> torch.Tensor | None:
+    """Squared output errors ``(H, C)`` of every candidate on a block of whole query units, or ``None`` where a
+    candidate's weights underflow (then the caller's exact own-max merge runs).
+
+    Why: a candidate keeps the same key groups for every row of a query unit, so its merged output for the unit's
+    ``U`` rows is ``keep[c, u] @ (w * o)`` over the groups: one matrix product per unit with ``U * D`` columns,
+    instead of a ``(C, G) @ (G, D)`` product per row and a ``(B, H, C, r, G)`` weight table (the CPU calibration's
+    largest cost at 4 x 4-token tiles, where a frame has 16 units of 16 rows)."""
+    B, H, r, G = w_all.shape
+    D, n = o.shape[-1], r // U
+    ku = keep[:, qg[::U]].transpose(0, 1)  # (n, C, G): the keep row of each unit's queries
+    lw = (w_all * l).view(B, H, n, U, G).transpose(-1, -2)  # (B, H, n, G, U)
+    z_c = ku @ lw  # (B, H, n, C, U)
+    if bool((z_c < _tiny(acc)).any()):
+        return None
+    wo = (w_all[..., None] * o).view(B, H, n, U, G, D).transpose(3, 4).reshape(B, H, n, G, U * D)
+    out = (ku @ wo).view(B, H, n, -1, U, D).div_(z_c[..., None])
+    out.sub_(out_dense.view(B, H, n, 1, U, D))
+    return out.square_().sum((0, 2, 4, 5)).to(torch.float64)
+
+
 @dataclass
 class SiteResult:
     """Outcome of calibrating one site (over all observed steps, or one range of them).
@@ -433,8 +467,7 @@ class SiteCalibrator:
         err = torch.zeros(H, C, dtype=torch.float64, device=dev)
         norm = torch.zeros(H, dtype=torch.float64, device=dev)
         mass = torch.zeros(H, G, G, dtype=torch.float64, device=dev)
-        for start in range(0, Lq, rows_per_block):
-            stop = min(Lq, start + rows_per_block)
+        for start, stop, whole_units in _row_blocks(Lq, rows_per_block, pre, N, U, rows is None):
             qb = q[:, :, start:stop].to(acc)
             m, l, o = _group_partials(qb, k_vid, v_vid, k_txt, v_txt, scale, N, U)
             qg = qgroup[start:stop]
@@ -446,6 +479,11 @@ class SiteCalibrator:
             out_dense = torch.einsum("bhrg,bhrgd->bhrd", w_all, o) / z_all[..., None]
             mass.index_add_(1, qg, group_mass.sum(0).to(torch.float64))
             norm += out_dense.square().sum((0, 2, 3)).to(torch.float64)
+            if whole_units:  # rows of whole query units: one (C x G) @ (G x U*D) product per unit, no (C, r, G) table
+                e = _unit_block_errors(keep, qg, w_all, l, o, out_dense, U, acc)
+                if e is not None:
+                    err += e
+                    continue
             # candidates: keep table rows of each query's group -> (C, r, G), merged with the dense weights
             kr = keep[:, qg]
             wk = kr[None, None] * w_all[:, :, None]  # (B,H,C,r,G): a product where an exp per entry was
