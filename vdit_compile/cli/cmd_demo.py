@@ -46,7 +46,7 @@ def register(sub) -> argparse.ArgumentParser:
                    help="tokens per token tile of the window families (default: the core's rule)")
     p.add_argument("--output-psnr", type=float, default=None, metavar="DB",
                    help="after calibration, give heads back to dense attention until the calibration prompt's sample "
-                        "reaches this PSNR against dense (default: 32; 0: no check, per-head budgets only)")
+                        "reaches this PSNR against dense (default: 34; 0: no check, per-head budgets only)")
     p.set_defaults(func=run)
     return p
 

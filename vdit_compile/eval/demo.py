@@ -35,8 +35,9 @@ from .scorecard import card_header, render_table, score_clips, to_json
 CALIB_OFFSET = 500
 
 #: The demo's output check (``OptimizeConfig.output_psnr``, dB on the calibration prompt against dense): the
-#: scored prompts are other prompts, so the check asks for a margin above the 30 dB the demo is judged by.
-DEMO_OUTPUT_PSNR = 32.0
+#: scored prompts are other prompts, so the check asks for a margin above the 30 dB the demo is judged by; on the
+#: textured world the scored prompts came out 3.3-3.9 dB under the calibration prompt (docs/calibration.md).
+DEMO_OUTPUT_PSNR = 34.0
 
 
 @dataclass
