@@ -45,6 +45,8 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
         assert "8 of 10 transformer calls evaluated" in text and lat["cached_speedup"] > 0
         assert "blocks.0.attn1" in text
         assert "mean density over all 3D sites" in text and 0 < summary["plan_density"] <= 1
+        check = summary["output_check"]  # the demo's output check ran on the calibration prompt and says so
+        assert check["target_psnr"] == 34.0 and check["trials"] and "output check (calibration prompt" in text
     from vdit_compile.eval.demo import fast_run_dir
 
     if fast_run_dir() is None:
@@ -69,6 +71,22 @@ def test_demo_options_reach_the_demo(monkeypatch):
     assert main(["demo", "--tiny", "--cache-interval", "3"]) == 0 and got[3].cache_interval == 3
     assert got[3].cost_model == "auto"
     assert main(["demo", "--tiny", "--cost-model", "always"]) == 0 and got[4].cost_model == "always"
+
+
+def test_demo_output_check_and_tile_options(monkeypatch, capsys):
+    """--output-psnr (default 34 dB; 0 turns the check off; negative or inf refused) and --tile-tokens reach the demo."""
+    import vdit_compile.eval.demo as demo
+
+    got = []
+    monkeypatch.setattr(demo, "run_demo", lambda opts: got.append(opts))
+    assert main(["demo", "--tiny"]) == 0 and got[0].output_psnr == 34.0 and got[0].tile_tokens is None
+    assert main(["demo", "--tiny", "--output-psnr", "30", "--tile-tokens", "16"]) == 0
+    assert got[1].output_psnr == 30.0 and got[1].tile_tokens == 16
+    assert main(["demo", "--tiny", "--output-psnr", "0"]) == 0 and got[2].output_psnr is None
+    for bad in ("-1", "inf", "nan"):
+        assert main(["demo", "--tiny", "--output-psnr", bad]) == 2
+        assert "--output-psnr must be a number of dB >= 0" in capsys.readouterr().err
+    assert len(got) == 3
 
 
 def test_demo_cache_interval_needs_taylorseer(capsys):
