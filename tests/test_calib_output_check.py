@@ -216,3 +216,50 @@ def test_prefix_order_is_a_permutation_of_every_sparse_head():
     sparse = {(s.name, h) for s in plan.sites if s.tiled for h, m in enumerate(s.masks)
               if not m.dense or any(not r.masks[h].dense for r in s.step_ranges or [])}
     assert sorted(order) == sorted(sparse) and len(set(itertools.chain(order))) == len(order)
+
+
+def test_check_output_on_a_saved_plan_and_the_calibrate_cli(tmp_path, capsys):
+    """A plan written by `vdit-compile calibrate` gets the same check: through the API on the plan file, and through
+    `calibrate --output-psnr`; the checked plan, applied on its own, meets the target on the calibration prompt."""
+    from pathlib import Path
+
+    from tests.calib_helpers import tiny_pipeline
+    from vdit_compile.cli.main import main as cli
+
+    helpers = str(Path(__file__).with_name("calib_helpers.py"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a blue square bouncing\n")
+    loose = tmp_path / "loose.json"
+    assert cli(["calibrate", f"{helpers}:tiny_pipeline", "--prompts", str(prompts), "-o", str(loose), "--steps", "2",
+                "--budget", "0.5", "--seed", "3"]) == 0
+    pipe = tiny_pipeline()
+
+    def run(plan=None):
+        if plan is not None:
+            vc.optimize(pipe, plan=plan, progress=False, cost_model="always")
+        try:
+            with torch.no_grad():
+                return pipe("a blue square bouncing", num_inference_steps=2,
+                            generator=torch.Generator().manual_seed(3)).frames
+        finally:
+            vc.restore(pipe)
+
+    dense, before = run(), psnr(run(str(loose)), run())
+    assert math.isfinite(before)
+    target = before + 3.0
+    checked = vc.check_output(pipe, str(loose), target, calib_prompts=["a blue square bouncing"], calib_steps=2,
+                              calib_seed=3, cost_model="always", progress=False)
+    assert checked.calibration["output_check"]["given_back"] and vc.plan_of(pipe) is None  # the model is untouched
+    assert psnr(run(checked), dense) >= target - 0.05
+    out = tmp_path / "checked.json"
+    capsys.readouterr()
+    assert cli(["calibrate", f"{helpers}:tiny_pipeline", "--prompts", str(prompts), "-o", str(out), "--steps", "2",
+                "--budget", "0.5", "--seed", "3", "--output-psnr", f"{target}"]) == 0
+    from_cli = Plan.load(out)
+    assert from_cli.calibration["output_check"]["given_back"] == checked.calibration["output_check"]["given_back"]
+    assert psnr(run(from_cli), dense) >= target - 0.05
+    assert cli(["calibrate", f"{helpers}:tiny_pipeline", "--prompts", str(prompts), "-o", str(out),
+                "--output-psnr", "-3"]) == 1
+    assert "--output-psnr must be > 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="needs calib_prompts"):
+        vc.check_output(pipe, checked, 30.0)

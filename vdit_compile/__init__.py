@@ -4,7 +4,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import ops  # registers torch.ops.vdit.*
-from .api import NoAttentionFoundError, inspect_model, optimize, plan_of, restore, sites_of
+from .api import NoAttentionFoundError, check_output, inspect_model, optimize, plan_of, restore, sites_of
 from .config import OptimizeConfig
 from .layout import TokenLayout
 from .masks import SpatialWindow, TileMask, Window3D, parse_mask
@@ -23,5 +23,5 @@ def __getattr__(name):
 
 __all__ = [
     "TokenLayout", "TileMask", "Window3D", "SpatialWindow", "parse_mask", "ops", "__version__", "OptimizeConfig", "AttentionSite", "NoAttentionFoundError",
-    "optimize", "restore", "inspect_model", "plan_of", "sites_of", "Parallel",
+    "optimize", "restore", "inspect_model", "plan_of", "sites_of", "check_output", "Parallel",
 ]

@@ -126,8 +126,8 @@ def _calibration_inputs(pipe, module, calib_prompts, calib_inputs, cfg: Optimize
     from .calibration.inputs import capture_transformer_inputs
 
     return capture_transformer_inputs(pipe, calib_prompts, num_inference_steps=cfg.calib_steps, every=cfg.calib_every,
-                                      max_calls=cfg.calib_max_calls, device=None, progress=cfg.progress,
-                                      outputs=outputs, **cfg.calib_kwargs)
+                                      max_calls=cfg.calib_max_calls, device=None, seed=cfg.calib_seed,
+                                      progress=cfg.progress, outputs=outputs, **cfg.calib_kwargs)
 
 
 def _output_trial(pipe, module, parallel, cfg: OptimizeConfig, calib_prompts, inputs: list, count: int):
@@ -144,7 +144,8 @@ def _output_trial(pipe, module, parallel, cfg: OptimizeConfig, calib_prompts, in
         install(module, st)
         try:
             if pipe is not None and calib_prompts is not None:
-                outs = run_prompts(pipe, list(calib_prompts)[:count], cfg.calib_steps, 0, False, **cfg.calib_kwargs)
+                outs = run_prompts(pipe, list(calib_prompts)[:count], cfg.calib_steps, cfg.calib_seed, False,
+                                   **cfg.calib_kwargs)
             else:
                 with torch.no_grad():
                     outs = [_call(module, inp) for inp in inputs[:count]]
@@ -275,6 +276,37 @@ def optimize(model_or_pipe, calib_prompts=None, calib_inputs=None, plan=None, co
         state.close()
         raise
     return model_or_pipe
+
+
+def check_output(model_or_pipe, plan, output_psnr: float, calib_prompts=None, calib_inputs=None,
+                 config: OptimizeConfig | None = None, **config_overrides):
+    """The output check (:mod:`vdit_compile.calibration.output_check`) on a plan made elsewhere (a path or a
+    ``Plan``, e.g. by ``vdit-compile calibrate``): the dense samples of ``calib_prompts`` (or the transformer's
+    outputs on ``calib_inputs``) are computed, the model runs them under the plan, and the plan comes back with
+    the heads given back that ``output_psnr`` needs, its trials in ``plan.calibration["output_check"]``.  The
+    model is left as it was (not optimised); ``config`` gives the calibration run's settings (steps, seed, pipeline
+    kwargs, cost model)."""
+    cfg = OptimizeConfig.build(config, output_psnr=output_psnr, **config_overrides)
+    pipe, module = _split(model_or_pipe)
+    if calib_prompts is None and calib_inputs is None:
+        raise ValueError("check_output needs calib_prompts (with a pipeline) or calib_inputs (transformer forward "
+                         "kwargs) to run; found neither")
+    the_plan = _load_plan(plan)
+    the_plan.check_compatible(module)
+    previous = state_of(module)
+    if previous is not None:
+        uninstall(module)
+    state = OptimizeState(module, cfg, None)
+    state.plan = the_plan
+    try:
+        reference: list = []
+        inputs = _calibration_inputs(pipe, module, calib_prompts, calib_inputs, cfg, reference)
+        return _check_output(pipe, module, state, cfg, calib_prompts, inputs, reference)
+    finally:
+        uninstall(module)
+        state.close()
+        if previous is not None:
+            install(module, previous)
 
 
 def restore(model_or_pipe):

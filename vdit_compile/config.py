@@ -21,6 +21,8 @@ class OptimizeConfig:
         candidates: mask names to search (``["g1w0", "g2w1", ...]``); ``None`` = default family.
         calib_steps: denoising steps per calibration prompt when calibrating a pipeline.
         calib_every / calib_max_calls: subsample the recorded transformer calls.
+        calib_seed: calibration prompt ``i`` runs with generator seed ``calib_seed + i`` (the output check's
+            runs too, so they see the same noise).
         calib_kwargs: extra pipeline arguments for calibration runs (``num_frames``, ``height``...).
         backend: ``"auto"`` (inductor on CUDA, eager on CPU), ``"inductor"`` or ``"eager"``.
         sites: site filter: glob patterns of site names to tile (``["blocks.*.attn1"]``) or a
@@ -68,6 +70,7 @@ class OptimizeConfig:
     calib_every: int = 1
     calib_max_calls: int | None = None
     calib_kwargs: dict = field(default_factory=dict)
+    calib_seed: int = 0
     backend: str = "auto"
     sites: Sequence[str] | Callable[[str], bool] | None = None
     progress: bool = True
@@ -98,6 +101,7 @@ class OptimizeConfig:
         check_number("max_density", self.max_density, minimum=0, min_open=True, maximum=1, allow_none=True)
         check_number("calib_steps", self.calib_steps, minimum=1, integer=True)
         check_number("calib_every", self.calib_every, minimum=1, integer=True)
+        check_number("calib_seed", self.calib_seed, minimum=0, integer=True)
         check_number("calib_max_calls", self.calib_max_calls, minimum=1, integer=True, allow_none=True)
         if not isinstance(self.calib_kwargs, dict):
             raise TypeError(f"calib_kwargs must be a dict of pipeline arguments, found {type(self.calib_kwargs).__name__}")

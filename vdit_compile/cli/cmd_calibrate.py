@@ -54,6 +54,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="FILE", default=None,
                    help="save statistics here after every transformer call; rerun with it to resume after a crash")
     p.add_argument("--seed", type=int, default=0, help="seed of the pipeline's noise (prompt i uses seed + i)")
+    p.add_argument("--output-psnr", type=float, default=None, metavar="DB",
+                   help="then run the calibration prompts (a bare module: its inputs) under the plan and give heads "
+                        "back to dense attention until the output keeps this PSNR against dense "
+                        "(docs/calibration.md, 'The output check'; default: no check)")
     p.add_argument("--heatmaps", metavar="DIR", help="also write the attention heatmaps of each site into DIR")
     p.set_defaults(func=run)
     return p
@@ -117,6 +121,19 @@ def collect_inputs(obj, example, args, settings) -> list[dict]:
     return inputs
 
 
+def _check_output(obj, plan, inputs, args):
+    """The output check on the new plan: the pipeline's prompts again (same steps, seed and pipeline kwargs), or a
+    bare module's calibration inputs."""
+    from ..api import check_output
+    from ..calibration.inputs import read_prompts
+
+    # a plan file may run on any device: every tiled site is checked sparse, whatever this machine's timings say
+    if is_pipeline(obj):
+        return check_output(obj, plan, args.output_psnr, calib_prompts=read_prompts(args.prompts), cost_model="always",
+                            calib_steps=args.steps, calib_seed=args.seed, calib_kwargs=parse_pipe_kwargs(args.pipe_kwargs))
+    return check_output(obj, plan, args.output_psnr, calib_inputs=inputs, cost_model="always")
+
+
 def run(args) -> int:
     from ..api import calibrate_model
     from ..plans.show import format_table, write_heatmaps
@@ -124,12 +141,18 @@ def run(args) -> int:
     try:
         settings = _settings(args)
         _check_outputs(args)
+        if args.output_psnr is not None:
+            from ..validation import check_number
+
+            check_number("--output-psnr", args.output_psnr, minimum=0, min_open=True)
         obj, example = load_for_cli(args)
         inputs = collect_inputs(obj, example, args, settings)
     except (ModelSpecError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     plan = calibrate_model(obj, inputs, settings)
+    if args.output_psnr is not None:
+        plan = _check_output(obj, plan, inputs, args)
     path = plan.save(args.output)
     sys.stdout.write(format_table(plan))
     print(f"\nplan written to {path}")
