@@ -256,6 +256,10 @@ def test_check_output_on_a_saved_plan_and_the_calibrate_cli(tmp_path, capsys):
     assert cli(["calibrate", f"{helpers}:tiny_pipeline", "--prompts", str(prompts), "-o", str(out), "--steps", "2",
                 "--budget", "0.5", "--seed", "3", "--output-psnr", f"{target}"]) == 0
     from_cli = Plan.load(out)
+    from vdit_compile.plans.show import format_table
+
+    shown = format_table(from_cli)  # `vdit-compile plan show` and the calibrate CLI print the check's trials
+    assert f"target {target:g} dB" in shown and "given back to dense (" in shown
     assert from_cli.calibration["output_check"]["given_back"] == checked.calibration["output_check"]["given_back"]
     assert psnr(run(from_cli), dense) >= target - 0.05
     assert cli(["calibrate", f"{helpers}:tiny_pipeline", "--prompts", str(prompts), "-o", str(out),

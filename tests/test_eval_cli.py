@@ -46,7 +46,7 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
         assert "blocks.0.attn1" in text
         assert "mean density over all 3D sites" in text and 0 < summary["plan_density"] <= 1
         check = summary["output_check"]  # the demo's output check ran on the calibration prompt and says so
-        assert check["target_psnr"] == 34.0 and check["trials"] and "output check (calibration prompt" in text
+        assert check["target_psnr"] == 34.0 and check["trials"] and "output check (calibration samples" in text
     from vdit_compile.eval.demo import fast_run_dir
 
     if fast_run_dir() is None:

@@ -171,9 +171,7 @@ def _optimize(pipe, opts: DemoOptions, report: DemoReport, echo) -> bool:
     optimize(pipe, calib_prompts=calib, **kw)
     report.latency["calibration_seconds"] = time.perf_counter() - t0
     plan = plan_of(pipe)
-    report.output_check = (plan.calibration or {}).get("output_check")
-    if report.output_check:
-        _say(_output_check_line(report.output_check), echo)
+    report.output_check = (plan.calibration or {}).get("output_check")  # the plan table below prints it
     plan_path = opts.out / "plan.json"
     plan.save(plan_path)
     report.files.append(str(plan_path))
@@ -182,15 +180,6 @@ def _optimize(pipe, opts: DemoOptions, report: DemoReport, echo) -> bool:
     _say("attention sites and chosen masks:\n" + report.plan_table, echo)
     report.steps_done.append("calibrate + rewrite")
     return True
-
-
-def _output_check_line(check: dict) -> str:
-    """One line on what the output check did (``plan.calibration["output_check"]``)."""
-    trials = ", ".join(f"{k} back: {p if isinstance(p, str) else f'{p:.2f}'} dB" for k, p in check["trials"])
-    back = check["given_back"]
-    return (f"output check (calibration prompt vs dense, target {check['target_psnr']:g} dB): {trials}; "
-            + (f"{len(back)} of {len(check['candidates'])} sparse head(s) given back to dense ({', '.join(back)})"
-               if back else "the plan meets it as calibrated"))
 
 
 #: Profiler events counted as attention: dense SDPA (any site, cross-attention included) and the tile op.

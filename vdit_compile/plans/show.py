@@ -67,6 +67,15 @@ def format_step_ranges(plan: Plan) -> list[str]:
     return out
 
 
+def output_check_line(check: dict) -> str:
+    """One line on what the output check did (``plan.calibration["output_check"]``, calibration.output_check)."""
+    trials = ", ".join(f"{k} back: {p if isinstance(p, str) else f'{p:.2f}'} dB" for k, p in check["trials"])
+    back = check["given_back"]
+    return (f"output check (calibration samples vs dense, target {check['target_psnr']:g} dB): {trials}; "
+            + (f"{len(back)} of {len(check['candidates'])} sparse head(s) given back to dense ({', '.join(back)})"
+               if back else "the plan meets it as calibrated"))
+
+
 def format_table(plan: Plan) -> str:
     """Plain-text table (fixed-width columns) plus a header block with the plan's provenance."""
     rows = site_rows(plan)
@@ -85,6 +94,8 @@ def format_table(plan: Plan) -> str:
         out.append("calibration: " + ", ".join(parts) + f"; candidates {', '.join(cal.get('candidates') or [])}")
     elif "uniform" in cal:
         out.append(f"uniform plan: {cal['uniform']} on every tileable site (not calibrated)")
+    if cal.get("output_check"):
+        out.append(output_check_line(cal["output_check"]))
     tiled = plan.tiled_sites()
     if tiled:
         mean = sum(s.density for s in tiled) / len(tiled)
