@@ -267,3 +267,42 @@ def test_check_output_on_a_saved_plan_and_the_calibrate_cli(tmp_path, capsys):
     assert "--output-psnr must be > 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="needs calib_prompts"):
         vc.check_output(pipe, checked, 30.0)
+
+
+def test_output_check_on_a_step_aware_plan_gives_heads_back_in_every_range():
+    """Step-aware plans: a head given back attends densely in every step range, and the checked plan, applied on its
+    own (one compiled graph per range), meets the target against dense.  The plan's ranges are made by hand from a
+    calibrated plan (late steps: the sparsest frame tile), so the test does not depend on calibration splitting."""
+    import copy
+
+    from tests.calib_helpers import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    prompt, opts = "a blue square bouncing", dict(progress=False, cost_model="always")
+
+    def run(plan=None):
+        if plan is not None:
+            vc.optimize(pipe, plan=plan, **opts)
+        try:
+            with torch.no_grad():
+                return pipe(prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(0)).frames
+        finally:
+            vc.restore(pipe)
+
+    vc.optimize(pipe, calib_prompts=[prompt], calib_steps=3, error_budget=0.5, **opts)
+    plan = copy.deepcopy(vc.plan_of(pipe))
+    vc.restore(pipe)
+    for sp in plan.tiled_sites():
+        late = [parse_mask("g0w0")] * sp.num_heads
+        sp.step_ranges = [StepRange(500.0, list(sp.masks), list(sp.densities)), StepRange(None, late, [0.1] * sp.num_heads)]
+    assert plan.step_aware
+    dense = run()
+    loose = psnr(run(plan), dense)
+    assert math.isfinite(loose)
+    checked = vc.check_output(pipe, plan, loose + 3.0, calib_prompts=[prompt], calib_steps=3, **opts)
+    back = checked.calibration["output_check"]["given_back"]
+    assert back and psnr(run(checked), dense) >= loose + 3.0 - 0.05
+    for item in back:
+        name, h = item.rsplit("/", 1)
+        sp = checked.site(name)
+        assert sp.masks[int(h)].dense and all(r.masks[int(h)].dense for r in sp.step_ranges or [])
