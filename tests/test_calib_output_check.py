@@ -299,7 +299,9 @@ def test_output_check_on_a_step_aware_plan_gives_heads_back_in_every_range():
     dense = run()
     loose = psnr(run(plan), dense)
     assert math.isfinite(loose)
+    before = plan.to_dict()
     checked = vc.check_output(pipe, plan, loose + 3.0, calib_prompts=[prompt], calib_steps=3, **opts)
+    assert plan.to_dict() == before and checked is not plan  # the caller's plan is left as it was
     back = checked.calibration["output_check"]["given_back"]
     assert back and psnr(run(checked), dense) >= loose + 3.0 - 0.05
     for item in back:

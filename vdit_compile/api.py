@@ -291,7 +291,9 @@ def check_output(model_or_pipe, plan, output_psnr: float, calib_prompts=None, ca
     if calib_prompts is None and calib_inputs is None:
         raise ValueError("check_output needs calib_prompts (with a pipeline) or calib_inputs (transformer forward "
                          "kwargs) to run; found neither")
-    the_plan = _load_plan(plan)
+    import copy
+
+    the_plan = copy.deepcopy(_load_plan(plan))  # the caller's Plan is not changed
     the_plan.check_compatible(module)
     previous = state_of(module)
     if previous is not None:
