@@ -59,6 +59,8 @@ class OptimizeConfig:
         output_psnr: after calibration, run the calibration prompts (a bare transformer: its calibration
             calls) again under the plan and require this PSNR in dB against the dense samples, giving the
             worst heads back to dense attention until it holds (``None``: no check; per-head budgets only).
+            The samples compared are what calibration runs: latents where the pipeline takes
+            ``output_type="latent"`` (diffusers pipelines; peak = the dense latents' range), else its frames.
             Why and how: :mod:`vdit_compile.calibration.output_check`.
         output_check_trials: at most this many runs of the calibration samples for the check (bisection).
     """
