@@ -144,8 +144,8 @@ def _output_trial(pipe, module, parallel, cfg: OptimizeConfig, calib_prompts, in
         install(module, st)
         try:
             if pipe is not None and calib_prompts is not None:
-                outs = run_prompts(pipe, list(calib_prompts)[:count], cfg.calib_steps, cfg.calib_seed, False,
-                                   **cfg.calib_kwargs)
+                outs = run_prompts(pipe, list(calib_prompts)[:count], cfg.calib_steps, cfg.calib_seed, cfg.progress,
+                                   "output check: prompts under the plan", **cfg.calib_kwargs)
             else:
                 with torch.no_grad():
                     outs = [_call(module, inp) for inp in inputs[:count]]
