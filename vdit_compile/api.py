@@ -133,13 +133,17 @@ def _calibration_inputs(pipe, module, calib_prompts, calib_inputs, cfg: Optimize
 def _output_trial(pipe, module, parallel, cfg: OptimizeConfig, calib_prompts, inputs: list, count: int):
     """``trial(plan) -> (samples, sites run sparse)`` for the output check: the model optimised with ``plan``
     (a state of its own, uninstalled afterwards) runs the first ``count`` calibration prompts, or its
-    calibration calls for a bare transformer."""
+    calibration calls for a bare transformer.  Trials compile with the eager backend: the tile op runs its own
+    kernels either way, the dense reference ran eagerly too, and an inductor compile per trial would cost minutes
+    on a large model."""
     from .calibration.inputs import run_prompts
     from .calibration.output_check import output_tensor
 
+    trial_cfg = OptimizeConfig.build(cfg, backend="eager")
+
     def trial(plan):
         uninstall(module)
-        st = OptimizeState(module, cfg, parallel)
+        st = OptimizeState(module, trial_cfg, parallel)
         st.plan, st.mode = plan, "apply"
         install(module, st)
         try:
