@@ -170,6 +170,7 @@ def test_optimize_with_output_psnr_meets_it_on_the_calibration_prompt_measured_i
     check = plan.calibration["output_check"]
     assert check["met"] and check["given_back"] and check["trials"][0][0] == 0
     assert check["trials"][0][1] == pytest.approx(loose, abs=0.05)  # the check's first trial is the plan as it was
+    assert check["sparse_sites"] == sorted(s.name for s in loose_plan.tiled_sites())  # cost_model="always": all
     got = psnr(run(), dense)  # the optimised pipeline on its own, against dense, outside the check
     assert got >= target - 0.05
     assert check["psnr"] == "inf" or got == pytest.approx(check["psnr"], abs=0.05)

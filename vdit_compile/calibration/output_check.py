@@ -12,7 +12,11 @@ by calibrated error per density saved, worst first; if the plan misses the targe
 fewest of them (a prefix of that order) whose return to dense attention meets it.  Each trial is one run of
 the calibration prompts (or, for a bare transformer, its calibration calls).  The check assumes that giving a
 head back never lowers the PSNR (true of the error's expectation, not of every sample); the trials are
-recorded in the plan (``plan.calibration["output_check"]``), so what was met is visible, not assumed.
+recorded in the plan (``plan.calibration["output_check"]``), so what was met is visible, not assumed.  The check
+covers the sites that ran sparse in it (``sparse_sites``): where a cost model leaves a tiled site dense on this
+device, that site's heads were not checked, and on a device where it runs sparse the plan may err more; check a
+plan meant for other devices with every tiled site rewritten (``cost_model="always"``, as ``vdit-compile
+calibrate --output-psnr`` does).
 """
 from __future__ import annotations
 
@@ -39,11 +43,12 @@ class OutputCheckResult:
     given_back: list[str] = field(default_factory=list)
     psnr: float | None = None  # of the chosen plan (None: every head given back, not run)
     met: bool = False
+    sparse_sites: list[str] | None = None  # the sites that ran sparse in the first trial (None: unknown)
 
     def to_dict(self) -> dict:
         return {"target_psnr": self.target_psnr, "candidates": self.candidates,
                 "trials": [[k, _finite(p)] for k, p in self.trials], "given_back": self.given_back,
-                "psnr": _finite(self.psnr), "met": self.met}
+                "psnr": _finite(self.psnr), "met": self.met, "sparse_sites": self.sparse_sites}
 
 
 def _finite(x):
@@ -154,6 +159,7 @@ def check_plan(plan, trial: Callable[[object], tuple[Samples, set[str] | None]],
         raise ValueError(f"output check: max_trials must be >= 1, found {max_trials}")
     res = OutputCheckResult(target_psnr)
     samples, rewritten = trial(plan)
+    res.sparse_sites = None if rewritten is None else sorted(rewritten)  # what the check covers (cost model's say)
     first = min_psnr(samples, reference)
     res.trials.append((0, first))
     order = give_back_order(plan, rewritten)

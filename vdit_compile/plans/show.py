@@ -71,9 +71,12 @@ def output_check_line(check: dict) -> str:
     """One line on what the output check did (``plan.calibration["output_check"]``, calibration.output_check)."""
     trials = ", ".join(f"{k} back: {p if isinstance(p, str) else f'{p:.2f}'} dB" for k, p in check["trials"])
     back = check["given_back"]
-    return (f"output check (calibration samples vs dense, target {check['target_psnr']:g} dB): {trials}; "
+    line = (f"output check (calibration samples vs dense, target {check['target_psnr']:g} dB): {trials}; "
             + (f"{len(back)} of {len(check['candidates'])} sparse head(s) given back to dense ({', '.join(back)})"
                if back else "the plan meets it as calibrated"))
+    if check.get("sparse_sites") is not None:
+        line += f"; checked with {', '.join(check['sparse_sites']) or 'no site'} sparse (the cost model's choice)"
+    return line
 
 
 def format_table(plan: Plan) -> str:
