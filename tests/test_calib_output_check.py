@@ -2,7 +2,6 @@
 heads go back to dense attention until the samples meet the PSNR target against dense ones."""
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
@@ -216,7 +215,7 @@ def test_prefix_order_is_a_permutation_of_every_sparse_head():
     order = give_back_order(plan)
     sparse = {(s.name, h) for s in plan.sites if s.tiled for h, m in enumerate(s.masks)
               if not m.dense or any(not r.masks[h].dense for r in s.step_ranges or [])}
-    assert sorted(order) == sorted(sparse) and len(set(itertools.chain(order))) == len(order)
+    assert sorted(order) == sorted(sparse) and len(set(order)) == len(order)
 
 
 def test_check_output_on_a_saved_plan_and_the_calibrate_cli(tmp_path, capsys):

@@ -83,9 +83,10 @@ def test_demo_output_check_and_tile_options(monkeypatch, capsys):
     assert main(["demo", "--tiny", "--output-psnr", "30", "--tile-tokens", "16"]) == 0
     assert got[1].output_psnr == 30.0 and got[1].tile_tokens == 16
     assert main(["demo", "--tiny", "--output-psnr", "0"]) == 0 and got[2].output_psnr is None
-    for bad in ("-1", "inf", "nan"):
+    for bad, why in (("-1", "must be >= 0, found -1.0"), ("inf", "must be finite, found inf"),
+                     ("nan", "must be a number, found NaN")):
         assert main(["demo", "--tiny", "--output-psnr", bad]) == 2
-        assert "--output-psnr must be a number of dB >= 0" in capsys.readouterr().err
+        assert f"--output-psnr (dB; 0: off) {why}" in capsys.readouterr().err
     assert len(got) == 3
 
 

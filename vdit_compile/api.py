@@ -161,13 +161,13 @@ def _output_trial(pipe, module, parallel, cfg: OptimizeConfig, calib_prompts, in
     return trial
 
 
-def _check_output(pipe, module, state: OptimizeState, cfg: OptimizeConfig, calib_prompts, inputs, reference):
-    """The plan after the output check (``cfg.output_psnr``), its trials recorded in the plan's calibration."""
+def _check_output(pipe, module, plan, parallel, cfg: OptimizeConfig, calib_prompts, inputs, reference):
+    """``plan`` after the output check (``cfg.output_psnr``), its trials recorded in the plan's calibration."""
     from .calibration.output_check import check_plan
 
-    trial = _output_trial(pipe, module, state.parallel, cfg, calib_prompts, inputs, len(reference))
+    trial = _output_trial(pipe, module, parallel, cfg, calib_prompts, inputs, len(reference))
     echo = tqdm.write if cfg.progress else None
-    plan, res = check_plan(state.plan, trial, reference, cfg.output_psnr, cfg.output_check_trials, echo)
+    plan, res = check_plan(plan, trial, reference, cfg.output_psnr, cfg.output_check_trials, echo)
     plan.calibration = {**(plan.calibration or {}), "output_check": res.to_dict()}
     return plan
 
@@ -247,7 +247,8 @@ def optimize(model_or_pipe, calib_prompts=None, calib_inputs=None, plan=None, co
             state.plan = build_plan(module, state.calibrators, settings, sites)
             state.calibrators = {}
             if reference is not None:
-                state.plan = _check_output(pipe, module, state, cfg, calib_prompts, inputs, reference)
+                state.plan = _check_output(pipe, module, state.plan, state.parallel, cfg, calib_prompts, inputs,
+                                           reference)
         else:
             if isinstance(plan, MaskSpec):
                 state.uniform_mask = plan
@@ -299,18 +300,12 @@ def check_output(model_or_pipe, plan, output_psnr: float, calib_prompts=None, ca
 
     the_plan = copy.deepcopy(_load_plan(plan))  # the caller's Plan is not changed
     the_plan.check_compatible(module)
-    previous = state_of(module)
-    if previous is not None:
-        uninstall(module)
-    state = OptimizeState(module, cfg, None)
-    state.plan = the_plan
+    previous = uninstall(module)  # the dense reference runs the plain module; an optimised one is put back after
     try:
         reference: list = []
         inputs = _calibration_inputs(pipe, module, calib_prompts, calib_inputs, cfg, reference)
-        return _check_output(pipe, module, state, cfg, calib_prompts, inputs, reference)
+        return _check_output(pipe, module, the_plan, None, cfg, calib_prompts, inputs, reference)
     finally:
-        uninstall(module)
-        state.close()
         if previous is not None:
             install(module, previous)
 

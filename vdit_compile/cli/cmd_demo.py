@@ -52,13 +52,13 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def _output_psnr(value: float | None) -> float | None:
+    """The demo's default target when not given; 0 turns the check off; negative, inf and NaN are refused."""
     from ..eval.demo import DEMO_OUTPUT_PSNR
+    from ..validation import check_number
 
     if value is None:
         return DEMO_OUTPUT_PSNR
-    if not value >= 0 or value == float("inf"):
-        raise ValueError(f"--output-psnr must be a number of dB >= 0 (0: off); found {value}")
-    return value or None
+    return check_number("--output-psnr (dB; 0: off)", value, minimum=0) or None
 
 
 def run(args) -> int:
