@@ -41,7 +41,7 @@ class OutputCheckResult:
     candidates: list[str] = field(default_factory=list)  # "site/head" in the order heads are given back
     trials: list[tuple[int, float]] = field(default_factory=list)
     given_back: list[str] = field(default_factory=list)
-    psnr: float | None = None  # of the chosen plan (None: every head given back, not run)
+    psnr: float | None = None  # of the chosen plan (inf: every head given back, i.e. the dense samples, not run)
     met: bool = False
     sparse_sites: list[str] | None = None  # the sites that ran sparse in the first trial (None: unknown)
 
@@ -65,7 +65,7 @@ def output_tensor(out) -> torch.Tensor:
         if values:
             return output_tensor(values[0])
     if isinstance(out, (tuple, list)) and out:
-        if all(isinstance(o, torch.Tensor) for o in out) and len(out) > 1 and isinstance(out, list):
+        if isinstance(out, list) and len(out) > 1 and all(isinstance(o, torch.Tensor) for o in out):  # per-video
             return torch.stack([o.detach() for o in out])
         return output_tensor(out[0])
     try:
