@@ -194,3 +194,40 @@ def test_world_report_scores_each_guidance_on_the_same_prompts(tmp_path):
     summary = json.loads((tmp_path / "report_summary.json").read_text())
     assert set(summary["scorecard_by_guidance"]) == {"1", "4"}
     assert summary["scorecard_by_guidance"]["4"]["accuracy"] == cards["4"]["accuracy"]
+
+
+def test_top_mass_bound_keeps_the_fewest_keys_holding_the_share():
+    """world_report's top-mass bound: a head attending only to itself keeps one key per query; a head with
+    uniform attention keeps every key (no subset holds the mass without error); and on random scores the kept
+    set per query is, by brute force, the shortest prefix of the keys sorted by weight whose mass reaches the
+    share, with the error of the renormalised output computed independently in float64."""
+    wr = _script("world_report")
+    L, D = 24, 8
+    g = torch.Generator().manual_seed(1)
+    eye = 40.0 * torch.eye(L)
+    q = torch.stack([eye, torch.zeros(L, L)])[None]  # (B=1, heads=2, L, L)
+    v = torch.randn(1, 2, L, L, generator=g)
+    tm = wr.top_mass_oracle([(q, q.clone(), v)], n_sites=1, heads=2, budget=0.05, device="cpu")
+    assert tm["per_head"][0][0]["density"] == round(1 / L, 4) and tm["per_head"][0][1]["density"] == 1.0
+    assert abs(tm["mean_density"] - (1 / L + 1.0) / 2) < 1e-3
+
+    q, k, v = (torch.randn(2, 1, L, D, generator=g) for _ in range(3))
+    tm = wr.top_mass_oracle([(q, k, v)], n_sites=1, heads=1, budget=1.0, device="cpu", shares=(0.6, 0.9))
+    p = torch.softmax(q.double() @ k.double().transpose(-1, -2) * D ** -0.5, -1)[:, 0]
+    ref = p @ v.double()[:, 0]
+    for j, tau in enumerate((0.6, 0.9)):
+        keep = torch.zeros_like(p, dtype=torch.bool)
+        for b in range(2):
+            for i in range(L):
+                order, total = p[b, i].argsort(descending=True).tolist(), 0.0
+                for key in order:
+                    keep[b, i, key] = True
+                    total += float(p[b, i, key])
+                    if total >= tau:
+                        break
+        pk = p * keep
+        out = (pk @ v.double()[:, 0]) / pk.sum(-1, keepdim=True)
+        err = max(float((out[b] - ref[b]).norm() / ref[b].norm()) for b in range(2))
+        assert abs(tm["density"][j][0][0] - float(keep.double().mean())) < 1e-9
+        assert abs(tm["mean_err"][j][0][0] - err) < 1e-4
+    assert tm["per_head"][0][0]["share"] == 0.6  # budget 1.0: the smallest share

@@ -43,10 +43,10 @@ if [ "$DEV" = cuda ]; then
 fi
 if [ "${SMOKE:-0}" = 1 ]; then
   SIZE=(--tiny --no-compile --steps 6 --batch 1 --log-every 1 --warmup 1 --sample-steps 1 --ckpt-minutes 0.01)
-  REP=(--prompts 2 --steps 1 --batch 2 --oracle-prompts 1 --oracle-steps 1)
+  REP=(--prompts 2 --steps 1 --batch 2 --oracle-prompts 1 --oracle-steps 1 --top-mass)
 else
   SIZE=(--steps 200000 --batch "${BATCH:-48}" --log-every 25 --warmup 300 --sample-steps 50 --ckpt-minutes 1)
-  REP=(--prompts 64 --steps 50 --batch 16 --oracle-prompts 2 --oracle-steps 10)
+  REP=(--prompts 64 --steps 50 --batch 16 --oracle-prompts 2 --oracle-steps 10 --top-mass)
 fi
 D=${WORK:-/tmp/tex-train}/textured
 rm -rf "$D"; mkdir -p "$D"
