@@ -129,11 +129,13 @@ TOP_MASS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 
 @torch.no_grad()
 def top_mass_oracle(calls, n_sites: int, heads: int, budget: float, device, shares=TOP_MASS) -> dict:
-    """A bound no static mask reaches: per call, head and query, the fewest keys holding a share ``tau`` of that
-    query's attention mass (chosen from this input's own scores: dynamic, unstructured). Per head the smallest
-    ``tau`` whose relative L2 error of the head's output (largest over the batch, then mean over calls, as the
-    family oracle's ``mean`` rows) is within the budget, and its density (mean share of kept entries). If this
-    is above a target density, no family, static or step-aware, can meet the target on this model: the heads'
+    """A practical bound for any mask: per call, head and query, the fewest keys holding a share ``tau`` of that
+    query's attention mass (chosen from this input's own scores: dynamic, unstructured). Keeping the heaviest keys
+    minimises the dropped mass ``1 - P`` and with it the bound ``2 (1 - P) max|v|`` on the renormalised output's
+    error, so a mask of the same density does better only through cancellations among the dropped values. Per head
+    the smallest ``tau`` whose relative L2 error of the head's output (largest over the batch, then mean over calls,
+    as the family oracle's ``mean`` rows) is within the budget, and its density (mean share of kept entries). Far
+    above a target density, no family, static, step-aware or per input, meets the target on this model: the heads'
     attention is spread, not misplaced."""
     n_per_site = len(calls) // n_sites
     err = torch.zeros(len(shares), n_sites, heads, dtype=torch.float64)
