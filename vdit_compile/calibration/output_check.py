@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..masks.tile import TileMask
+from ..plans.plan import per_head
 
 #: What a trial returns: the samples (or transformer outputs) of the calibration run, one tensor each.
 Samples = Sequence[torch.Tensor]
@@ -104,9 +105,9 @@ def give_back_order(plan, rewritten: set[str] | None = None) -> list[tuple[str, 
     for sp in plan.sites:
         if not sp.tiled or (rewritten is not None and sp.name not in rewritten):
             continue
-        masks = list(sp.masks) * sp.num_heads if len(sp.masks) == 1 else list(sp.masks)
-        for h, m in enumerate(masks):
-            sparse = not m.dense or any(not r.masks[min(h, len(r.masks) - 1)].dense for r in sp.step_ranges or [])
+        ranges = [per_head(r.masks, sp.num_heads) for r in sp.step_ranges or []]
+        for h, m in enumerate(per_head(sp.masks, sp.num_heads)):
+            sparse = not m.dense or any(not r[h].dense for r in ranges)
             if not sparse:
                 continue
             err = sp.errors[h] if h < len(sp.errors) and sp.errors[h] is not None else 0.0
@@ -128,15 +129,14 @@ def with_dense_heads(plan, heads: Sequence[tuple[str, int]], why: str = "given b
         sp = out.site(name)
         if sp is None:
             raise KeyError(f"output check: site {name!r} is not in the plan")
-        if len(sp.masks) == 1 and sp.num_heads > 1:
-            sp.masks = list(sp.masks) * sp.num_heads
+        sp.masks = per_head(sp.masks, sp.num_heads)
+        for r in sp.step_ranges or []:
+            r.masks = per_head(r.masks, sp.num_heads)
         for h in hs:
             sp.masks[h] = dense
             if h < len(sp.densities):
                 sp.densities[h] = 1.0
             for r in sp.step_ranges or []:
-                if len(r.masks) == 1:
-                    r.masks = list(r.masks) * sp.num_heads
                 r.masks[h] = dense
                 if h < len(r.densities):
                     r.densities[h] = 1.0

@@ -64,6 +64,11 @@ def layout_differences(planned: TokenLayout, actual: TokenLayout) -> list[str]:
     return out
 
 
+def per_head(masks: Sequence[MaskSpec], num_heads: int) -> list[MaskSpec]:
+    """One mask per head: a plan stores a single mask once when every head shares it."""
+    return list(masks) * num_heads if len(masks) == 1 else list(masks)
+
+
 @dataclass
 class StepRange:
     """Masks for the calls whose timestep is ``>= min_timestep`` (and below the previous range's bound).
@@ -133,7 +138,7 @@ class SitePlan:
         masks = self.masks
         if step_range is not None and self.step_ranges:
             masks = self.step_ranges[min(step_range, len(self.step_ranges) - 1)].masks
-        return list(masks) * self.num_heads if len(masks) == 1 else list(masks)
+        return per_head(masks, self.num_heads)
 
     def unit_grid(self, layout: TokenLayout | None = None) -> UnitGrid:
         lay = layout or self.layout
